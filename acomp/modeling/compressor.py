@@ -1,0 +1,321 @@
+"""The AutoCompressor core: a segment loop around an unmodified transformers causal LM.
+
+A call splits its input into segments. Each segment runs through the base decoder as
+`[softprompt ; segment tokens ; summary tokens]` (via `inputs_embeds`, `position_ids` and an attention
+mask; no modeling code is copied). The final hidden states at the summary-token positions are that
+segment's summary vectors; with accumulation the softprompt of segment k is every summary vector of
+segments < k (plus whatever softprompt the caller passed in). Loss and logits cover text tokens only:
+shifted cross-entropy over the concatenation of all segments of the call, so the last token of segment
+k predicts the first token of segment k+1 (exactly the original's objective).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from transformers import AutoConfig
+from transformers.utils import ModelOutput
+
+from .attention import resolve_attn_implementation, sdpa_context
+from .config import apply_compression_fields
+from .positions import PositionRule
+
+IGNORE_INDEX = -100
+
+# Keyword arguments of from_pretrained that also apply when we load the config ourselves.
+_HUB_KWARGS = (
+    "cache_dir",
+    "force_download",
+    "local_files_only",
+    "token",
+    "revision",
+    "trust_remote_code",
+    "subfolder",
+)
+
+
+@dataclass
+class AutoCompressorOutput(ModelOutput):
+    """loss: mean shifted CE over the call's text tokens. logits: text positions only, all segments.
+    softprompt: [B, P, d] summary vectors to pass to a later call (when output_softprompt=True).
+    segment_nll / segment_tokens: [B, num_segments] summed NLL and target counts per segment (a
+    segment's targets are the tokens after each of its positions, as in the original's metrics)."""
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    softprompt: torch.Tensor | None = None
+    segment_nll: torch.Tensor | None = None
+    segment_tokens: torch.Tensor | None = None
+
+
+def split_lengths(total: int, segment_lengths) -> list[int]:
+    """Normalise `segment_lengths` (None, int or list) to a list that sums to `total`."""
+    if segment_lengths is None:
+        return [total]
+    if isinstance(segment_lengths, int) and not isinstance(segment_lengths, bool):
+        if segment_lengths <= 0:
+            raise ValueError(f"segment_lengths must be positive, got {segment_lengths}")
+        full, rest = divmod(total, segment_lengths)
+        return [segment_lengths] * full + ([rest] if rest else [])
+    lengths = [int(x) for x in segment_lengths]
+    if not lengths or any(x <= 0 for x in lengths):
+        raise ValueError(f"segment_lengths must be positive integers, got {list(segment_lengths)}")
+    if sum(lengths) != total:
+        raise ValueError(f"segment_lengths {lengths} sum to {sum(lengths)}, but the input has {total} tokens")
+    return lengths
+
+
+class AutoCompressorMixin:
+    """Mixed into a transformers `*ForCausalLM` class; see the module docstring.
+
+    Subclasses set `position_rule`. The base class's own forward is never called: we drive its
+    decoder (`get_decoder()`) and `lm_head` directly.
+    """
+
+    position_rule: PositionRule
+
+    def __init__(self, config, *args, **kwargs):
+        apply_compression_fields(config)
+        super().__init__(config, *args, **kwargs)
+        width = self.get_input_embeddings().embedding_dim
+        self.embed_summary = nn.Embedding(config.summary_length, width)
+        self.init_summary_embeddings()
+
+    # ----------------------------------------------------------------------------------- set-up
+    @property
+    def summary_length(self) -> int:
+        return self.config.summary_length
+
+    @torch.no_grad()
+    def init_summary_embeddings(self) -> None:
+        """Copy the EOS token's input embedding into every summary-token row (the paper's init).
+
+        Must run after the base weights are loaded (the original ran it before, so the copy was lost);
+        `from_pretrained` calls it when the checkpoint has no `embed_summary.weight`. Works on
+        ZeRO-3 partitioned parameters by gathering them first.
+        """
+        if self.summary_length == 0:
+            return
+        source = self.get_input_embeddings().weight
+        target = self.embed_summary.weight
+        if source.device.type == "meta" or target.device.type == "meta":
+            return  # weights not materialised yet; from_pretrained comes back here after loading
+        eos = self.config.eos_token_id
+        if isinstance(eos, (list, tuple)):
+            eos = eos[0] if eos else None
+        if eos is None:
+            return  # keep the random init: there is no EOS row to copy
+        with _gathered([source, target]):
+            if target.numel() and eos < source.shape[0]:
+                target.copy_(source[eos].to(target.dtype).expand_as(target))
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """Load a base model or an AutoCompressor checkpoint (hub name or local directory).
+
+        Compression fields (summary_length, accumulate_summary, ...) may be passed as keyword
+        arguments; they override the checkpoint's. `attn_implementation` defaults to 'sdpa'.
+        """
+        from .config import COMPRESSION_DEFAULTS
+
+        fields = {k: kwargs.pop(k) for k in list(kwargs) if k in COMPRESSION_DEFAULTS}
+        config = kwargs.pop("config", None)
+        if config is None:
+            hub = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
+            config = AutoConfig.from_pretrained(pretrained_model_name_or_path, **hub)
+        apply_compression_fields(config, **fields)
+        kwargs["attn_implementation"] = resolve_attn_implementation(kwargs.get("attn_implementation"))
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(
+            pretrained_model_name_or_path, *model_args, config=config, output_loading_info=True, **kwargs
+        )
+        if "embed_summary.weight" in info["missing_keys"]:
+            model.init_summary_embeddings()
+        return (model, info) if want_info else model
+
+    # ---------------------------------------------------------------------------------- forward
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        segment_lengths=None,
+        softprompt: torch.Tensor | None = None,
+        output_softprompt: bool = False,
+        return_logits: bool = True,
+        return_dict: bool = True,
+        **unused,
+    ) -> AutoCompressorOutput:
+        """Run the segment loop. See the module docstring for the semantics of each output."""
+        unused.pop("use_cache", None)
+        if unused:
+            raise TypeError(f"unexpected forward argument(s): {sorted(unused)}")
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+        batch, total, width = inputs_embeds.shape
+        if attention_mask is None:
+            attention_mask = torch.ones(batch, total, dtype=torch.long, device=inputs_embeds.device)
+        if attention_mask.shape != (batch, total):
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(batch, total)}"
+            )
+        lengths = split_lengths(total, segment_lengths)
+        softprompt = self._check_softprompt(softprompt, batch, width, inputs_embeds)
+        targets = None
+        if labels is not None:
+            if labels.shape != (batch, total):
+                raise ValueError(f"labels have shape {tuple(labels.shape)}, expected {(batch, total)}")
+            targets = next_token_targets(labels, attention_mask)
+
+        summary_embeds = self._summary_embeds(batch, inputs_embeds.dtype)
+        checkpointing = (
+            self.config.segment_gradient_checkpointing and self.training and torch.is_grad_enabled()
+        )
+        logits, nll, counts = [], [], []
+        start = 0
+        for i, n in enumerate(lengths):
+            last = i == len(lengths) - 1
+            add_summary = self.summary_length > 0 and (not last or output_softprompt)
+            seg_args = (
+                softprompt,
+                inputs_embeds[:, start : start + n],
+                attention_mask[:, start : start + n],
+                None if targets is None else targets[:, start : start + n],
+                summary_embeds if add_summary else None,
+                return_logits,
+            )
+            if checkpointing and not last:
+                seg_logits, summary, seg_nll, seg_count = checkpoint(
+                    self._segment, *seg_args, use_reentrant=False
+                )
+            else:
+                seg_logits, summary, seg_nll, seg_count = self._segment(*seg_args)
+            logits.append(seg_logits)
+            nll.append(seg_nll)
+            counts.append(seg_count)
+            if summary is not None:
+                accumulate = self.config.accumulate_summary and softprompt is not None
+                softprompt = torch.cat([softprompt, summary], dim=1) if accumulate else summary
+            start += n
+
+        out = AutoCompressorOutput(
+            logits=torch.cat(logits, dim=1) if return_logits else None,
+            softprompt=softprompt if output_softprompt else None,
+        )
+        if targets is not None:
+            out.segment_nll = torch.stack(nll, dim=1)
+            out.segment_tokens = torch.stack(counts, dim=1)
+            out.loss = out.segment_nll.sum() / out.segment_tokens.sum().clamp(min=1)
+        return out if return_dict else out.to_tuple()
+
+    def _segment(self, softprompt, text_embeds, text_mask, targets, summary_embeds, return_logits):
+        """One segment: decoder over [softprompt ; text ; summary]; returns its logits, summary vectors and NLL."""
+        batch, n, _ = text_embeds.shape
+        parts = [text_embeds]
+        soft_len = 0
+        if softprompt is not None:
+            parts.insert(0, softprompt)
+            soft_len = softprompt.shape[1]
+        num_summary = 0
+        if summary_embeds is not None:
+            parts.append(summary_embeds)
+            num_summary = summary_embeds.shape[1]
+        embeds = torch.cat(parts, dim=1)
+        ones = text_mask.new_ones
+        mask = torch.cat([ones(batch, soft_len), text_mask, ones(batch, num_summary)], dim=1)
+        positions = self.position_rule.segment(soft_len, text_mask, num_summary)
+        with sdpa_context(self.config.sdpa_backend, embeds.device):
+            hidden = self.get_decoder()(
+                inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False
+            ).last_hidden_state
+        text_hidden = hidden[:, soft_len : soft_len + n]
+        summary = hidden[:, soft_len + n :] if num_summary else None
+        seg_logits = seg_nll = seg_count = None
+        if return_logits or targets is not None:
+            seg_logits = self.lm_head(text_hidden)
+        if targets is not None:
+            seg_nll = (
+                F.cross_entropy(
+                    seg_logits.float().flatten(0, 1),
+                    targets.flatten(),
+                    ignore_index=IGNORE_INDEX,
+                    reduction="none",
+                )
+                .view(batch, n)
+                .sum(dim=1)
+            )
+            seg_count = (targets != IGNORE_INDEX).sum(dim=1)
+        return (seg_logits if return_logits else None), summary, seg_nll, seg_count
+
+    def _summary_embeds(self, batch: int, dtype: torch.dtype) -> torch.Tensor | None:
+        if self.summary_length == 0:
+            return None
+        # Call the module (not .weight) so wrappers such as peft's modules_to_save are honoured.
+        ids = torch.arange(self.summary_length, device=self.embed_summary.weight.device)
+        return self.embed_summary(ids).to(dtype).unsqueeze(0).expand(batch, -1, -1)
+
+    def _check_softprompt(self, softprompt, batch, width, like):
+        if softprompt is None or softprompt.shape[1] == 0:
+            return None
+        if softprompt.dim() != 3 or softprompt.shape[-1] != width:
+            raise ValueError(
+                f"softprompt must have shape [batch, length, {width}] (the input embedding width), "
+                f"got {tuple(softprompt.shape)}"
+            )
+        if softprompt.shape[0] not in (1, batch):
+            raise ValueError(
+                f"softprompt batch size {softprompt.shape[0]} does not match the input's {batch}"
+            )
+        return softprompt.to(like.dtype).expand(batch, -1, -1)
+
+    # ------------------------------------------------------------------------------ inference
+    @torch.no_grad()
+    def compress(self, input_ids, attention_mask=None, segment_lengths=None, softprompt=None) -> torch.Tensor:
+        """Summary vectors [B, P, d] of a context (plus any softprompt passed in, when accumulating)."""
+        return self(
+            input_ids,
+            attention_mask=attention_mask,
+            segment_lengths=segment_lengths,
+            softprompt=softprompt,
+            output_softprompt=True,
+            return_logits=False,
+        ).softprompt
+
+    def generate(self, input_ids, attention_mask=None, softprompt=None, **kwargs):
+        """Generate after a prompt, conditioned on summary vectors, with a KV cache. See generation.py."""
+        from .generation import generate
+
+        return generate(self, input_ids, attention_mask=attention_mask, softprompt=softprompt, **kwargs)
+
+
+def next_token_targets(labels: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """targets[:, t] = labels[:, t + 1]; ignored where either position is padding, and at the end."""
+    pad = attention_mask == 0
+    targets = F.pad(labels.masked_fill(pad, IGNORE_INDEX)[:, 1:], (0, 1), value=IGNORE_INDEX)
+    return targets.masked_fill(pad, IGNORE_INDEX)
+
+
+class _gathered:
+    """deepspeed.zero.GatheredParameters for ZeRO-3 partitioned params; a no-op otherwise."""
+
+    def __init__(self, params):
+        self.params = [p for p in params if hasattr(p, "ds_id")]
+        self.ctx = None
+
+    def __enter__(self):
+        if self.params:
+            import deepspeed
+
+            self.ctx = deepspeed.zero.GatheredParameters(self.params, modifier_rank=0)
+            self.ctx.__enter__()
+
+    def __exit__(self, *exc):
+        if self.ctx is not None:
+            self.ctx.__exit__(*exc)

@@ -1,0 +1,227 @@
+"""Behaviour of the AutoCompressor core on tiny models of every supported family (CPU, fp32)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from modeling_utils import FAMILIES, MODEL_CLASS, VOCAB, random_ids, tiny_config, tiny_model
+from transformers import AutoModelForCausalLM
+
+from acomp import AutoCompressorModel
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_summary_length_zero_reproduces_base_model(family):
+    model = tiny_model(family, summary_length=0)
+    base = AutoModelForCausalLM.from_config(tiny_config(family)).eval()
+    base.load_state_dict(model.state_dict(), strict=False)
+    ids = random_ids(2, 17)
+    ours = model(ids).logits
+    theirs = base(ids).logits
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_multi_segment_equals_manual_chaining(family):
+    model = tiny_model(family)
+    ids = random_ids(2, 18)
+    full = model(ids, labels=ids, segment_lengths=[5, 7, 6], output_softprompt=True)
+
+    sp, logits = None, []
+    for chunk in ids.split([5, 7, 6], dim=1):
+        out = model(chunk, softprompt=sp, output_softprompt=True)
+        sp = out.softprompt
+        logits.append(out.logits)
+    logits = torch.cat(logits, dim=1)
+    torch.testing.assert_close(full.logits, logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(full.softprompt, sp, rtol=1e-5, atol=1e-5)
+    assert sp.shape == (2, 3 * model.summary_length, 32)
+    expected = F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), ids[:, 1:].reshape(-1))
+    torch.testing.assert_close(full.loss, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_last_segment_gets_summary_tokens_only_when_asked():
+    model = tiny_model("llama")
+    ids = random_ids(1, 12)
+    without = model(ids, segment_lengths=[6, 6])
+    with_sp = model(ids, segment_lengths=[6, 6], output_softprompt=True)
+    assert without.softprompt is None
+    assert with_sp.softprompt.shape[1] == 2 * model.summary_length
+    torch.testing.assert_close(without.logits, with_sp.logits)  # summary tokens come after the text
+
+
+def test_no_accumulation_replaces_softprompt():
+    model = tiny_model("llama", accumulate_summary=False)
+    ids = random_ids(1, 12)
+    out = model(ids, segment_lengths=[4, 4, 4], output_softprompt=True)
+    assert out.softprompt.shape[1] == model.summary_length
+    last = model(
+        ids[:, 8:], softprompt=model.compress(ids[:, :8], segment_lengths=[4, 4]), output_softprompt=True
+    )
+    torch.testing.assert_close(out.softprompt, last.softprompt, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_segment2_loss_reaches_segment1_and_summary_embeddings(family):
+    model = tiny_model(family)
+    ids = random_ids(2, 12)
+    embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+    labels = ids.clone()
+    labels[:, :7] = -100  # only segment 2's own tokens are targets (token 6 is predicted by segment 1)
+    out = model(inputs_embeds=embeds, labels=labels, segment_lengths=[6, 6])
+    out.loss.backward()
+    seg1_grad = embeds.grad[:, :6].abs().sum()
+    assert seg1_grad > 0, "no gradient from segment-2 loss into segment-1 tokens through the summaries"
+    assert model.embed_summary.weight.grad.abs().sum() > 0
+
+    # Cut the summary path and the gradient into segment 1 disappears: it only flows through summaries.
+    embeds.grad = None
+    out = model(inputs_embeds=embeds[:, 6:], labels=labels[:, 6:], softprompt=None)
+    out.loss.backward()
+    assert embeds.grad[:, :6].abs().sum() == 0
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_segment_checkpointing_gives_identical_gradients(family):
+    ids = random_ids(2, 15)
+    grads = []
+    for ckpt in (False, True):
+        model = tiny_model(family, segment_gradient_checkpointing=ckpt).train()
+        model(ids, labels=ids, segment_lengths=[5, 5, 5]).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_padding_gives_same_per_sample_results(family, side):
+    model = tiny_model(family)
+    lengths = [12, 9]
+    segs = [6, 6]
+    ids = random_ids(2, 12)
+    mask = torch.zeros(2, 12, dtype=torch.long)
+    batch_ids = ids.clone()
+    for i, n in enumerate(lengths):
+        if side == "right":
+            mask[i, :n] = 1
+        else:
+            mask[i, 12 - n :] = 1
+            batch_ids[i, 12 - n :] = ids[i, :n]
+        batch_ids[i][mask[i] == 0] = 0
+    batched = model(
+        batch_ids, attention_mask=mask, labels=batch_ids, segment_lengths=segs, output_softprompt=True
+    )
+    for i in range(len(lengths)):
+        real = batch_ids[i][mask[i] == 1][None]
+        # The same tokens alone, with the same per-segment split of real tokens.
+        per_seg = [int(m.sum()) for m in mask[i].split(segs)]
+        per_seg = [x for x in per_seg if x]
+        single = model(real, labels=real, segment_lengths=per_seg, output_softprompt=True)
+        torch.testing.assert_close(batched.logits[i][mask[i] == 1], single.logits[0], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(batched.softprompt[i], single.softprompt[0], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(
+            batched.segment_nll[i].sum() / batched.segment_tokens[i].sum(), single.loss, rtol=1e-5, atol=1e-5
+        )
+
+
+@pytest.mark.parametrize("family", ["llama", "opt", "qwen2"])
+def test_generate_with_cache_equals_argmax_loop(family):
+    model = tiny_model(family)
+    context = random_ids(2, 16, seed=3)
+    prompt = random_ids(2, 5, seed=4)
+    sp = model.compress(context, segment_lengths=[8, 8])
+    cached = model.generate(prompt, softprompt=sp, max_new_tokens=8, eos_token_id=None)
+
+    ids = prompt
+    for _ in range(8):
+        nxt = model(ids, softprompt=sp).logits[:, -1].argmax(-1, keepdim=True)
+        ids = torch.cat([ids, nxt], dim=1)
+    assert torch.equal(cached, ids)
+
+
+def test_generate_left_padded_batch_matches_single():
+    model = tiny_model("llama")
+    sp = model.compress(random_ids(2, 8, seed=5))
+    prompt = random_ids(2, 6, seed=6)
+    mask = torch.ones_like(prompt)
+    mask[1, :2] = 0
+    batched = model.generate(prompt, attention_mask=mask, softprompt=sp, max_new_tokens=5, eos_token_id=None)
+    single = model.generate(prompt[1:, 2:], softprompt=sp[1:], max_new_tokens=5, eos_token_id=None)
+    assert torch.equal(batched[1, 6:], single[0, 4:])
+
+
+def test_generate_stops_at_eos_and_pads():
+    model = tiny_model("llama")
+    prompt = random_ids(1, 4)
+    free = model.generate(prompt, max_new_tokens=6, eos_token_id=None)
+    first = int(free[0, 4])
+    stopped = model.generate(prompt, max_new_tokens=6, eos_token_id=first, pad_token_id=0)
+    assert stopped.shape == (1, 5) and int(stopped[0, 4]) == first
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_save_load_round_trip(family, tmp_path):
+    model = tiny_model(family)
+    ids = random_ids(2, 12)
+    before = model(ids, segment_lengths=[6, 6], output_softprompt=True)
+    model.save_pretrained(tmp_path)
+
+    loaded = MODEL_CLASS[family].from_pretrained(tmp_path).eval()
+    after = loaded(ids, segment_lengths=[6, 6], output_softprompt=True)
+    assert torch.equal(before.logits, after.logits)
+    assert torch.equal(before.softprompt, after.softprompt)
+    assert loaded.config.summary_length == 3 and loaded.config.accumulate_summary is True
+
+    auto = AutoCompressorModel.from_pretrained(tmp_path).eval()
+    assert type(auto) is MODEL_CLASS[family]
+    assert torch.equal(auto(ids).logits, loaded(ids).logits)
+
+    # The plain base class loads the same checkpoint (embed_summary.weight is simply unused there).
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    no_summary = loaded(ids).logits  # one segment, no summary tokens: the base model's computation
+    torch.testing.assert_close(plain(ids).logits, no_summary, rtol=0, atol=1e-6)
+
+
+def test_base_checkpoint_gets_summary_rows_from_eos_after_loading(tmp_path):
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(tiny_config("llama"))
+    base.save_pretrained(tmp_path)
+    model = AutoCompressorModel.from_pretrained(tmp_path, summary_length=4)
+    eos_row = base.get_input_embeddings().weight[2]
+    assert model.embed_summary.weight.shape == (4, 32)
+    for row in model.embed_summary.weight:
+        assert torch.equal(row, eos_row)
+
+
+def test_clear_errors_on_bad_input():
+    model = tiny_model("llama")
+    ids = random_ids(1, 10)
+    with pytest.raises(ValueError, match=r"\[4, 4\] sum to 8, but the input has 10"):
+        model(ids, segment_lengths=[4, 4])
+    with pytest.raises(ValueError, match="softprompt must have shape .*32.*got \\(1, 3, 16\\)"):
+        model(ids, softprompt=torch.zeros(1, 3, 16))
+    with pytest.raises(ValueError, match="summary_length must be an integer >= 0, got -1"):
+        MODEL_CLASS["llama"](tiny_config("llama", summary_length=-1))
+    with pytest.raises(ValueError, match="no AutoCompressor for model_type 'gpt2'"):
+        from acomp.modeling import autocompressor_class
+
+        autocompressor_class("gpt2")
+    with pytest.raises(ValueError, match="flash-attn"):
+        from acomp.modeling.attention import resolve_attn_implementation
+
+        resolve_attn_implementation("flash_attention_2")
+
+
+def test_int_segment_length_splits_with_shorter_tail():
+    from acomp.modeling import split_lengths
+
+    assert split_lengths(10, 4) == [4, 4, 2]
+    assert split_lengths(10, None) == [10]
+    model = tiny_model("opt")
+    ids = random_ids(1, 10)
+    a = model(ids, segment_lengths=4, output_softprompt=True).softprompt
+    b = model(ids, segment_lengths=[4, 4, 2], output_softprompt=True).softprompt
+    assert torch.equal(a, b)
