@@ -23,6 +23,14 @@ from transformers.utils import ModelOutput
 from .attention import resolve_attn_implementation, sdpa_context
 from .config import apply_compression_fields
 from .positions import PositionRule
+from .variable import (
+    absent_bias,
+    hard_lengths,
+    hard_presence_bias,
+    length_penalty,
+    soft_presence,
+    stop_probabilities,
+)
 
 IGNORE_INDEX = -100
 
@@ -50,6 +58,11 @@ class AutoCompressorOutput(ModelOutput):
     softprompt: torch.Tensor | None = None
     segment_nll: torch.Tensor | None = None
     segment_tokens: torch.Tensor | None = None
+    # Variable-length mode only (see variable.py):
+    softprompt_bias: torch.Tensor | None = None  # [B, P] additive log-presence of each softprompt vector
+    summary_lengths: torch.Tensor | None = None  # [B, compressing segments]: E[L] (training) or L (inference)
+    lm_loss: torch.Tensor | None = None  # loss without the length penalty
+    length_penalty: torch.Tensor | None = None
 
 
 def split_lengths(total: int, segment_lengths) -> list[int]:
@@ -81,14 +94,56 @@ class AutoCompressorMixin:
     def __init__(self, config, *args, **kwargs):
         apply_compression_fields(config)
         super().__init__(config, *args, **kwargs)
+        if self.variable_length and config._attn_implementation == "flash_attention_2":
+            raise ValueError(
+                "compression_mode='variable' needs an additive attention bias: use 'sdpa' or 'eager'"
+            )
         width = self.get_input_embeddings().embedding_dim
-        self.embed_summary = nn.Embedding(config.summary_length, width)
+        self.embed_summary = nn.Embedding(self.num_summary_slots, width)
         self.init_summary_embeddings()
+        if self.variable_length and self.get_input_embeddings().weight.device.type != "meta":
+            self.add_control_tokens()
 
     # ----------------------------------------------------------------------------------- set-up
     @property
     def summary_length(self) -> int:
         return self.config.summary_length
+
+    @property
+    def variable_length(self) -> bool:
+        return self.config.compression_mode == "variable"
+
+    @property
+    def num_summary_slots(self) -> int:
+        """Rows of embed_summary: summary_length (fixed) or compression_max_len (variable)."""
+        return self.config.compression_max_len if self.variable_length else self.config.summary_length
+
+    def add_control_tokens(self, sum_token_id: int | None = None, eoc_token_id: int | None = None) -> None:
+        """Give `<sum>` and `<eoc>` embedding rows and record their ids in the config.
+
+        Ids already in the config are kept. Otherwise the given ids (e.g. a tokenizer's) are used, or two
+        rows are appended after the current table (never shrinking it: OPT's table is larger than its
+        tokenizer). New rows start from the EOS embedding. ZeRO-3 safe (transformers gathers on resize).
+        """
+        config = self.config
+        sum_id = getattr(config, "sum_token_id", None)
+        eoc_id = getattr(config, "eoc_token_id", None)
+        if sum_id is not None and eoc_id is not None:
+            return
+        rows = self.get_input_embeddings().weight.shape[0]
+        sum_id = rows if sum_token_id is None else sum_token_id
+        eoc_id = sum_id + 1 if eoc_token_id is None else eoc_token_id
+        needed = max(rows, sum_id + 1, eoc_id + 1)
+        if needed > rows:
+            self.resize_token_embeddings(needed, mean_resizing=False)
+        config.sum_token_id, config.eoc_token_id = sum_id, eoc_id
+        eos = (
+            config.eos_token_id[0] if isinstance(config.eos_token_id, (list, tuple)) else config.eos_token_id
+        )
+        if eos is not None:
+            weight = self.get_input_embeddings().weight
+            with torch.no_grad(), _gathered([weight]):
+                weight[[sum_id, eoc_id]] = weight[eos].clone()
 
     @torch.no_grad()
     def init_summary_embeddings(self) -> None:
@@ -98,7 +153,7 @@ class AutoCompressorMixin:
         `from_pretrained` calls it when the checkpoint has no `embed_summary.weight`. Works on
         ZeRO-3 partitioned parameters by gathering them first.
         """
-        if self.summary_length == 0:
+        if self.num_summary_slots == 0:
             return
         source = self.get_input_embeddings().weight
         target = self.embed_summary.weight
@@ -135,6 +190,8 @@ class AutoCompressorMixin:
         )
         if "embed_summary.weight" in info["missing_keys"]:
             model.init_summary_embeddings()
+        if model.variable_length:
+            model.add_control_tokens()
         return (model, info) if want_info else model
 
     # ---------------------------------------------------------------------------------- forward
@@ -148,10 +205,17 @@ class AutoCompressorMixin:
         softprompt: torch.Tensor | None = None,
         output_softprompt: bool = False,
         return_logits: bool = True,
+        softprompt_bias: torch.Tensor | None = None,
+        hard_stop: bool | None = None,
         return_dict: bool = True,
         **unused,
     ) -> AutoCompressorOutput:
-        """Run the segment loop. See the module docstring for the semantics of each output."""
+        """Run the segment loop. See the module docstring for the semantics of each output.
+
+        Variable-length mode only: `softprompt_bias` [B, P] is the additive log-presence of each
+        softprompt vector (returned by an earlier call); `hard_stop` picks inference-style stopping
+        (default: when not training).
+        """
         unused.pop("use_cache", None)
         if unused:
             raise TypeError(f"unexpected forward argument(s): {sorted(unused)}")
@@ -168,75 +232,103 @@ class AutoCompressorMixin:
             )
         lengths = split_lengths(total, segment_lengths)
         softprompt = self._check_softprompt(softprompt, batch, width, inputs_embeds)
+        softprompt_bias = self._check_softprompt_bias(softprompt_bias, softprompt, batch)
         targets = None
         if labels is not None:
             if labels.shape != (batch, total):
                 raise ValueError(f"labels have shape {tuple(labels.shape)}, expected {(batch, total)}")
             targets = next_token_targets(labels, attention_mask)
+        hard_stop = (not self.training) if hard_stop is None else hard_stop
 
-        summary_embeds = self._summary_embeds(batch, inputs_embeds.dtype)
+        tail_embeds = self._summary_embeds(batch, inputs_embeds.dtype)
         checkpointing = (
             self.config.segment_gradient_checkpointing and self.training and torch.is_grad_enabled()
         )
-        logits, nll, counts = [], [], []
+        logits, nll, counts, summary_lengths, penalties = [], [], [], [], []
         start = 0
         for i, n in enumerate(lengths):
             last = i == len(lengths) - 1
-            add_summary = self.summary_length > 0 and (not last or output_softprompt)
+            compress = tail_embeds is not None and (not last or output_softprompt)
+            seg_mask = attention_mask[:, start : start + n]
             seg_args = (
                 softprompt,
+                softprompt_bias,
                 inputs_embeds[:, start : start + n],
-                attention_mask[:, start : start + n],
+                seg_mask,
                 None if targets is None else targets[:, start : start + n],
-                summary_embeds if add_summary else None,
+                tail_embeds if compress else None,
                 return_logits,
             )
             if checkpointing and not last:
-                seg_logits, summary, seg_nll, seg_count = checkpoint(
-                    self._segment, *seg_args, use_reentrant=False
-                )
+                seg = checkpoint(self._segment, *seg_args, use_reentrant=False)
             else:
-                seg_logits, summary, seg_nll, seg_count = self._segment(*seg_args)
+                seg = self._segment(*seg_args)
+            seg_logits, summary, seg_nll, seg_count, stop_prob, stop_logits = seg
             logits.append(seg_logits)
             nll.append(seg_nll)
             counts.append(seg_count)
             if summary is not None:
-                accumulate = self.config.accumulate_summary and softprompt is not None
-                softprompt = torch.cat([softprompt, summary], dim=1) if accumulate else summary
+                bias = None
+                if self.variable_length:
+                    bias, length = self._presence(stop_prob, stop_logits, hard_stop)
+                    summary_lengths.append(length)
+                    penalties.append(
+                        length_penalty(
+                            length,
+                            seg_mask.sum(dim=1),
+                            self.config.compression_lambda,
+                            self.config.compression_alpha,
+                        )
+                    )
+                softprompt, softprompt_bias = self._carry(softprompt, softprompt_bias, summary, bias)
             start += n
 
         out = AutoCompressorOutput(
             logits=torch.cat(logits, dim=1) if return_logits else None,
             softprompt=softprompt if output_softprompt else None,
+            softprompt_bias=softprompt_bias if output_softprompt else None,
         )
+        if summary_lengths:
+            out.summary_lengths = torch.stack(summary_lengths, dim=1)
+            out.length_penalty = torch.stack(penalties, dim=1).mean()
         if targets is not None:
             out.segment_nll = torch.stack(nll, dim=1)
             out.segment_tokens = torch.stack(counts, dim=1)
-            out.loss = out.segment_nll.sum() / out.segment_tokens.sum().clamp(min=1)
+            out.lm_loss = out.segment_nll.sum() / out.segment_tokens.sum().clamp(min=1)
+            out.loss = out.lm_loss
+            if out.length_penalty is not None and self.config.compression_lambda:
+                out.loss = out.lm_loss + out.length_penalty
         return out if return_dict else out.to_tuple()
 
-    def _segment(self, softprompt, text_embeds, text_mask, targets, summary_embeds, return_logits):
-        """One segment: decoder over [softprompt ; text ; summary]; returns its logits, summary vectors and NLL."""
+    def _segment(
+        self, softprompt, softprompt_bias, text_embeds, text_mask, targets, tail_embeds, return_logits
+    ):
+        """One segment: decoder over [softprompt ; text ; tail], where the tail is the summary tokens
+        (fixed mode) or `<sum>` plus the compression slots (variable mode). Returns text logits, summary
+        vectors, summed NLL and target count, and in variable mode the slots' stop probabilities."""
         batch, n, _ = text_embeds.shape
-        parts = [text_embeds]
-        soft_len = 0
-        if softprompt is not None:
-            parts.insert(0, softprompt)
-            soft_len = softprompt.shape[1]
-        num_summary = 0
-        if summary_embeds is not None:
-            parts.append(summary_embeds)
-            num_summary = summary_embeds.shape[1]
+        soft_len = 0 if softprompt is None else softprompt.shape[1]
+        num_tail = 0 if tail_embeds is None else tail_embeds.shape[1]
+        parts = [p for p in (softprompt, text_embeds, tail_embeds) if p is not None]
         embeds = torch.cat(parts, dim=1)
-        ones = text_mask.new_ones
-        mask = torch.cat([ones(batch, soft_len), text_mask, ones(batch, num_summary)], dim=1)
-        positions = self.position_rule.segment(soft_len, text_mask, num_summary)
+        positions = self.position_rule.segment(soft_len, text_mask, num_tail)
+        if softprompt_bias is None:
+            ones = text_mask.new_ones
+            mask = torch.cat([ones(batch, soft_len), text_mask, ones(batch, num_tail)], dim=1)
+        else:
+            mask = attention_bias(softprompt_bias, text_mask, num_tail, embeds.dtype)
         with sdpa_context(self.config.sdpa_backend, embeds.device):
             hidden = self.get_decoder()(
                 inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False
             ).last_hidden_state
         text_hidden = hidden[:, soft_len : soft_len + n]
-        summary = hidden[:, soft_len + n :] if num_summary else None
+        summary = stop_prob = stop_logits = None
+        if num_tail:
+            summary = hidden[:, soft_len + n :]
+            if self.variable_length:
+                summary = summary[:, 1:]  # the <sum> trigger's own output is not a summary vector
+                stop_logits = self.lm_head(summary)
+                stop_prob = stop_probabilities(stop_logits, self.config.eoc_token_id)
         seg_logits = seg_nll = seg_count = None
         if return_logits or targets is not None:
             seg_logits = self.lm_head(text_hidden)
@@ -252,14 +344,37 @@ class AutoCompressorMixin:
                 .sum(dim=1)
             )
             seg_count = (targets != IGNORE_INDEX).sum(dim=1)
-        return (seg_logits if return_logits else None), summary, seg_nll, seg_count
+        return (seg_logits if return_logits else None), summary, seg_nll, seg_count, stop_prob, stop_logits
+
+    def _presence(self, stop_prob, stop_logits, hard: bool):
+        """(bias [B, T], length [B]) of a segment's new vectors: soft (training) or hard (inference)."""
+        if hard:
+            length = hard_lengths(
+                stop_prob, stop_logits, self.config.eoc_token_id, self.config.compress_stop_threshold
+            )
+            return hard_presence_bias(length, stop_prob.shape[1], torch.float32), length.float()
+        return soft_presence(stop_prob)
+
+    def _carry(self, softprompt, softprompt_bias, summary, bias):
+        """The softprompt (and its presence bias) that the next segment sees."""
+        if bias is not None and softprompt is not None and softprompt_bias is None:
+            softprompt_bias = torch.zeros(softprompt.shape[:2], device=bias.device, dtype=bias.dtype)
+        if not (self.config.accumulate_summary and softprompt is not None):
+            return summary, bias
+        new_bias = None if bias is None else torch.cat([softprompt_bias, bias], dim=1)
+        return torch.cat([softprompt, summary], dim=1), new_bias
 
     def _summary_embeds(self, batch: int, dtype: torch.dtype) -> torch.Tensor | None:
-        if self.summary_length == 0:
+        """The tail appended to a compressing segment (None when compression is off)."""
+        if self.num_summary_slots == 0:
             return None
         # Call the module (not .weight) so wrappers such as peft's modules_to_save are honoured.
-        ids = torch.arange(self.summary_length, device=self.embed_summary.weight.device)
-        return self.embed_summary(ids).to(dtype).unsqueeze(0).expand(batch, -1, -1)
+        ids = torch.arange(self.num_summary_slots, device=self.embed_summary.weight.device)
+        tail = self.embed_summary(ids).to(dtype)
+        if self.variable_length:
+            trigger = torch.tensor([self.config.sum_token_id], device=ids.device)
+            tail = torch.cat([self.get_input_embeddings()(trigger).to(dtype), tail], dim=0)
+        return tail.unsqueeze(0).expand(batch, -1, -1)
 
     def _check_softprompt(self, softprompt, batch, width, like):
         if softprompt is None or softprompt.shape[1] == 0:
@@ -275,10 +390,22 @@ class AutoCompressorMixin:
             )
         return softprompt.to(like.dtype).expand(batch, -1, -1)
 
+    def _check_softprompt_bias(self, bias, softprompt, batch):
+        if bias is None:
+            return None
+        if softprompt is None:
+            raise ValueError("softprompt_bias was given without a softprompt")
+        if bias.shape[-1] != softprompt.shape[1]:
+            raise ValueError(
+                f"softprompt_bias has {bias.shape[-1]} entries but the softprompt has {softprompt.shape[1]} vectors"
+            )
+        return bias.float().expand(batch, -1)
+
     # ------------------------------------------------------------------------------ inference
     @torch.no_grad()
     def compress(self, input_ids, attention_mask=None, segment_lengths=None, softprompt=None) -> torch.Tensor:
-        """Summary vectors [B, P, d] of a context (plus any softprompt passed in, when accumulating)."""
+        """Summary vectors [B, P, d] of a context (plus any softprompt passed in, when accumulating).
+        In variable-length mode use `compress_context`, which also returns which vectors are present."""
         return self(
             input_ids,
             attention_mask=attention_mask,
@@ -288,11 +415,49 @@ class AutoCompressorMixin:
             return_logits=False,
         ).softprompt
 
+    @torch.no_grad()
+    def compress_context(
+        self, input_ids, attention_mask=None, segment_lengths=None, softprompt=None, softprompt_bias=None
+    ) -> AutoCompressorOutput:
+        """Compress a context with inference-style stopping. Returns the output with `softprompt`,
+        `softprompt_bias` (variable mode: 0 = present, large negative = absent) and `summary_lengths`."""
+        return self(
+            input_ids,
+            attention_mask=attention_mask,
+            segment_lengths=segment_lengths,
+            softprompt=softprompt,
+            softprompt_bias=softprompt_bias,
+            output_softprompt=True,
+            return_logits=False,
+            hard_stop=True,
+        )
+
     def generate(self, input_ids, attention_mask=None, softprompt=None, **kwargs):
         """Generate after a prompt, conditioned on summary vectors, with a KV cache. See generation.py."""
         from .generation import generate
 
         return generate(self, input_ids, attention_mask=attention_mask, softprompt=softprompt, **kwargs)
+
+
+def attention_bias(softprompt_bias, text_mask, num_tail: int, dtype) -> torch.Tensor:
+    """4D additive mask [B, 1, L, L] for [softprompt ; text ; tail]: causal, text padding removed, and the
+    softprompt's presence bias on its keys. Each query always sees itself, so no row is empty."""
+    batch, n = text_mask.shape
+    absent = absent_bias(dtype)
+    key_bias = torch.cat(
+        [
+            softprompt_bias.clamp(min=absent),
+            torch.where(text_mask.bool(), 0.0, absent),
+            text_mask.new_zeros(batch, num_tail, dtype=torch.float32),
+        ],
+        dim=1,
+    ).to(dtype)
+    length = key_bias.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=text_mask.device).tril()
+    bias = torch.where(causal, key_bias[:, None, None, :], absent)
+    return bias.diagonal_scatter(
+        torch.zeros(batch, 1, length, dtype=dtype, device=bias.device), dim1=2, dim2=3
+    )
 
 
 def next_token_targets(labels: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,8 @@ import torch
 from transformers import DynamicCache
 
 from .attention import sdpa_context
+from .compressor import attention_bias
+from .variable import absent_bias
 
 
 @torch.no_grad()
@@ -19,6 +21,7 @@ def generate(
     input_ids: torch.LongTensor,
     attention_mask: torch.Tensor | None = None,
     softprompt: torch.Tensor | None = None,
+    softprompt_bias: torch.Tensor | None = None,
     max_new_tokens: int = 20,
     do_sample: bool = False,
     temperature: float = 1.0,
@@ -30,7 +33,9 @@ def generate(
     generator: torch.Generator | None = None,
 ) -> torch.LongTensor:
     """Returns [B, prompt_len + new] token ids. Greedy unless do_sample. Prompts may be padded on either
-    side (positions come from the attention mask). After a sample emits EOS it is filled with pad_token_id."""
+    side (positions come from the attention mask). After a sample emits EOS it is filled with pad_token_id.
+    `softprompt_bias` (variable-length mode) marks absent softprompt vectors. The control tokens
+    `<sum>` / `<eoc>` are never generated."""
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if do_sample and temperature <= 0:
@@ -55,19 +60,29 @@ def generate(
     decoder = model.get_decoder()
     width = embed.embedding_dim
     softprompt = model._check_softprompt(softprompt, batch, width, embed.weight)
+    softprompt_bias = model._check_softprompt_bias(softprompt_bias, softprompt, batch)
     soft_len = 0 if softprompt is None else softprompt.shape[1]
     rule = model.position_rule
+    control = [getattr(config, k, None) for k in ("sum_token_id", "eoc_token_id")]
+    suppress_token_ids = list(suppress_token_ids or []) + [t for t in control if t is not None]
 
     # Prefill: [softprompt ; prompt] in one pass.
     prompt_embeds = embed(input_ids)
     embeds = prompt_embeds if softprompt is None else torch.cat([softprompt, prompt_embeds], dim=1)
     mask = torch.cat([attention_mask.new_ones(batch, soft_len), attention_mask], dim=1)
+    prefill_mask = mask
+    if softprompt_bias is not None:  # absent vectors are masked through an additive bias on their keys
+        prefill_mask = attention_bias(softprompt_bias, attention_mask, 0, embeds.dtype)
+        key_bias = prefill_mask[:, :, -1:, :].clone()
+        key_bias[..., -1] = torch.where(attention_mask[:, -1:].bool(), 0.0, absent_bias(embeds.dtype))[
+            :, None
+        ]
     positions = rule.segment(soft_len, attention_mask, 0)
     cache = DynamicCache()
     with sdpa_context(config.sdpa_backend, device):
         hidden = decoder(
             inputs_embeds=embeds,
-            attention_mask=mask,
+            attention_mask=prefill_mask,
             position_ids=positions,
             past_key_values=cache,
             use_cache=True,
@@ -92,10 +107,14 @@ def generate(
         if finished.all() or step == max_new_tokens - 1:
             break
         mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
+        step_mask = mask
+        if softprompt_bias is not None:
+            key_bias = torch.cat([key_bias, key_bias.new_zeros(batch, 1, 1, 1)], dim=-1)
+            step_mask = key_bias
         with sdpa_context(config.sdpa_backend, device):
             hidden = decoder(
                 inputs_embeds=embed(token[:, None]),
-                attention_mask=mask,
+                attention_mask=step_mask,
                 position_ids=next_position[:, None],
                 past_key_values=cache,
                 use_cache=True,

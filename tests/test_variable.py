@@ -1,0 +1,198 @@
+"""Variable-length compression: control tokens, stopping semantics, gradients, batching, generation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from modeling_utils import MODEL_CLASS, VOCAB, random_ids, tiny_config, tiny_model
+
+import acomp.modeling.compressor as compressor
+from acomp.modeling.variable import soft_presence
+
+MAX_LEN = 4
+
+
+def variable_model(family="llama", seed=0, **fields):
+    fields = {"compression_mode": "variable", "compression_max_len": MAX_LEN, **fields}
+    return tiny_model(family, seed=seed, **fields)
+
+
+@pytest.fixture
+def forced_stops(monkeypatch):
+    """Replace the learned stop probabilities by a fixed pattern per sample (rows of 0/1)."""
+
+    def install(pattern):
+        pattern = torch.tensor(pattern, dtype=torch.float32)
+        monkeypatch.setattr(
+            compressor, "stop_probabilities", lambda logits, eoc: pattern.expand(logits.shape[0], -1)
+        )
+
+    return install
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_control_tokens_are_appended_and_recorded(family):
+    model = variable_model(family)
+    cfg = model.config
+    assert (cfg.sum_token_id, cfg.eoc_token_id) == (VOCAB, VOCAB + 1)
+    assert model.get_input_embeddings().weight.shape[0] == VOCAB + 2
+    assert model.get_output_embeddings().weight.shape[0] == VOCAB + 2
+    assert model.embed_summary.weight.shape[0] == MAX_LEN
+
+
+def test_opt_table_larger_than_tokenizer_is_never_shrunk():
+    # A tokenizer with 90 tokens registers <sum>=90, <eoc>=91: rows inside OPT's 97-row table are reused.
+    model = MODEL_CLASS["opt"](tiny_config("opt", summary_length=3))
+    model.config.compression_mode = "variable"
+    model.add_control_tokens(sum_token_id=90, eoc_token_id=91)
+    assert model.get_input_embeddings().weight.shape[0] == VOCAB
+    assert (model.config.sum_token_id, model.config.eoc_token_id) == (90, 91)
+
+
+def test_thresholds_zero_and_one_stop_at_one_and_at_max():
+    ids = random_ids(2, 12)
+    for threshold, expected in ((0.0, 1), (1.0, MAX_LEN)):
+        model = variable_model(compress_stop_threshold=threshold)
+        out = model.compress_context(ids, segment_lengths=[6, 6])
+        assert out.summary_lengths.tolist() == [[expected, expected]] * 2
+        present = (out.softprompt_bias == 0).sum(dim=1)
+        assert present.tolist() == [2 * expected] * 2
+
+
+def test_soft_and_hard_paths_agree_when_stop_probabilities_are_binary(forced_stops):
+    forced_stops([0.0, 1.0, 0.0, 0.0])  # emit 2 vectors, then stop
+    model = variable_model(compress_stop_threshold=0.5)
+    ids = random_ids(2, 15)
+    soft = model(ids, labels=ids, segment_lengths=[5, 5, 5], hard_stop=False, output_softprompt=True)
+    hard = model(ids, labels=ids, segment_lengths=[5, 5, 5], hard_stop=True, output_softprompt=True)
+    assert hard.summary_lengths.tolist() == [[2.0] * 3] * 2
+    torch.testing.assert_close(soft.summary_lengths, hard.summary_lengths)
+    torch.testing.assert_close(soft.logits, hard.logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(soft.loss, hard.loss)
+
+
+def test_hard_masking_equals_dropping_the_absent_vectors_opt(forced_stops):
+    # OPT's softprompt takes no positions, so masked vectors must behave exactly as if never there.
+    forced_stops([0.0, 0.0, 1.0, 0.0])
+    model = variable_model("opt", compress_stop_threshold=0.5)
+    ctx, nxt = random_ids(1, 8), random_ids(1, 6, seed=9)
+    comp = model.compress_context(ctx)
+    keep = comp.softprompt_bias[0] == 0
+    assert int(keep.sum()) == 3
+    masked = model(nxt, softprompt=comp.softprompt, softprompt_bias=comp.softprompt_bias).logits
+    dropped = model(nxt, softprompt=comp.softprompt[:, keep]).logits
+    torch.testing.assert_close(masked, dropped, rtol=1e-5, atol=1e-5)
+
+
+def test_survival_and_expected_length():
+    p = torch.tensor([[0.5, 0.5, 0.5, 0.5], [0.0, 0.0, 0.0, 0.0]])
+    log_s, expected = soft_presence(p)
+    torch.testing.assert_close(log_s.exp(), torch.tensor([[1.0, 0.5, 0.25, 0.125], [1.0, 1.0, 1.0, 1.0]]))
+    torch.testing.assert_close(expected, torch.tensor([1.875, 4.0]))
+
+
+def test_gradients_reach_the_stop_decision():
+    model = variable_model().train()
+    ids = random_ids(2, 12)
+    labels = ids.clone()
+    labels[:, :7] = -100  # LM loss of segment 2 only: it depends on stopping through the presence bias
+    out = model(ids, labels=labels, segment_lengths=[6, 6])
+    out.loss.backward()
+    eoc = model.config.eoc_token_id
+    assert model.lm_head.weight.grad[eoc].abs().sum() > 0
+
+    model.zero_grad()
+    model.config.compression_lambda = 1.0
+    out = model(ids, segment_lengths=[6, 6], labels=torch.full_like(ids, -100))  # penalty only
+    assert out.length_penalty > 0
+    out.loss.backward()
+    assert model.lm_head.weight.grad[eoc].abs().sum() > 0
+
+
+def test_length_penalty_formula():
+    model = variable_model(compression_lambda=0.3, compression_alpha=2.0).train()
+    ids = random_ids(2, 12)
+    out = model(ids, labels=ids, segment_lengths=[8, 4], output_softprompt=True)
+    n = torch.tensor([[8.0, 4.0]])
+    expected = (0.3 * out.summary_lengths / (2.0 * n)).mean()
+    torch.testing.assert_close(out.length_penalty, expected)
+    torch.testing.assert_close(out.loss, out.lm_loss + expected)
+
+
+def test_batched_variable_lengths_match_single_samples(monkeypatch):
+    # A data-dependent binary stop rule, so samples stop at different steps.
+    monkeypatch.setattr(
+        compressor, "stop_probabilities", lambda logits, eoc: (logits[..., 3] > -0.06).float()
+    )
+    model = variable_model(compress_stop_threshold=0.5)
+    ids = random_ids(3, 12, seed=7)
+    batched = model.compress_context(ids, segment_lengths=[6, 6])
+    assert batched.summary_lengths.unique().numel() > 1, (
+        "pick a threshold that makes samples stop differently"
+    )
+    nxt = random_ids(3, 5, seed=8)
+    after = model(nxt, softprompt=batched.softprompt, softprompt_bias=batched.softprompt_bias).logits
+    for i in range(3):
+        single = model.compress_context(ids[i : i + 1], segment_lengths=[6, 6])
+        assert torch.equal(single.summary_lengths[0], batched.summary_lengths[i])
+        logits = model(
+            nxt[i : i + 1], softprompt=single.softprompt, softprompt_bias=single.softprompt_bias
+        ).logits
+        torch.testing.assert_close(after[i], logits[0], rtol=1e-5, atol=1e-5)
+
+
+def test_generation_with_variable_summaries_equals_argmax_loop_and_hides_eoc(monkeypatch):
+    monkeypatch.setattr(
+        compressor, "stop_probabilities", lambda logits, eoc: (logits[..., 3] > -0.06).float()
+    )
+    model = variable_model(compress_stop_threshold=0.5)
+    ctx = model.compress_context(random_ids(2, 12, seed=7), segment_lengths=[6, 6])
+    with torch.no_grad():  # make <eoc> the model's favourite token: it must still never be generated
+        model.lm_head.weight[model.config.eoc_token_id] = 10 * model.lm_head.weight[5]
+    prompt = random_ids(2, 4, seed=3)
+    out = model.generate(
+        prompt,
+        softprompt=ctx.softprompt,
+        softprompt_bias=ctx.softprompt_bias,
+        max_new_tokens=6,
+        eos_token_id=None,
+    )
+    ids = prompt
+    for _ in range(6):
+        logits = model(ids, softprompt=ctx.softprompt, softprompt_bias=ctx.softprompt_bias).logits[:, -1]
+        logits[:, [model.config.sum_token_id, model.config.eoc_token_id]] = float("-inf")
+        ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(out, ids)
+    assert not torch.isin(out, torch.tensor([model.config.eoc_token_id, model.config.sum_token_id])).any()
+
+
+def test_variable_model_save_load_round_trip(tmp_path):
+    model = variable_model()
+    ids = random_ids(2, 12)
+    before = model.compress_context(ids, segment_lengths=[6, 6])
+    model.save_pretrained(tmp_path)
+    loaded = MODEL_CLASS["llama"].from_pretrained(tmp_path).eval()
+    assert (loaded.config.sum_token_id, loaded.config.eoc_token_id) == (VOCAB, VOCAB + 1)
+    after = loaded.compress_context(ids, segment_lengths=[6, 6])
+    assert torch.equal(before.softprompt, after.softprompt)
+    assert torch.equal(before.summary_lengths, after.summary_lengths)
+
+
+@pytest.mark.parametrize("lam, shortens", [(5.0, True), (0.0, False)])
+def test_large_lambda_shortens_summaries_and_zero_lambda_does_not(lam, shortens):
+    torch.manual_seed(0)
+    model = variable_model(compression_lambda=lam, compression_max_len=6).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    ids = random_ids(4, 24, seed=11)
+    lengths = []
+    for _ in range(40):
+        out = model(ids, labels=ids, segment_lengths=[8, 8, 8])
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad()
+        lengths.append(out.summary_lengths.mean().item())
+    first, last = sum(lengths[:3]) / 3, sum(lengths[-3:]) / 3
+    if shortens:
+        assert last < 0.5 * first, (first, last)
+    else:
+        assert last > 0.9 * first, (first, last)
