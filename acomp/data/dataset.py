@@ -1,0 +1,276 @@
+"""Training-time reading: a StreamingDataset over a built corpus, its collation and its dataloader.
+
+Sharding across ranks and dataloader workers, deterministic shuffling and mid-epoch resumption are
+mosaicml-streaming's; this module adds what is specific to our corpora: it checks the manifest against the
+model before anything is read, checks shard files against ``index.json`` (a truncated or corrupted shard is
+reported by name), and turns samples into ``LongTensor`` blocks.
+
+Ranks come from the standard env vars (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``), as
+streaming reads them; with ``WORLD_SIZE > 1`` and no process group yet, streaming starts a gloo/nccl one from
+``MASTER_ADDR``/``MASTER_PORT``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from streaming import StreamingDataLoader, StreamingDataset
+
+from .manifest import MANIFEST_NAME, check_manifest, read_manifest
+
+VERIFY_LEVELS = ("none", "size", "hash")
+
+
+class CorruptShardError(RuntimeError):
+    """A shard file is missing, truncated, or fails its checksum; the message names the file."""
+
+
+def is_remote(path_or_uri: str | os.PathLike) -> bool:
+    """True for ``s3://``, ``gs://``, ``oci://``, ... URIs (anything streaming downloads from)."""
+    return "://" in str(path_or_uri) and not str(path_or_uri).startswith("file://")
+
+
+def default_cache_dir(uri: str) -> Path:
+    """Stable per-URI local cache, so shards downloaded once are reused by later runs."""
+    digest = hashlib.sha256(uri.encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / "acomp-corpus-cache" / digest
+
+
+def _read_index(split_dir: Path) -> dict[str, Any]:
+    index_path = split_dir / "index.json"
+    try:
+        return json.loads(index_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no MDS index at {index_path}: is this a built corpus split?") from None
+    except json.JSONDecodeError as err:
+        raise CorruptShardError(
+            f"MDS index {index_path} is not valid JSON ({err.msg}); rebuild the corpus"
+        ) from None
+
+
+def verify_shards(split_dir: str | Path, level: str = "size") -> int:
+    """Check every shard of an MDS split against its ``index.json``; returns the number checked.
+
+    ``size`` (cheap, catches truncation) compares file sizes; ``hash`` also recomputes each shard's xxh64
+    (or sha1) and catches same-size corruption at the cost of reading every byte.
+    """
+    from streaming.base.hashing import get_hash
+
+    if level not in VERIFY_LEVELS:
+        raise ValueError(f"verify={level!r}: choose one of {VERIFY_LEVELS}")
+    split_dir = Path(split_dir)
+    index = _read_index(split_dir)
+    if level == "none":
+        return 0
+    for shard in index["shards"]:
+        candidates = [info for info in (shard.get("raw_data"), shard.get("zip_data")) if info]
+        present = [info for info in candidates if (split_dir / info["basename"]).is_file()]
+        if not present:
+            names = " or ".join(str(split_dir / info["basename"]) for info in candidates)
+            raise CorruptShardError(f"shard {names} listed in {split_dir / 'index.json'} is missing")
+        for info in present:
+            path = split_dir / info["basename"]
+            size = path.stat().st_size
+            if size != info["bytes"]:
+                raise CorruptShardError(
+                    f"shard {path} is {size} bytes but {split_dir / 'index.json'} records {info['bytes']}: "
+                    f"truncated or corrupted; rebuild or re-download the corpus"
+                )
+            if level == "hash":
+                algo = next((a for a in ("xxh64", "sha1") if a in info.get("hashes", {})), None)
+                if algo is None:
+                    raise CorruptShardError(
+                        f"shard {path} has no xxh64/sha1 hash in its index; cannot verify"
+                    )
+                if get_hash(algo, path.read_bytes()) != info["hashes"][algo]:
+                    raise CorruptShardError(
+                        f"shard {path} fails its {algo} checksum: corrupted; rebuild the corpus"
+                    )
+    return len(index["shards"])
+
+
+class CorpusDataset(StreamingDataset):
+    """Blocks of a corpus built by ``build_corpus``, streamed from a local dir or a remote URI.
+
+    Each sample is ``{"input_ids": LongTensor[block_size], "domain": str, "doc_id": str, "block_index": int}``.
+    ``seed`` fixes the shuffle; ``batch_size`` must be the per-device batch size of the dataloader (streaming
+    partitions by it; :func:`build_dataloader` fills it in when left ``None``). ``vocab_size`` /
+    ``block_size`` / ``special_tokens`` are the model's, checked against the manifest before reading.
+    For a remote URI (or with ``local_cache`` set) shards are downloaded to ``local_cache`` and checked
+    against their xxh64 on arrival.
+    """
+
+    def __init__(
+        self,
+        path_or_uri: str | os.PathLike,
+        split: str = "train",
+        *,
+        shuffle: bool = True,
+        seed: int = 0,
+        batch_size: int | None = None,
+        local_cache: str | os.PathLike | None = None,
+        vocab_size: int | None = None,
+        block_size: int | None = None,
+        special_tokens: dict[str, str | int] | None = None,
+        verify: str = "size",
+        epoch_size: int | str | None = None,
+        predownload: int | None = None,
+        cache_limit: int | str | None = None,
+        num_canonical_nodes: int | None = None,
+        shuffle_algo: str = "py1e",
+        shuffle_block_size: int | None = None,
+        download_timeout: float = 60,
+        replication: int | None = None,
+    ) -> None:
+        if verify not in VERIFY_LEVELS:
+            raise ValueError(f"verify={verify!r}: choose one of {VERIFY_LEVELS}")
+        source = str(path_or_uri)
+        if is_remote(source) or local_cache is not None:
+            remote: str | None = source.rstrip("/")
+            local = Path(local_cache) if local_cache is not None else default_cache_dir(source)
+            local.mkdir(parents=True, exist_ok=True)
+            self._fetch_manifest(remote, local, download_timeout)
+        else:
+            remote = None
+            local = Path(source.removeprefix("file://"))
+            if not local.is_dir():
+                raise FileNotFoundError(f"corpus directory {local} does not exist")
+        manifest = read_manifest(local)
+        check_manifest(manifest, vocab_size=vocab_size, block_size=block_size, special_tokens=special_tokens)
+        splits = manifest["splits"]
+        if split not in splits:
+            raise ValueError(f"corpus {source} has no split {split!r} (splits: {sorted(splits)})")
+        if not splits[split]["blocks"]:
+            raise ValueError(f"split {split!r} of corpus {source} is empty (0 blocks); see its manifest.json")
+        if remote is None:
+            verify_shards(local / split, verify)
+
+        super().__init__(
+            remote=remote,
+            local=str(local),
+            split=split,
+            shuffle=shuffle,
+            shuffle_seed=seed,
+            batch_size=batch_size,
+            validate_hash="xxh64" if remote is not None else None,
+            epoch_size=epoch_size,
+            predownload=predownload,
+            cache_limit=cache_limit,
+            num_canonical_nodes=num_canonical_nodes,
+            shuffle_algo=shuffle_algo,
+            shuffle_block_size=shuffle_block_size,
+            download_timeout=download_timeout,
+            replication=replication,
+        )
+        self.manifest = manifest
+        self.source = source
+        self.corpus_split = split
+        self.block_size = int(manifest["block_size"])
+        self.vocab_size = int(manifest["vocab_size"])
+        self._check_columns(local / split)
+
+    @staticmethod
+    def _fetch_manifest(remote: str, local: Path, timeout: float) -> None:
+        from streaming.base.storage import CloudDownloader
+
+        target = local / MANIFEST_NAME
+        if target.exists():
+            target.unlink()  # a cached manifest may describe an older build; always take the remote one
+        try:
+            CloudDownloader.direct_download(f"{remote}/{MANIFEST_NAME}", str(target), timeout)
+        except Exception as err:
+            raise FileNotFoundError(
+                f"cannot fetch the corpus manifest {remote}/{MANIFEST_NAME}: {err}"
+            ) from err
+
+    def _check_columns(self, split_dir: Path) -> None:
+        index = _read_index(split_dir)
+        want = self.manifest.get("columns", {}).get("input_ids")
+        for shard in index["shards"][:1]:
+            encodings = dict(zip(shard["column_names"], shard["column_encodings"]))
+            if want is not None and encodings.get("input_ids") != want:
+                raise ValueError(
+                    f"{split_dir / 'index.json'}: input_ids are stored as {encodings.get('input_ids')!r} but the "
+                    f"manifest says {want!r}; the split does not belong to this manifest"
+                )
+
+    def shard_path(self, shard_id: int) -> str:
+        """Local path of a shard (for error messages)."""
+        reader = self.shards[shard_id]
+        return os.path.join(reader.dirname, reader.split or "", reader.raw_data.basename)
+
+    def get_item(self, sample_id: int, retry: int = 7) -> dict[str, Any]:
+        try:
+            sample = super().get_item(sample_id, retry)
+            ids = sample["input_ids"]
+            if ids.shape != (self.block_size,):
+                raise ValueError(f"block has shape {ids.shape}, expected ({self.block_size},)")
+        except Exception as err:
+            shard_id, offset = self.spanner[sample_id]
+            raise CorruptShardError(
+                f"cannot read sample {offset} of shard {self.shard_path(shard_id)}: {type(err).__name__}: {err}"
+            ) from err
+        return {
+            "input_ids": torch.from_numpy(ids.astype(np.int64)),
+            "domain": sample["domain"],
+            "doc_id": sample["doc_id"],
+            "block_index": int(sample["block_index"]),
+        }
+
+
+def collate_blocks(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack blocks into ``input_ids`` LongTensor [B, block_size]; labels stay Python lists."""
+    return {
+        "input_ids": torch.stack([s["input_ids"] for s in samples]),
+        "domain": [s["domain"] for s in samples],
+        "doc_id": [s["doc_id"] for s in samples],
+        "block_index": torch.tensor([s["block_index"] for s in samples], dtype=torch.long),
+    }
+
+
+def build_dataloader(
+    dataset: StreamingDataset,
+    batch_size: int,
+    *,
+    num_workers: int = 0,
+    pin_memory: bool = False,
+    drop_last: bool = True,
+    prefetch_factor: int | None = None,
+    persistent_workers: bool = False,
+) -> StreamingDataLoader:
+    """A StreamingDataLoader whose ``state_dict()``/``load_state_dict()`` resume exactly mid-epoch.
+
+    The dataset must be partitioned with the loader's batch size (streaming's requirement for exact
+    resumption); it is set here when the dataset was built with ``batch_size=None``.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    current = getattr(dataset, "batch_size", None)
+    if current is None:
+        dataset.batch_size = batch_size
+    elif current != batch_size:
+        raise ValueError(
+            f"the dataset was built with batch_size={current} but the dataloader uses {batch_size}; "
+            f"they must match for streaming's partitioning and exact resumption"
+        )
+    extra: dict[str, Any] = {}
+    if num_workers > 0:
+        extra["persistent_workers"] = persistent_workers
+        if prefetch_factor is not None:
+            extra["prefetch_factor"] = prefetch_factor
+    return StreamingDataLoader(
+        dataset,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        drop_last=drop_last,
+        collate_fn=collate_blocks,
+        **extra,
+    )

@@ -1,0 +1,396 @@
+"""Raw-text sources: every supported kind yields documents in one fixed order, so builds are reproducible.
+
+Supported sources (one string each):
+
+- ``stdlib``: this interpreter's standard-library ``.py`` files (always present offline; real long documents).
+- a ``.jsonl`` / ``.jsonl.gz`` / ``.jsonl.zst`` file: one JSON object per line with a text field.
+- a ``.parquet`` file with a text column.
+- a ``.txt`` file (one document).
+- a directory saved with ``datasets.Dataset.save_to_disk`` (or a ``DatasetDict``).
+- any other directory: every supported file below it, sorted by relative path (``.txt`` files are one
+  document each).
+- a glob (``/data/pile/*.jsonl.zst``), expanded and sorted.
+
+Bad bytes never stop a build: invalid UTF-8 is replaced by U+FFFD and counted, and a file that cannot be
+opened or ends early (truncated ``.gz``/``.zst``) is reported as a :class:`SourceIssue` in the stream.
+Structural errors (a record without the text field, a line that is not JSON) raise
+:class:`SourceFormatError` naming the file and line, because guessing there would silently corrupt data.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import io
+import json
+import os
+import sysconfig
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".jsonl.zstd", ".json.gz", ".json.zst")
+PARQUET_SUFFIXES = (".parquet",)
+TEXT_SUFFIXES = (".txt",)
+SAVED_DATASET_MARKERS = ("dataset_info.json", "dataset_dict.json", "state.json")
+_REPLACEMENT_UTF8 = "\ufffd".encode()
+
+
+class SourceFormatError(ValueError):
+    """A source record is malformed (missing text field, not JSON, wrong type); names file and line."""
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """Where to read documents and how to label them.
+
+    ``domain`` names every document of this source. With ``domain_field`` set and ``domain`` unset, each
+    record's own field (dotted path, e.g. ``meta.pile_set_name``) names its domain. With ``match`` set, only
+    records whose ``domain_field`` equals ``match`` are kept (e.g. one Pile subset out of mixed files).
+    """
+
+    path: str
+    domain: str | None = None
+    text_field: str = "text"
+    domain_field: str | None = None
+    match: str | None = None
+    id_field: str | None = None
+
+    def default_domain(self) -> str:
+        """The domain name used when neither ``domain`` nor a record field gives one."""
+        if self.domain:
+            return self.domain
+        if self.path == "stdlib":
+            return "stdlib"
+        path = Path(self.path.rstrip("/"))
+        while _is_glob(path.name) and path.parent != path:  # /data/pile/train/*.jsonl.zst -> train
+            path = path.parent
+        name = path.name
+        for suffix in sorted(JSONL_SUFFIXES + PARQUET_SUFFIXES + TEXT_SUFFIXES, key=len, reverse=True):
+            if name.endswith(suffix):
+                return name[: -len(suffix)] or "default"
+        return name or "default"
+
+
+@dataclass(frozen=True)
+class Document:
+    """One document: its text, domain, stable id, the file it came from and how many bytes were bad."""
+
+    text: str
+    domain: str
+    doc_id: str
+    path: str
+    replaced: int = 0
+
+
+@dataclass(frozen=True)
+class SourceIssue:
+    """A file that was empty or could not be (fully) read; counted in the manifest, never fatal."""
+
+    path: str
+    kind: str  # "empty" or "unreadable"
+    detail: str = ""
+
+
+def stdlib_root() -> Path:
+    """The standard library's source directory of the running interpreter."""
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def decode_utf8(data: bytes) -> tuple[str, int]:
+    """Decode UTF-8, replacing invalid sequences with U+FFFD; returns (text, number replaced)."""
+    try:
+        return data.decode("utf-8"), 0
+    except UnicodeDecodeError:
+        text = data.decode("utf-8", "replace")
+        return text, text.count("\ufffd") - data.count(_REPLACEMENT_UTF8)
+
+
+def _fix_surrogates(text: str) -> tuple[str, int]:
+    """JSON may escape lone surrogates (``"\\ud800"``), which no tokenizer can encode; replace them."""
+    try:
+        text.encode("utf-8")
+        return text, 0
+    except UnicodeEncodeError:
+        fixed = text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+        return fixed, fixed.count("\ufffd") - text.count("\ufffd")
+
+
+def _is_glob(path: str) -> bool:
+    return any(ch in path for ch in "*?[")
+
+
+def _is_saved_dataset(path: Path) -> bool:
+    return path.is_dir() and any((path / marker).exists() for marker in SAVED_DATASET_MARKERS)
+
+
+def _is_data_file(path: Path) -> bool:
+    name = path.name
+    return name.endswith(JSONL_SUFFIXES + PARQUET_SUFFIXES + TEXT_SUFFIXES)
+
+
+def _walk(root: Path, keep, skip_dirs: frozenset[str] | set[str] = frozenset()) -> list[Path]:
+    """Files under ``root`` whose name passes ``keep``, sorted by relative path; pruned dirs never entered."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if d not in skip_dirs]
+        rel = os.path.relpath(dirpath, root)
+        for name in filenames:
+            if keep(name):
+                found.append((name if rel == "." else f"{rel}/{name}", os.path.join(dirpath, name)))
+    found.sort()
+    return [Path(full) for _, full in found]
+
+
+def resolve_files(spec: SourceSpec) -> tuple[Path, list[Path]]:
+    """The source's root and its files in reading order (sorted), or a clear error if there are none."""
+    if spec.path == "stdlib":
+        root = stdlib_root()
+        return root, _walk(
+            root, lambda name: name.endswith(".py"), skip_dirs={"site-packages", "__pycache__"}
+        )
+    if _is_glob(spec.path):
+        matches = sorted(Path(p) for p in glob.glob(spec.path, recursive=True))
+        files = [p for p in matches if p.is_file() or _is_saved_dataset(p)]
+        if not files:
+            raise FileNotFoundError(f"source glob {spec.path!r} matches no files")
+        root = Path(os.path.commonpath([str(p.parent) for p in files]))
+        return root, files
+    path = Path(spec.path)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"source {spec.path!r} does not exist (expected 'stdlib', a file, a dir or a glob)"
+        )
+    if path.is_file():
+        if not _is_data_file(path):
+            raise ValueError(
+                f"source {spec.path!r}: unsupported file type; expected one of "
+                f"{', '.join(JSONL_SUFFIXES + PARQUET_SUFFIXES + TEXT_SUFFIXES)}"
+            )
+        return path.parent, [path]
+    if _is_saved_dataset(path):
+        return path, [path]
+    files = _walk(path, lambda name: name.endswith(JSONL_SUFFIXES + PARQUET_SUFFIXES + TEXT_SUFFIXES))
+    if not files:
+        raise FileNotFoundError(
+            f"source directory {spec.path!r} holds no .jsonl[.gz|.zst], .parquet or .txt files"
+        )
+    return path, files
+
+
+def _get_field(record: Any, dotted: str) -> Any:
+    """``record['a']['b']`` for ``'a.b'``; raises KeyError when any part is absent."""
+    value = record
+    for part in dotted.split("."):
+        if not isinstance(value, dict) or part not in value:
+            raise KeyError(dotted)
+        value = value[part]
+    return value
+
+
+class _RecordLabeler:
+    """Turns a record (dict) into (text, domain, doc_id) or None when filtered out by ``match``."""
+
+    def __init__(self, spec: SourceSpec):
+        self.spec = spec
+        self.default = spec.default_domain()
+
+    def __call__(self, record: Any, where: str, fallback_id: str) -> tuple[str, str, str] | None:
+        spec = self.spec
+        if not isinstance(record, dict):
+            raise SourceFormatError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        label = None
+        if spec.domain_field:
+            try:
+                label = _get_field(record, spec.domain_field)
+            except KeyError:
+                label = None
+            if spec.match is not None and label != spec.match:
+                return None
+        try:
+            text = _get_field(record, spec.text_field)
+        except KeyError:
+            keys = sorted(record)[:20]
+            raise SourceFormatError(
+                f"{where}: record has no text field {spec.text_field!r} (its keys: {keys}); "
+                f"pass --text-field NAME"
+            ) from None
+        if text is None:
+            text = ""
+        if not isinstance(text, str):
+            raise SourceFormatError(
+                f"{where}: text field {spec.text_field!r} is a {type(text).__name__}, expected a string"
+            )
+        domain = spec.domain or (str(label) if label is not None else self.default)
+        doc_id = fallback_id
+        if spec.id_field:
+            try:
+                doc_id = str(_get_field(record, spec.id_field))
+            except KeyError:
+                raise SourceFormatError(f"{where}: record has no id field {spec.id_field!r}") from None
+        return text, domain, doc_id
+
+
+def _open_binary(path: Path):
+    name = path.name
+    if name.endswith(".gz"):
+        return gzip.open(path, "rb")
+    if name.endswith((".zst", ".zstd")):
+        import zstandard
+
+        return io.BufferedReader(zstandard.open(path, "rb"))  # the raw reader cannot iterate lines
+    return open(path, "rb")
+
+
+def _read_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean 'these bytes cannot be read' (as opposed to 'this record is malformed')."""
+    errors: list[type[BaseException]] = [OSError, EOFError]
+    try:
+        import zstandard
+
+        errors.append(zstandard.ZstdError)
+    except ImportError:  # pragma: no cover - zstandard is an install extra
+        pass
+    try:
+        import pyarrow
+
+        errors.append(pyarrow.ArrowException)
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(errors)
+
+
+def _iter_jsonl(path: Path, rel: str, labeler: _RecordLabeler) -> Iterator[Document | SourceIssue]:
+    any_line = False
+    with _open_binary(path) as fh:
+        for lineno, raw in enumerate(fh, 1):
+            if not raw.strip():
+                continue
+            any_line = True
+            line, replaced = decode_utf8(raw)
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise SourceFormatError(
+                    f"{path}:{lineno}: not valid JSON ({err.msg} at column {err.colno})"
+                ) from None
+            labeled = labeler(record, f"{path}:{lineno}", f"{rel}:{lineno}")
+            if labeled is None:
+                continue
+            text, domain, doc_id = labeled
+            if "\\ud" in line or "\\uD" in line:
+                text, fixed = _fix_surrogates(text)
+                replaced += fixed
+            yield Document(text, domain, doc_id, str(path), replaced)
+    if not any_line:
+        yield SourceIssue(str(path), "empty")
+
+
+def _iter_parquet(path: Path, rel: str, labeler: _RecordLabeler) -> Iterator[Document | SourceIssue]:
+    import pyarrow.parquet as pq
+
+    spec = labeler.spec
+    pf = pq.ParquetFile(path)
+    names = pf.schema_arrow.names
+    wanted = [f.split(".")[0] for f in (spec.text_field, spec.domain_field, spec.id_field) if f]
+    if spec.text_field.split(".")[0] not in names:
+        raise SourceFormatError(
+            f"{path}: no text column {spec.text_field!r} (columns: {names}); pass --text-field NAME"
+        )
+    columns = sorted({c for c in wanted if c in names})
+    row = 0
+    for batch in pf.iter_batches(columns=columns, batch_size=1024):
+        for record in batch.to_pylist():
+            row += 1
+            labeled = labeler(record, f"{path} row {row}", f"{rel}#{row}")
+            if labeled is not None:
+                text, domain, doc_id = labeled
+                text, replaced = _fix_surrogates(text)
+                yield Document(text, domain, doc_id, str(path), replaced)
+    if row == 0:
+        yield SourceIssue(str(path), "empty")
+
+
+def _iter_saved_dataset(path: Path, labeler: _RecordLabeler) -> Iterator[Document | SourceIssue]:
+    import datasets
+
+    loaded = datasets.load_from_disk(str(path))
+    parts = [(name, loaded[name]) for name in sorted(loaded)] if isinstance(loaded, dict) else [("", loaded)]
+    spec = labeler.spec
+    any_row = False
+    for split, ds in parts:
+        if spec.text_field.split(".")[0] not in ds.column_names:
+            raise SourceFormatError(
+                f"{path}{'/' + split if split else ''}: no text column {spec.text_field!r} "
+                f"(columns: {ds.column_names}); pass --text-field NAME"
+            )
+        row = 0
+        for batch in ds.iter(batch_size=1024):
+            keys = list(batch)
+            for values in zip(*(batch[k] for k in keys)):
+                row += 1
+                any_row = True
+                record = dict(zip(keys, values))
+                where = f"{path}{'/' + split if split else ''} row {row}"
+                labeled = labeler(record, where, f"{split + '/' if split else ''}{row}")
+                if labeled is not None:
+                    text, domain, doc_id = labeled
+                    text, replaced = _fix_surrogates(text)
+                    yield Document(text, domain, doc_id, str(path), replaced)
+    if not any_row:
+        yield SourceIssue(str(path), "empty")
+
+
+def _iter_whole_file(path: Path, rel: str, domain: str) -> Iterator[Document | SourceIssue]:
+    data = path.read_bytes()
+    if not data:
+        yield SourceIssue(str(path), "empty")
+        return
+    text, replaced = decode_utf8(data)
+    yield Document(text, domain, rel, str(path), replaced)
+
+
+def iter_documents(
+    spec: SourceSpec, resolved: tuple[Path, list[Path]] | None = None
+) -> Iterator[Document | SourceIssue]:
+    """Documents of one source in a fixed order, interleaved with issues about unreadable/empty files.
+
+    ``resolved`` is :func:`resolve_files`' answer when the caller already has it (listing a large tree twice
+    is slow).
+    """
+    root, files = resolved or resolve_files(spec)
+    labeler = _RecordLabeler(spec)
+    read_errors = _read_errors()
+    for path in files:
+        rel = path.relative_to(root).as_posix() if path != root else path.name
+        try:
+            if path.is_dir():
+                yield from _iter_saved_dataset(path, labeler)
+            elif spec.path == "stdlib" or path.name.endswith(TEXT_SUFFIXES):
+                yield from _iter_whole_file(path, rel, spec.default_domain())
+            elif path.name.endswith(PARQUET_SUFFIXES):
+                yield from _iter_parquet(path, rel, labeler)
+            else:
+                yield from _iter_jsonl(path, rel, labeler)
+        except SourceFormatError:
+            raise
+        except read_errors as err:
+            yield SourceIssue(str(path), "unreadable", f"{type(err).__name__}: {err}")
+
+
+def source_fingerprint(
+    spec: SourceSpec, resolved: tuple[Path, list[Path]] | None = None
+) -> list[tuple[str, int]]:
+    """(relative path, size) of every file of a source: cheap, catches most changes between builds."""
+    root, files = resolved or resolve_files(spec)
+    out = []
+    for path in files:
+        if path.is_dir():
+            for sub in sorted(p for p in path.rglob("*") if p.is_file()):
+                out.append((sub.relative_to(root).as_posix(), sub.stat().st_size))
+        else:
+            out.append(
+                (path.relative_to(root).as_posix() if path != root else path.name, path.stat().st_size)
+            )
+    return out
