@@ -1,0 +1,361 @@
+"""One run configuration: YAML file -> dataclasses -> model, data, loop.
+
+`load_config("configs/tiny.yaml", ["train.max_steps=20"])` reads the YAML, applies dotted overrides and
+checks every key and type, so a typo or a wrong type fails before any model is built, with the key named.
+`save_config(cfg, path)` writes the resolved config back as YAML (the run keeps it beside its outputs).
+Every key, its default and meaning are listed in docs/TRAINING.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config key is unknown, has the wrong type or an invalid value; the message names the key."""
+
+
+@dataclass
+class ModelConfig:
+    # HF directory or hub name of the base model (or of an AutoCompressor to keep training); null = build a
+    # fresh, randomly initialised model of `family` from `arch` (tests, the tiny demo).
+    name_or_path: str | None = None
+    family: str = "llama"  # fresh init only: llama | opt | mistral | qwen2 | qwen3
+    arch: dict = field(default_factory=dict)  # fresh init only: transformers config kwargs (hidden_size, ...)
+    attn_implementation: str = "sdpa"  # passed to transformers: sdpa | eager | flash_attention_2
+    sdpa_backend: str = (
+        "auto"  # SDPA kernel tried first: auto (cudnn on Hopper) | cudnn | flash | efficient | math
+    )
+    # Copy the EOS embedding into every summary row after loading: "auto" = only when the loaded checkpoint
+    # has no `embed_summary.weight` (a base model), "always", "never".
+    init_summary_from_eos: str = "auto"
+
+
+@dataclass
+class CompressionConfig:
+    summary_length: int = 50  # summary tokens (= summary vectors) per segment, kappa in the paper
+    accumulate_summary: bool = True  # softprompt = all previous summaries (AutoCompressor) vs last only (RMT)
+    segment_gradient_checkpointing: bool = True  # recompute each segment in backward (non-reentrant)
+    training_substeps: int = 2  # BPTT windows per sequence; the softprompt is detached between them
+    segments_per_substep: int = 2  # segments inside one window; gradients flow through their summaries
+    randomize_substeps: bool = True  # draw segment boundaries per substep (paper) instead of segment_lengths
+    segment_lengths: list[int] = field(default_factory=list)  # fixed mode: the segments of one substep
+    # Longest segment allowed in randomized mode; null = derived from the model's position budget
+    # (see acomp.train.segments.segment_position_budget).
+    max_segment_length: int | None = None
+    # Randomized mode: boundaries on multiples of this many tokens (1 = the paper's token granularity).
+    # 64 or 128 keeps the number of distinct segment shapes small: cudnn attention plans per shape.
+    segment_multiple: int = 1
+    # Variable-length compression (issue 5); passed to the model config unchanged.
+    compression_mode: str = "fixed"  # fixed | variable
+    compression_max_len: int = 8
+    compression_lambda: float = 0.0
+    compression_alpha: float = 1.0
+    compress_stop_threshold: float | None = None
+
+    def model_fields(self) -> dict:
+        """The fields an AutoCompressor's transformers config carries (acomp.modeling.COMPRESSION_DEFAULTS)."""
+        names = (
+            "summary_length",
+            "accumulate_summary",
+            "segment_gradient_checkpointing",
+            "compression_mode",
+            "compression_max_len",
+            "compression_lambda",
+            "compression_alpha",
+            "compress_stop_threshold",
+        )
+        return {name: getattr(self, name) for name in names}
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = False
+    r: int = 16
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    modules_to_save: list[str] = field(default_factory=lambda: ["embed_summary"])
+
+
+@dataclass
+class DataConfig:
+    path: str = "data/stdlib"  # corpus dir built by preprocess/ (manifest.json, tokenizer/, train/, val/)
+    # When `path` holds no corpus yet, rank 0 builds one with acomp.data.build_corpus(out=path, **this),
+    # e.g. {source: stdlib, train_tokenizer_vocab: 2048, block_size: 512}; {} = never build (error instead).
+    build_if_missing: dict = field(default_factory=dict)
+    shuffle: bool = True
+    num_workers: int = 0
+    val_split: str = "val"
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 2e-5
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    warmup_steps: int = 1000
+    schedule: str = "linear"  # linear | cosine | constant (after warmup)
+    min_lr_ratio: float = 0.0  # floor of the decay, as a fraction of lr
+    grad_clip: float = 1.0  # global grad-norm clip; 0 = off
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/default"
+    max_steps: int = 1000  # optimizer steps
+    global_batch_size: int = 16  # sequences per optimizer step, all ranks together
+    micro_batch_size: int = 1  # sequences per rank per forward; accumulation = global / (micro * world)
+    seed: int = 42
+    deepspeed: str = "ds_configs/zero2.json"  # DeepSpeed JSON; its "auto" values are filled from this config
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    checkpoint_every: int = 1000  # steps; 0 = only on signal and at the end
+    keep_checkpoints: int = 2  # the last K checkpoints are kept
+    resume: str = "auto"  # auto (latest checkpoint in output_dir, if any) | never | PATH to a checkpoint dir
+    export_final: bool = True  # write <output_dir>/final in HF format at the end
+    export_merge_lora: bool = True  # merge LoRA into the exported weights (else export the adapter)
+    eval_every: int = 0  # steps; 0 = no periodic evaluation
+    eval_blocks: int = 32  # held-out blocks per evaluation
+    peak_tflops: float | None = None  # per device, for MFU; null = detect from the GPU name (none on CPU)
+    dist_timeout_s: int = 1800  # collective timeout: a dead rank makes the others fail after this long
+
+
+@dataclass
+class LoggingConfig:
+    wandb: str = "disabled"  # disabled | offline | online
+    project: str = "acomp"
+    run_name: str | None = None
+    log_every: int = 10  # steps between printed metric lines (metrics.jsonl gets every step)
+    progress: bool = True  # tqdm progress bar on rank 0
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    compression: CompressionConfig = field(default_factory=CompressionConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+_CHOICES = {
+    "model.family": ("llama", "opt", "mistral", "qwen2", "qwen3"),
+    "model.attn_implementation": ("sdpa", "eager", "flash_attention_2"),
+    "model.sdpa_backend": ("auto", "cudnn", "flash", "efficient", "math"),
+    "compression.compression_mode": ("fixed", "variable"),
+    "model.init_summary_from_eos": ("auto", "always", "never"),
+    "optim.schedule": ("linear", "cosine", "constant"),
+    "train.precision": ("auto", "bf16", "fp32"),
+    "logging.wandb": ("disabled", "offline", "online"),
+}
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """YAML file (optional) + dotted `key=value` overrides -> a checked RunConfig."""
+    raw: dict = {}
+    if path is not None:
+        text = Path(path).read_text()
+        raw = yaml.safe_load(text) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(raw).__name__}")
+    for item in overrides:
+        key, value = parse_override(item)
+        set_dotted(raw, key, value)
+    return config_from_dict(raw)
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """`train.max_steps=20` -> ("train.max_steps", 20); the value is parsed as YAML (so `[1,2]`, `null`)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like section.key=value")
+    key, text = item.split("=", 1)
+    key = key.strip().lstrip("-")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    return key, value
+
+
+def set_dotted(raw: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = raw
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {key!r}: {part!r} is not a section")
+    node[parts[-1]] = value
+
+
+def config_from_dict(raw: dict) -> RunConfig:
+    cfg = _build(RunConfig, raw, prefix="")
+    validate(cfg)
+    return cfg
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    where = prefix.rstrip(".") or "config"
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where} must be a mapping, got {type(raw).__name__}: {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in raw:
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f"; known keys: {', '.join(names)}"
+            raise ConfigError(f"unknown config key '{prefix}{key}'{hint}")
+    kwargs = {}
+    for name in names:
+        if name not in raw:
+            continue
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, raw[name], prefix=f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(raw[name], hint, f"{prefix}{name}")
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Check `value` against the annotation; accept ints for floats and numeric strings like '1e-3'."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
+    if origin is list:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"config key {key!r} must be a list, got {type(value).__name__}: {value!r}")
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)] if args else list(value)
+    if hint is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key {key!r} must be a mapping, got {type(value).__name__}: {value!r}")
+        return dict(value)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key {key!r} must be true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"config key {key!r} must be an integer, got {type(value).__name__}: {value!r}")
+    if hint is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"config key {key!r} must be a number, got {type(value).__name__}: {value!r}")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return str(value)  # e.g. data.path=2024 or run_name=7
+        raise ConfigError(f"config key {key!r} must be a string, got {type(value).__name__}: {value!r}")
+    return value
+
+
+def validate(cfg: RunConfig) -> None:
+    """Cross-field checks that need no model or data; each error names the offending key and value."""
+    for key, choices in _CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in choices:
+            raise ConfigError(f"config key {key!r} must be one of {', '.join(choices)}; got {value!r}")
+    c, t = cfg.compression, cfg.train
+    _positive(
+        ("compression.training_substeps", c.training_substeps),
+        ("compression.segments_per_substep", c.segments_per_substep),
+        ("compression.segment_multiple", c.segment_multiple),
+        ("train.max_steps", t.max_steps),
+        ("train.global_batch_size", t.global_batch_size),
+        ("train.micro_batch_size", t.micro_batch_size),
+        ("train.keep_checkpoints", t.keep_checkpoints),
+        ("train.eval_blocks", t.eval_blocks),
+        ("train.dist_timeout_s", t.dist_timeout_s),
+        ("logging.log_every", cfg.logging.log_every),
+    )
+    _non_negative(
+        ("compression.summary_length", c.summary_length),
+        ("optim.warmup_steps", cfg.optim.warmup_steps),
+        ("optim.grad_clip", cfg.optim.grad_clip),
+        ("optim.weight_decay", cfg.optim.weight_decay),
+        ("train.checkpoint_every", t.checkpoint_every),
+        ("train.eval_every", t.eval_every),
+        ("data.num_workers", cfg.data.num_workers),
+    )
+    if cfg.optim.lr <= 0:
+        raise ConfigError(f"config key 'optim.lr' must be > 0, got {cfg.optim.lr}")
+    if len(cfg.optim.betas) != 2:
+        raise ConfigError(f"config key 'optim.betas' must have 2 values, got {cfg.optim.betas}")
+    if not 0.0 <= cfg.optim.min_lr_ratio <= 1.0:
+        raise ConfigError(f"config key 'optim.min_lr_ratio' must be in [0, 1], got {cfg.optim.min_lr_ratio}")
+    if not c.randomize_substeps:
+        if not c.segment_lengths:
+            raise ConfigError(
+                "compression.randomize_substeps is false, so compression.segment_lengths is needed"
+            )
+        if len(c.segment_lengths) != c.segments_per_substep:
+            raise ConfigError(
+                f"compression.segment_lengths has {len(c.segment_lengths)} entries but "
+                f"compression.segments_per_substep is {c.segments_per_substep}"
+            )
+    if any(n <= 0 for n in c.segment_lengths):
+        raise ConfigError(f"compression.segment_lengths must be positive, got {c.segment_lengths}")
+    if c.max_segment_length is not None and c.max_segment_length < 2:
+        raise ConfigError(f"compression.max_segment_length must be >= 2, got {c.max_segment_length}")
+    if cfg.model.name_or_path is None and not cfg.model.arch:
+        raise ConfigError(
+            "set model.name_or_path (a pretrained model) or model.arch (a fresh model's config)"
+        )
+    if cfg.lora.enabled and cfg.lora.r <= 0:
+        raise ConfigError(f"config key 'lora.r' must be > 0, got {cfg.lora.r}")
+    if t.micro_batch_size > t.global_batch_size:
+        raise ConfigError(
+            f"train.micro_batch_size ({t.micro_batch_size}) > train.global_batch_size ({t.global_batch_size})"
+        )
+
+
+def _positive(*items: tuple[str, float]) -> None:
+    for key, value in items:
+        if value <= 0:
+            raise ConfigError(f"config key {key!r} must be > 0, got {value}")
+
+
+def _non_negative(*items: tuple[str, float]) -> None:
+    for key, value in items:
+        if value < 0:
+            raise ConfigError(f"config key {key!r} must be >= 0, got {value}")
+
+
+def save_config(cfg: RunConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,0 +1,274 @@
+"""Model + DeepSpeed engine: build the AutoCompressor (fresh or pretrained, ZeRO-3 aware), add LoRA, wrap.
+
+Order matters under ZeRO-3: the model is loaded partitioned (zero.Init through transformers' HfDeepSpeedConfig),
+the summary table is initialised from the EOS row on gathered parameters, LoRA is added (peft copies the
+summary table for `modules_to_save` under gathered parameters too), then the optimizer and the engine.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from acomp.config import ConfigError, RunConfig
+from acomp.train.distributed import Dist
+from acomp.train.optim import build_optimizer, build_scheduler
+
+# Keeps transformers' HfDeepSpeedConfig alive: while it exists, from_pretrained partitions weights as it loads.
+_HF_DS_CONFIG = None
+
+
+@dataclass
+class BatchPlan:
+    """How one optimizer step's global batch is spread over ranks, micro-batches and substeps."""
+
+    micro_batch_size: int
+    accumulation: int  # micro-batches per rank per step
+    substeps: int  # BPTT windows per micro-batch; each is one DeepSpeed micro-step
+
+    @property
+    def ds_accumulation(self) -> int:
+        return self.accumulation * self.substeps
+
+
+def plan_batches(cfg: RunConfig, world_size: int) -> BatchPlan:
+    t = cfg.train
+    per_step = t.micro_batch_size * world_size
+    if t.global_batch_size % per_step:
+        raise ConfigError(
+            f"train.global_batch_size={t.global_batch_size} is not a multiple of "
+            f"train.micro_batch_size={t.micro_batch_size} x {world_size} ranks"
+        )
+    return BatchPlan(t.micro_batch_size, t.global_batch_size // per_step, cfg.compression.training_substeps)
+
+
+def use_bf16(cfg: RunConfig, device: torch.device) -> bool:
+    if cfg.train.precision == "auto":
+        return device.type == "cuda"
+    return cfg.train.precision == "bf16"
+
+
+def resolve_ds_config(
+    cfg: RunConfig, plan: BatchPlan, world_size: int, device: torch.device, hidden_size: int
+) -> dict:
+    """Read the DeepSpeed JSON and fill its "auto" values from the run config.
+
+    Every substep is one DeepSpeed micro-step (one backward), so DeepSpeed's gradient_accumulation_steps
+    is micro-batches x substeps and its loss scaling averages over both; train_batch_size is therefore
+    counted in substeps, not sequences. A value the JSON sets explicitly must agree with the run config.
+    """
+    path = Path(cfg.train.deepspeed)
+    if not path.is_file():
+        raise ConfigError(f"train.deepspeed={str(path)!r}: no such DeepSpeed config file")
+    try:
+        ds = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"train.deepspeed={str(path)!r} is not valid JSON: {e}") from None
+    bf16 = use_bf16(cfg, device)
+    wanted = {
+        "train_micro_batch_size_per_gpu": plan.micro_batch_size,
+        "gradient_accumulation_steps": plan.ds_accumulation,
+        "train_batch_size": plan.micro_batch_size * plan.ds_accumulation * world_size,
+        "gradient_clipping": cfg.optim.grad_clip,
+    }
+    for key, value in wanted.items():
+        _fill(ds, key, value, where=f"{path}:{key}")
+    ds.setdefault("bf16", {})
+    _fill(ds["bf16"], "enabled", bf16, where=f"{path}:bf16.enabled (train.precision={cfg.train.precision})")
+    if ds.get("fp16", {}).get("enabled") is True:
+        raise ConfigError(f"{path}: fp16 is not supported (use bf16 or fp32)")
+    zero = ds.setdefault("zero_optimization", {"stage": 0})
+    for key, value in {
+        "reduce_bucket_size": hidden_size * hidden_size,
+        "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
+        "stage3_param_persistence_threshold": 10 * hidden_size,
+    }.items():
+        if zero.get(key) == "auto":
+            zero[key] = value
+    ds.setdefault("steps_per_print", 10**9)  # we print our own metrics
+    ds.setdefault("wall_clock_breakdown", False)
+    leftover = [k for k, v in _walk(ds) if v == "auto"]
+    if leftover:
+        raise ConfigError(f"{path}: cannot resolve 'auto' for {', '.join(leftover)}")
+    return ds
+
+
+def _fill(section: dict, key: str, value, where: str) -> None:
+    current = section.get(key, "auto")
+    if current == "auto":
+        section[key] = value
+    elif current != value:
+        raise ConfigError(f'{where} is {current!r} but the run config implies {value!r}; set it to "auto"')
+
+
+def _walk(d: dict, prefix: str = ""):
+    for k, v in d.items():
+        if isinstance(v, dict):
+            yield from _walk(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v
+
+
+def zero_stage(ds_config: dict) -> int:
+    return int(ds_config.get("zero_optimization", {}).get("stage", 0))
+
+
+def offloads_optimizer(ds_config: dict) -> bool:
+    device = ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
+    return device in ("cpu", "nvme")
+
+
+# ----------------------------------------------------------------------------------------------- model
+def base_model_config(cfg: RunConfig, tokenizer):
+    """The transformers config of the model to train (before compression fields are added)."""
+    from transformers import CONFIG_MAPPING, AutoConfig
+
+    m = cfg.model
+    if m.name_or_path is not None:
+        return AutoConfig.from_pretrained(m.name_or_path)
+    arch = dict(m.arch)
+    arch.setdefault("vocab_size", len(tokenizer))
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        token_id = getattr(tokenizer, name, None)
+        if token_id is not None:
+            arch.setdefault(name, token_id)
+    try:
+        return CONFIG_MAPPING[m.family](**arch)
+    except TypeError as e:
+        raise ConfigError(f"model.arch does not fit a {m.family} config: {e}") from None
+
+
+def build_model(
+    cfg: RunConfig, tokenizer, ds_config: dict, dtype: torch.dtype, corpus_vocab: int | None = None
+) -> torch.nn.Module:
+    """The AutoCompressor to train, its summary table initialised, LoRA added if configured.
+
+    When the corpus tokenizer has more tokens than the model (the <sum>/<eoc> control tokens added at
+    corpus-build time), the embeddings are resized (new rows = mean of the old, gathered under ZeRO-3 by
+    transformers) and, under LoRA, those rows stay trainable through peft's trainable_token_indices."""
+    global _HF_DS_CONFIG
+    from acomp.modeling import AutoCompressorModel
+
+    fields = cfg.compression.model_fields()
+    fields["sdpa_backend"] = cfg.model.sdpa_backend
+    if cfg.model.name_or_path is None:
+        # Built whole on every rank from the same seed, so all ranks (and any world size) start identical;
+        # deepspeed.initialize partitions it. Fine for the small models trained from scratch.
+        config = base_model_config(cfg, tokenizer)
+        config._attn_implementation = cfg.model.attn_implementation
+        torch.manual_seed(cfg.train.seed)
+        model = AutoCompressorModel.from_config(config, **fields)  # fp32; DeepSpeed casts for bf16
+        missing_summary = True
+    else:
+        if zero_stage(ds_config) == 3:
+            from transformers.integrations import HfDeepSpeedConfig
+
+            _HF_DS_CONFIG = HfDeepSpeedConfig(ds_config)  # from_pretrained now loads straight into partitions
+        elif _HF_DS_CONFIG is not None:
+            from transformers.integrations import unset_hf_deepspeed_config
+
+            unset_hf_deepspeed_config()
+            _HF_DS_CONFIG = None
+        model, info = AutoCompressorModel.from_pretrained(
+            cfg.model.name_or_path,
+            torch_dtype=dtype,
+            attn_implementation=cfg.model.attn_implementation,
+            output_loading_info=True,
+            **fields,
+        )
+        missing_summary = "embed_summary.weight" in info["missing_keys"]
+    policy = cfg.model.init_summary_from_eos
+    if policy == "always" or (policy == "auto" and missing_summary):
+        model.init_summary_embeddings()  # gathers ZeRO-3 partitions itself
+    new_tokens = resize_for_corpus(model, corpus_vocab)
+    if cfg.lora.enabled:
+        model = add_lora(model, cfg, new_tokens)
+    # peft creates its weights in fp32; ZeRO-3 needs one dtype across parameters (partitioned ones already are).
+    for p in model.parameters():
+        if p.is_floating_point() and p.dtype != dtype and not hasattr(p, "ds_id"):
+            p.data = p.data.to(dtype)
+    return model
+
+
+def resize_for_corpus(model: torch.nn.Module, corpus_vocab: int | None) -> list[int]:
+    """Grow the token embeddings (and an untied LM head) to the corpus vocabulary; returns the new ids."""
+    old = model.get_input_embeddings().num_embeddings
+    if corpus_vocab is None or corpus_vocab <= old:
+        return []
+    model.resize_token_embeddings(corpus_vocab, mean_resizing=True)
+    return list(range(old, corpus_vocab))
+
+
+def add_lora(model: torch.nn.Module, cfg: RunConfig, new_tokens: list[int] = ()) -> torch.nn.Module:
+    """peft LoRA on the attention projections; `modules_to_save` (the summary table) and the rows of tokens
+    new to the base model stay fully trainable."""
+    from peft import LoraConfig, get_peft_model
+
+    lcfg = cfg.lora
+    trainable_tokens = None
+    if new_tokens:
+        params = model.get_input_embeddings().parameters()
+        if any(hasattr(p, "ds_id") for p in params) and not torch.cuda.is_available():
+            raise ConfigError(
+                f"the corpus adds {len(new_tokens)} tokens to the model; keeping their rows trainable under LoRA "
+                "with ZeRO-3 needs CUDA (peft gathers them on the GPU): use ZeRO-1/2 on CPU"
+            )
+        trainable_tokens = {"embed_tokens": list(new_tokens)}
+        head = model.get_output_embeddings()
+        if head is not None and head.weight is not model.get_input_embeddings().weight:
+            trainable_tokens["lm_head"] = list(new_tokens)
+    config = LoraConfig(
+        r=lcfg.r,
+        lora_alpha=lcfg.alpha,
+        lora_dropout=lcfg.dropout,
+        target_modules=list(lcfg.target_modules),
+        modules_to_save=list(lcfg.modules_to_save),
+        trainable_token_indices=trainable_tokens,
+        bias="none",
+    )
+    model = get_peft_model(model, config)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    for name in lcfg.modules_to_save:
+        if not any(f"{name}.modules_to_save." in n for n in trainable):
+            raise ConfigError(f"lora.modules_to_save: {name!r} matched no module of the model")
+    return model
+
+
+def build_engine(model: torch.nn.Module, cfg: RunConfig, ds_config: dict, dist: Dist):
+    """deepspeed.initialize with our AdamW and warmup/decay schedule (stepped by the engine)."""
+    import deepspeed
+
+    optimizer = build_optimizer(model, cfg.optim, cpu_offload=offloads_optimizer(ds_config))
+    scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False
+    )
+    return engine
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The AutoCompressor inside a DeepSpeed engine and/or a peft wrapper."""
+    model = getattr(model, "module", model)
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    return model
+
+
+def flop_params(model: torch.nn.Module) -> int:
+    """Parameters that cost 2 FLOPs per token in the forward: everything but input embedding tables,
+    plus the LM head when it is tied to the input embeddings (spec/baselines.md counts N this way)."""
+    base = unwrap(model)
+    inputs = base.get_input_embeddings()
+    skip = {id(p) for p in inputs.parameters()}
+    skip |= {id(p) for n, p in base.named_parameters() if "embed_positions" in n or "embed_summary" in n}
+    total = 0
+    for p in model.parameters():
+        if id(p) not in skip:
+            total += getattr(p, "ds_numel", p.numel())
+    head = base.get_output_embeddings()
+    if head is not None and head.weight is inputs.weight:
+        total += getattr(head.weight, "ds_numel", head.weight.numel())
+    return total

@@ -1,0 +1,93 @@
+"""Perplexity of a block's last segment with no context vs with the summary vectors of the segments before it.
+
+The protocol of spec section 6.1 at demo scale: keep the last sum(segment_lengths) tokens of each block;
+"summary" compresses the earlier segments into summary vectors and scores the last one behind them;
+"no context" scores the last segment alone. Both score exactly the same targets (tokens 2..n of the last
+segment: its first token would be predicted from plain text in one case and from nothing in the other).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+
+from acomp.train.distributed import all_reduce_sum
+
+
+@torch.no_grad()
+def evaluate_summary_ppl(
+    model: torch.nn.Module,
+    data: Iterable,
+    segment_lengths: list[int],
+    max_blocks: int | None = None,
+    device: torch.device | str | None = None,
+) -> dict:
+    """{"no_context_ppl", "summary_ppl", "blocks", "tokens"} over the blocks of `data`.
+
+    `data` yields blocks: token-id tensors [L] or [B, L], or dicts with "input_ids" (a CorpusDataset or its
+    loader). Under torch.distributed each rank scores every world_size-th block and the sums are reduced,
+    so every rank runs the same number of forwards (ZeRO-3 gathers parameters collectively).
+    """
+    import torch.distributed as dist
+
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    segment_lengths = [int(n) for n in segment_lengths]
+    if len(segment_lengths) < 2:
+        raise ValueError(f"segment_lengths needs a context and a target segment, got {segment_lengths}")
+    total, target = sum(segment_lengths), segment_lengths[-1]
+    if device is None:
+        device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    sums = [0.0, 0.0, 0.0, 0.0]  # nll no-context, nll summary, target tokens, blocks
+    if world > 1 and max_blocks is None:
+        raise ValueError("pass max_blocks when evaluating under torch.distributed (ranks must agree on it)")
+    limit = math.inf if max_blocks is None else max(world, (max_blocks // world) * world)
+    for i, block in enumerate(_blocks(data)):
+        if i >= limit:
+            break
+        if i % world != rank:
+            continue
+        ids = block.to(device)
+        if ids.shape[1] < total:
+            raise ValueError(
+                f"a block has {ids.shape[1]} tokens, fewer than segment_lengths {segment_lengths} need"
+            )
+        ids = ids[:, ids.shape[1] - total :]
+        with_summary = model(ids, labels=ids, segment_lengths=segment_lengths, return_logits=False)
+        alone = model(ids[:, -target:], labels=ids[:, -target:], return_logits=False)
+        sums[0] += alone.segment_nll[:, 0].sum().item()
+        sums[1] += with_summary.segment_nll[:, -1].sum().item()
+        sums[2] += with_summary.segment_tokens[:, -1].sum().item()
+        sums[3] += ids.shape[0]
+    nll_alone, nll_summary, tokens, blocks = all_reduce_sum(sums, torch.device(device))
+    model.train(was_training)
+    if tokens == 0:
+        raise ValueError("no blocks to evaluate")
+    return {
+        "no_context_ppl": math.exp(nll_alone / tokens),
+        "summary_ppl": math.exp(nll_summary / tokens),
+        "blocks": int(blocks),
+        "tokens": int(tokens),
+    }
+
+
+def _blocks(data: Iterable):
+    for item in data:
+        ids = item["input_ids"] if isinstance(item, dict) else item
+        ids = torch.as_tensor(ids)
+        yield ids.unsqueeze(0) if ids.dim() == 1 else ids
+
+
+def evaluate_export(
+    model_dir, data_path, segment_lengths: list[int], max_blocks: int = 64, split: str = "val"
+) -> dict:
+    """evaluate_summary_ppl for an exported model (e.g. <output_dir>/final) on a corpus split, in order."""
+    from acomp import AutoCompressorModel
+    from acomp.data import CorpusDataset
+
+    model = AutoCompressorModel.from_pretrained(str(model_dir)).eval()
+    blocks = CorpusDataset(str(data_path), split=split, shuffle=False, batch_size=1)
+    return evaluate_summary_ppl(model, blocks, segment_lengths, max_blocks=max_blocks)

@@ -1,0 +1,169 @@
+"""Per-step metrics: FLOPs and MFU, memory, and the three sinks (metrics.jsonl, wandb, the progress bar).
+
+MFU (model FLOPs utilisation) counts what the model must compute, not what we recompute:
+
+    FLOPs per sequence = sum over segments s of  6 * N * T_s  +  12 * L * d * T_s^2
+    T_s = P_s + n_s + k_s   (softprompt vectors + text tokens + summary tokens of that segment's forward)
+    MFU = FLOPs per step / (step seconds * world size * peak FLOP/s per device)
+
+N = parameters that multiply every token (all but input embedding tables; the LM head counts), L = layers,
+d = hidden size: the 6N + 12LdS per token of spec/baselines.md (PaLM's formula, attention counted as
+non-causal), applied to each segment's own length, so summary and softprompt positions are included and
+per-segment activation recomputation is not. Peak: `train.peak_tflops`, else looked up from the GPU name
+(bf16 dense: H100/H200 989, A100 312, ...); on CPU MFU is not reported unless peak_tflops is set.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import time
+from pathlib import Path
+
+import torch
+
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "GH200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
+
+
+def peak_flops_per_device(configured_tflops: float | None, device: torch.device) -> float | None:
+    if configured_tflops is not None:
+        return configured_tflops * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, tflops in PEAK_BF16_TFLOPS.items():
+        if key in name:
+            return tflops * 1e12
+    return None
+
+
+def segment_flops(n_params: int, n_layers: int, hidden: int, seq_len: int) -> float:
+    """Training FLOPs (forward + backward) of one forward of `seq_len` positions."""
+    return 6.0 * n_params * seq_len + 12.0 * n_layers * hidden * seq_len * seq_len
+
+
+def sequence_positions(segment_lengths: list[list[int]], summary_length: int, accumulate: bool) -> list[int]:
+    """Positions each segment's forward runs over, for one sequence: [softprompt; text; summary].
+
+    `segment_lengths` holds each substep's segments in order. Every segment gets summary tokens except the
+    last one of the step (its summaries would be unused, so the trainer does not ask for them).
+    """
+    flat = [n for sub in segment_lengths for n in sub]
+    positions, prompt = [], 0
+    for i, n in enumerate(flat):
+        last = i == len(flat) - 1
+        k = 0 if last else summary_length
+        positions.append(prompt + n + k)
+        prompt = prompt + summary_length if accumulate else summary_length
+    return positions
+
+
+def memory_gib(device: torch.device) -> float:
+    """Peak accelerator memory since the last call (GPU), or the process's peak resident set (CPU)."""
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device) / 2**30
+        torch.cuda.reset_peak_memory_stats(device)
+        return peak
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+class MetricsLog:
+    """Rank 0 writes one JSON line per optimizer step to metrics.jsonl and mirrors it to wandb and tqdm."""
+
+    def __init__(self, output_dir: Path, cfg, is_main: bool, start_step: int, total_steps: int):
+        self.is_main = is_main
+        self.log_every = cfg.logging.log_every
+        self.path = Path(output_dir) / "metrics.jsonl"
+        self.wandb = None
+        self.bar = None
+        if not is_main:
+            return
+        _truncate_after(self.path, start_step)  # a resumed run redoes the steps after its checkpoint
+        self.file = open(self.path, "a")
+        if cfg.logging.wandb != "disabled":
+            import wandb
+
+            self.wandb = wandb.init(
+                project=cfg.logging.project,
+                name=cfg.logging.run_name,
+                mode=cfg.logging.wandb,
+                dir=str(output_dir),
+                config=cfg.to_dict(),
+                resume="allow",
+            )
+        if cfg.logging.progress:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(
+                total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True
+            )
+
+    def log(self, record: dict) -> None:
+        if not self.is_main:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}", refresh=False)
+        if record["step"] % self.log_every == 0 or "eval_summary_ppl" in record:
+            self.write(_format(record))
+
+    def write(self, line: str) -> None:
+        """Print a line without breaking the progress bar (rank 0 only)."""
+        if not self.is_main:
+            return
+        if self.bar is not None:
+            self.bar.write(line)
+        else:
+            print(line, flush=True)
+
+    def close(self) -> None:
+        if not self.is_main:
+            return
+        if self.bar is not None:
+            self.bar.close()
+        self.file.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def _format(record: dict) -> str:
+    parts = [f"step {record['step']}", f"loss {record['loss']:.4f}", f"lr {record['lr']:.2e}"]
+    if record.get("grad_norm") is not None:
+        parts.append(f"grad_norm {record['grad_norm']:.3f}")
+    parts.append(f"tok/s {record['tokens_per_s']:.0f}")
+    if record.get("mfu") is not None:
+        parts.append(f"mfu {record['mfu']:.3f}")
+    parts.append(f"mem {record['memory_gib']:.2f}GiB")
+    if "eval_summary_ppl" in record:
+        parts.append(
+            f"held-out ppl: no context {record['eval_no_context_ppl']:.2f}, "
+            f"summary vectors {record['eval_summary_ppl']:.2f}"
+        )
+    return " | ".join(parts)
+
+
+def _truncate_after(path: Path, step: int) -> None:
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                keep.append(line)
+        except json.JSONDecodeError:
+            continue
+    path.write_text("".join(f"{line}\n" for line in keep))
+
+
+class StepTimer:
+    def __init__(self):
+        self.start = time.perf_counter()
+
+    def lap(self) -> float:
+        now = time.perf_counter()
+        elapsed, self.start = now - self.start, now
+        return elapsed

@@ -1,0 +1,42 @@
+"""SIGTERM / SIGUSR1 -> checkpoint at the end of the current step, then exit for a requeue.
+
+SLURM sends SIGUSR1 a configurable time before the limit (the sbatch templates ask for it) and SIGTERM on
+preemption or scancel. The handler only records the signal; the loop asks `requested()` once per step,
+which agrees across ranks (a signal seen by any rank stops them all after the same step).
+"""
+
+from __future__ import annotations
+
+import signal
+
+import torch
+
+from acomp.train.distributed import any_rank
+
+# Exit status of a run stopped by a signal after saving its checkpoint: "temporary failure, run me again".
+EXIT_REQUEUE = 75
+
+
+class PreemptionHandler:
+    def __init__(self, device: torch.device, signals=(signal.SIGTERM, signal.SIGUSR1)):
+        self.device = device
+        self.received: int | None = None
+        self._previous = {}
+        for sig in signals:
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.received is None:
+            self.received = signum
+
+    def requested(self) -> bool:
+        """True on every rank once any rank has received a signal (one tiny collective per call)."""
+        return any_rank(self.received is not None, self.device)
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.received).name if self.received else "a signal on another rank"
+
+    def restore(self) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)

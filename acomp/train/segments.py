@@ -1,0 +1,146 @@
+"""Cut a batch of blocks into BPTT substeps and each substep into segments (paper section 3, spec 3.1-3.3).
+
+A block of L tokens becomes `training_substeps` contiguous, (nearly) equal slices. Each slice is one
+truncated-BPTT window: its `segments_per_substep` segments are compressed in one model call, so gradients
+flow through their summary vectors; the softprompt handed to the next slice is detached.
+
+Segment boundaries are either fixed (`segment_lengths`; the block is cut to its last
+sum(segment_lengths) * substeps tokens) or drawn at random per substep as in the original.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from acomp.config import CompressionConfig
+
+
+@dataclass
+class Substep:
+    """One BPTT window: input ids [B, sum(segment_lengths)] and how to cut them into segments."""
+
+    input_ids: torch.Tensor
+    segment_lengths: list[int]
+
+
+def split_substeps(
+    input_ids: torch.Tensor,
+    cfg: CompressionConfig,
+    max_segment_length: int,
+    generator: torch.Generator | None = None,
+) -> list[Substep]:
+    """A batch of blocks [B, L] -> the substeps of one training step, in order."""
+    if cfg.randomize_substeps:
+        slices = _equal_slices(input_ids, cfg.training_substeps)
+        return [
+            Substep(
+                s, random_segment_lengths(s.shape[1], cfg.segments_per_substep, max_segment_length, generator)
+            )
+            for s in slices
+        ]
+    lengths = list(cfg.segment_lengths)
+    need = sum(lengths) * cfg.training_substeps
+    if input_ids.shape[1] < need:
+        raise ValueError(
+            f"blocks have {input_ids.shape[1]} tokens but compression.segment_lengths={lengths} x "
+            f"training_substeps={cfg.training_substeps} needs {need}"
+        )
+    kept = input_ids[:, input_ids.shape[1] - need :]
+    return [Substep(s, lengths) for s in kept.split(sum(lengths), dim=1)]
+
+
+def _equal_slices(input_ids: torch.Tensor, n: int) -> list[torch.Tensor]:
+    """`n` contiguous slices with linspace boundaries, as the original does (lengths differ by at most 1)."""
+    length = input_ids.shape[1]
+    if length < 2 * n:
+        raise ValueError(f"blocks of {length} tokens are too short for {n} training substeps")
+    bounds = [round(i * length / n) for i in range(n + 1)]
+    return [input_ids[:, a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def random_segment_lengths(
+    length: int,
+    n: int,
+    max_segment_length: int,
+    generator: torch.Generator | None = None,
+    multiple: int = 1,
+) -> list[int]:
+    """`n` segment lengths summing to `length`, each in [min_len, max_segment_length] (spec 3.2).
+
+    min_len = max(ceil((length - M) / (n - 1)), 2) guarantees no segment exceeds M; the n - 1 cut points
+    are drawn without replacement, uniformly, from the `length - n * min_len` free tokens.
+    With `multiple` > 1 the same rule runs in units of `multiple` tokens (the last segment takes the
+    remainder), so only a few distinct segment shapes occur: attention kernels that plan per shape
+    (cudnn SDPA) then stop re-planning at every step.
+    """
+    if multiple > 1:
+        units, rest = divmod(length, multiple)
+        max_units = (max_segment_length - rest) // multiple
+        if units >= n and max_units >= 1:
+            lengths = random_segment_lengths(units, n, max_units, generator, 1)
+            lengths = [u * multiple for u in lengths]
+            lengths[-1] += rest
+            return lengths
+        # too short to quantise: fall back to token granularity
+    if n == 1:
+        if length > max_segment_length:
+            raise ValueError(
+                f"a substep of {length} tokens is one segment longer than the {max_segment_length} allowed; "
+                "raise compression.segments_per_substep or training_substeps"
+            )
+        return [length]
+    min_len = max(math.ceil((length - max_segment_length) / (n - 1)), 2)
+    free = length - n * min_len
+    if free < n - 1:
+        raise ValueError(
+            f"cannot cut {length} tokens into {n} segments of at most {max_segment_length} tokens "
+            f"(each needs >= {min_len}); raise compression.training_substeps or segments_per_substep"
+        )
+    cuts = torch.multinomial(torch.ones(free), n - 1, replacement=False, generator=generator)
+    points = [0, *sorted(cuts.tolist()), free]
+    return [b - a + min_len for a, b in zip(points[:-1], points[1:])]
+
+
+def segment_position_budget(model_config, cfg: CompressionConfig) -> int:
+    """Longest segment whose positions fit the base model (the `M` of spec 3.2).
+
+    OPT gives softprompt and summary tokens no positions, so a segment may use all of
+    `max_position_embeddings`. RoPE families (Llama, Mistral, Qwen) number the whole
+    [softprompt; segment; summary] sequence, so the last segment of a step must leave room for the
+    summaries accumulated before it plus its own summary tokens:
+        M = max_position_embeddings - summary_length * (substeps * segments_per_substep)   (accumulating)
+        M = max_position_embeddings - 2 * summary_length                                   (RMT, one summary)
+    `compression.max_segment_length` overrides this (e.g. to stay inside a pretrained context on purpose).
+    """
+    if cfg.max_segment_length is not None:
+        return cfg.max_segment_length
+    from acomp.modeling import autocompressor_class
+
+    max_pos = int(getattr(model_config, "max_position_embeddings", 0) or 0)
+    if max_pos <= 0:
+        raise ValueError(
+            "the model config has no max_position_embeddings; set compression.max_segment_length"
+        )
+    if not autocompressor_class(model_config.model_type).position_rule.softprompt_consumes_positions:
+        return max_pos
+    # Positions one segment's summary occupies (variable mode: the <sum> token plus every slot).
+    per_segment = cfg.summary_length if cfg.compression_mode == "fixed" else cfg.compression_max_len + 1
+    n_summaries = cfg.training_substeps * cfg.segments_per_substep if cfg.accumulate_summary else 2
+    budget = max_pos - per_segment * n_summaries
+    if budget < 2:
+        raise ValueError(
+            f"max_position_embeddings={max_pos} leaves no room for segments after "
+            f"{n_summaries} summaries of {per_segment} positions each"
+        )
+    return budget
+
+
+def segment_generator(seed: int, step: int, micro: int, rank: int) -> torch.Generator:
+    """A generator for one micro-batch's random boundaries: a pure function of (seed, step, micro, rank), so a
+    resumed run draws exactly the boundaries the uninterrupted run would have drawn."""
+    g = torch.Generator()
+    g.manual_seed((seed * 1_000_003 + step) * 1_000_003 + micro * 65_537 + rank)
+    return g

@@ -1,0 +1,124 @@
+"""Compressed inference on one GPU: the cost of compressing a context, and generating from summary vectors
+versus generating after the full context with full attention.
+
+Random-init Llama-1B shape (22 layers, d 2048, 32 heads / 4 KV heads, ffn 5632, vocab 32000), bf16, SDPA
+(cudnn first on Hopper). Reports, for 6K (and 30K) contexts:
+- compress / plain forward: time to turn the context into summary vectors (segments of 2048, 50 summary
+  tokens each, accumulated) over one plain decoder forward over the same tokens;
+- generation of 256 tokens after a 32-token prompt: wall time and KV-cache bytes, conditioned on the
+  cached summary vectors vs on the full context (prefill of the context included in the full-attention
+  time, since that is what full attention must do; the summary vectors are computed once and cached).
+
+    python benchmarks/inference.py --contexts 6144 30720 --batch-sizes 1 8 32 --out .bench/inference.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+from transformers import LlamaConfig
+
+from acomp import LlamaAutoCompressorModel
+
+
+def llama_1b(max_positions: int) -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+        num_key_value_heads=4, max_position_embeddings=max_positions, rope_theta=10000.0, bos_token_id=1,
+        eos_token_id=2, summary_length=50,
+    )  # fmt: skip
+
+
+def timed(fn, *args, repeats: int = 3, **kwargs):
+    """Best wall time of fn(*args, **kwargs) over `repeats` runs after one warm-up, and its output."""
+    fn(*args, **kwargs)  # warm-up (kernel selection, allocator)
+    torch.cuda.synchronize()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = fn(*args, **kwargs)
+        torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return best, out
+
+
+def kv_bytes(model, batch: int, tokens: int) -> int:
+    c = model.config
+    head_dim = c.hidden_size // c.num_attention_heads
+    return 2 * c.num_hidden_layers * batch * tokens * c.num_key_value_heads * head_dim * 2  # K and V, bf16
+
+
+@torch.no_grad()
+def run(context: int, batch_sizes: list[int], new_tokens: int, prompt_len: int) -> list[dict]:
+    segment = 2048
+    model = LlamaAutoCompressorModel(llama_1b(context + prompt_len + new_tokens + 64))
+    model = model.to("cuda", torch.bfloat16).eval()
+    rows = []
+    for batch in batch_sizes:
+        g = torch.Generator(device="cuda").manual_seed(0)
+        ctx = torch.randint(3, 32000, (batch, context), device="cuda", generator=g)
+        prompt = torch.randint(3, 32000, (batch, prompt_len), device="cuda", generator=g)
+        segs = [segment] * (context // segment) + ([context % segment] if context % segment else [])
+        t_plain, _ = timed(model.get_decoder(), input_ids=ctx)
+        t_compress, summary = timed(model.compress, ctx, segment_lengths=segs)
+        n_vectors = summary.shape[1]
+        gen = dict(max_new_tokens=new_tokens, eos_token_id=None)
+        try:
+            t_full, _ = timed(model.generate, torch.cat([ctx, prompt], dim=1), repeats=1, **gen)
+        except torch.OutOfMemoryError:
+            t_full = float("nan")
+        torch.cuda.empty_cache()
+        t_summary, _ = timed(model.generate, prompt, softprompt=summary, repeats=1, **gen)
+        kv_full = kv_bytes(model, batch, context + prompt_len + new_tokens)
+        kv_summary = kv_bytes(model, batch, n_vectors + prompt_len + new_tokens)
+        row = {
+            "context": context,
+            "batch": batch,
+            "summary_vectors": n_vectors,
+            "plain_forward_s": t_plain,
+            "compress_s": t_compress,
+            "compress_over_plain": t_compress / t_plain,
+            "generate_full_s": t_full,
+            "generate_summary_s": t_summary,
+            "generate_speedup": t_full / t_summary,
+            "kv_full_bytes": kv_full,
+            "kv_summary_bytes": kv_summary,
+            "kv_ratio_total": kv_full / kv_summary,
+            "kv_ratio_context": context / n_vectors,
+        }
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--contexts", type=int, nargs="+", default=[6144, 30720], help="context lengths in tokens")
+    p.add_argument(
+        "--batch-sizes", type=int, nargs="+", default=[1, 8, 32], help="sequences generated at once"
+    )
+    p.add_argument("--new-tokens", type=int, default=256, help="tokens to generate")
+    p.add_argument("--prompt-len", type=int, default=32, help="prompt tokens after the context")
+    p.add_argument("--out", default=None, help="write all rows to this JSON file")
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("benchmarks/inference.py needs a CUDA GPU")
+    rows = []
+    for context in args.contexts:
+        rows += run(context, args.batch_sizes, args.new_tokens, args.prompt_len)
+    meta = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "transformers": __import__("transformers").__version__,
+    }
+    print(json.dumps(meta))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,187 @@
+"""Checkpoints: atomic layout and retention (fake engine, in-process), exact resume and preemption (launcher)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+from test_train_helpers import (
+    REPO,
+    launch,
+    losses,
+    read_metrics,
+    tiny_config,
+    tiny_corpus,
+    train_command,
+    train_env,
+    write_config,
+)
+
+from acomp.config import RunConfig
+from acomp.train.checkpoint import Checkpointer, merge_lora_state_dict
+from acomp.train.distributed import Dist
+from acomp.train.preemption import EXIT_REQUEUE
+
+DIST = Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+
+
+class FakeEngine:
+    """Writes one file per checkpoint like DeepSpeed does; can crash half-way through."""
+
+    def __init__(self, crash: bool = False):
+        self.crash = crash
+
+    def save_checkpoint(self, save_dir, tag, save_latest=False):
+        os.makedirs(os.path.join(save_dir, tag), exist_ok=True)
+        with open(os.path.join(save_dir, tag, "model.pt"), "w") as f:
+            f.write("partial" if self.crash else "weights")
+        if self.crash:
+            raise OSError("disk vanished mid-write")
+
+    def load_checkpoint(self, load_dir, tag):
+        return os.path.join(load_dir, tag), {}
+
+
+def save(ckpt: Checkpointer, step: int, engine=None):
+    return ckpt.save(engine or FakeEngine(), step, {"step": step, "rng": None}, RunConfig())
+
+
+def test_layout_latest_and_retention(tmp_path):
+    ckpt = Checkpointer(tmp_path / "checkpoints", keep=2, dist=DIST)
+    assert ckpt.resolve("auto") is None
+    for step in (10, 20, 30):
+        save(ckpt, step)
+    names = sorted(p.name for p in ckpt.complete())
+    assert names == ["step_00000020", "step_00000030"]
+    assert (tmp_path / "checkpoints" / "latest").read_text() == "step_00000030"
+    latest = ckpt.resolve("auto")
+    assert latest.name == "step_00000030"
+    assert {p.name for p in latest.iterdir()} == {"model.pt", "trainer_state_rank0.pt", "config.yaml"}
+    assert ckpt.load(FakeEngine(), latest)["step"] == 30
+    assert ckpt.resolve("never") is None
+    assert ckpt.resolve(str(tmp_path)).name == "step_00000030"  # an output dir works too
+    assert ckpt.resolve(str(latest / "..")).name == "step_00000030"
+    assert ckpt.resolve(str(tmp_path / "checkpoints" / "step_00000020")).name == "step_00000020"
+    with pytest.raises(FileNotFoundError, match="not a checkpoint"):
+        ckpt.resolve(str(tmp_path / "nowhere"))
+
+
+def test_crash_mid_write_keeps_previous_checkpoint(tmp_path):
+    ckpt = Checkpointer(tmp_path / "checkpoints", keep=3, dist=DIST)
+    save(ckpt, 10)
+    with pytest.raises(OSError, match="mid-write"):
+        save(ckpt, 20, FakeEngine(crash=True))
+    assert (tmp_path / "checkpoints" / ".tmp-step_00000020").is_dir()  # the torn write is left aside...
+    assert ckpt.resolve("auto").name == "step_00000010"  # ...and never chosen
+    (tmp_path / "checkpoints" / "latest").write_text("step_00000099")  # a pointer to nothing: fall back
+    assert ckpt.resolve("auto").name == "step_00000010"
+    save(ckpt, 20)  # the next save clears the torn directory
+    assert not (tmp_path / "checkpoints" / ".tmp-step_00000020").exists()
+    assert ckpt.resolve("auto").name == "step_00000020"
+
+
+def test_merge_lora_matches_peft():
+    """The export's LoRA merge (on a gathered state dict) equals peft's merge_and_unload."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig
+
+    from acomp import LlamaAutoCompressorModel
+
+    config = LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4
+    )
+    config.summary_length = 3
+    torch.manual_seed(0)
+    indices = {"embed_tokens": [1, 5], "lm_head": [1, 5]}
+    model = get_peft_model(
+        LlamaAutoCompressorModel(config),
+        LoraConfig(
+            r=4,
+            lora_alpha=8,
+            target_modules=["q_proj", "v_proj"],
+            modules_to_save=["embed_summary"],
+            trainable_token_indices=indices,
+        ),
+    )
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name or "modules_to_save" in name or "trainable_tokens" in name:
+                p.add_(torch.randn_like(p))
+    merged = merge_lora_state_dict(model.state_dict(), scaling=8 / 4, token_indices=indices)
+    reference = model.merge_and_unload().state_dict()
+    assert set(merged) == set(reference)
+    for key in reference:
+        torch.testing.assert_close(merged[key], reference[key], msg=key)
+
+
+# ------------------------------------------------------------------------------------- through the launcher
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return tiny_corpus(tmp_path_factory)
+
+
+def constant_lr_config(corpus, out, **train):
+    # A constant schedule does not depend on max_steps, so a run stopped early by a signal and resumed with
+    # another max_steps follows the same trajectory as the straight run.
+    return tiny_config(
+        corpus, out, optim={"schedule": "constant", "warmup_steps": 0}, train={"checkpoint_every": 4, **train}
+    )
+
+
+@pytest.mark.slow
+def test_resume_is_exact(corpus, tmp_path):
+    """8 steps straight == 4 steps, stop, resume from the step-4 checkpoint, 4 more (fp32: bitwise)."""
+    straight = tmp_path / "straight"
+    config = write_config(tmp_path / "a.yaml", constant_lr_config(corpus, straight, max_steps=8))
+    launch(config)
+    assert (straight / "checkpoints" / "latest").read_text() == "step_00000008"
+
+    resumed = tmp_path / "resumed"
+    launch(
+        config,
+        [f"train.output_dir={resumed}", f"train.resume={straight / 'checkpoints' / 'step_00000004'}"],
+    )
+    a, b = losses(straight), losses(resumed)
+    assert sorted(b) == [5, 6, 7, 8]
+    for step in b:
+        assert b[step] == a[step], (step, a, b)
+
+
+@pytest.mark.slow
+def test_signal_checkpoints_exits_75_and_auto_resumes(corpus, tmp_path):
+    """SIGUSR1 mid-run -> checkpoint after the current step, exit 75; rerun with resume=auto continues."""
+    straight = tmp_path / "straight"
+    config = write_config(tmp_path / "a.yaml", constant_lr_config(corpus, straight, max_steps=12))
+    launch(config)
+
+    out = tmp_path / "preempted"
+    overrides = [f"train.output_dir={out}", "train.max_steps=100000", "train.checkpoint_every=0"]
+    proc = subprocess.Popen(
+        train_command(config, overrides),
+        cwd=REPO,
+        env=train_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGUSR1)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_REQUEUE, output.decode()[-4000:]
+    stopped = max(r["step"] for r in read_metrics(out))
+    assert stopped < 12, "the run finished before the signal; the test needs slower steps"
+    assert (out / "checkpoints" / "latest").read_text() == f"step_{stopped:08d}"
+
+    launch(config, [f"train.output_dir={out}", "train.max_steps=12", "train.resume=auto"])
+    a, b = losses(straight), losses(out)
+    assert [r["step"] for r in read_metrics(out)] == list(range(1, 13))  # each step logged once
+    for step in range(1, 13):
+        assert b[step] == a[step], (step, stopped, a, b)

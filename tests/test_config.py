@@ -1,0 +1,153 @@
+"""Run config: YAML + dotted overrides -> dataclasses; every bad key or type fails with the key named."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from acomp.config import ConfigError, RunConfig, config_from_dict, load_config, parse_override, save_config
+from acomp.train.engine import BatchPlan, plan_batches, resolve_ds_config
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+
+
+def test_overrides_parse_and_apply(tmp_path):
+    cfg = load_config(
+        REPO / "configs" / "tiny.yaml",
+        [
+            "train.max_steps=7",
+            "train.output_dir=/tmp/x",
+            "train.checkpoint_every=3",
+            "train.resume=never",
+            "train.seed=5",
+            "data.path=/data/c",
+            "optim.lr=3e-4",  # YAML 1.1 reads this as a string; float fields accept it
+            "compression.segment_lengths=[64,64]",
+            "model.arch.hidden_size=96",
+            "--logging.wandb=offline",
+        ],
+    )
+    assert cfg.train.max_steps == 7 and cfg.train.output_dir == "/tmp/x" and cfg.train.checkpoint_every == 3
+    assert cfg.train.resume == "never" and cfg.train.seed == 5 and cfg.data.path == "/data/c"
+    assert cfg.optim.lr == pytest.approx(3e-4) and isinstance(cfg.optim.lr, float)
+    assert cfg.compression.segment_lengths == [64, 64]
+    assert cfg.model.arch["hidden_size"] == 96 and cfg.model.arch["num_hidden_layers"] == 2
+    assert cfg.logging.wandb == "offline"
+    assert parse_override("train.resume=auto") == ("train.resume", "auto")
+    assert parse_override("model.name_or_path=null") == ("model.name_or_path", None)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.max_stpes=3", r"unknown config key 'train.max_stpes' \(did you mean 'train.max_steps'\?\)"),
+        ("trian.max_steps=3", r"unknown config key 'trian'"),
+        ("train.max_steps=abc", r"'train.max_steps' must be an integer, got str: 'abc'"),
+        ("train.max_steps=2.5", r"'train.max_steps' must be an integer"),
+        ("optim.lr=fast", r"'optim.lr' must be a number"),
+        (
+            "compression.accumulate_summary=yes please",
+            r"'compression.accumulate_summary' must be true or false",
+        ),
+        ("compression.segment_lengths=128", r"'compression.segment_lengths' must be a list"),
+        ("compression.segment_lengths=[128,x]", r"'compression.segment_lengths\[1\]' must be an integer"),
+        ("train.precision=fp16", r"'train.precision' must be one of auto, bf16, fp32; got 'fp16'"),
+        ("logging.wandb=cloud", r"'logging.wandb' must be one of"),
+        ("train.max_steps=0", r"'train.max_steps' must be > 0"),
+        ("optim.lr=0", r"'optim.lr' must be > 0"),
+        (
+            "compression.segment_lengths=[128]",
+            r"segment_lengths has 1 entries but .*segments_per_substep is 2",
+        ),
+        ("train", r"must look like section.key=value"),
+        ("train=3", r"config must be a mapping|train must be a mapping"),
+    ],
+)
+def test_bad_values_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(REPO / "configs" / "tiny.yaml", [override])
+
+
+def test_defaults_need_a_model():
+    with pytest.raises(ConfigError, match="model.name_or_path"):
+        config_from_dict({})
+    cfg = config_from_dict({"model": {"name_or_path": "facebook/opt-125m"}})
+    assert cfg.compression.summary_length == 50 and cfg.lora.target_modules == [
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+    ]
+
+
+def test_saved_config_round_trips(tmp_path):
+    cfg = load_config(REPO / "configs" / "tiny.yaml", ["train.max_steps=9"])
+    save_config(cfg, tmp_path / "c.yaml")
+    assert load_config(tmp_path / "c.yaml") == cfg
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_every_shipped_config_loads_and_its_deepspeed_config_resolves(path):
+    cfg = load_config(path)
+    world = 8 if cfg.train.global_batch_size >= 8 * cfg.train.micro_batch_size else 1
+    plan = plan_batches(cfg, world)
+    ds = resolve_ds_config(cfg, plan, world, torch.device("cuda" if world > 1 else "cpu"), hidden_size=4096)
+    assert ds["train_micro_batch_size_per_gpu"] == cfg.train.micro_batch_size
+    assert ds["gradient_accumulation_steps"] == plan.accumulation * cfg.compression.training_substeps
+    assert ds["train_batch_size"] == cfg.train.micro_batch_size * ds["gradient_accumulation_steps"] * world
+
+
+def test_paper_hyperparameters():
+    llama = load_config(REPO / "configs" / "llama2-7b-6k.yaml")
+    assert (llama.lora.enabled, llama.lora.r, llama.lora.alpha, llama.lora.dropout) == (True, 16, 16, 0.05)
+    assert llama.lora.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj"]
+    assert llama.lora.modules_to_save == ["embed_summary"]
+    assert (llama.optim.lr, llama.optim.warmup_steps, llama.train.global_batch_size) == (8e-4, 5000, 32)
+    assert llama.compression.summary_length == 50 and llama.compression.randomize_substeps
+    opt = load_config(REPO / "configs" / "opt-2.7b-6k.yaml")
+    assert (opt.optim.lr, opt.train.global_batch_size, opt.optim.warmup_steps) == (2e-5, 16, 1000)
+    assert not opt.lora.enabled
+
+
+def test_deepspeed_auto_values_and_conflicts(tmp_path):
+    cfg = load_config(REPO / "configs" / "tiny.yaml", ["train.deepspeed=ds_configs/zero3.json"])
+    cfg.train.deepspeed = str(REPO / cfg.train.deepspeed)
+    ds = resolve_ds_config(cfg, BatchPlan(8, 1, 2), 1, torch.device("cpu"), hidden_size=128)
+    assert ds["gradient_accumulation_steps"] == 2 and ds["bf16"]["enabled"] is False
+    assert ds["zero_optimization"]["reduce_bucket_size"] == 128 * 128
+    forced = tmp_path / "forced.json"
+    forced.write_text('{"train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": 2}}')
+    cfg.train.deepspeed = str(forced)
+    with pytest.raises(ConfigError, match="train_micro_batch_size_per_gpu is 4 but the run config implies 8"):
+        resolve_ds_config(cfg, BatchPlan(8, 1, 2), 1, torch.device("cpu"), hidden_size=128)
+    cfg.train.deepspeed = str(tmp_path / "missing.json")
+    with pytest.raises(ConfigError, match="no such DeepSpeed config"):
+        resolve_ds_config(cfg, BatchPlan(8, 1, 2), 1, torch.device("cpu"), hidden_size=128)
+
+
+def test_batch_plan_must_divide():
+    cfg = RunConfig()
+    cfg.train.global_batch_size, cfg.train.micro_batch_size = 32, 2
+    assert plan_batches(cfg, 8).accumulation == 2
+    with pytest.raises(
+        ConfigError, match="global_batch_size=32 is not a multiple of .*micro_batch_size=2 x 3 ranks"
+    ):
+        plan_batches(cfg, 3)
+
+
+def test_launcher_reports_a_bad_key_before_building_anything():
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "launchers/train.py", "--config", "configs/tiny.yaml", "train.max_step=3"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "unknown config key 'train.max_step' (did you mean 'train.max_steps'?)" in proc.stderr
