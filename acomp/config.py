@@ -37,6 +37,13 @@ class ModelConfig:
     # Copy the EOS embedding into every summary row after loading: "auto" = only when the loaded checkpoint
     # has no `embed_summary.weight` (a base model), "always", "never".
     init_summary_from_eos: str = "auto"
+    # The loss runs the LM head + cross-entropy over at most this many tokens at a time (each chunk
+    # checkpointed), so [tokens, vocab] logits are never kept for backward; 0 = all tokens at once.
+    loss_chunk_size: int = 4096
+    # torch.compile each decoder layer (regional compilation; off until measured to win, docs/PERFORMANCE.md).
+    compile_layers: bool = False
+    # Liger-kernel's fused RMSNorm / RoPE / SwiGLU for Llama-family models (needs the liger-kernel package).
+    liger_kernel: bool = False
 
 
 @dataclass
@@ -95,6 +102,11 @@ class DataConfig:
     shuffle: bool = True
     num_workers: int = 0
     val_split: str = "val"
+    # Shard integrity check before training: "size" (cheap, catches truncation), "hash" (recomputes every
+    # shard's xxh64: catches same-size corruption, reads every byte), "none".
+    verify: str = "size"
+    # Block size the run expects; the corpus must have exactly this. null = whatever the corpus has.
+    block_size: int | None = None
 
 
 @dataclass
@@ -127,6 +139,10 @@ class TrainConfig:
     eval_blocks: int = 32  # held-out blocks per evaluation
     peak_tflops: float | None = None  # per device, for MFU; null = detect from the GPU name (none on CPU)
     dist_timeout_s: int = 1800  # collective timeout: a dead rank makes the others fail after this long
+    # Steps with a non-finite loss are skipped (no update); this many in a row stop the run with an error.
+    max_bad_steps: int = 5
+    # Exit status of the launcher after a SIGTERM/SIGUSR1 made it checkpoint and stop (slurm/ passes 75).
+    preempt_exit_code: int = 0
 
 
 @dataclass
@@ -160,6 +176,7 @@ _CHOICES = {
     "model.init_summary_from_eos": ("auto", "always", "never"),
     "optim.schedule": ("linear", "cosine", "constant"),
     "train.precision": ("auto", "bf16", "fp32"),
+    "data.verify": ("none", "size", "hash"),
     "logging.wandb": ("disabled", "offline", "online"),
 }
 
@@ -302,6 +319,7 @@ def validate(cfg: RunConfig) -> None:
         ("train.keep_checkpoints", t.keep_checkpoints),
         ("train.eval_blocks", t.eval_blocks),
         ("train.dist_timeout_s", t.dist_timeout_s),
+        ("train.max_bad_steps", t.max_bad_steps),
         ("logging.log_every", cfg.logging.log_every),
     )
     _non_negative(
@@ -312,7 +330,14 @@ def validate(cfg: RunConfig) -> None:
         ("train.checkpoint_every", t.checkpoint_every),
         ("train.eval_every", t.eval_every),
         ("data.num_workers", cfg.data.num_workers),
+        ("model.loss_chunk_size", cfg.model.loss_chunk_size),
     )
+    if not 0 <= t.preempt_exit_code <= 255:
+        raise ConfigError(
+            f"config key 'train.preempt_exit_code' must be in [0, 255], got {t.preempt_exit_code}"
+        )
+    if cfg.data.block_size is not None and cfg.data.block_size <= 0:
+        raise ConfigError(f"config key 'data.block_size' must be > 0, got {cfg.data.block_size}")
     if cfg.optim.lr <= 0:
         raise ConfigError(f"config key 'optim.lr' must be > 0, got {cfg.optim.lr}")
     if len(cfg.optim.betas) != 2:

@@ -62,8 +62,17 @@ def run(context: int, batch_sizes: list[int], new_tokens: int, prompt_len: int) 
         ctx = torch.randint(3, 32000, (batch, context), device="cuda", generator=g)
         prompt = torch.randint(3, 32000, (batch, prompt_len), device="cuda", generator=g)
         segs = [segment] * (context // segment) + ([context % segment] if context % segment else [])
-        t_plain, _ = timed(model.get_decoder(), input_ids=ctx)
-        t_compress, summary = timed(model.compress, ctx, segment_lengths=segs)
+        try:
+            t_plain, _ = timed(model.get_decoder(), input_ids=ctx)
+        except torch.OutOfMemoryError:
+            t_plain = float("nan")
+        torch.cuda.empty_cache()
+        try:
+            t_compress, summary = timed(model.compress, ctx, segment_lengths=segs)
+        except torch.OutOfMemoryError:
+            print(json.dumps({"context": context, "batch": batch, "error": "OOM in compress"}), flush=True)
+            torch.cuda.empty_cache()
+            continue
         n_vectors = summary.shape[1]
         gen = dict(max_new_tokens=new_tokens, eos_token_id=None)
         try:

@@ -225,3 +225,15 @@ def test_int_segment_length_splits_with_shorter_tail():
     a = model(ids, segment_lengths=4, output_softprompt=True).softprompt
     b = model(ids, segment_lengths=[4, 4, 2], output_softprompt=True).softprompt
     assert torch.equal(a, b)
+
+
+def test_plain_lm_checkpoint_loads_with_any_summary_length(tmp_path):
+    """A model trained with summary_length 0 (a plain LM) is a base model: no empty summary table saved."""
+    plain = tiny_model("llama", summary_length=0)
+    plain.save_pretrained(tmp_path)
+    model, info = MODEL_CLASS["llama"].from_pretrained(tmp_path, summary_length=3, output_loading_info=True)
+    assert "embed_summary.weight" in info["missing_keys"]
+    eos = model.get_input_embeddings().weight[model.config.eos_token_id]
+    assert torch.equal(model.embed_summary.weight, eos.expand(3, -1))
+    ids = random_ids(1, 8)
+    torch.testing.assert_close(model(ids, segment_lengths=[8]).logits, plain(ids).logits)

@@ -127,7 +127,7 @@ def test_bptt_gradients_flow_within_a_substep_and_stop_between_substeps():
     ids = torch.randint(3, 97, (2, 32), generator=torch.Generator().manual_seed(0))
     first, second = Substep(ids[:, :16], [8, 8]), Substep(ids[:, 16:], [8, 8])
 
-    _, softprompt = train_substep(engine, first, None, carry=True)
+    softprompt = train_substep(engine, first, None, carry=True).softprompt
     # Within substep 1: the loss of its segment 2 reached segment 1's tokens (only through the summaries).
     grad_first = embeds[0].grad.clone()
     assert grad_first[:, :8].abs().sum() > 0
@@ -165,7 +165,8 @@ def test_flops_count_summary_and_softprompt_positions():
     assert sequence_positions([[100, 100], [100, 100]], 10, True) == [110, 120, 130, 130]
     assert sequence_positions([[100, 100], [100, 100]], 10, False) == [110, 120, 120, 110]
     n, layers, d = 1_000_000, 2, 64
-    assert segment_flops(n, layers, d, 110) == 6 * n * 110 + 12 * layers * d * 110**2
+    assert segment_flops(n, layers, d, 110) == 6 * n * 110 + 12 * layers * d * (110 * 111 / 2)  # causal pairs
+    assert segment_flops(n, layers, d, 110, causal=False) == 6 * n * 110 + 12 * layers * d * 110**2  # PaLM
 
 
 # -------------------------------------------------------------------------------------------- evaluation

@@ -2,6 +2,24 @@
 
 Measured on H100 (shared/spec/baselines.md): SDPA's cudnn backend runs causal attention 1.6x faster
 than its default flash backend, so on capability >= 9.0 we put it first in torch's priority list.
+
+Same kernel in forward and in activation-checkpoint recompute. A checkpointed segment runs its forward
+twice (once in the forward pass, once in backward), and torch.utils.checkpoint requires both runs to save
+tensors of the same shapes. Torch picks the first *enabled* backend of its priority list that can run the
+call, and that list is global state that torch itself rewrites once, lazily, at the first SDPA call of the
+process (recent CUDA builds put cudnn first on Hopper/Blackwell then; when that first call happens inside
+a `sdpa_kernel(..., set_priority=True)` block, the block's order is overwritten for the rest of it and
+the block's exit restores the pre-initialisation order). A segment whose forward ran under the rewritten
+order (cudnn) and whose recompute ran under ours (flash or efficient) saves tensors of other shapes (the
+logsumexp layouts differ). That matches the CheckpointError seen on an H100 with `sdpa_backend:
+flash/efficient` while `cudnn`/`auto` (whose order equals torch's cudnn-first one) worked; it is the one
+mechanism found in torch's dispatch code, not yet reproduced on a GPU. Two guards, so the choice depends
+only on the inputs:
+- each explicit backend enables just the kernels that follow it in *every* order torch may hold (cudnn:
+  cudnn > flash > efficient, as torch's own Hopper order; flash: flash > efficient, cudnn disabled;
+  efficient: efficient alone), with math as the last resort;
+- torch's lazy one-time initialisation is triggered by a tiny SDPA call outside any context before the
+  first context is entered, so the process-wide default stays what torch intends.
 """
 
 from __future__ import annotations
@@ -12,12 +30,16 @@ import importlib.util
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+# The fused kernels each setting enables, in priority order (math is appended as the last resort). Every
+# list is ordered as torch's own default orders order those kernels (cudnn-first: cudnn, flash, efficient;
+# otherwise flash, efficient, ..., cudnn), so whichever order torch holds, the first eligible kernel is the same.
 _ORDER = {
     "cudnn": [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION],
-    "flash": [SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION],
-    "efficient": [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION],
+    "flash": [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION],
+    "efficient": [SDPBackend.EFFICIENT_ATTENTION],
     "math": [],
 }
+_TORCH_PRIORITY_SETTLED: set[int] = set()  # CUDA devices whose lazy SDPA priority initialisation has run
 
 
 def flash_attn_available() -> bool:
@@ -41,7 +63,9 @@ def resolve_attn_implementation(requested: str | None) -> str:
 
 
 def sdpa_context(backend: str = "auto", device: torch.device | None = None):
-    """A context that makes SDPA try `backend` first (falling back to the others, then math)."""
+    """A context that makes SDPA use `backend` when it can run the call (then the kernels after it in
+    `_ORDER`, then math). CUDA only; a no-op elsewhere. See the module docstring for why the same kernel
+    is then chosen in a checkpointed segment's forward and in its recompute."""
     if backend == "auto":
         on_hopper = (
             device is not None and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
@@ -51,4 +75,24 @@ def sdpa_context(backend: str = "auto", device: torch.device | None = None):
         backend = "cudnn"
     if device is None or device.type != "cuda":
         return contextlib.nullcontext()
+    settle_torch_sdpa_priority(device)
+    return backend_context(backend)
+
+
+def backend_context(backend: str):
+    """The `sdpa_kernel` block for an explicit backend name (no device logic; tests use it on CPU)."""
     return sdpa_kernel(_ORDER[backend] + [SDPBackend.MATH], set_priority=True)
+
+
+def settle_torch_sdpa_priority(device: torch.device) -> None:
+    """Run torch's lazy, once-per-process SDPA priority initialisation now, outside any priority block:
+    one tiny SDPA call on `device` with the default settings (once per device)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index in _TORCH_PRIORITY_SETTLED:
+        return
+    _TORCH_PRIORITY_SETTLED.add(index)
+    try:
+        q = torch.zeros(1, 1, 8, 64, device=device, dtype=torch.bfloat16)
+        torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True)
+    except Exception:  # best effort: the backend lists above already make the choice order-independent
+        pass

@@ -100,6 +100,7 @@ class AutoCompressorMixin:
             )
         width = self.get_input_embeddings().embedding_dim
         self.embed_summary = nn.Embedding(self.num_summary_slots, width)
+        self.chunked_loss = ChunkedNLL()  # no parameters: adds nothing to checkpoints
         self.init_summary_embeddings()
         if self.variable_length and self.get_input_embeddings().weight.device.type != "meta":
             self.add_control_tokens()
@@ -144,6 +145,14 @@ class AutoCompressorMixin:
             weight = self.get_input_embeddings().weight
             with torch.no_grad(), _gathered([weight]):
                 weight[[sum_id, eoc_id]] = weight[eos].clone()
+
+    def save_pretrained(self, save_directory, *args, state_dict=None, **kwargs):
+        """As transformers saves, minus an empty summary table (summary_length 0, a plain LM), so the
+        checkpoint loads as a base model with any summary_length."""
+        if self.num_summary_slots == 0:
+            state_dict = self.state_dict() if state_dict is None else state_dict
+            state_dict = {k: v for k, v in state_dict.items() if not k.endswith("embed_summary.weight")}
+        return super().save_pretrained(save_directory, *args, state_dict=state_dict, **kwargs)
 
     @torch.no_grad()
     def init_summary_embeddings(self) -> None:
@@ -330,19 +339,13 @@ class AutoCompressorMixin:
                 stop_logits = self.lm_head(summary)
                 stop_prob = stop_probabilities(stop_logits, self.config.eoc_token_id)
         seg_logits = seg_nll = seg_count = None
-        if return_logits or targets is not None:
+        if return_logits:
             seg_logits = self.lm_head(text_hidden)
         if targets is not None:
-            seg_nll = (
-                F.cross_entropy(
-                    seg_logits.float().flatten(0, 1),
-                    targets.flatten(),
-                    ignore_index=IGNORE_INDEX,
-                    reduction="none",
-                )
-                .view(batch, n)
-                .sum(dim=1)
-            )
+            if seg_logits is not None:
+                seg_nll = summed_nll(seg_logits, targets)
+            else:  # the loss only: never keep [tokens, vocab] logits (see chunked_nll)
+                seg_nll = self.chunked_loss(self.lm_head, text_hidden, targets, self.config.loss_chunk_size)
             seg_count = (targets != IGNORE_INDEX).sum(dim=1)
         return (seg_logits if return_logits else None), summary, seg_nll, seg_count, stop_prob, stop_logits
 
@@ -458,6 +461,57 @@ def attention_bias(softprompt_bias, text_mask, num_tail: int, dtype) -> torch.Te
     return bias.diagonal_scatter(
         torch.zeros(batch, 1, length, dtype=dtype, device=bias.device), dim1=2, dim2=3
     )
+
+
+def summed_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed next-token NLL per sample [B] of logits [B, n, V] against targets [B, n] (fp32 softmax)."""
+    nll = F.cross_entropy(
+        logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
+    )
+    return nll.view(targets.shape).sum(dim=1)
+
+
+def _head_nll(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return summed_nll(head(hidden), targets)
+
+
+def chunked_nll(
+    head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk_tokens: int
+) -> torch.Tensor:
+    """`summed_nll(head(hidden), targets)` without materialising the logits of all tokens.
+
+    The LM head and the cross-entropy run over slices of at most `chunk_tokens` tokens (batch x positions).
+    Under autograd each slice is checkpointed (non-reentrant, so ZeRO-3 hooks work): its logits, fp32 copy
+    and log-softmax are freed after the forward and recomputed in backward, one slice at a time. Costs one
+    extra LM-head forward (2 V d FLOPs per token); saves ~10 bytes x V per token of activation memory (the
+    bf16 logits, their fp32 copy and the saved log-probabilities). `chunk_tokens` 0 = one unchunked pass.
+    """
+    batch, n = targets.shape
+    if chunk_tokens <= 0:
+        return _head_nll(head, hidden, targets)
+    width = max(1, chunk_tokens // max(batch, 1))
+    needs_graph = torch.is_grad_enabled() and (
+        hidden.requires_grad or any(p.requires_grad for p in head.parameters())
+    )
+    total = None
+    for start in range(0, n, width):
+        args = (head, hidden[:, start : start + width], targets[:, start : start + width])
+        part = checkpoint(_head_nll, *args, use_reentrant=False) if needs_graph else _head_nll(*args)
+        total = part if total is None else total + part
+    if total is None:  # zero-length segment
+        return hidden.new_zeros(batch, dtype=torch.float32)
+    return total
+
+
+class ChunkedNLL(nn.Module):
+    """`chunked_nll` as a (parameter-less) module. Being a module matters under ZeRO-3: DeepSpeed hooks the
+    module's output, so in backward the module is active before any chunk is recomputed, and a frozen LM
+    head (LoRA) gathered for that recompute stays gathered until the module's backward is done. Called as a
+    plain function, DeepSpeed re-partitions the frozen head weight at the end of the recompute's LM-head
+    forward, before the chunk's backward uses it (torch's CheckpointError: shape [V, d] saved, [0] recomputed)."""
+
+    def forward(self, head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk_tokens: int):
+        return chunked_nll(head, hidden, targets, chunk_tokens)
 
 
 def next_token_targets(labels: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -22,6 +22,10 @@ COMPRESSION_DEFAULTS: dict[str, Any] = {
     # Which SDPA kernel to try first: "auto" (cudnn on Hopper+, else torch's order), "cudnn", "flash",
     # "efficient", "math". Ignored by flash_attention_2 / eager.
     "sdpa_backend": "auto",
+    # Loss without full logits: when the caller does not ask for logits (return_logits=False, as the trainer
+    # does), the LM head and cross-entropy run over at most this many tokens at a time, each chunk
+    # checkpointed, so no [tokens, vocab] logits are kept for backward. 0 = one pass over all tokens.
+    "loss_chunk_size": 4096,
 }
 
 COMPRESSION_MODES = ("fixed", "variable")
@@ -52,6 +56,9 @@ def validate_compression_fields(config) -> None:
         )
     if config.sdpa_backend not in SDPA_BACKENDS:
         raise ValueError(f"sdpa_backend must be one of {SDPA_BACKENDS}, got {config.sdpa_backend!r}")
+    c = config.loss_chunk_size
+    if not isinstance(c, int) or isinstance(c, bool) or c < 0:
+        raise ValueError(f"loss_chunk_size must be an integer >= 0 (0 = no chunking), got {c!r}")
     m = config.compression_max_len
     if not isinstance(m, int) or m < 1:
         raise ValueError(f"compression_max_len must be an integer >= 1, got {m!r}")

@@ -102,10 +102,13 @@ def generate(
         )
         token = torch.where(finished, torch.full_like(token, pad_token_id), token)
         new_tokens.append(token)
+        if step == max_new_tokens - 1:
+            break
         if eos.numel():
             finished |= torch.isin(token, eos)
-        if finished.all() or step == max_new_tokens - 1:
-            break
+            # A host sync: without EOS ids none is needed, so the CPU queues steps ahead of the GPU.
+            if finished.all():
+                break
         mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
         step_mask = mask
         if softprompt_bias is not None:

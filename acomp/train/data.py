@@ -8,6 +8,11 @@ from pathlib import Path
 from acomp.config import ConfigError, RunConfig
 
 
+class DataError(ConfigError):
+    """The corpus at data.path cannot be used for this run (missing, empty, unreadable, or not the model's);
+    the message names the path and the mismatch. Raised before the first training step."""
+
+
 @dataclass
 class Corpus:
     path: Path
@@ -50,9 +55,15 @@ def open_corpus(path: str | Path) -> Corpus:
 
     path = Path(path)
     if not path.is_dir():
-        raise ConfigError(f"data.path={str(path)!r}: no such corpus directory (build one with preprocess/)")
-    manifest = read_manifest(path)
-    tokenizer = AutoTokenizer.from_pretrained(str(path / "tokenizer"))
+        raise DataError(f"data.path={str(path)!r}: no such corpus directory (build one with preprocess/)")
+    try:
+        manifest = read_manifest(path)
+    except (OSError, ValueError) as e:
+        raise DataError(f"data.path={str(path)!r}: {e}") from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path / "tokenizer"))
+    except (OSError, ValueError) as e:
+        raise DataError(f"data.path={str(path)!r}: cannot load its tokenizer/: {e}") from None
     return Corpus(path=path, manifest=manifest, tokenizer=tokenizer)
 
 
@@ -70,20 +81,29 @@ def train_loader(cfg: RunConfig, corpus: Corpus, micro_batch_size: int):
     """This rank's share of the shuffled training split (streaming partitions it over ranks)."""
     from acomp.data import CorpusDataset, build_dataloader
 
-    dataset = CorpusDataset(
-        str(corpus.path),
-        split="train",
-        shuffle=cfg.data.shuffle,
-        seed=cfg.train.seed,
-        batch_size=micro_batch_size,
-    )
-    return build_dataloader(dataset, micro_batch_size, num_workers=cfg.data.num_workers)
+    try:  # checks the shards (data.verify); a damaged one raises CorruptShardError naming the file
+        dataset = CorpusDataset(
+            str(corpus.path),
+            split="train",
+            shuffle=cfg.data.shuffle,
+            seed=cfg.train.seed,
+            batch_size=micro_batch_size,
+            verify=cfg.data.verify,
+        )
+    except (FileNotFoundError, ValueError) as e:
+        raise DataError(f"data.path={str(corpus.path)!r}: {e}") from None
+    import torch
+
+    # Pinned batches let the loop copy them to the GPU without a host sync (acomp.train.loop.train_step).
+    pin = torch.cuda.is_available()
+    return build_dataloader(dataset, micro_batch_size, num_workers=cfg.data.num_workers, pin_memory=pin)
 
 
 def val_dataset(cfg: RunConfig, corpus: Corpus):
     from acomp.data import CorpusDataset
 
-    return CorpusDataset(str(corpus.path), split=cfg.data.val_split, shuffle=False, seed=0, batch_size=1)
+    split, verify = cfg.data.val_split, cfg.data.verify
+    return CorpusDataset(str(corpus.path), split=split, shuffle=False, seed=0, batch_size=1, verify=verify)
 
 
 class Batches:

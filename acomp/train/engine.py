@@ -81,10 +81,14 @@ def resolve_ds_config(
     if ds.get("fp16", {}).get("enabled") is True:
         raise ConfigError(f"{path}: fp16 is not supported (use bf16 or fp32)")
     zero = ds.setdefault("zero_optimization", {"stage": 0})
+    # Persistent parameters stay gathered between uses. On one rank partitioning saves nothing (the partition
+    # is the whole tensor) and re-gathering every module costs a copy and a hook round-trip, so there every
+    # parameter persists (spec/baselines.md: 15.8k vs 11.6k tokens/s on one H100); over ranks HF's rule (10 d).
+    persistence = 10 * hidden_size if world_size > 1 else 2**62
     for key, value in {
         "reduce_bucket_size": hidden_size * hidden_size,
         "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
-        "stage3_param_persistence_threshold": 10 * hidden_size,
+        "stage3_param_persistence_threshold": persistence,
     }.items():
         if zero.get(key) == "auto":
             zero[key] = value
@@ -154,11 +158,14 @@ def build_model(
 
     fields = cfg.compression.model_fields()
     fields["sdpa_backend"] = cfg.model.sdpa_backend
+    fields["loss_chunk_size"] = cfg.model.loss_chunk_size
     if cfg.model.name_or_path is None:
         # Built whole on every rank from the same seed, so all ranks (and any world size) start identical;
         # deepspeed.initialize partitions it. Fine for the small models trained from scratch.
         config = base_model_config(cfg, tokenizer)
         config._attn_implementation = cfg.model.attn_implementation
+        if cfg.compression.compression_mode == "variable":
+            config.update(control_token_ids(tokenizer))
         torch.manual_seed(cfg.train.seed)
         model = AutoCompressorModel.from_config(config, **fields)  # fp32; DeepSpeed casts for bf16
         missing_summary = True
@@ -172,8 +179,14 @@ def build_model(
 
             unset_hf_deepspeed_config()
             _HF_DS_CONFIG = None
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(cfg.model.name_or_path)
+        if cfg.compression.compression_mode == "variable" and getattr(config, "sum_token_id", None) is None:
+            config.update(control_token_ids(tokenizer))  # rows come from resize_for_corpus below
         model, info = AutoCompressorModel.from_pretrained(
             cfg.model.name_or_path,
+            config=config,
             torch_dtype=dtype,
             attn_implementation=cfg.model.attn_implementation,
             output_loading_info=True,
@@ -184,13 +197,53 @@ def build_model(
     if policy == "always" or (policy == "auto" and missing_summary):
         model.init_summary_embeddings()  # gathers ZeRO-3 partitions itself
     new_tokens = resize_for_corpus(model, corpus_vocab)
+    if cfg.model.liger_kernel:
+        apply_liger_kernel(model)
     if cfg.lora.enabled:
         model = add_lora(model, cfg, new_tokens)
     # peft creates its weights in fp32; ZeRO-3 needs one dtype across parameters (partitioned ones already are).
     for p in model.parameters():
         if p.is_floating_point() and p.dtype != dtype and not hasattr(p, "ds_id"):
             p.data = p.data.to(dtype)
+    if cfg.model.compile_layers:
+        compile_decoder_layers(model)
     return model
+
+
+def apply_liger_kernel(model: torch.nn.Module) -> None:
+    """Liger-kernel's fused RMSNorm, RoPE and SwiGLU on a Llama-family model, in place (not its fused
+    cross-entropy: our loss is acomp.modeling.compressor.chunked_nll). Needs `pip install liger-kernel`."""
+    try:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+    except ImportError:
+        raise ConfigError(
+            "model.liger_kernel=true needs the liger-kernel package (pip install liger-kernel)"
+        ) from None
+    model_type = unwrap(model).config.model_type
+    if model_type not in ("llama", "mistral", "qwen2", "qwen3"):
+        raise ConfigError(f"model.liger_kernel=true supports Llama-family models, not {model_type!r}")
+    _apply_liger_kernel_to_instance(
+        model=unwrap(model), rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+        fused_linear_cross_entropy=False,
+    )  # fmt: skip
+
+
+def compile_decoder_layers(model: torch.nn.Module) -> None:
+    """torch.compile every decoder layer in place (regional compilation: one graph per layer shape, reused
+    by all layers; the segment loop, the loss and DeepSpeed's hooks around the layers stay eager)."""
+    for layer in unwrap(model).get_decoder().layers:
+        layer.compile(dynamic=False)
+
+
+def control_token_ids(tokenizer) -> dict:
+    """{"sum_token_id", "eoc_token_id"} from the corpus tokenizer (preprocess adds <sum>/<eoc>), so the
+    model's control rows are the tokenizer's; {} when it lacks them (the model then appends its own rows)."""
+    from acomp.data import EOC_TOKEN, SUM_TOKEN
+
+    vocab = tokenizer.get_vocab()
+    if SUM_TOKEN in vocab and EOC_TOKEN in vocab:
+        return {"sum_token_id": vocab[SUM_TOKEN], "eoc_token_id": vocab[EOC_TOKEN]}
+    return {}
 
 
 def resize_for_corpus(model: torch.nn.Module, corpus_vocab: int | None) -> list[int]:
@@ -260,15 +313,21 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 def flop_params(model: torch.nn.Module) -> int:
     """Parameters that cost 2 FLOPs per token in the forward: everything but input embedding tables,
     plus the LM head when it is tied to the input embeddings (spec/baselines.md counts N this way)."""
+    return sum(flop_param_split(model))
+
+
+def flop_param_split(model: torch.nn.Module) -> tuple[int, int]:
+    """`flop_params` split into (trainable, frozen): frozen weights (a LoRA base) need no weight gradient,
+    so they cost 4 FLOPs per token in training instead of 6 (acomp.train.metrics)."""
     base = unwrap(model)
     inputs = base.get_input_embeddings()
     skip = {id(p) for p in inputs.parameters()}
     skip |= {id(p) for n, p in base.named_parameters() if "embed_positions" in n or "embed_summary" in n}
-    total = 0
+    counts = [0, 0]
     for p in model.parameters():
         if id(p) not in skip:
-            total += getattr(p, "ds_numel", p.numel())
+            counts[not p.requires_grad] += getattr(p, "ds_numel", p.numel())
     head = base.get_output_embeddings()
     if head is not None and head.weight is inputs.weight:
-        total += getattr(head.weight, "ds_numel", head.weight.numel())
-    return total
+        counts[not head.weight.requires_grad] += getattr(head.weight, "ds_numel", head.weight.numel())
+    return counts[0], counts[1]

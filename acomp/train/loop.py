@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from acomp.config import RunConfig, save_config
+from acomp.train import faults
+from acomp.train.badsteps import BadStepGuard
 from acomp.train.checkpoint import Checkpointer, export_hf, rng_state, set_rng_state
 from acomp.train.data import Batches, check_corpus_fits, ensure_corpus, open_corpus, train_loader, val_dataset
 from acomp.train.distributed import Dist, all_reduce_mean, init_distributed
@@ -26,7 +28,6 @@ from acomp.train.engine import (
     base_model_config,
     build_engine,
     build_model,
-    flop_params,
     plan_batches,
     resolve_ds_config,
     unwrap,
@@ -34,13 +35,19 @@ from acomp.train.engine import (
 )
 from acomp.train.evaluate import evaluate_summary_ppl
 from acomp.train.metrics import (
+    FlopModel,
     MetricsLog,
     memory_gib,
     peak_flops_per_device,
-    segment_flops,
-    sequence_positions,
 )
 from acomp.train.preemption import PreemptionHandler
+from acomp.train.preflight import (
+    check_corpus,
+    check_resumed_corpus,
+    check_segments,
+    check_tokenizer,
+    corpus_identity,
+)
 from acomp.train.segments import Substep, segment_generator, segment_position_budget, split_substeps
 
 
@@ -64,6 +71,8 @@ def run(cfg: RunConfig) -> Path:
     # Model, data and engine.
     ensure_corpus(cfg, dist.is_main)
     corpus = open_corpus(cfg.data.path)
+    check_corpus(cfg, corpus)  # bad input fails here, naming the thing, before anything is built
+    check_tokenizer(cfg, corpus, base_model_config(cfg, corpus.tokenizer).vocab_size)
     plan = plan_batches(cfg, dist.world_size)
     hidden = base_model_config(cfg, corpus.tokenizer).hidden_size
     ds_config = resolve_ds_config(cfg, plan, dist.world_size, dist.device, hidden)
@@ -72,16 +81,19 @@ def run(cfg: RunConfig) -> Path:
     model_config = unwrap(model).config
     check_corpus_fits(corpus, model_config)
     max_segment = segment_position_budget(model_config, cfg.compression)
+    check_segments(cfg, corpus.block_size, max_segment)
     flops = FlopModel.of(model, cfg)
     engine = build_engine(model, cfg, ds_config, dist)
+    faults.install(engine.module, dist.rank)  # fault injection for tests/faults/; no-op unless asked for
     batches = Batches(train_loader(cfg, corpus, plan.micro_batch_size))
 
     # Resume.
-    checkpoints = Checkpointer(out / "checkpoints", cfg.train.keep_checkpoints, dist)
+    checkpoints = Checkpointer(out / "checkpoints", cfg.train.keep_checkpoints, dist, corpus_identity(corpus))
     step, tokens_seen = 0, 0
     resume_from = checkpoints.resolve(cfg.train.resume)
     seed_everything(cfg.train.seed + dist.rank)  # per-rank randomness (dropout) from here on
     if resume_from is not None:
+        check_resumed_corpus(resume_from, corpus)
         state = checkpoints.load(engine, resume_from)
         step, tokens_seen = state["step"], state["tokens_seen"]
         batches.load_state_dict(state["data"])
@@ -91,6 +103,8 @@ def run(cfg: RunConfig) -> Path:
     if resume_from is not None:
         log.write(f"resumed from {resume_from} at step {step}")
     preemption = PreemptionHandler(dist.device)
+    guard = BadStepGuard(cfg.train.max_bad_steps, engine, checkpoints.latest)
+    checkpoint_due = False  # a periodic checkpoint falling on a skipped step waits for the next good one
     peak = peak_flops_per_device(cfg.train.peak_tflops, dist.device)
     saved_step = step if resume_from is not None else -1
     engine.train()
@@ -98,23 +112,28 @@ def run(cfg: RunConfig) -> Path:
         while step < cfg.train.max_steps:
             started = time.perf_counter()
             lr = engine.get_lr()[0]
-            losses, segments = train_step(engine, batches, cfg, plan, max_segment, step, dist)
+            faults.begin_step(step + 1)
+            outputs = train_step(engine, batches, cfg, plan, max_segment, step, dist)
             step += 1
             seconds = time.perf_counter() - started
 
-            record = step_record(step, losses, segments, lr, engine, cfg, plan, dist, flops, seconds, peak)
+            record = step_record(step, outputs, lr, engine, cfg, plan, dist, flops, seconds, peak)
             tokens_seen += record["tokens"]
             record["tokens_seen"] = tokens_seen
+            record.update(guard.check(step, record["loss"]))  # a non-finite loss: the update was skipped
             if cfg.train.eval_every and (step % cfg.train.eval_every == 0 or step == cfg.train.max_steps):
                 record.update(evaluate(engine, cfg, corpus, max_segment))
             log.log(record)
+            guard.stop_if_exhausted()  # train.max_bad_steps in a row: stop, the last good checkpoint intact
 
             stop = preemption.requested()
-            if stop or (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0):
+            every = cfg.train.checkpoint_every
+            checkpoint_due |= bool(every) and step % max(every, 1) == 0
+            if stop or (checkpoint_due and not record["skipped"]):
                 path = checkpoints.save(engine, step, trainer_state(step, tokens_seen, batches), cfg)
-                saved_step = step
+                saved_step, checkpoint_due = step, False
                 if stop:
-                    log.write(f"{preemption.name}: checkpoint at step {step} in {path}; exiting for requeue")
+                    log.write(f"{preemption.name}: checkpoint at step {step} in {path}; stopping")
                     raise Preempted(path, preemption.name)
 
         if saved_step != step:
@@ -130,29 +149,59 @@ def run(cfg: RunConfig) -> Path:
 
 def train_step(
     engine, batches: Batches, cfg: RunConfig, plan: BatchPlan, max_segment: int, step: int, dist: Dist
-) -> tuple[list[list[torch.Tensor]], list[list[list[int]]]]:
-    """One optimizer step on this rank: per micro-batch, the substeps in order with the softprompt carried
-    (detached) from one to the next. Returns the losses [micro][substep] and segment lengths used."""
-    losses, segments = [], []
+) -> StepOutputs:
+    """One optimizer step on this rank: per micro-batch, the substeps in order with the softprompt (and, in
+    the variable-length mode, its presence bias) carried detached from one to the next."""
+    outputs = StepOutputs()
     for micro in range(plan.accumulation):
-        input_ids = next(batches)["input_ids"]
+        # One asynchronous copy per micro-batch (pinned by the loader on GPU hosts): copying each substep from
+        # pageable memory would make the host wait for the previous substep's backward every time.
+        input_ids = next(batches)["input_ids"].to(engine.device, non_blocking=True)
         rng = segment_generator(cfg.train.seed, step, micro, dist.rank)
         substeps = split_substeps(input_ids, cfg.compression, max_segment, rng)
-        softprompt, micro_losses = None, []
+        softprompt, bias, micro_losses = None, None, []
         for i, substep in enumerate(substeps):
             carry = i < len(substeps) - 1  # the last substep's summaries would go unused
-            loss, softprompt = train_substep(engine, substep, softprompt, carry)
-            micro_losses.append(loss)
-        losses.append(micro_losses)
-        segments.append([s.segment_lengths for s in substeps])
-    return losses, segments
+            result = train_substep(engine, substep, softprompt, carry, softprompt_bias=bias)
+            softprompt, bias = result.softprompt, result.softprompt_bias
+            micro_losses.append(result.loss)
+            if result.summary_lengths is not None:
+                outputs.summary_lengths.append(result.summary_lengths.flatten())
+        outputs.losses.append(micro_losses)
+        outputs.segments.append([s.segment_lengths for s in substeps])
+    return outputs
 
 
-def train_substep(engine, substep: Substep, softprompt: torch.Tensor | None, carry: bool):
-    """Forward + backward of one BPTT window; returns its loss and the softprompt for the next window.
+@dataclass
+class StepOutputs:
+    """What one optimizer step reports: losses [micro][substep], segment lengths [micro][substep][segment],
+    and (variable-length mode) the summary length of every compressing segment, E[L] in training."""
+
+    losses: list[list[torch.Tensor]] = field(default_factory=list)
+    segments: list[list[list[int]]] = field(default_factory=list)
+    summary_lengths: list[torch.Tensor] = field(default_factory=list)
+
+
+@dataclass
+class SubstepOutput:
+    loss: torch.Tensor  # detached
+    softprompt: torch.Tensor | None  # detached: the next window's softprompt (None when not carried)
+    softprompt_bias: torch.Tensor | None  # detached presence bias of that softprompt (variable mode)
+    summary_lengths: torch.Tensor | None  # [B, compressing segments], detached (variable mode)
+
+
+def train_substep(
+    engine,
+    substep: Substep,
+    softprompt: torch.Tensor | None,
+    carry: bool,
+    softprompt_bias: torch.Tensor | None = None,
+) -> SubstepOutput:
+    """Forward + backward of one BPTT window; returns its loss and what the next window needs.
 
     Gradients flow through the summaries of this window's segments (one model call); the returned
-    softprompt is detached (truncated BPTT), so later windows send no gradient back into this one.
+    softprompt and its presence bias are detached (truncated BPTT), so later windows send no gradient back
+    into this one.
     """
     input_ids = substep.input_ids.to(engine.device)
     out = engine(
@@ -160,53 +209,39 @@ def train_substep(engine, substep: Substep, softprompt: torch.Tensor | None, car
         labels=input_ids,
         segment_lengths=substep.segment_lengths,
         softprompt=softprompt,
+        softprompt_bias=softprompt_bias,
         output_softprompt=carry,
         return_logits=False,
     )
     engine.backward(out.loss)  # DeepSpeed divides by its accumulation count (micro-batches x substeps)
     engine.step()  # the optimizer update happens only at the accumulation boundary
-    return out.loss.detach(), truncate_bptt(out.softprompt) if carry else None
+    lengths = getattr(out, "summary_lengths", None)
+    bias = getattr(out, "softprompt_bias", None)
+    return SubstepOutput(
+        loss=out.loss.detach(),
+        softprompt=truncate_bptt(out.softprompt) if carry else None,
+        softprompt_bias=bias.detach() if carry and bias is not None else None,
+        summary_lengths=None if lengths is None else lengths.detach(),
+    )
 
 
-def truncate_bptt(softprompt: torch.Tensor) -> torch.Tensor:
-    """The softprompt as the next substep sees it: same values, no gradient path back."""
-    return softprompt.detach()
+def truncate_bptt(softprompt: torch.Tensor | None) -> torch.Tensor | None:
+    """The softprompt as the next substep sees it: same values, no gradient path back (None when the
+    model does not compress: summary_length 0, e.g. plain causal-LM pretraining)."""
+    return None if softprompt is None else softprompt.detach()
 
 
-@dataclass
-class FlopModel:
-    """What MFU needs to know about the model (see acomp.train.metrics)."""
-
-    n_params: int
-    n_layers: int
-    hidden: int
-    summary_length: int
-    accumulate: bool
-
-    @classmethod
-    def of(cls, model, cfg: RunConfig) -> FlopModel:
-        config = unwrap(model).config
-        return cls(
-            n_params=flop_params(model),
-            n_layers=config.num_hidden_layers,
-            hidden=config.hidden_size,
-            summary_length=cfg.compression.summary_length,
-            accumulate=cfg.compression.accumulate_summary,
-        )
-
-    def per_sequence(self, segment_lengths: list[list[int]]) -> float:
-        positions = sequence_positions(segment_lengths, self.summary_length, self.accumulate)
-        return sum(segment_flops(self.n_params, self.n_layers, self.hidden, t) for t in positions)
-
-
-def step_record(step, losses, segments, lr, engine, cfg, plan, dist, flops, seconds, peak) -> dict:
+def step_record(step, outputs: StepOutputs, lr, engine, cfg, plan, dist, flops, seconds, peak) -> dict:
     """The metrics of one optimizer step, averaged over ranks (one collective)."""
+    losses, segments = outputs.losses, outputs.segments
     per_substep = torch.stack([torch.stack(m) for m in losses]).float().mean(dim=0).tolist()
     micro = plan.micro_batch_size
     tokens = sum(sum(sum(sub) for sub in seq) for seq in segments) * micro
     step_flops = sum(flops.per_sequence(seq) for seq in segments) * micro
-    reduced = all_reduce_mean([*per_substep, tokens, step_flops], dist.device)
-    per_substep, tokens, step_flops = reduced[: len(per_substep)], reduced[-2], reduced[-1]
+    lengths = summary_length_stats(outputs.summary_lengths, cfg.compression.compression_max_len)
+    reduced = all_reduce_mean([*per_substep, tokens, step_flops, *lengths], dist.device)
+    n = len(per_substep)
+    per_substep, tokens, step_flops = reduced[:n], reduced[n], reduced[n + 1]
     world_tokens, world_flops = tokens * dist.world_size, step_flops * dist.world_size
     grad_norm = engine.get_global_grad_norm()
     record = {
@@ -223,7 +258,21 @@ def step_record(step, losses, segments, lr, engine, cfg, plan, dist, flops, seco
         "segments_per_sequence": sum(len(sub) for sub in segments[0]),
         "memory_gib": memory_gib(dist.device),
     }
+    if lengths:
+        # Mean over ranks of each rank's mean and bin shares: exact for equal segment counts per rank.
+        record["summary_length"] = reduced[n + 2]
+        record["summary_length_hist"] = reduced[n + 3 :]
     return record
+
+
+def summary_length_stats(lengths: list[torch.Tensor], max_len: int) -> list[float]:
+    """[mean, share with round(L) = 0, 1, ..., max_len] of the compressing segments' summary lengths
+    (E[L] in training), or [] in the fixed mode. One host sync per step, at logging."""
+    if not lengths:
+        return []
+    values = torch.cat(lengths).float()
+    bins = torch.bincount(values.round().long().clamp(0, max_len), minlength=max_len + 1).float()
+    return [values.mean().item(), *(bins / values.numel()).tolist()]
 
 
 def evaluate(engine, cfg: RunConfig, corpus, max_segment: int) -> dict:

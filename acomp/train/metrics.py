@@ -1,16 +1,22 @@
 """Per-step metrics: FLOPs and MFU, memory, and the three sinks (metrics.jsonl, wandb, the progress bar).
 
-MFU (model FLOPs utilisation) counts what the model must compute, not what we recompute:
+MFU (model FLOPs utilisation) counts what the model must compute, not what we recompute
+(docs/PERFORMANCE.md derives it):
 
-    FLOPs per sequence = sum over segments s of  6 * N * T_s  +  12 * L * d * T_s^2
-    T_s = P_s + n_s + k_s   (softprompt vectors + text tokens + summary tokens of that segment's forward)
-    MFU = FLOPs per step / (step seconds * world size * peak FLOP/s per device)
+    FLOPs per sequence = sum over segments s of  (6 N_train + 4 N_frozen) T_s  +  12 L a C(T_s)
+    T_s    = P_s + n_s + k_s   (softprompt vectors + text tokens + summary tokens of that segment's forward)
+    C(T)   = T (T + 1) / 2     (causal query-key pairs, every position attending to itself and all before it)
+    MFU    = FLOPs per step / (step seconds * world size * peak FLOP/s per device)
 
-N = parameters that multiply every token (all but input embedding tables; the LM head counts), L = layers,
-d = hidden size: the 6N + 12LdS per token of spec/baselines.md (PaLM's formula, attention counted as
-non-causal), applied to each segment's own length, so summary and softprompt positions are included and
-per-segment activation recomputation is not. Peak: `train.peak_tflops`, else looked up from the GPU name
-(bf16 dense: H100/H200 989, A100 312, ...); on CPU MFU is not reported unless peak_tflops is set.
+N_train / N_frozen = trainable / frozen parameters that multiply every position (all but input embedding
+tables; the LM head counts, also when tied): 2 FLOPs per parameter in the forward, 2 for the activation
+gradient, 2 for the weight gradient, which frozen weights (LoRA's base) do not need. L = layers, a = query
+heads x head dim (the hidden size for most models). Attention has no weights: QK^T and AV cost 4 a FLOPs per
+causal pair in the forward and twice that in backward. Summary and softprompt positions are included,
+activation recomputation (per-segment checkpointing, the chunked loss) is not. With `causal=False` the
+attention term is 12 L a T^2, the PaLM convention of spec/baselines.md (reported as `mfu_palm` by the
+benchmark). Peak: `train.peak_tflops`, else looked up from the GPU name (bf16 dense: H100/H200 989, A100 312,
+...); on CPU MFU is not reported unless peak_tflops is set.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from __future__ import annotations
 import json
 import resource
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -37,9 +44,64 @@ def peak_flops_per_device(configured_tflops: float | None, device: torch.device)
     return None
 
 
-def segment_flops(n_params: int, n_layers: int, hidden: int, seq_len: int) -> float:
-    """Training FLOPs (forward + backward) of one forward of `seq_len` positions."""
-    return 6.0 * n_params * seq_len + 12.0 * n_layers * hidden * seq_len * seq_len
+def segment_flops(
+    n_params: int, n_layers: int, width: int, seq_len: int, n_frozen: int = 0, causal: bool = True
+) -> float:
+    """Training FLOPs (forward + backward) of one forward over `seq_len` positions: `n_params` trainable
+    and `n_frozen` frozen weights per position, and causal attention of `n_layers` layers whose queries are
+    `width` wide (heads x head dim); `causal=False` counts all T^2 pairs (PaLM)."""
+    pairs = seq_len * (seq_len + 1) / 2 if causal else float(seq_len) * seq_len
+    return (6.0 * n_params + 4.0 * n_frozen) * seq_len + 12.0 * n_layers * width * pairs
+
+
+def attention_width(config) -> int:
+    """Query heads x head dim of a transformers config (the hidden size unless head_dim says otherwise)."""
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return heads * head_dim
+
+
+@dataclass
+class FlopModel:
+    """What MFU needs to know about the model; `per_sequence` is the one FLOP count the trainer's metrics
+    and benchmarks/train_throughput.py both use."""
+
+    n_trainable: int
+    n_frozen: int
+    n_layers: int
+    width: int  # query heads x head dim
+    summary_length: int
+    accumulate: bool
+    causal: bool = True
+
+    @classmethod
+    def of(cls, model, cfg, causal: bool = True) -> FlopModel:
+        """From a (DeepSpeed / peft wrapped) AutoCompressor and its run config."""
+        from acomp.train.engine import flop_param_split, unwrap
+
+        config = unwrap(model).config
+        trainable, frozen = flop_param_split(model)
+        return cls(
+            n_trainable=trainable,
+            n_frozen=frozen,
+            n_layers=config.num_hidden_layers,
+            width=attention_width(config),
+            summary_length=cfg.compression.summary_length,
+            accumulate=cfg.compression.accumulate_summary,
+            causal=causal,
+        )
+
+    @property
+    def n_params(self) -> int:
+        return self.n_trainable + self.n_frozen
+
+    def per_sequence(self, segment_lengths: list[list[int]]) -> float:
+        """Training FLOPs of one sequence cut into `segment_lengths` ([substep][segment])."""
+        positions = sequence_positions(segment_lengths, self.summary_length, self.accumulate)
+        return sum(
+            segment_flops(self.n_trainable, self.n_layers, self.width, t, self.n_frozen, self.causal)
+            for t in positions
+        )
 
 
 def sequence_positions(segment_lengths: list[list[int]], summary_length: int, accumulate: bool) -> list[int]:
@@ -104,12 +166,24 @@ class MetricsLog:
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
         if self.wandb is not None:
-            self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+            self.wandb.log(self._for_wandb(record), step=record["step"])
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}", refresh=False)
         if record["step"] % self.log_every == 0 or "eval_summary_ppl" in record:
             self.write(_format(record))
+
+    def _for_wandb(self, record: dict) -> dict:
+        """The record as wandb takes it: the summary-length shares become a histogram over lengths 0..max."""
+        logged = {k: v for k, v in record.items() if k not in ("step", "summary_length_hist")}
+        shares = record.get("summary_length_hist")
+        if shares is not None:
+            import numpy as np
+            import wandb
+
+            edges = np.arange(len(shares) + 1) - 0.5
+            logged["summary_length_hist"] = wandb.Histogram(np_histogram=(np.asarray(shares), edges))
+        return logged
 
     def write(self, line: str) -> None:
         """Print a line without breaking the progress bar (rank 0 only)."""
@@ -138,6 +212,8 @@ def _format(record: dict) -> str:
     if record.get("mfu") is not None:
         parts.append(f"mfu {record['mfu']:.3f}")
     parts.append(f"mem {record['memory_gib']:.2f}GiB")
+    if "summary_length_hist" in record:
+        parts.append(f"summary len {record['summary_length']:.2f}")
     if "eval_summary_ppl" in record:
         parts.append(
             f"held-out ppl: no context {record['eval_no_context_ppl']:.2f}, "

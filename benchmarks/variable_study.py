@@ -1,0 +1,252 @@
+"""Fixed vs variable-length compression: held-out perplexity against summary vectors spent per segment.
+
+Same base, same tokens: one base LM is pretrained on the embedded stdlib corpus (no compression,
+whole 512-token blocks), then every arm is fine-tuned from it for the same steps on the same batches
+(same seed, same data order) as an AutoCompressor with 4 x 128-token segments:
+
+- fixed arms: summary_length in {2, 4, 8, 16};
+- variable arms: compression_max_len 16, compression_lambda over a sweep (0 = no penalty).
+
+Each arm is then scored on held-out blocks: perplexity of the last 128-token segment behind the summary
+vectors of the three segments before it (variable arms stop at inference as configured: first stop
+probability above --threshold), and the mean number of summary vectors a compressing segment kept.
+Also: the no-context perplexity of the base (same targets). Writes results.json, a markdown table and a
+PNG plot (perplexity vs mean summary vectors per segment, one line per mode) to --out.
+
+    python benchmarks/variable_study.py --preset cpu               # the embedded corpus on this CPU
+    source benchmarks/gpu-setup.sh && python benchmarks/variable_study.py --preset gpu   # one H100
+    python benchmarks/variable_study.py --smoke                    # seconds: plumbing only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+PRESETS = {
+    # name: model arch, steps, batch, eval blocks
+    "smoke": {"arch": (64, 2, 4), "base_steps": 4, "steps": 4, "batch": 4, "eval_blocks": 4},
+    "cpu": {"arch": (128, 2, 4), "base_steps": 300, "steps": 300, "batch": 8, "eval_blocks": 256},
+    "gpu": {"arch": (384, 4, 6), "base_steps": 500, "steps": 400, "batch": 32, "eval_blocks": 512},
+}
+FIXED = [2, 4, 8, 16]
+LAMBDAS = [0.0, 1.0, 4.0, 16.0, 64.0]
+SEGMENT, N_SEGMENTS, MAX_LEN = 128, 4, 16
+
+
+def arch(preset: str) -> dict:
+    width, layers, heads = PRESETS[preset]["arch"]
+    return {
+        "hidden_size": width,
+        "intermediate_size": width * 11 // 4,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": heads,
+        "max_position_embeddings": 1024,
+        "tie_word_embeddings": False,
+    }
+
+
+def common_overrides(args, out: Path, steps: int) -> list[str]:
+    p = PRESETS[args.preset]
+    return [
+        f"model.arch={json.dumps(arch(args.preset))}",
+        f"data.path={args.data}",
+        f"train.output_dir={out}",
+        f"train.max_steps={steps}",
+        f"train.global_batch_size={p['batch']}",
+        f"train.micro_batch_size={p['batch']}",
+        "train.checkpoint_every=0",
+        "train.eval_every=0",
+        "train.seed=0",
+        f"logging.progress={str(not args.quiet).lower()}",
+        "logging.log_every=50",
+    ]
+
+
+def train_base(args) -> Path:
+    from acomp.config import load_config
+    from acomp.train import run
+
+    out = args.out / "base"
+    overrides = common_overrides(args, out, PRESETS[args.preset]["base_steps"]) + [
+        "compression.summary_length=0",
+        "compression.training_substeps=1",
+        "compression.segments_per_substep=1",
+        f"compression.segment_lengths=[{SEGMENT * N_SEGMENTS}]",
+        "compression.segment_gradient_checkpointing=false",
+    ]
+    return run(load_config(REPO / "configs" / "tiny.yaml", overrides)) / "final"
+
+
+def train_arm(args, base: Path, name: str, fields: dict) -> Path:
+    from acomp.config import load_config
+    from acomp.train import run
+
+    overrides = common_overrides(args, args.out / name, PRESETS[args.preset]["steps"]) + [
+        f"model.name_or_path={base}",
+        "compression.training_substeps=2",
+        "compression.segments_per_substep=2",
+        f"compression.segment_lengths=[{SEGMENT},{SEGMENT}]",
+        "optim.warmup_steps=20",
+        *(f"compression.{k}={'null' if v is None else v}" for k, v in fields.items()),
+    ]
+    return run(load_config(REPO / "configs" / "tiny.yaml", overrides)) / "final"
+
+
+def evaluate(model_dir: Path, args, **fields) -> dict:
+    """Last-segment perplexity behind three compressed segments, the no-context one, and mean length."""
+    import torch
+
+    from acomp import AutoCompressorModel
+    from acomp.data import CorpusDataset
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoCompressorModel.from_pretrained(str(model_dir), **fields).to(device).eval()
+    blocks = CorpusDataset(str(args.data), split="val", shuffle=False, batch_size=1)
+    lengths = [SEGMENT] * N_SEGMENTS
+    sums = {"summary": 0.0, "alone": 0.0, "tokens": 0, "vectors": 0.0, "segments": 0}
+    autocast = (
+        torch.autocast("cuda", torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)
+    )
+    with torch.no_grad(), autocast:
+        for i, block in enumerate(blocks):
+            if i >= PRESETS[args.preset]["eval_blocks"]:
+                break
+            ids = torch.as_tensor(block["input_ids"]).view(1, -1)[:, -sum(lengths) :].to(device)
+            out = model(ids, labels=ids, segment_lengths=lengths, return_logits=False)
+            alone = model(ids[:, -SEGMENT:], labels=ids[:, -SEGMENT:], return_logits=False)
+            sums["summary"] += out.segment_nll[:, -1].sum().item()
+            sums["alone"] += alone.segment_nll[:, 0].sum().item()
+            sums["tokens"] += int(out.segment_tokens[:, -1].sum())
+            if out.summary_lengths is not None:
+                sums["vectors"] += out.summary_lengths.float().sum().item()
+                sums["segments"] += out.summary_lengths.numel()
+    k = model.config.summary_length
+    mean_vectors = sums["vectors"] / sums["segments"] if sums["segments"] else float(k)
+    return {
+        "summary_ppl": math.exp(sums["summary"] / sums["tokens"]),
+        "no_context_ppl": math.exp(sums["alone"] / sums["tokens"]),
+        "mean_vectors_per_segment": mean_vectors,
+        "tokens": sums["tokens"],
+    }
+
+
+def plot(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for mode, marker in (("fixed", "o"), ("variable", "s")):
+        arms = sorted((r for r in results if r["mode"] == mode), key=lambda r: r["mean_vectors_per_segment"])
+        ax.plot(
+            [r["mean_vectors_per_segment"] for r in arms],
+            [r["summary_ppl"] for r in arms],
+            marker=marker,
+            label=mode,
+        )
+        for r in arms:
+            ax.annotate(r["label"], (r["mean_vectors_per_segment"], r["summary_ppl"]), fontsize=7)
+    base = results[0]["base_no_context_ppl"]
+    ax.axhline(base, color="gray", linestyle="--", label="no context (base)")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("mean summary vectors per segment")
+    ax.set_ylabel("held-out last-segment perplexity")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def markdown(results: list[dict]) -> str:
+    rows = [
+        "| arm | mode | mean vectors / segment | ppl with summaries | no-context ppl (same model) |",
+        "| --- | --- | ---: | ---: | ---: |",
+    ]
+    for r in results:
+        rows.append(
+            f"| {r['label']} | {r['mode']} | {r['mean_vectors_per_segment']:.2f} | {r['summary_ppl']:.3f} "
+            f"| {r['no_context_ppl']:.3f} |"
+        )
+    return "\n".join(rows)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="model size and steps")
+    parser.add_argument("--smoke", action="store_true", help="same as --preset smoke (plumbing check)")
+    parser.add_argument(
+        "--data", type=Path, default=REPO / "data" / "stdlib", help="corpus (built if missing)"
+    )
+    parser.add_argument("--out", type=Path, default=REPO / ".bench" / "variable_study", help="output folder")
+    parser.add_argument(
+        "--threshold", type=float, default=0.5, help="inference stop threshold (variable arms)"
+    )
+    parser.add_argument("--lambdas", type=float, nargs="+", default=LAMBDAS, help="length-penalty sweep")
+    parser.add_argument("--fixed", type=int, nargs="+", default=FIXED, help="fixed summary lengths")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.preset = "smoke"
+    if args.preset != "gpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    os.chdir(REPO)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if not (args.data / "manifest.json").exists():
+        from acomp.data import build_corpus
+
+        build_corpus(source="stdlib", out=args.data, train_tokenizer_vocab=2048, block_size=512)
+
+    started = time.time()
+    base = train_base(args)
+    arms = [(f"k={k}", "fixed", {"summary_length": k}) for k in args.fixed]
+    arms += [
+        (
+            f"lambda={lam:g}",
+            "variable",
+            {"compression_mode": "variable", "compression_max_len": MAX_LEN, "compression_lambda": lam},
+        )
+        for lam in args.lambdas
+    ]
+    base_eval = evaluate(base, args, summary_length=1)  # its no-context ppl; the summary is untrained
+    results = []
+    for label, mode, fields in arms:
+        name = label.replace("=", "_")
+        model_dir = train_arm(args, base, name, fields)
+        inference = {"compress_stop_threshold": args.threshold} if mode == "variable" else {}
+        result = evaluate(model_dir, args, **inference)
+        result.update(label=label, mode=mode, base_no_context_ppl=base_eval["no_context_ppl"], **fields)
+        results.append(result)
+        print(json.dumps(result), flush=True)
+    summary = {
+        "preset": args.preset,
+        "threshold": args.threshold,
+        "segment_length": SEGMENT,
+        "segments": N_SEGMENTS,
+        "base_no_context_ppl": base_eval["no_context_ppl"],
+        "seconds": time.time() - started,
+        "arms": results,
+    }
+    (args.out / "results.json").write_text(json.dumps(summary, indent=2))
+    (args.out / "results.md").write_text(markdown(results) + "\n")
+    plot(results, args.out / "frontier.png")
+    print(markdown(results))
+    print(
+        f"base no-context ppl {base_eval['no_context_ppl']:.3f}; wrote {args.out}/results.json, frontier.png"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

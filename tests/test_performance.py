@@ -1,0 +1,187 @@
+"""Performance levers that must not change results (docs/PERFORMANCE.md): the chunked loss, the SDPA
+backend in activation-checkpoint recompute, the MFU FLOP count, ZeRO-3 persistence on one rank."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from modeling_utils import random_ids, tiny_model
+from torch.nn.attention import SDPBackend
+
+import acomp.modeling.compressor as compressor
+from acomp.config import RunConfig
+from acomp.modeling import attention
+from acomp.train.engine import BatchPlan, flop_param_split, resolve_ds_config
+from acomp.train.metrics import FlopModel, attention_width, segment_flops
+
+
+# ------------------------------------------------------------------------------------------ chunked loss
+def loss_and_grads(family, chunk, ckpt, ids, mask):
+    model = tiny_model(family, loss_chunk_size=chunk, segment_gradient_checkpointing=ckpt).train()
+    out = model(ids, attention_mask=mask, labels=ids, segment_lengths=[5, 6, 4], return_logits=False)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out, grads
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+@pytest.mark.parametrize("ckpt", [False, True])
+def test_chunked_loss_equals_unchunked(family, ckpt):
+    ids = random_ids(3, 15)
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0  # left padding: ignored targets inside a chunk
+    mask[2, -3:] = 0
+    ref, ref_grads = loss_and_grads(family, 0, ckpt, ids, mask)
+    for chunk in (1, 7, 10_000):  # one token per chunk, a chunk boundary inside segments, one chunk
+        out, grads = loss_and_grads(family, chunk, ckpt, ids, mask)
+        torch.testing.assert_close(out.loss, ref.loss, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(out.segment_nll, ref.segment_nll, rtol=1e-6, atol=1e-5)
+        assert torch.equal(out.segment_tokens, ref.segment_tokens)
+        assert grads.keys() == ref_grads.keys()
+        for name in grads:
+            torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_chunked_loss_never_materialises_all_logits():
+    model = tiny_model("llama", loss_chunk_size=6).train()
+    shapes = []
+    model.lm_head.register_forward_hook(lambda m, a, out: shapes.append(tuple(out.shape)))
+    ids = random_ids(2, 16)
+    out = model(ids, labels=ids, segment_lengths=[8, 8], return_logits=False)
+    assert shapes and all(s[0] * s[1] <= 6 for s in shapes)  # batch x positions per LM-head call
+    n_forward = len(shapes)
+    out.loss.backward()
+    assert len(shapes) == 2 * n_forward  # each chunk recomputed once in backward: nothing was kept
+    # With logits requested they are computed whole, as before.
+    shapes.clear()
+    assert model(ids, labels=ids, segment_lengths=[8, 8]).logits.shape == (2, 16, model.config.vocab_size)
+
+
+def test_loss_chunk_size_is_validated():
+    with pytest.raises(ValueError, match="loss_chunk_size"):
+        tiny_model("llama", loss_chunk_size=-1)
+
+
+# ------------------------------------------------------------------------ SDPA backend in recompute
+def sdpa_state():
+    flags = tuple(
+        getattr(torch.backends.cuda, f"{name}_sdp_enabled")()
+        for name in ("flash", "mem_efficient", "cudnn", "math")
+    )
+    return flags, tuple(torch._C._get_sdp_priority_order())
+
+
+@pytest.mark.parametrize("backend", ["flash", "efficient", "cudnn"])
+def test_checkpoint_recompute_runs_under_the_same_sdpa_backend(monkeypatch, backend):
+    """Every SDPA call of a checkpointed segment, in the forward and in the backward's recompute, sees the
+    configured backend settings (on CPU the context is forced on; torch keeps the flags there too)."""
+    outside = sdpa_state()
+    monkeypatch.setattr(compressor, "sdpa_context", lambda name, device: attention.backend_context(backend))
+    calls = []
+    real_sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        calls.append((phase[0], sdpa_state()))
+        return real_sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    phase = ["forward"]
+    model = tiny_model("llama", segment_gradient_checkpointing=True).train()
+    ids = random_ids(2, 12)
+    out = model(ids, labels=ids, segment_lengths=[4, 4, 4], return_logits=False)
+    phase[0] = "backward"
+    out.loss.backward()
+    layers = model.config.num_hidden_layers
+    assert [p for p, _ in calls].count("forward") == 3 * layers
+    assert [p for p, _ in calls].count("backward") == 2 * layers  # the two checkpointed segments re-ran
+    with attention.backend_context(backend):
+        expected = sdpa_state()
+    assert {state for _, state in calls} == {expected}
+    assert sdpa_state() == outside  # restored after forward and after backward
+
+
+def first_eligible(enabled: set, priority: list, eligible: set):
+    """torch's select_sdp_backend: the first backend of the priority list that is enabled and can run."""
+    for backend in priority:
+        if backend in enabled and (backend in eligible or backend == SDPBackend.MATH):
+            return backend
+    return None
+
+
+# The cudnn-first order that torch's lazy, once-per-process initialisation installs at the first SDPA call,
+# whatever order is in force then (so possibly inside our block, after the block set its own).
+CUDNN_FIRST = [
+    SDPBackend.CUDNN_ATTENTION,
+    SDPBackend.FLASH_ATTENTION,
+    SDPBackend.EFFICIENT_ATTENTION,
+    SDPBackend.MATH,
+]
+
+
+@pytest.mark.parametrize("backend", ["cudnn", "flash", "efficient", "math"])
+def test_backend_choice_does_not_depend_on_torch_priority_state(backend):
+    """Inside our block torch's priority list is either the block's or the cudnn-first one its lazy
+    initialisation installed behind the block's back (the flash/efficient CheckpointError: forward under
+    one, recompute under the other). The kernel chosen must be the same under both."""
+    ours = attention._ORDER[backend] + [SDPBackend.MATH]
+    enabled = set(ours)
+    fused = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
+    for r in range(len(fused) + 1):
+        for eligible in itertools.combinations(fused, r):
+            want = first_eligible(enabled, ours, set(eligible))
+            assert first_eligible(enabled, CUDNN_FIRST, set(eligible)) == want, (backend, eligible)
+    if backend != "cudnn":  # the configured kernel wins whenever it can run
+        assert first_eligible(enabled, ours, set(fused)) == ours[0]
+
+
+def test_sdpa_context_settles_torch_priority_once_before_entering(monkeypatch):
+    seen = []
+    monkeypatch.setattr(attention, "settle_torch_sdpa_priority", lambda device: seen.append(device))
+    cuda = torch.device("cuda", 0)
+    ctx = attention.sdpa_context("flash", cuda)
+    assert seen == [cuda]
+    with ctx:
+        assert not torch.backends.cuda.cudnn_sdp_enabled() and torch.backends.cuda.flash_sdp_enabled()
+    assert attention.sdpa_context("flash", torch.device("cpu")).__class__.__name__ == "nullcontext"
+
+
+# ------------------------------------------------------------------------------------------------ FLOPs
+def test_flop_model_counts_causal_pairs_summaries_and_frozen_weights():
+    flops = FlopModel(n_trainable=1000, n_frozen=0, n_layers=2, width=64, summary_length=10, accumulate=True)
+    # 3 segments of 100, one substep: forwards over 110, 120 and 120 positions (the last has no summary).
+    want = sum(6 * 1000 * t + 12 * 2 * 64 * t * (t + 1) / 2 for t in (110, 120, 120))
+    assert flops.per_sequence([[100, 100, 100]]) == pytest.approx(want)
+    assert flops.per_sequence([[100], [100], [100]]) == pytest.approx(want)  # BPTT substeps: same work
+    lora = FlopModel(n_trainable=10, n_frozen=990, n_layers=2, width=64, summary_length=0, accumulate=True)
+    assert lora.per_sequence([[50]]) == pytest.approx((6 * 10 + 4 * 990) * 50 + 12 * 2 * 64 * 50 * 51 / 2)
+    assert segment_flops(1, 1, 1, 4, causal=False) - segment_flops(1, 1, 1, 4) == 12 * (16 - 10)
+
+
+def test_flop_param_split_under_lora():
+    from peft import LoraConfig, get_peft_model
+
+    model = tiny_model("llama", summary_length=3)
+    config = model.config
+    total = sum(
+        p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n and "embed_summary" not in n
+    )
+    assert flop_param_split(model) == (total, 0)
+    lora = get_peft_model(
+        model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"], modules_to_save=["embed_summary"])
+    )
+    trainable, frozen = flop_param_split(lora)
+    adapters = sum(p.numel() for n, p in lora.named_parameters() if "lora_" in n)
+    assert (trainable, frozen) == (adapters, total)
+    assert attention_width(config) == config.hidden_size
+
+
+# ------------------------------------------------------------------------------------------------ ZeRO-3
+@pytest.mark.parametrize("world, expected", [(1, 2**62), (2, 10 * 64)])
+def test_zero3_persists_everything_on_one_rank(world, expected):
+    cfg = RunConfig()
+    cfg.train.deepspeed = "ds_configs/zero3.json"
+    cfg.train.global_batch_size = world
+    ds = resolve_ds_config(cfg, BatchPlan(1, 1, 2), world, torch.device("cpu"), hidden_size=64)
+    assert ds["zero_optimization"]["stage3_param_persistence_threshold"] == expected

@@ -1,0 +1,126 @@
+"""Variable-length compression through the trainer: bias carried across substeps, logged lengths, penalty."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from modeling_utils import random_ids, tiny_model
+from test_train_helpers import launch, read_metrics, tiny_config, tiny_corpus, write_config
+from test_train_loop import PlainEngine
+
+from acomp.train import train_substep
+from acomp.train.loop import summary_length_stats
+from acomp.train.segments import Substep
+
+MAX_LEN = 4
+
+
+def test_presence_bias_is_carried_detached_to_the_next_substep():
+    model = tiny_model("llama", compression_mode="variable", compression_max_len=MAX_LEN).train()
+    engine = PlainEngine(model)
+    ids = random_ids(2, 24)
+    first = train_substep(engine, Substep(ids[:, :12], [6, 6]), None, carry=True)
+    # Two compressing segments of MAX_LEN slots each (the <sum> position is not a summary vector).
+    assert first.softprompt.shape[:2] == (2, 2 * MAX_LEN) and not first.softprompt.requires_grad
+    assert first.softprompt_bias.shape == (2, 2 * MAX_LEN) and not first.softprompt_bias.requires_grad
+    assert first.summary_lengths.shape == (2, 2)
+    assert ((first.summary_lengths >= 1) & (first.summary_lengths <= MAX_LEN)).all()
+
+    seen = {}
+    forward = model.forward
+
+    def spy(*args, **kwargs):
+        seen["bias"] = kwargs.get("softprompt_bias")
+        return forward(*args, **kwargs)
+
+    model.forward = spy
+    last = train_substep(
+        engine,
+        Substep(ids[:, 12:], [6, 6]),
+        first.softprompt,
+        carry=False,
+        softprompt_bias=first.softprompt_bias,
+    )
+    assert torch.equal(seen["bias"], first.softprompt_bias)
+    assert last.softprompt is None and last.softprompt_bias is None
+    # The last substep's final segment does not compress: one length per sample.
+    assert last.summary_lengths.shape == (2, 1)
+
+
+def test_summary_length_stats_mean_and_histogram():
+    stats = summary_length_stats([torch.tensor([1.0, 2.2]), torch.tensor([3.9, 4.0])], max_len=4)
+    assert stats[0] == pytest.approx((1.0 + 2.2 + 3.9 + 4.0) / 4)
+    assert stats[1:] == [0.0, 0.25, 0.25, 0.0, 0.5]
+    assert summary_length_stats([], max_len=4) == []
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return tiny_corpus(tmp_path_factory)
+
+
+def variable_run(corpus, out, lam: float, steps: int):
+    return tiny_config(
+        corpus,
+        out,
+        compression={
+            "compression_mode": "variable",
+            "compression_max_len": MAX_LEN,
+            "compression_lambda": lam,
+        },
+        optim={"lr": 3e-3, "warmup_steps": 0, "schedule": "constant"},
+        train={"max_steps": steps, "deepspeed": "ds_configs/zero1.json", "export_final": True},
+    )
+
+
+def mean_length(records, steps):
+    return sum(r["summary_length"] for r in records if r["step"] in steps) / len(steps)
+
+
+@pytest.mark.slow
+def test_trainer_logs_lengths_and_a_large_lambda_shortens_them(corpus, tmp_path):
+    steps = 30
+    runs = {}
+    for lam in (0.0, 20.0):
+        out = tmp_path / f"lambda_{lam}"
+        launch(write_config(tmp_path / f"{lam}.yaml", variable_run(corpus, out, lam, steps)))
+        runs[lam] = read_metrics(out)
+    for records in runs.values():
+        train = [r for r in records if "loss" in r]
+        assert len(train) == steps
+        for r in train:
+            assert 1.0 <= r["summary_length"] <= MAX_LEN
+            assert len(r["summary_length_hist"]) == MAX_LEN + 1
+            assert sum(r["summary_length_hist"]) == pytest.approx(1.0)
+    first, last = range(1, 6), range(steps - 4, steps + 1)
+    shortened = mean_length(runs[20.0], first) - mean_length(runs[20.0], last)
+    unpenalised = mean_length(runs[0.0], first) - mean_length(runs[0.0], last)
+    assert shortened > 1.0, shortened
+    assert unpenalised < 0.5 * shortened, (unpenalised, shortened)
+
+    # The exported model's control rows are the corpus tokenizer's <sum>/<eoc>.
+    exported = tmp_path / "lambda_20.0" / "final"
+    config = json.loads((exported / "config.json").read_text())
+    vocab = json.loads((corpus / "tokenizer" / "tokenizer.json").read_text())["added_tokens"]
+    ids = {t["content"]: t["id"] for t in vocab}
+    assert (config["sum_token_id"], config["eoc_token_id"]) == (ids["<sum>"], ids["<eoc>"])
+    assert config["compression_mode"] == "variable"
+
+
+def test_wandb_offline_gets_the_length_histogram(tmp_path, monkeypatch):
+    from acomp.config import RunConfig
+    from acomp.train.metrics import MetricsLog
+
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = RunConfig()
+    cfg.logging.wandb, cfg.logging.progress = "offline", False
+    log = MetricsLog(tmp_path, cfg, is_main=True, start_step=0, total_steps=1)
+    record = {"step": 1, "loss": 1.0, "lr": 1e-3, "tokens_per_s": 1.0, "memory_gib": 0.0}
+    record.update(summary_length=2.5, summary_length_hist=[0.0, 0.5, 0.0, 0.5, 0.0])
+    logged = log._for_wandb(record)
+    assert logged["summary_length_hist"].histogram == [0.0, 0.5, 0.0, 0.5, 0.0]
+    log.log(record)
+    log.close()
+    assert json.loads((tmp_path / "metrics.jsonl").read_text())["summary_length_hist"][1] == 0.5
