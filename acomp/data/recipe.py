@@ -15,6 +15,8 @@ from typing import Any
 
 import yaml
 
+from .sources import EMBEDDED_SOURCES
+
 _SUFFIXES = {"k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9, "t": 10**12}
 _DOMAIN_KEYS = {"source", "train_tokens", "val_tokens", "text_field", "domain_field", "match", "id_field"}
 _RECIPE_KEYS = {
@@ -97,7 +99,12 @@ def _expand(source: str, where: str, base: Path | None) -> str:
         return os.environ[var]
 
     expanded = os.path.expanduser(_VAR.sub(sub, source))
-    if expanded != "stdlib" and base is not None and not os.path.isabs(expanded) and "://" not in expanded:
+    if (
+        expanded not in EMBEDDED_SOURCES
+        and base is not None
+        and not os.path.isabs(expanded)
+        and "://" not in expanded
+    ):
         expanded = str(base / expanded)
     return expanded
 

@@ -3,6 +3,8 @@
 Supported sources (one string each):
 
 - ``stdlib``: this interpreter's standard-library ``.py`` files (always present offline; real long documents).
+- ``site-packages``: the ``.py`` files of every installed distribution (``importlib.metadata``), named by
+  their path inside their site directory (``torch/nn/functional.py``); the larger offline corpus.
 - a ``.jsonl`` / ``.jsonl.gz`` / ``.jsonl.zst`` file: one JSON object per line with a text field.
 - a ``.parquet`` file with a text column.
 - a ``.txt`` file (one document).
@@ -19,6 +21,7 @@ Structural errors (a record without the text field, a line that is not JSON) rai
 
 from __future__ import annotations
 
+import functools
 import glob
 import gzip
 import io
@@ -35,6 +38,8 @@ PARQUET_SUFFIXES = (".parquet",)
 TEXT_SUFFIXES = (".txt",)
 SAVED_DATASET_MARKERS = ("dataset_info.json", "dataset_dict.json", "state.json")
 _REPLACEMENT_UTF8 = "\ufffd".encode()
+STDLIB, SITE_PACKAGES = "stdlib", "site-packages"
+EMBEDDED_SOURCES = (STDLIB, SITE_PACKAGES)  # source names that are not paths
 
 
 class SourceFormatError(ValueError):
@@ -61,8 +66,8 @@ class SourceSpec:
         """The domain name used when neither ``domain`` nor a record field gives one."""
         if self.domain:
             return self.domain
-        if self.path == "stdlib":
-            return "stdlib"
+        if self.path in EMBEDDED_SOURCES:
+            return self.path
         path = Path(self.path.rstrip("/"))
         while _is_glob(path.name) and path.parent != path:  # /data/pile/train/*.jsonl.zst -> train
             path = path.parent
@@ -96,6 +101,50 @@ class SourceIssue:
 def stdlib_root() -> Path:
     """The standard library's source directory of the running interpreter."""
     return Path(sysconfig.get_paths()["stdlib"])
+
+
+def site_packages_files() -> list[tuple[str, Path]]:
+    """(name inside its site directory, absolute path) of every installed distribution's ``.py`` file,
+    sorted by name. A name present in several site directories is taken from the first on ``sys.path``
+    (the one ``import`` would load); files under the stdlib, outside the site directory (``../bin``) or
+    missing on disk are skipped, and so are development checkouts on the path (a directory with a
+    pyproject.toml, setup.py or setup.cfg: an editable project is not an installed package)."""
+    from importlib import metadata
+
+    stdlib = stdlib_root().resolve()
+    found: dict[str, Path] = {}
+    for dist in metadata.distributions():
+        base = Path(dist.locate_file("")).resolve()
+        if base == stdlib or stdlib in base.parents or _is_checkout(base):
+            continue
+        for entry in dist.files or ():
+            name = entry.as_posix()
+            if not name.endswith(".py") or ".." in entry.parts or "__pycache__" in entry.parts:
+                continue
+            path = base / entry
+            if name not in found and path.is_file():
+                found[name] = path
+    return sorted(found.items())
+
+
+def _is_checkout(path: Path) -> bool:
+    return any((path / marker).is_file() for marker in ("pyproject.toml", "setup.py", "setup.cfg"))
+
+
+@functools.lru_cache(maxsize=1)
+def _site_names() -> dict[str, str]:
+    """path -> name of site_packages_files(), listed once per process (the listing reads every RECORD)."""
+    return {str(path): name for name, path in site_packages_files()}
+
+
+def source_name(spec: SourceSpec, root: Path, path: Path) -> str:
+    """A file's stable name within its source: its path relative to the source root (for ``site-packages``
+    relative to its own site directory)."""
+    if spec.path == SITE_PACKAGES:
+        name = _site_names().get(str(path))
+        if name is not None:
+            return name
+    return path.relative_to(root).as_posix() if path != root else path.name
 
 
 def decode_utf8(data: bytes) -> tuple[str, int]:
@@ -145,11 +194,17 @@ def _walk(root: Path, keep, skip_dirs: frozenset[str] | set[str] = frozenset()) 
 
 def resolve_files(spec: SourceSpec) -> tuple[Path, list[Path]]:
     """The source's root and its files in reading order (sorted), or a clear error if there are none."""
-    if spec.path == "stdlib":
+    if spec.path == STDLIB:
         root = stdlib_root()
         return root, _walk(
             root, lambda name: name.endswith(".py"), skip_dirs={"site-packages", "__pycache__"}
         )
+    if spec.path == SITE_PACKAGES:
+        _site_names.cache_clear()
+        files = [Path(path) for path in _site_names()]
+        if not files:
+            raise FileNotFoundError("source 'site-packages': no installed distribution has .py files")
+        return Path(os.path.commonpath([str(p.parent) for p in files])), files
     if _is_glob(spec.path):
         matches = sorted(Path(p) for p in glob.glob(spec.path, recursive=True))
         files = [p for p in matches if p.is_file() or _is_saved_dataset(p)]
@@ -160,7 +215,7 @@ def resolve_files(spec: SourceSpec) -> tuple[Path, list[Path]]:
     path = Path(spec.path)
     if not path.exists():
         raise FileNotFoundError(
-            f"source {spec.path!r} does not exist (expected 'stdlib', a file, a dir or a glob)"
+            f"source {spec.path!r} does not exist (expected 'stdlib', 'site-packages', a file, a dir or a glob)"
         )
     if path.is_file():
         if not _is_data_file(path):
@@ -363,11 +418,11 @@ def iter_documents(
     labeler = _RecordLabeler(spec)
     read_errors = _read_errors()
     for path in files:
-        rel = path.relative_to(root).as_posix() if path != root else path.name
+        rel = source_name(spec, root, path)
         try:
             if path.is_dir():
                 yield from _iter_saved_dataset(path, labeler)
-            elif spec.path == "stdlib" or path.name.endswith(TEXT_SUFFIXES):
+            elif spec.path in EMBEDDED_SOURCES or path.name.endswith(TEXT_SUFFIXES):
                 yield from _iter_whole_file(path, rel, spec.default_domain())
             elif path.name.endswith(PARQUET_SUFFIXES):
                 yield from _iter_parquet(path, rel, labeler)
@@ -390,7 +445,5 @@ def source_fingerprint(
             for sub in sorted(p for p in path.rglob("*") if p.is_file()):
                 out.append((sub.relative_to(root).as_posix(), sub.stat().st_size))
         else:
-            out.append(
-                (path.relative_to(root).as_posix() if path != root else path.name, path.stat().st_size)
-            )
+            out.append((source_name(spec, root, path), path.stat().st_size))
     return out

@@ -1,9 +1,10 @@
 """Perplexity of a block's last segment with no context vs with the summary vectors of the segments before it.
 
-The protocol of spec section 6.1 at demo scale: keep the last sum(segment_lengths) tokens of each block;
+The protocol of spec section 6.1 at training time, two of its conditions (acomp.eval.protocol scores them):
 "summary" compresses the earlier segments into summary vectors and scores the last one behind them;
 "no context" scores the last segment alone. Both score exactly the same targets (tokens 2..n of the last
 segment: its first token would be predicted from plain text in one case and from nothing in the other).
+The full protocol (every context length, full attention, per domain, reports) is acomp.eval / launchers/eval.py.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections.abc import Iterable
 
 import torch
 
+from acomp.eval.protocol import NO_CONTEXT, SUMMARY, SUMMARY_VARIABLE, Condition, is_variable, score
 from acomp.train.distributed import all_reduce_sum
 
 
@@ -37,6 +39,12 @@ def evaluate_summary_ppl(
     if len(segment_lengths) < 2:
         raise ValueError(f"segment_lengths needs a context and a target segment, got {segment_lengths}")
     total, target = sum(segment_lengths), segment_lengths[-1]
+    if target < 2:
+        raise ValueError(f"the target segment needs at least 2 tokens, got segment_lengths {segment_lengths}")
+    no_context = Condition(NO_CONTEXT)
+    # A variable-length model stops where it decides (its configured threshold), as at inference.
+    kind = SUMMARY_VARIABLE if is_variable(model) else SUMMARY
+    summary = Condition(kind, total - target, tuple(segment_lengths[:-1]))
     if device is None:
         device = next(model.parameters()).device
     was_training = model.training
@@ -56,11 +64,11 @@ def evaluate_summary_ppl(
                 f"a block has {ids.shape[1]} tokens, fewer than segment_lengths {segment_lengths} need"
             )
         ids = ids[:, ids.shape[1] - total :]
-        with_summary = model(ids, labels=ids, segment_lengths=segment_lengths, return_logits=False)
-        alone = model(ids[:, -target:], labels=ids[:, -target:], return_logits=False)
-        sums[0] += alone.segment_nll[:, 0].sum().item()
-        sums[1] += with_summary.segment_nll[:, -1].sum().item()
-        sums[2] += with_summary.segment_tokens[:, -1].sum().item()
+        with_summary = score(model, ids, summary, target)
+        alone = score(model, ids, no_context, target)
+        sums[0] += math.fsum(alone.nll)
+        sums[1] += math.fsum(with_summary.nll)
+        sums[2] += sum(with_summary.tokens)
         sums[3] += ids.shape[0]
     nll_alone, nll_summary, tokens, blocks = all_reduce_sum(sums, torch.device(device))
     model.train(was_training)

@@ -1,0 +1,148 @@
+"""Train within a wall-clock budget, with a learning-rate schedule that still decays to its end.
+
+The schedule needs `train.max_steps` up front, but how many steps fit in N minutes depends on the machine.
+So the run is sized from the trainer's own step time:
+
+1. probe: `run(cfg)` for `probe_steps` steps (all inside the warmup, where the schedule does not depend on
+   max_steps), checkpointed, not exported;
+2. read the step time (median of the probe's steps after the first) from metrics.jsonl, and the set-up
+   cost (probe wall time minus its steps);
+3. resume with max_steps = what fits in the rest of the budget after one more set-up and the export.
+
+Safety net: a timer sends this process SIGUSR1 at the deadline; the trainer then checkpoints after its
+current step and stops (`Preempted`), and a last resume at that step only exports the weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import math
+import os
+import signal
+import statistics
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from acomp.config import RunConfig
+
+
+@dataclass
+class BudgetedRun:
+    """What a budgeted run did: its output directory, steps, measured step time and set-up cost."""
+
+    output_dir: Path
+    steps: int
+    planned_steps: int
+    step_seconds: float
+    setup_seconds: float
+    seconds: float
+    stopped_at_deadline: bool
+
+
+def run_within(
+    cfg: RunConfig,
+    seconds: float | None = None,
+    *,
+    deadline: float | None = None,
+    probe_steps: int = 3,
+    log=print,
+) -> BudgetedRun:
+    """Train `cfg` for about `seconds` of wall time (set-up and export included), or until `deadline`
+    (a time.monotonic() value); returns what it did.
+
+    `cfg.train.max_steps` is ignored (sized here); `cfg.optim.warmup_steps` must be >= `probe_steps`.
+    """
+    if (seconds is None) == (deadline is None):
+        raise ValueError("give exactly one of seconds and deadline")
+    from acomp.train import Preempted, run
+
+    if probe_steps < 2:
+        raise ValueError(f"probe_steps must be >= 2 (the first step is not timed), got {probe_steps}")
+    if cfg.optim.warmup_steps < probe_steps:
+        raise ValueError(
+            f"optim.warmup_steps={cfg.optim.warmup_steps} must be >= probe_steps={probe_steps}: the probe's "
+            "learning rates must not depend on max_steps, which is only known after it"
+        )
+    started = time.monotonic()
+    deadline = started + seconds if deadline is None else deadline
+    out = Path(cfg.train.output_dir)
+    probe = _with_train(cfg, max_steps=probe_steps, export_final=False, checkpoint_every=0, eval_every=0)
+    run(probe)
+    _release_memory()
+    probed = time.monotonic() - started
+    times = step_times(out / "metrics.jsonl")
+    if len(times) < probe_steps:
+        raise RuntimeError(
+            f"{out / 'metrics.jsonl'} has {len(times)} step records after a {probe_steps}-step probe"
+        )
+    step_s = statistics.median(times[1:probe_steps])
+    setup_s = max(0.0, probed - sum(times[:probe_steps]))
+    left = deadline - time.monotonic() - setup_s  # the resume costs about what the probe's set-up did
+    planned = probe_steps + max(0, math.floor(left / step_s))
+    log(
+        f"budget: {step_s:.3f} s/step, set-up {setup_s:.1f} s, {left:.0f} s left -> max_steps={planned} "
+        f"(probe {probe_steps})"
+    )
+    timer = threading.Timer(max(0.0, deadline - time.monotonic() - setup_s / 2), _interrupt)
+    previous = signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # a late timer must not kill us outside run()
+    stopped = False
+    try:
+        timer.start()
+        try:
+            run(_with_train(cfg, max_steps=planned))
+            steps = planned
+        except Preempted as e:
+            timer.cancel()
+            stopped = True
+            steps = checkpoint_step(e.checkpoint)
+            log(f"budget: deadline reached at step {steps} of {planned}; exporting that checkpoint")
+            _release_memory()
+            run(_with_train(cfg, max_steps=steps))
+    finally:
+        timer.cancel()
+        signal.signal(signal.SIGUSR1, previous)
+        _release_memory()
+    return BudgetedRun(out, steps, planned, step_s, setup_s, time.monotonic() - started, stopped)
+
+
+def step_times(metrics_path: Path) -> list[float]:
+    """step_time_s of every step record in a metrics.jsonl, in step order (the last record per step wins)."""
+    by_step: dict[int, float] = {}
+    for line in Path(metrics_path).read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if "step" in record and "step_time_s" in record:
+            by_step[int(record["step"])] = float(record["step_time_s"])
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def checkpoint_step(path: Path) -> int:
+    """The step of a checkpoint directory named step_<8 digits>."""
+    from acomp.train.checkpoint import TAG_RE
+
+    match = TAG_RE.match(Path(path).name)
+    if match is None:
+        raise ValueError(f"{path} is not a checkpoint directory (step_<8 digits>)")
+    return int(match.group(1))
+
+
+def _with_train(cfg: RunConfig, **changes) -> RunConfig:
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **changes))
+
+
+def _interrupt() -> None:
+    os.kill(os.getpid(), signal.SIGUSR1)
+
+
+def _release_memory() -> None:
+    gc.collect()
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -1,0 +1,618 @@
+"""A reproducible quality benchmark: the paper's central result at small scale, offline, on one GPU.
+
+No pretrained weights are reachable, so the base model is pretrained here too:
+
+  data      corpus from this machine's Python sources: the stdlib and every installed package's .py files
+            (domains `stdlib` and `site-packages`), split into train / held-out by document, a locally
+            trained BPE, 6,144-token single-document blocks (acomp.data.build_corpus);
+  pretrain  a Llama-style base (d 768, 12 layers, GQA 12/4 heads, ~115M parameters) trained as a plain
+            causal LM on 2,048-token windows (the trainer with summary_length 0: 3 windows per block);
+  finetune  that base fine-tuned as an AutoCompressor with the real trainer: 50 summary vectors per
+            segment, 6K blocks in 3 BPTT substeps x 2 random segments (about 1,024 tokens each);
+  eval      the paper's protocol on held-out blocks (acomp.eval): perplexity of each block's last 1,024
+            tokens with no context, behind 50/100/150 (up to 250) summary vectors of 1/2/3 (up to 5)
+            compressed 1,024-token segments, and with full attention over the 1,024 plain tokens the
+            2,048-token window leaves; the same for the base model (no context, full attention).
+
+Every training stage runs within a wall-clock budget (--minutes; acomp.train.budget sizes max_steps from
+the measured step time so the schedule still decays) and writes its checkpoints under .bench/quality/
+(ignored by git), so stages chain across calls. `all` runs every stage in one process.
+
+    python benchmarks/quality.py --stage all                     # one GPU, about 9 minutes
+    python benchmarks/quality.py --stage pretrain --minutes 8    # or one stage per call
+    python benchmarks/quality.py --smoke                         # every stage on CPU, tiny, < 2 minutes
+
+Writes .bench/quality/results.json, results.md (the snippet for benchmarks/RESULTS.md) and
+ppl_vs_context.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+STAGES = ("data", "pretrain", "finetune", "eval")
+
+
+@dataclass
+class Plan:
+    """Everything the benchmark does, in one place (the full preset; `smoke()` shrinks it)."""
+
+    out: str = ".bench/quality"
+    smoke: bool = False
+    # corpus
+    sources: tuple[str, ...] = ("stdlib", "site-packages")
+    vocab: int = 16384
+    block_size: int = 6144
+    tokenizer_train_chars: int = 40_000_000
+    max_train_tokens: str | None = "60M"  # per domain
+    val_tokens: str | None = "3M"  # per domain
+    val_fraction: float = 0.1
+    limit_docs: int | None = None
+    num_workers: int = field(default_factory=lambda: max(1, min(16, os.cpu_count() or 1)))
+    # model (max_position_embeddings = the pretraining window = what full attention may see)
+    window: int = 2048
+    arch: dict = field(
+        default_factory=lambda: dict(
+            hidden_size=768,
+            intermediate_size=2560,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            num_key_value_heads=4,
+            rope_theta=10000.0,
+            tie_word_embeddings=False,
+        )
+    )
+    precision: str = "auto"  # bf16 on GPU
+    # pretraining: plain causal LM, summary_length 0
+    pretrain_lr: float = 1.5e-3
+    pretrain_warmup: int = 40
+    pretrain_batch: int = 16  # blocks per step (x 6,144 tokens)
+    pretrain_micro: int = 8
+    # fine-tuning as an AutoCompressor
+    summary_length: int = 50
+    substeps: int = 3
+    segments_per_substep: int = 2
+    segment_multiple: int = 64
+    finetune_lr: float = 5e-4
+    finetune_warmup: int = 20
+    finetune_batch: int = 16
+    finetune_micro: int = 8
+    # evaluation
+    eval_segment: int = 1024
+    segment_length: int = 1024
+    max_context_segments: int = 5
+    eval_blocks: int = 512
+    eval_batch: int = 8
+    # wall-clock budgets (minutes; pretrain includes building the corpus when it is missing)
+    pretrain_minutes: float = 4.5
+    finetune_minutes: float = 3.0
+    eval_minutes: float = 1.0
+    probe_steps: int = 3
+
+    @classmethod
+    def tiny(cls) -> Plan:
+        """The --smoke preset: the same stages on CPU with a tiny model and corpus."""
+        return cls(
+            out=".bench/quality-smoke",
+            smoke=True,
+            vocab=512,
+            block_size=512,
+            tokenizer_train_chars=400_000,
+            max_train_tokens=None,
+            val_tokens=None,
+            val_fraction=0.2,
+            limit_docs=40,
+            num_workers=1,
+            window=256,
+            arch=dict(
+                hidden_size=64,
+                intermediate_size=128,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                tie_word_embeddings=False,
+            ),
+            precision="fp32",
+            pretrain_lr=3e-3,
+            pretrain_warmup=3,
+            pretrain_batch=4,
+            pretrain_micro=4,
+            summary_length=4,
+            segment_multiple=1,
+            finetune_lr=2e-3,
+            finetune_warmup=3,
+            finetune_batch=4,
+            finetune_micro=4,
+            eval_segment=64,
+            segment_length=64,
+            max_context_segments=3,
+            eval_blocks=8,
+            eval_batch=4,
+            pretrain_minutes=0.3,
+            finetune_minutes=0.3,
+            eval_minutes=0.5,
+            probe_steps=2,
+        )
+
+    @property
+    def root(self) -> Path:
+        path = Path(self.out)
+        return path if path.is_absolute() else REPO / path
+
+
+# -------------------------------------------------------------------------------------------- stages
+def stage_data(plan: Plan) -> dict:
+    """Build (or reuse) the corpus; returns its manifest."""
+    from acomp.data import build_corpus
+
+    t = time.monotonic()
+    manifest = build_corpus(
+        list(plan.sources),
+        plan.root / "corpus",
+        train_tokenizer_vocab=plan.vocab,
+        tokenizer_train_chars=plan.tokenizer_train_chars,
+        block_size=plan.block_size,
+        max_tokens=plan.max_train_tokens,
+        val_tokens=plan.val_tokens,
+        val_fraction=plan.val_fraction,
+        limit_docs=plan.limit_docs,
+        num_workers=plan.num_workers,
+        progress=not plan.smoke,
+    )
+    splits = manifest["splits"]
+    print(
+        f"data: {splits['train']['tokens']:,} train / {splits['val']['tokens']:,} held-out tokens "
+        f"({splits['val']['blocks']} held-out blocks) in {time.monotonic() - t:.0f} s",
+        flush=True,
+    )
+    return manifest
+
+
+def pretrain_config(plan: Plan):
+    """Plain causal-LM pretraining of the base: summary_length 0, each block = block/window windows."""
+    from acomp.config import config_from_dict
+
+    return config_from_dict(
+        {
+            "model": {
+                "family": "llama",
+                "arch": {**plan.arch, "max_position_embeddings": plan.window},
+            },
+            "compression": {
+                "summary_length": 0,
+                "segment_gradient_checkpointing": False,
+                "training_substeps": plan.block_size // plan.window,
+                "segments_per_substep": 1,
+                "randomize_substeps": False,
+                "segment_lengths": [plan.window],
+            },
+            **_common(
+                plan,
+                "pretrain",
+                plan.pretrain_lr,
+                plan.pretrain_warmup,
+                plan.pretrain_batch,
+                plan.pretrain_micro,
+            ),
+        }
+    )
+
+
+def finetune_config(plan: Plan):
+    """The AutoCompressor fine-tuning of the base with the paper's recipe, scaled: random segments."""
+    from acomp.config import config_from_dict
+
+    return config_from_dict(
+        {
+            "model": {"name_or_path": str(plan.root / "pretrain" / "final")},
+            "compression": {
+                "summary_length": plan.summary_length,
+                "accumulate_summary": True,
+                "segment_gradient_checkpointing": False,
+                "training_substeps": plan.substeps,
+                "segments_per_substep": plan.segments_per_substep,
+                "randomize_substeps": True,
+                "segment_multiple": plan.segment_multiple,
+            },
+            **_common(
+                plan,
+                "finetune",
+                plan.finetune_lr,
+                plan.finetune_warmup,
+                plan.finetune_batch,
+                plan.finetune_micro,
+            ),
+        }
+    )
+
+
+def _common(plan: Plan, stage: str, lr: float, warmup: int, batch: int, micro: int) -> dict:
+    return {
+        "data": {"path": str(plan.root / "corpus"), "shuffle": True},
+        "optim": {
+            "lr": lr,
+            "weight_decay": 0.1,
+            "betas": [0.9, 0.95],
+            "warmup_steps": warmup,
+            "schedule": "cosine",
+            "min_lr_ratio": 0.1,
+            "grad_clip": 1.0,
+        },
+        "train": {
+            "output_dir": str(plan.root / stage),
+            "max_steps": plan.probe_steps,  # sized by acomp.train.budget
+            "global_batch_size": batch,
+            "micro_batch_size": micro,
+            "seed": 0 if stage == "pretrain" else 1,  # another data order for fine-tuning
+            "deepspeed": str(REPO / "ds_configs" / "zero1.json"),
+            "precision": plan.precision,
+            "checkpoint_every": 0,
+            "keep_checkpoints": 1,
+            "resume": "auto",
+            "export_final": True,
+            "eval_every": 0,
+        },
+        "logging": {"wandb": "disabled", "log_every": 25, "progress": not plan.smoke},
+    }
+
+
+def stage_train(plan: Plan, stage: str, minutes: float, force: bool) -> dict:
+    """pretrain or finetune within `minutes` (pretrain: corpus build included); skipped when done."""
+    from acomp.train.budget import run_within
+
+    out = plan.root / stage
+    done = out / "stage.json"
+    base_done = plan.root / "pretrain" / "stage.json"
+    stale = (
+        stage == "finetune"
+        and done.is_file()
+        and base_done.is_file()
+        and base_done.stat().st_mtime > done.stat().st_mtime
+    )
+    if done.is_file() and (out / "final" / "config.json").is_file() and not (force or stale):
+        print(f"{stage}: done already ({out / 'final'}); --force to redo", flush=True)
+        return json.loads(done.read_text())
+    if stale:
+        print("finetune: the pretrained base is newer than this fine-tuning; redoing it", flush=True)
+    if stage == "finetune" and not (plan.root / "pretrain" / "final" / "config.json").is_file():
+        raise SystemExit(
+            f"finetune needs the pretrained base at {plan.root / 'pretrain' / 'final'}: run --stage pretrain first"
+        )
+    if out.exists():
+        print(f"{stage}: removing the incomplete run at {out}", flush=True)
+        shutil.rmtree(out)
+    started = time.monotonic()
+    deadline = started + minutes * 60
+    if stage == "pretrain":
+        stage_data(plan)
+    cfg = pretrain_config(plan) if stage == "pretrain" else finetune_config(plan)
+    result = run_within(
+        cfg, deadline=deadline, probe_steps=plan.probe_steps, log=lambda m: print(f"{stage}: {m}", flush=True)
+    )
+    tokens = _tokens_seen(out / "metrics.jsonl")
+    info = {
+        "stage": stage,
+        "minutes_budget": minutes,
+        "seconds": time.monotonic() - started,
+        "steps": result.steps,
+        "planned_steps": result.planned_steps,
+        "step_seconds": result.step_seconds,
+        "setup_seconds": result.setup_seconds,
+        "stopped_at_deadline": result.stopped_at_deadline,
+        "tokens": tokens,
+        "tokens_per_s": tokens / (result.steps * result.step_seconds) if result.steps else None,
+        "config": asdict(cfg),
+    }
+    done.write_text(json.dumps(info, indent=2) + "\n")
+    print(
+        f"{stage}: {result.steps} steps, {tokens:,} tokens in {info['seconds']:.0f} s "
+        f"({result.step_seconds:.3f} s/step)",
+        flush=True,
+    )
+    return info
+
+
+def _tokens_seen(metrics: Path) -> int:
+    last = 0
+    for line in metrics.read_text().splitlines():
+        try:
+            last = max(last, int(json.loads(line).get("tokens_seen", 0)))
+        except (json.JSONDecodeError, TypeError, ValueError):
+            continue
+    return last
+
+
+def stage_eval(plan: Plan, minutes: float) -> dict:
+    """The protocol on held-out blocks for the AutoCompressor and for its base; writes the reports."""
+    import torch
+
+    from acomp import AutoCompressorModel
+    from acomp.eval import CorpusBlocks, ProtocolConfig, evaluate, report
+
+    for stage in ("pretrain", "finetune"):
+        if not (plan.root / stage / "final" / "config.json").is_file():
+            raise SystemExit(f"eval needs {plan.root / stage / 'final'}: run --stage {stage} first")
+    started = time.monotonic()
+    device = torch.device("cuda" if torch.cuda.is_available() and not plan.smoke else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    cfg = ProtocolConfig(
+        eval_segment=plan.eval_segment,
+        segment_length=plan.segment_length,
+        max_context_segments=plan.max_context_segments,
+        fa_window=plan.window,
+        batch_size=plan.eval_batch,
+        max_blocks=plan.eval_blocks,
+    )
+    blocks = CorpusBlocks(str(plan.root / "corpus"), "val")
+    results = {}
+    # The AutoCompressor gets 3/4 of the budget, its base (two conditions) the rest.
+    for name, stage, share in (("autocompressor", "finetune", 0.75), ("base", "pretrain", 1.0)):
+        model = AutoCompressorModel.from_pretrained(str(plan.root / stage / "final"), dtype=dtype).to(device)
+        deadline = started + share * minutes * 60
+        result = evaluate(model, blocks, cfg, device=device, progress=not plan.smoke, deadline=deadline)
+        if result.blocks < result.blocks_selected:
+            print(
+                f"eval: {name} stopped at the deadline after {result.blocks} of {result.blocks_selected} blocks"
+            )
+        results[name] = result
+        del model
+    ac = results["autocompressor"]
+    report.plot(ac, plan.root / "ppl_vs_context.png", title="AutoCompressor (quality benchmark)")
+    print(report.markdown(ac, title="AutoCompressor, all conditions"), flush=True)
+    return {"results": results, "seconds": time.monotonic() - started, "device": _device_name(device)}
+
+
+# ------------------------------------------------------------------------------------------- summary
+def headline(ac, base, summary_length: int) -> dict:
+    """The numbers RESULTS.md records: ppl with no context, behind 1..3 segments' summary vectors and with
+    full attention, and the share of the no-context -> FA gap each summary condition closes."""
+    from acomp.eval import FULL_ATTENTION, NO_CONTEXT, SUMMARY, gap_share
+
+    fa = max(
+        (c for c in ac.conditions if c.kind == FULL_ATTENTION), key=lambda c: c.context_tokens, default=None
+    )
+    rows = [{"condition": "no context", "context_tokens": 0, "summary_vectors": 0, "name": NO_CONTEXT}]
+    for c in ac.conditions:
+        if c.kind == SUMMARY:
+            rows.append(
+                {
+                    "condition": f"{round(ac.overall[c.name].summary_vectors)} summary vectors",
+                    "context_tokens": c.context_tokens,
+                    "summary_vectors": ac.overall[c.name].summary_vectors,
+                    "name": c.name,
+                }
+            )
+    if fa is not None:
+        rows.append(
+            {
+                "condition": "full attention",
+                "context_tokens": fa.context_tokens,
+                "summary_vectors": 0,
+                "name": fa.name,
+            }
+        )
+    for row in rows:
+        stat = ac.overall[row["name"]]
+        row.update(ppl=stat.ppl, loss=stat.loss, tokens=stat.tokens)
+        if fa is not None:
+            row["gap_closed_loss"] = gap_share(ac, row["name"], fa.name, on="loss")
+            row["gap_closed_ppl"] = gap_share(ac, row["name"], fa.name, on="ppl")
+    base_rows = [
+        {
+            "condition": f"base: {'no context' if c.kind == NO_CONTEXT else 'full attention'}",
+            "context_tokens": c.context_tokens,
+            "ppl": base.overall[c.name].ppl,
+            "loss": base.overall[c.name].loss,
+        }
+        for c in base.conditions
+    ]
+    return {
+        "rows": rows,
+        "base": base_rows,
+        "fa": None if fa is None else fa.name,
+        "summary_length": summary_length,
+    }
+
+
+def markdown_snippet(plan: Plan, info: dict, head: dict, ac, base) -> str:
+    from acomp.eval import report
+
+    nc = ac.overall["no_context"]
+    domains = ", ".join(f"{d} {s['no_context'].blocks} blocks" for d, s in ac.domains.items())
+    lines = [
+        "## Quality: the paper's central result at small scale",
+        "",
+        f"Recorded {info['date']} on {info['device']}; {info['versions']}. Command: `{info['command']}`.",
+        "",
+        f"Base: Llama-style, {info['params'] / 1e6:.0f}M parameters (d {plan.arch['hidden_size']}, "
+        f"{plan.arch['num_hidden_layers']} layers, {plan.arch['num_attention_heads']}/{plan.arch['num_key_value_heads']} "
+        f"query/KV heads, vocab {plan.vocab}), pretrained as a plain causal LM on {plan.window}-token windows "
+        f"for {info['pretrain']['steps']} steps ({info['pretrain']['tokens'] / 1e6:.1f}M tokens, "
+        f"{info['pretrain']['seconds'] / 60:.1f} min), then fine-tuned as an AutoCompressor "
+        f"({plan.summary_length} summary vectors per segment, {plan.block_size}-token blocks in {plan.substeps} "
+        f"substeps x {plan.segments_per_substep} random segments) for {info['finetune']['steps']} steps "
+        f"({info['finetune']['tokens'] / 1e6:.1f}M tokens, {info['finetune']['seconds'] / 60:.1f} min). "
+        f"Corpus: this machine's stdlib and installed packages' sources, split by document; "
+        f"{info['corpus']['train_tokens'] / 1e6:.1f}M training tokens.",
+        "",
+        f"Held-out: {nc.blocks} blocks ({domains}); perplexity of each block's last {plan.eval_segment - 1} "
+        f"tokens (the final {plan.eval_segment}-token segment), {nc.tokens:,} target tokens, the same in every row.",
+        "",
+        "| context | context tokens | ppl | gap closed (loss) | gap closed (ppl) |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for row in head["rows"]:
+        loss_share = row.get("gap_closed_loss")
+        ppl_share = row.get("gap_closed_ppl")
+        lines.append(
+            f"| {row['condition']} | {row['context_tokens']:,} | {row['ppl']:.3f} | "
+            f"{'-' if loss_share is None else f'{loss_share:.1%}'} | {'-' if ppl_share is None else f'{ppl_share:.1%}'} |"
+        )
+    for row in head["base"]:
+        lines.append(f"| {row['condition']} | {row['context_tokens']:,} | {row['ppl']:.3f} | | |")
+    lines += [
+        "",
+        "Gap closed = (x_no_context - x_summary) / (x_no_context - x_full_attention), on the mean loss "
+        "(log-perplexity; the headline) and on perplexity, all from the AutoCompressor's own weights. The base "
+        "rows are the pretrained model before fine-tuning, for reference.",
+        "",
+        report.markdown(ac, title="All conditions, per domain"),
+    ]
+    return "\n".join(lines)
+
+
+def summarize(plan: Plan, evaluated: dict, command: str) -> dict:
+    import torch
+    import transformers
+
+    from acomp.eval import report
+
+    ac, base = evaluated["results"]["autocompressor"], evaluated["results"]["base"]
+    manifest = json.loads((plan.root / "corpus" / "manifest.json").read_text())
+    cfg = json.loads((plan.root / "finetune" / "final" / "config.json").read_text())
+    info = {
+        "date": time.strftime("%Y-%m-%d"),
+        "device": evaluated["device"],
+        "versions": f"Python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}",
+        "command": command,
+        "params": _count_params(plan.root / "finetune" / "final"),
+        "pretrain": json.loads((plan.root / "pretrain" / "stage.json").read_text()),
+        "finetune": json.loads((plan.root / "finetune" / "stage.json").read_text()),
+        "corpus": {
+            "train_tokens": manifest["splits"]["train"]["tokens"],
+            "val_blocks": manifest["splits"]["val"]["blocks"],
+            "domains": {d: v["tokens"] for d, v in manifest["splits"]["train"]["domains"].items()},
+        },
+        "model_config": {
+            k: cfg[k] for k in ("hidden_size", "num_hidden_layers", "vocab_size", "summary_length")
+        },
+    }
+    head = headline(ac, base, plan.summary_length)
+    data = {
+        "plan": asdict(plan),
+        "info": info,
+        "headline": head,
+        "autocompressor": report.to_dict(ac),
+        "base": report.to_dict(base),
+        "eval_seconds": evaluated["seconds"],
+    }
+    for stage in ("pretrain", "finetune"):
+        info[stage].pop("config", None)
+    (plan.root / "results.json").write_text(json.dumps(report.finite_json(data), indent=2) + "\n")
+    snippet = markdown_snippet(plan, info, head, ac, base)
+    (plan.root / "results.md").write_text(snippet)
+    print(snippet, flush=True)
+    print(
+        f"wrote {plan.root / 'results.json'}, {plan.root / 'results.md'}, {plan.root / 'ppl_vs_context.png'}"
+    )
+    return data
+
+
+def _count_params(model_dir: Path) -> int:
+    """Parameters of an exported model, summary table excluded (the base's size)."""
+    from safetensors import safe_open
+
+    total = 0
+    for f in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as st:
+            for key in st.keys():
+                if key != "embed_summary.weight":
+                    n = 1
+                    for size in st.get_slice(key).get_shape():
+                        n *= int(size)
+                    total += n
+    return total
+
+
+def _device_name(device) -> str:
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({os.cpu_count()} cores)"
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--stage", choices=(*STAGES, "all"), default="all", help="stage to run (default: all)")
+    p.add_argument(
+        "--minutes",
+        type=float,
+        default=None,
+        help="wall-clock budget of the chosen stage (not with --stage all)",
+    )
+    p.add_argument(
+        "--pretrain-minutes",
+        type=float,
+        default=None,
+        help="pretrain budget, corpus build included (default 4.5; smoke 0.3)",
+    )
+    p.add_argument(
+        "--finetune-minutes", type=float, default=None, help="fine-tuning budget (default 3.0; smoke 0.3)"
+    )
+    p.add_argument(
+        "--eval-minutes", type=float, default=None, help="evaluation budget (default 1.0; smoke 0.5)"
+    )
+    p.add_argument(
+        "--eval-blocks", type=int, default=None, help="held-out blocks to evaluate (default 512; smoke 8)"
+    )
+    p.add_argument(
+        "--out", default=None, help="working directory (default .bench/quality, smoke .bench/quality-smoke)"
+    )
+    p.add_argument(
+        "--smoke", action="store_true", help="tiny model and corpus on CPU: every stage in under 2 minutes"
+    )
+    p.add_argument("--force", action="store_true", help="redo training stages that are already done")
+    args = p.parse_args(argv)
+
+    if args.smoke:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    plan = Plan.tiny() if args.smoke else Plan()
+    if args.out:
+        plan.out = args.out
+    if args.eval_blocks:
+        plan.eval_blocks = args.eval_blocks
+    for stage in ("pretrain", "finetune", "eval"):
+        value = getattr(args, f"{stage}_minutes")
+        if value is not None:
+            setattr(plan, f"{stage}_minutes", value)
+    if args.minutes is not None:
+        if args.stage in ("all", "data"):
+            p.error(
+                "--minutes sets the budget of one training or eval stage; with --stage all use --pretrain-minutes etc."
+            )
+        setattr(plan, f"{args.stage}_minutes", args.minutes)
+    import torch
+
+    if not args.smoke and not torch.cuda.is_available():
+        p.error("the full benchmark needs a GPU; use --smoke on a CPU machine")
+    plan.root.mkdir(parents=True, exist_ok=True)
+    command = "python benchmarks/quality.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    stages = STAGES if args.stage == "all" else (args.stage,)
+    for stage in stages:
+        if stage == "data":
+            if args.stage == "data":
+                stage_data(plan)
+        elif stage in ("pretrain", "finetune"):
+            stage_train(plan, stage, getattr(plan, f"{stage}_minutes"), args.force)
+        else:
+            summarize(plan, stage_eval(plan, plan.eval_minutes), command)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,198 @@
+"""Compressed generation: compress a long document once, keep its summary vectors on disk, answer later.
+
+    # 1. compress (once): the document -> summary vectors + metadata in one .pt file
+    python examples/compressed_generation.py compress --model runs/tiny/final --out argparse.summary.pt
+    # 2. answer (any time later, any number of prompts): generate behind the saved summary vectors
+    python examples/compressed_generation.py answer --summary argparse.summary.pt --compare
+    python examples/compressed_generation.py answer --summary argparse.summary.pt --prompt "def parse_args(" --max-new-tokens 60
+
+`compress` reads the document (default: the stdlib's argparse.py), tokenizes it with the model's tokenizer
+and compresses its first `--segments` segments of `--segment-length` tokens (accumulating: the softprompt
+holds summary_length vectors per segment). The file stores the vectors (fp32) and what is needed to use
+them: the model they belong to, the lengths, and the text that follows the compressed part (the default
+prompt). `answer` loads the model named there (or --model), checks the vectors fit it, and calls
+`model.generate(prompt_ids, softprompt=...)`; `--compare` also generates without them.
+Runs on CPU with the demo's model (`make demo` writes runs/tiny/final) or any AutoCompressor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+FORMAT = 1
+
+
+def default_document() -> str:
+    from acomp.data import stdlib_root
+
+    return str(stdlib_root() / "argparse.py")
+
+
+def load(model_path: str):
+    """The AutoCompressor and its tokenizer (saved beside it, as the trainer's export does)."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from acomp import AutoCompressorModel
+
+    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    model = AutoCompressorModel.from_pretrained(model_path, dtype=dtype).eval()
+    if torch.cuda.is_available():
+        model = model.cuda()
+    return model, AutoTokenizer.from_pretrained(model_path)
+
+
+def positions_budget(model, segment: int) -> int:
+    """How many segments can be compressed before the softprompt, a segment and its summary tokens
+    outgrow the model's positions (RoPE families number softprompt and summary tokens too)."""
+    kappa = model.config.summary_length
+    max_pos = model.config.max_position_embeddings
+    if not model.position_rule.softprompt_consumes_positions:
+        return 10**9
+    return max(0, (max_pos - segment - kappa) // max(kappa, 1))
+
+
+def compress(args) -> int:
+    import torch
+
+    model, tok = load(args.model)
+    if model.config.summary_length == 0:
+        raise SystemExit(f"{args.model} has summary_length 0: it cannot compress")
+    text = Path(args.document).read_text(encoding="utf-8", errors="replace")
+    ids = tok(text, add_special_tokens=False, return_tensors="pt").input_ids
+    segment = args.segment_length or min(2048, model.config.max_position_embeddings // 4)
+    wanted = args.segments
+    fit = min(wanted, ids.shape[1] // segment - 1, positions_budget(model, segment))
+    if fit < 1:
+        raise SystemExit(
+            f"{args.document} has {ids.shape[1]} tokens: too short for one {segment}-token segment plus a prompt "
+            "(lower --segment-length)"
+        )
+    if fit < wanted:
+        print(f"note: compressing {fit} segments, not {wanted} (document length or the model's positions)")
+    lengths = [segment] * fit
+    context = ids[:, : sum(lengths)].to(model.device)
+    memory = model.compress_context(context, segment_lengths=lengths)
+    following = tok.decode(ids[0, sum(lengths) : sum(lengths) + args.prompt_tokens])
+    record = {
+        "format": FORMAT,
+        "softprompt": memory.softprompt.float().cpu(),
+        "softprompt_bias": None if memory.softprompt_bias is None else memory.softprompt_bias.cpu(),
+        "model": str(Path(args.model).resolve()) if Path(args.model).exists() else args.model,
+        "hidden_size": model.config.hidden_size,
+        "summary_length": model.config.summary_length,
+        "document": str(args.document),
+        "document_tokens": int(ids.shape[1]),
+        "segment_lengths": lengths,
+        "compressed_tokens": sum(lengths),
+        "continuation": following,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    torch.save(record, args.out)
+    print(
+        f"compressed {sum(lengths)} of {ids.shape[1]} tokens of {args.document} into "
+        f"{memory.softprompt.shape[1]} summary vectors -> {args.out}"
+    )
+    return 0
+
+
+def answer(args) -> int:
+    import torch
+
+    record = torch.load(args.summary, map_location="cpu", weights_only=False)
+    if not isinstance(record, dict) or record.get("format") != FORMAT:
+        raise SystemExit(f"{args.summary} is not a summary file written by `compress` (format {FORMAT})")
+    model_path = args.model or record["model"]
+    model, tok = load(model_path)
+    if model.config.hidden_size != record["hidden_size"]:
+        raise SystemExit(
+            f"the summary vectors are {record['hidden_size']} wide but {model_path} has hidden_size "
+            f"{model.config.hidden_size}: they belong to {record['model']}"
+        )
+    prompt = record["continuation"] if args.prompt is None else args.prompt
+    prompt_ids = tok(prompt, add_special_tokens=False, return_tensors="pt").input_ids.to(model.device)
+    if prompt_ids.shape[1] == 0:
+        raise SystemExit("the prompt is empty")
+    softprompt = record["softprompt"].to(model.device)
+    bias = record["softprompt_bias"]
+    options = dict(max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature)
+    if args.sample:
+        options["generator"] = torch.Generator(device=model.device).manual_seed(args.seed)
+    out = model.generate(
+        prompt_ids,
+        softprompt=softprompt,
+        softprompt_bias=None if bias is None else bias.to(model.device),
+        **options,
+    )
+    print(
+        f"[{softprompt.shape[1]} summary vectors of {record['compressed_tokens']} tokens of {record['document']}]"
+    )
+    print(f"prompt: {prompt!r}")
+    print(f"with summary vectors: {tok.decode(out[0, prompt_ids.shape[1] :])!r}")
+    if args.compare:
+        if args.sample:
+            options["generator"] = torch.Generator(device=model.device).manual_seed(args.seed)
+        plain = model.generate(prompt_ids, **options)
+        print(f"without:              {tok.decode(plain[0, prompt_ids.shape[1] :])!r}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("compress", help="compress a document into summary vectors saved to a file")
+    c.add_argument(
+        "--model", default=str(REPO / "runs" / "tiny" / "final"), help="AutoCompressor dir or hub name"
+    )
+    c.add_argument(
+        "--document", default=None, help="text file to compress (default: the stdlib's argparse.py)"
+    )
+    c.add_argument("--out", required=True, help="where to save the summary vectors (.pt)")
+    c.add_argument(
+        "--segment-length",
+        type=int,
+        default=None,
+        help="tokens per compressed segment (default: max_position_embeddings / 4, at most 2048)",
+    )
+    c.add_argument(
+        "--segments",
+        type=int,
+        default=3,
+        help="segments to compress from the start of the document (default 3)",
+    )
+    c.add_argument(
+        "--prompt-tokens",
+        type=int,
+        default=24,
+        help="tokens after the compressed part kept as the default prompt",
+    )
+    a = sub.add_parser("answer", help="generate behind summary vectors saved by `compress`")
+    a.add_argument("--summary", required=True, help="file written by `compress`")
+    a.add_argument("--model", default=None, help="model to use (default: the one that wrote the vectors)")
+    a.add_argument(
+        "--prompt", default=None, help="prompt text (default: the text that follows the compressed part)"
+    )
+    a.add_argument("--max-new-tokens", type=int, default=40, help="tokens to generate (default 40)")
+    a.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    a.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (with --sample)")
+    a.add_argument("--seed", type=int, default=0, help="sampling seed (with --sample)")
+    a.add_argument("--compare", action="store_true", help="also generate without the summary vectors")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "compress":
+        args.document = args.document or default_document()
+        return compress(args)
+    return answer(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

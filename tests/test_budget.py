@@ -1,0 +1,34 @@
+"""acomp.train.budget: the pieces of a wall-clock-budgeted run (the whole run: tests/test_quality_smoke.py)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from acomp.config import config_from_dict
+from acomp.train.budget import checkpoint_step, run_within, step_times
+
+
+def test_step_times_take_the_last_record_of_each_step(tmp_path):
+    records = [
+        {"step": 1, "step_time_s": 3.0},
+        {"step": 2, "step_time_s": 1.0},
+        {"step": 2, "step_time_s": 0.5},
+    ]
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(
+        "\n".join(json.dumps(r) for r in records) + "\nnot json\n" + json.dumps({"event": "x"}) + "\n"
+    )
+    assert step_times(path) == [3.0, 0.5]  # a resumed run rewrote step 2
+
+
+def test_checkpoint_step_and_argument_checks(tmp_path):
+    assert checkpoint_step(tmp_path / "checkpoints" / "step_00000042") == 42
+    with pytest.raises(ValueError, match="not a checkpoint directory"):
+        checkpoint_step(tmp_path / "final")
+    cfg = config_from_dict({"model": {"arch": {"hidden_size": 32}}, "optim": {"warmup_steps": 2}})
+    with pytest.raises(ValueError, match="warmup_steps=2 must be >= probe_steps=3"):
+        run_within(cfg, 60, probe_steps=3)
+    with pytest.raises(ValueError, match="exactly one of seconds and deadline"):
+        run_within(cfg, 60, deadline=1.0, probe_steps=2)

@@ -1,0 +1,226 @@
+"""The evaluation protocol (acomp.eval): what each condition scores, aggregation, reports, the launcher."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from modeling_utils import random_ids, tiny_model
+from transformers import LlamaForCausalLM
+
+from acomp.eval import (
+    FULL_ATTENTION,
+    NO_CONTEXT,
+    SUMMARY,
+    SUMMARY_VARIABLE,
+    Condition,
+    ProtocolConfig,
+    evaluate,
+    plan_conditions,
+    report,
+    score,
+    select_blocks,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+E, S = 16, 16
+
+
+def blocks(n: int = 6, length: int = 64) -> list[dict]:
+    return [{"input_ids": random_ids(1, length, seed=i)[0], "domain": "ab"[i % 2]} for i in range(n)]
+
+
+def test_full_attention_over_the_whole_block_is_a_plain_forward():
+    model = tiny_model("llama")
+    ids = torch.stack([b["input_ids"] for b in blocks(3)])
+    c = ids.shape[1] - E
+    got = score(model, ids, Condition(FULL_ATTENTION, c), E)
+    # The same targets another way: the base class's own forward over the block, CE on the last E - 1 tokens.
+    logits = LlamaForCausalLM.forward(model, input_ids=ids).logits.float()
+    want = F.cross_entropy(logits[:, c:-1].transpose(1, 2), ids[:, c + 1 :], reduction="none").sum(dim=1)
+    assert got.tokens == [E - 1] * 3
+    assert got.nll == pytest.approx(want.tolist(), rel=1e-5)
+
+
+def test_summary_with_no_segment_is_no_context_and_with_segments_matches_one_call():
+    model = tiny_model("llama")
+    ids = torch.stack([b["input_ids"] for b in blocks(2)])
+    alone = score(model, ids, Condition(NO_CONTEXT), E)
+    assert score(model, ids, Condition(SUMMARY, 0, ()), E).nll == alone.nll
+    # Compress-then-score equals the single model call of the original protocol (last segment's NLL).
+    summary = score(model, ids, Condition(SUMMARY, 2 * S, (S, S)), E)
+    span = ids[:, -(2 * S + E) :]
+    one_call = model(span, labels=span, segment_lengths=[S, S, E], return_logits=False)
+    assert summary.nll == pytest.approx(one_call.segment_nll[:, -1].tolist(), rel=1e-5)
+    assert summary.vectors == [2.0 * model.config.summary_length] * 2
+    assert summary.nll != alone.nll
+
+
+def test_plan_and_result_cover_the_same_targets_per_domain():
+    model = tiny_model("llama")
+    data = blocks(7)
+    result = evaluate(
+        model,
+        data,
+        ProtocolConfig(eval_segment=E, segment_length=S, fa_window=48, batch_size=3),
+        progress=False,
+    )
+    names = [c.name for c in result.conditions]
+    assert names == [
+        "no_context",
+        "summary_1",
+        "summary_2",
+        "summary_3",
+        "full_attention_16",
+        "full_attention_32",
+    ]
+    assert result.blocks == 7
+    for name in names:
+        overall = result.overall[name]
+        assert overall.tokens == 7 * (E - 1)  # the same targets in every condition
+        assert sum(d[name].tokens for d in result.domains.values()) == overall.tokens
+        assert math.fsum(d[name].nll_sum for d in result.domains.values()) == pytest.approx(
+            overall.nll_sum, rel=1e-12
+        )
+    assert {d: s["no_context"].blocks for d, s in result.domains.items()} == {"a": 4, "b": 3}
+    assert model.training is False
+
+
+def test_planner_errors_and_warnings():
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match="needs 4 x segment_length=16 \\+ eval_segment=16 = 80 tokens"):
+        plan_conditions(model, ProtocolConfig(eval_segment=E, segment_length=S, max_context_segments=4), 64)
+    with pytest.raises(ValueError, match="compression_mode 'variable'"):
+        plan_conditions(model, ProtocolConfig(eval_segment=E, segment_length=S, variable=True), 64)
+    with pytest.raises(ValueError, match="eval_segment=80 is longer than the blocks"):
+        plan_conditions(model, ProtocolConfig(eval_segment=80), 64)
+    plan = plan_conditions(model, ProtocolConfig(eval_segment=E, segment_length=S, fa_window=E), 64)
+    assert not [c for c in plan.conditions if c.kind == FULL_ATTENTION]
+    assert any("full attention skipped" in w for w in plan.warnings)
+    plan = plan_conditions(model, ProtocolConfig(eval_segment=E, segment_length=S, fa_window=0), 64)
+    assert not plan.warnings and plan.conditions[-1].kind == SUMMARY
+    assert select_blocks(10, 4) == [0, 2, 5, 7] and select_blocks(3, None) == [0, 1, 2]
+
+
+def test_variable_length_conditions_count_their_vectors():
+    model = tiny_model("llama", compression_mode="variable", compression_max_len=4)
+    cfg = ProtocolConfig(eval_segment=E, segment_length=S, fa_window=0, stop_threshold=0.0)
+    result = evaluate(model, blocks(2), cfg, progress=False)
+    assert [c.name for c in result.conditions if c.kind == SUMMARY_VARIABLE] == [
+        "summary_variable_1",
+        "summary_variable_2",
+        "summary_variable_3",
+    ]
+    # threshold 0: every segment stops after one vector; the fixed reading spends all 4 slots.
+    assert result.overall["summary_variable_3"].summary_vectors == 3.0
+    assert result.overall["summary_3"].summary_vectors == 12.0
+    assert model.config.compress_stop_threshold is None  # restored
+
+
+def test_reports(tmp_path):
+    model = tiny_model("llama")
+    result = evaluate(model, blocks(4), ProtocolConfig(eval_segment=E, segment_length=S), progress=False)
+    path = report.write_json(result, tmp_path / "r.json", {"model": "tiny"})
+    data = json.loads(path.read_text(), parse_constant=lambda c: pytest.fail(f"non-strict JSON {c}"))
+    assert data["meta"] == {"model": "tiny"} and data["blocks"] == 4
+    assert set(data["gap_share"]) == {"summary_1", "summary_2", "summary_3"}
+    table = report.markdown(result)
+    rows = [line for line in table.splitlines() if line.startswith("| ")]
+    assert len(rows) == len(result.conditions) + 1 and "60 tokens in 4 blocks" in table
+    png = report.plot(result, tmp_path / "p.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ------------------------------------------------------------------------------------------- launcher
+@pytest.fixture(scope="module")
+def saved_model_and_corpus(tmp_path_factory):
+    from transformers import LlamaConfig
+
+    from acomp import LlamaAutoCompressorModel
+    from acomp.data import build_corpus
+
+    root = tmp_path_factory.mktemp("eval")
+    manifest = build_corpus(
+        "stdlib",
+        root / "corpus",
+        train_tokenizer_vocab=300,
+        block_size=128,
+        limit_docs=24,
+        val_fraction=0.5,
+        progress=False,
+    )
+    config = LlamaConfig(
+        vocab_size=manifest["vocab_size"],
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=96,
+        eos_token_id=0,
+    )
+    config.summary_length = 3
+    torch.manual_seed(0)
+    LlamaAutoCompressorModel(config).save_pretrained(root / "model")
+    return root / "model", root / "corpus"
+
+
+ARGS = ["--eval-segment", "32", "--segment-length", "32", "--max-blocks", "7", "--no-progress"]
+
+
+def _launcher():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("eval_launcher", REPO / "launchers" / "eval.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_launcher_two_ranks_give_exactly_the_sums_of_one(saved_model_and_corpus, tmp_path):
+    model, corpus = saved_model_and_corpus
+    paths = ["--model", str(model), "--data", str(corpus)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as torchrun's ranks (OMP_NUM_THREADS=1): same kernels, same bits
+    try:
+        assert _launcher().main([*paths, "--out", str(tmp_path / "one"), *ARGS]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    cmd += [str(REPO / "launchers" / "eval.py"), *paths, "--out", str(tmp_path / "two"), *ARGS]
+    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    one, two = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "two"))
+    assert one["world_size"] == 1 and two["world_size"] == 2 and one["blocks"] == two["blocks"] == 7
+    names = [c["name"] for c in one["conditions"]]
+    # 128-token blocks, 32-token segments: 3 summary conditions; FA window 96 -> 32 and 64 tokens of context.
+    assert names == [
+        "no_context",
+        "summary_1",
+        "summary_2",
+        "summary_3",
+        "full_attention_32",
+        "full_attention_64",
+    ]
+    for a, b in zip(one["conditions"], two["conditions"]):
+        assert a["overall"] == b["overall"]  # bit-identical: per-block results summed with math.fsum
+        assert a["domains"] == b["domains"]
+    assert (tmp_path / "two" / "ppl_vs_context.png").is_file() and (tmp_path / "two" / "results.md").is_file()
+
+
+def test_launcher_rejects_bad_values(saved_model_and_corpus, tmp_path, capsys):
+    launcher = _launcher()
+    model, corpus = saved_model_and_corpus
+    base = ["--model", str(model), "--data", str(corpus), "--out", str(tmp_path), "--no-progress"]
+    assert launcher.main([*base, "--eval-segment", "1"]) == 2
+    assert "eval_segment must be >= 2" in capsys.readouterr().err
+    assert launcher.main([*base, "--eval-segment", "32", "--max-context-segments", "9"]) == 2
+    assert "max_context_segments=9 needs" in capsys.readouterr().err
