@@ -1,7 +1,12 @@
 """Train an AutoCompressor: `python|torchrun|deepspeed|srun launchers/train.py --config X.yaml [key=value ...]`.
 
 Overrides use dotted keys (train.max_steps=20 data.path=DIR); docs/TRAINING.md lists them all.
-Exit status 75 means "stopped by a signal after checkpointing": run the same command again to resume.
+
+Exit status (docs/RELIABILITY.md): 0 done, or stopped by SIGTERM/SIGUSR1 after checkpointing (run the same
+command again to resume; `train.preempt_exit_code` changes this one, the SLURM templates use 75); 2 bad
+config or data, found before any training step; 3 stopped after `train.max_bad_steps` non-finite losses in
+a row; 1 anything else (a lost rank, a failed checkpoint write, a crash). Known failures print one line
+starting with "error:" (or "config error:", "data error:"), not a traceback.
 """
 
 from __future__ import annotations
@@ -27,24 +32,55 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {e}", file=sys.stderr)
         return 2
 
-    from acomp.train import EXIT_REQUEUE, Preempted, run
+    from acomp.data import CorruptShardError
+    from acomp.train import Preempted, run
+    from acomp.train.badsteps import NonFiniteLossError
+    from acomp.train.checkpoint import CheckpointWriteError
+    from acomp.train.data import DataError
+    from acomp.train.distributed import is_comm_error
 
+    broken = False  # a failed collective: tearing the process group down could block on the dead peer
     try:
         out = run(cfg)
+    except (DataError, CorruptShardError) as e:
+        return fail("data error", e, 2)
     except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
+        return fail("config error", e, 2)
     except Preempted as e:
         print(str(e), file=sys.stderr)
-        return EXIT_REQUEUE
+        return cfg.train.preempt_exit_code
+    except NonFiniteLossError as e:
+        return fail("error", e, 3)
+    except CheckpointWriteError as e:
+        return fail("error", e, 1)
+    except Exception as e:
+        if not is_comm_error(e):
+            raise
+        broken = True
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        return fail(
+            "error",
+            f"lost contact with the other ranks ({first}): another rank died or hangs (see its log; "
+            f"collectives time out after train.dist_timeout_s={cfg.train.dist_timeout_s}s); rerun to resume "
+            f"from the last checkpoint",
+            1,
+        )
     finally:
         import torch.distributed as dist
 
-        if dist.is_initialized():
+        if dist.is_initialized() and not broken:
             dist.destroy_process_group()
     if os.environ.get("RANK", "0") == "0":
         print(f"done: {out}")
     return 0
+
+
+def fail(kind: str, error, status: int) -> int:
+    """One line naming what went wrong (prefixed with the rank when there are several), and the exit status."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = f"[rank {os.environ.get('RANK', '0')}] " if world > 1 else ""
+    print(f"{rank}{kind}: {error}", file=sys.stderr, flush=True)
+    return status
 
 
 if __name__ == "__main__":

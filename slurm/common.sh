@@ -30,7 +30,9 @@ export NCCL_SOCKET_IFNAME=${NCCL_SOCKET_IFNAME:-^lo,docker}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-8}}
 export PYTHONUNBUFFERED=1
 
-TRAIN=("$PYTHON" -u launchers/train.py --config "$CONFIG" train.resume=auto "${OVERRIDES[@]}")
+# A signal makes the trainer checkpoint and exit 75 (train.preempt_exit_code; its default is 0): requeue below.
+TRAIN=("$PYTHON" -u launchers/train.py --config "$CONFIG" train.resume=auto train.preempt_exit_code=75
+       "${OVERRIDES[@]}")
 
 if [[ $DRY_RUN == 1 ]]; then
   "$PYTHON" acomp/train/slurm.py dry-run -- "${TRAIN[@]}"

@@ -153,13 +153,16 @@ def test_resume_is_exact(corpus, tmp_path):
 
 @pytest.mark.slow
 def test_signal_checkpoints_exits_75_and_auto_resumes(corpus, tmp_path):
-    """SIGUSR1 mid-run -> checkpoint after the current step, exit 75; rerun with resume=auto continues."""
+    """SIGUSR1 mid-run -> checkpoint after the current step, exit 75 (the SLURM templates' requeue status, asked
+    for with train.preempt_exit_code; the default 0 is tests/faults/test_fault_signals.py's); rerun with
+    resume=auto continues."""
     straight = tmp_path / "straight"
     config = write_config(tmp_path / "a.yaml", constant_lr_config(corpus, straight, max_steps=12))
     launch(config)
 
     out = tmp_path / "preempted"
     overrides = [f"train.output_dir={out}", "train.max_steps=100000", "train.checkpoint_every=0"]
+    overrides.append(f"train.preempt_exit_code={EXIT_REQUEUE}")
     proc = subprocess.Popen(
         train_command(config, overrides),
         cwd=REPO,

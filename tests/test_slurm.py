@@ -73,7 +73,8 @@ def test_srun_dry_run_renders_every_rank(template, config, tmp_path):
     assert [(r, lr) for r, lr, _ in ranks] == [("0", "0"), ("1", "1"), ("2", "0"), ("3", "1")]
     for *_, cmd in ranks:
         assert cmd.endswith(
-            f"-u launchers/train.py --config configs/{config}.yaml train.resume=auto train.max_steps=10"
+            f"-u launchers/train.py --config configs/{config}.yaml train.resume=auto train.preempt_exit_code=75 "
+            "train.max_steps=10"
         )
     assert "--ntasks-per-node=2" in out and "--kill-on-bad-exit=1" in out
     assert (tmp_path / "hostfile-4242").read_text() == "gpu07 slots=2\ngpu08 slots=2\n"

@@ -212,6 +212,10 @@ class CorpusDataset(StreamingDataset):
             ids = sample["input_ids"]
             if ids.shape != (self.block_size,):
                 raise ValueError(f"block has shape {ids.shape}, expected ({self.block_size},)")
+            # Cheap, and catches corruption that the size check misses before it reaches the model.
+            top, vocab = int(ids.max()), self.vocab_size
+            if top >= vocab:
+                raise ValueError(f"token id {top} is outside the corpus vocabulary ({vocab} tokens)")
         except Exception as err:
             shard_id, offset = self.spanner[sample_id]
             raise CorruptShardError(

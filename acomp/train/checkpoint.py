@@ -7,15 +7,20 @@ Layout of `<output_dir>/checkpoints/`:
         mp_rank_00_model_states.pt, zero_pp_rank_*_optim_states.pt, ...   DeepSpeed: model, optimizer, scheduler
         trainer_state_rank<R>.pt   per rank: step, tokens seen, data-loader state, RNG states
         config.yaml                the resolved run config
+        corpus.json                which corpus it was trained on (tokenizer hash, block size, fingerprint)
     .tmp-step_00000200/         a checkpoint being written (ignored, removed by the next save)
+    .trash-step_00000050/       an old checkpoint being deleted (ignored, removed by the next save)
 
 A checkpoint is written under `.tmp-<tag>` and renamed to `<tag>` by rank 0 only after every rank has
-finished writing, then `latest` is replaced atomically, so a crash at any point leaves the previous
-checkpoint complete and `latest` pointing at a complete directory. Needs a filesystem shared by all ranks.
+finished writing, then `latest` is replaced atomically; old checkpoints are renamed away before they are
+deleted. So a crash at any point leaves every `step_*` directory complete and `latest` pointing at one, and
+a failed write (disk full, quota) raises CheckpointWriteError with the previous checkpoint untouched.
+Needs a filesystem shared by all ranks.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -26,9 +31,15 @@ import numpy as np
 import torch
 
 from acomp.config import RunConfig, save_config
-from acomp.train.distributed import Dist, barrier, broadcast_object
+from acomp.train import faults
+from acomp.train.distributed import Dist, barrier, broadcast_object, is_comm_error
 
 TAG_RE = re.compile(r"^step_(\d{8})$")
+CORPUS_FILE = "corpus.json"
+
+
+class CheckpointWriteError(OSError):
+    """Writing a checkpoint failed (disk full, quota, I/O error); the previous checkpoint is intact."""
 
 
 def tag_for(step: int) -> str:
@@ -36,10 +47,11 @@ def tag_for(step: int) -> str:
 
 
 class Checkpointer:
-    def __init__(self, root: str | Path, keep: int, dist: Dist):
+    def __init__(self, root: str | Path, keep: int, dist: Dist, corpus: dict | None = None):
         self.root = Path(root)
         self.keep = keep
         self.dist = dist
+        self.corpus = corpus  # written into every checkpoint as corpus.json (see acomp.train.preflight)
 
     # ------------------------------------------------------------------------------------ finding
     def complete(self) -> list[Path]:
@@ -88,28 +100,63 @@ class Checkpointer:
         tmp_tag = f".tmp-{tag}"
         if self.dist.is_main:
             self.root.mkdir(parents=True, exist_ok=True)
-            for stale in self.root.glob(".tmp-step_*"):
+            for stale in [*self.root.glob(".tmp-step_*"), *self.root.glob(".trash-step_*")]:
                 shutil.rmtree(stale, ignore_errors=True)
         barrier()
-        engine.save_checkpoint(str(self.root), tag=tmp_tag, save_latest=False)
         tmp = self.root / tmp_tag
-        torch.save(trainer_state, tmp / f"trainer_state_rank{self.dist.rank}.pt")
-        if self.dist.is_main:
-            save_config(cfg, tmp / "config.yaml")
+        try:
+            engine.save_checkpoint(str(self.root), tag=tmp_tag, save_latest=False)
+            faults.checkpoint_pause()
+            torch.save(trainer_state, tmp / f"trainer_state_rank{self.dist.rank}.pt")
+            if self.dist.is_main:
+                save_config(cfg, tmp / "config.yaml")
+                if self.corpus is not None:
+                    (tmp / CORPUS_FILE).write_text(json.dumps(self.corpus, indent=1) + "\n")
+        except (OSError, RuntimeError) as e:
+            # torch.save reports a failed write as a bare RuntimeError ("unexpected pos ..."); a lost rank in
+            # DeepSpeed's barriers is not a write failure and goes up unchanged. Other ranks, if any, fail at
+            # their next collective once this process exits.
+            if isinstance(e, RuntimeError) and is_comm_error(e):
+                raise
+            raise self._write_failed(tag, e) from e
         barrier()
         if self.dist.is_main:
-            _fsync_dir(tmp)
-            os.rename(tmp, final)
-            _write_atomic(self.root / "latest", tag)
-            _fsync_dir(self.root)
-            self.prune()
+            try:
+                _fsync_tree(tmp)  # the data reaches the disk before the rename makes it "complete"
+                os.rename(tmp, final)
+                _write_atomic(self.root / "latest", tag)
+                _fsync_dir(self.root)
+                self.prune()
+            except OSError as e:
+                raise self._write_failed(tag, e) from e
         barrier()
         return final
 
+    def _write_failed(self, tag: str, error: Exception) -> CheckpointWriteError:
+        previous = self.latest()
+        kept = (
+            f"the newest complete checkpoint {previous} is intact: free space and rerun to resume from it"
+            if previous is not None
+            else "there is no earlier checkpoint"
+        )
+        return CheckpointWriteError(
+            f"could not write checkpoint {tag} under {self.root} (rank {self.dist.rank}): {error} "
+            f"({_free_space(self.root)}; disk full, quota or I/O error?); {kept}"
+        )
+
     def prune(self) -> None:
-        """Delete all but the newest `keep` complete checkpoints."""
+        """Delete all but the newest `keep` complete checkpoints. Each is renamed out of the `step_*` namespace
+        first, so a crash in the middle of a deletion never leaves a partial `step_*` directory behind."""
         for old in self.complete()[: -self.keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            trash = old.with_name(f".trash-{old.name}")
+            os.rename(old, trash)
+            shutil.rmtree(trash, ignore_errors=True)
+
+    @staticmethod
+    def corpus_of(path: Path) -> dict | None:
+        """The corpus identity a checkpoint was trained on (None for checkpoints written before it existed)."""
+        file = Path(path) / CORPUS_FILE
+        return json.loads(file.read_text()) if file.is_file() else None
 
     # ------------------------------------------------------------------------------------ loading
     def load(self, engine, path: Path) -> dict:
@@ -131,6 +178,31 @@ def _write_atomic(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def _free_space(path: Path) -> str:
+    """What may have stopped a write: free space there, and a file size limit (`ulimit -f`) if one is set."""
+    import resource
+
+    try:
+        found = f"{shutil.disk_usage(path).free / 2**20:.0f} MiB free there"
+    except OSError:
+        found = "free space unknown"
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if limit != resource.RLIM_INFINITY:
+        found += f", file size limit {limit} bytes (ulimit -f)"
+    return found
+
+
+def _fsync_tree(root: Path) -> None:
+    """fsync every file under `root`, then the directories: a power loss after the rename cannot leave a
+    `step_*` directory whose files were still only in the page cache."""
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+    for path in [*sorted(p for p in root.rglob("*") if p.is_dir()), root]:
+        _fsync_dir(path)
 
 
 def _fsync_dir(path: Path) -> None:

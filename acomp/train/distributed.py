@@ -103,3 +103,24 @@ def broadcast_object(obj, src: int = 0):
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+# What gloo and NCCL put in the errors of a collective whose peer died, hangs, or cannot be reached.
+_COMM_FAILURES = (
+    "gloo",
+    "NCCL",
+    "Connection reset",
+    "Connection closed",
+    "Connection refused",
+    "Broken pipe",
+    "Timed out",
+)
+
+
+def is_comm_error(exc: BaseException) -> bool:
+    """True for a failed collective or rendezvous: another rank died or hung (after `train.dist_timeout_s`)."""
+    import torch.distributed as dist
+
+    if isinstance(exc, dist.DistError):
+        return True
+    return isinstance(exc, RuntimeError) and any(key in str(exc) for key in _COMM_FAILURES)

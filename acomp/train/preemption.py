@@ -1,8 +1,10 @@
-"""SIGTERM / SIGUSR1 -> checkpoint at the end of the current step, then exit for a requeue.
+"""SIGTERM / SIGUSR1 -> checkpoint at the end of the current step, then exit (status 0, or
+`train.preempt_exit_code`: the SLURM templates ask for EXIT_REQUEUE and requeue the job on it).
 
 SLURM sends SIGUSR1 a configurable time before the limit (the sbatch templates ask for it) and SIGTERM on
 preemption or scancel. The handler only records the signal; the loop asks `requested()` once per step,
-which agrees across ranks (a signal seen by any rank stops them all after the same step).
+which agrees across ranks (a signal seen by any rank stops them all after the same step). The handler is
+installed when the training loop starts; a signal during set-up ends the process as usual (nothing to save).
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ import torch
 
 from acomp.train.distributed import any_rank
 
-# Exit status of a run stopped by a signal after saving its checkpoint: "temporary failure, run me again".
+# The exit status slurm/common.sh asks for (train.preempt_exit_code=75) after a signal made the run checkpoint
+# and stop: "temporary failure, run me again" (EX_TEMPFAIL); it requeues the job on it.
 EXIT_REQUEUE = 75
 
 
