@@ -117,7 +117,7 @@ def test_deepspeed_auto_values_and_conflicts(tmp_path):
     cfg.train.deepspeed = str(REPO / cfg.train.deepspeed)
     ds = resolve_ds_config(cfg, BatchPlan(8, 1, 2), 1, torch.device("cpu"), hidden_size=128)
     assert ds["gradient_accumulation_steps"] == 2 and ds["bf16"]["enabled"] is False
-    assert ds["zero_optimization"]["reduce_bucket_size"] == 128 * 128
+    assert ds["zero_optimization"]["reduce_bucket_size"] == 5 * 10**7
     forced = tmp_path / "forced.json"
     forced.write_text('{"train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": 2}}')
     cfg.train.deepspeed = str(forced)

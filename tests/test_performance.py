@@ -8,12 +8,21 @@ import itertools
 import pytest
 import torch
 from modeling_utils import random_ids, tiny_model
+from torch._dynamo.utils import counters
 from torch.nn.attention import SDPBackend
 
 import acomp.modeling.compressor as compressor
-from acomp.config import RunConfig
+from acomp.config import ConfigError, RunConfig
 from acomp.modeling import attention
-from acomp.train.engine import BatchPlan, flop_param_split, resolve_ds_config
+from acomp.train.engine import (
+    BatchPlan,
+    build_model,
+    cap_zero3_reduce_bucket,
+    compile_decoder_layers,
+    flop_param_split,
+    mark_layers_as_zero3_units,
+    resolve_ds_config,
+)
 from acomp.train.metrics import FlopModel, attention_width, segment_flops
 
 
@@ -185,3 +194,75 @@ def test_zero3_persists_everything_on_one_rank(world, expected):
     cfg.train.global_batch_size = world
     ds = resolve_ds_config(cfg, BatchPlan(1, 1, 2), world, torch.device("cpu"), hidden_size=64)
     assert ds["zero_optimization"]["stage3_param_persistence_threshold"] == expected
+
+
+@pytest.mark.parametrize("world, prefetch", [(1, int(0.9 * 64 * 64)), (2, 5 * 10**7)])
+def test_zero3_buckets_are_large_and_prefetch_only_over_ranks(world, prefetch):
+    cfg = RunConfig()
+    cfg.train.deepspeed = "ds_configs/zero3.json"
+    cfg.train.global_batch_size = world
+    zero = resolve_ds_config(cfg, BatchPlan(1, 1, 2), world, torch.device("cpu"), hidden_size=64)[
+        "zero_optimization"
+    ]
+    assert zero["reduce_bucket_size"] == 5 * 10**7
+    assert zero["stage3_prefetch_bucket_size"] == prefetch
+
+
+def test_zero3_whole_layers_marks_exactly_the_decoder_layers():
+    from deepspeed.utils import get_z3_leaf_modules
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny_model("llama"), LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    mark_layers_as_zero3_units(model)
+    assert get_z3_leaf_modules(model) == list(model.get_base_model().get_decoder().layers)
+
+
+def test_zero3_reduce_bucket_is_capped_below_half_the_trainable_weights():
+    from peft import LoraConfig, get_peft_model
+
+    model = tiny_model("llama")
+    sizes = [p.numel() for p in model.parameters()]
+    ds = {"zero_optimization": {"stage": 3, "reduce_bucket_size": 5 * 10**7}}
+    cap_zero3_reduce_bucket(model, ds)
+    assert ds["zero_optimization"]["reduce_bucket_size"] == (sum(sizes) - max(sizes)) // 2
+    lora = get_peft_model(tiny_model("llama"), LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    adapters = [p.numel() for p in lora.parameters() if p.requires_grad]
+    ds = {"zero_optimization": {"stage": 3, "reduce_bucket_size": 100}}
+    cap_zero3_reduce_bucket(lora, ds)
+    assert ds["zero_optimization"]["reduce_bucket_size"] == min(100, (sum(adapters) - max(adapters)) // 2)
+    ds = {"zero_optimization": {"stage": 3, "reduce_bucket_size": 10}}
+    cap_zero3_reduce_bucket(model, ds)  # small enough already: kept
+    assert ds["zero_optimization"]["reduce_bucket_size"] == 10
+
+
+# --------------------------------------------------------------------------------------------- compile
+def test_compile_layers_refuses_zero3_before_building():
+    cfg = RunConfig()
+    cfg.model.compile_layers = True
+    with pytest.raises(ConfigError, match="compile_layers is true with ZeRO stage 3"):
+        build_model(cfg, None, {"zero_optimization": {"stage": 3}}, torch.float32)
+
+
+def test_compiled_layers_give_the_eager_loss_and_gradients():
+    """Regional compilation must not change the maths: same loss and gradients as eager, through segment
+    checkpointing (the compiled layers run again in the recompute) and three segment shapes."""
+    ids = random_ids(2, 15)
+    mask = torch.ones_like(ids)
+
+    def run(compiled):
+        torch._dynamo.reset()
+        model = tiny_model("llama", segment_gradient_checkpointing=True).train()
+        if compiled:
+            compile_decoder_layers(model)
+        out = model(ids, attention_mask=mask, labels=ids, segment_lengths=[5, 6, 4], return_logits=False)
+        out.loss.backward()
+        return out.loss, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    ref_loss, ref_grads = run(False)
+    counters.clear()
+    loss, grads = run(True)
+    assert counters["stats"]["unique_graphs"] == 3  # one graph per segment shape, shared by both layers
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == ref_grads.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)

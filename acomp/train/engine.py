@@ -84,10 +84,17 @@ def resolve_ds_config(
     # Persistent parameters stay gathered between uses. On one rank partitioning saves nothing (the partition
     # is the whole tensor) and re-gathering every module costs a copy and a hook round-trip, so there every
     # parameter persists (spec/baselines.md: 15.8k vs 11.6k tokens/s on one H100); over ranks HF's rule (10 d).
+    # Buckets: HF's d^2 rule cuts Llama-1B's gradients into ~250 small buckets; with whole-layer fetches
+    # (mark_layers_as_zero3_units), 5e7-element buckets took ZeRO-3 on one H200 from 0.80x to 0.87x ZeRO-1, and
+    # prefetching 5e7 parameters ahead gave 90% scaling over 2 H200s (benchmarks/RESULTS.md). Prefetch stays
+    # at 0.9 d^2 on one rank, where nothing is gathered and a large prefetch only costs memory (+16 GiB).
     persistence = 10 * hidden_size if world_size > 1 else 2**62
+    prefetch = (
+        max(5 * 10**7, int(0.9 * hidden_size * hidden_size)) if world_size > 1 else int(0.9 * hidden_size**2)
+    )
     for key, value in {
-        "reduce_bucket_size": hidden_size * hidden_size,
-        "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
+        "reduce_bucket_size": max(5 * 10**7, hidden_size * hidden_size),
+        "stage3_prefetch_bucket_size": prefetch,
         "stage3_param_persistence_threshold": persistence,
     }.items():
         if zero.get(key) == "auto":
@@ -155,6 +162,14 @@ def build_model(
     transformers) and, under LoRA, those rows stay trainable through peft's trainable_token_indices."""
     global _HF_DS_CONFIG
     from acomp.modeling import AutoCompressorModel
+
+    if cfg.model.compile_layers and zero_stage(ds_config) == 3:
+        # ZeRO-3 swaps partitioned parameters in and out around each module; dynamo guards on them and
+        # recompiles until its limit (measured on one H100: 0.21x ZeRO-1 instead of 1.1x).
+        raise ConfigError(
+            "model.compile_layers is true with ZeRO stage 3 (ds_config zero_optimization.stage=3); "
+            "compiled layers need unpartitioned weights: use ZeRO-1/2 or set compile_layers: false"
+        )
 
     fields = cfg.compression.model_fields()
     fields["sdpa_backend"] = cfg.model.sdpa_backend
@@ -229,8 +244,12 @@ def apply_liger_kernel(model: torch.nn.Module) -> None:
 
 
 def compile_decoder_layers(model: torch.nn.Module) -> None:
-    """torch.compile every decoder layer in place (regional compilation: one graph per layer shape, reused
-    by all layers; the segment loop, the loss and DeepSpeed's hooks around the layers stay eager)."""
+    """torch.compile every decoder layer in place (regional compilation: one graph, reused by all layers;
+    the segment loop, the loss and DeepSpeed's hooks around the layers stay eager). Static shapes: each
+    distinct segment length (text + softprompt + summary) compiles once; fixed segment lengths give three
+    (the softprompt grows 0, k, 2k). With a dynamic sequence dimension the H100 run failed (cudnn attention
+    strides differ from the symbolic ones), and randomized segmentation recompiles per new length until
+    torch's recompile limit, after which those shapes run eager (docs/PERFORMANCE.md)."""
     for layer in unwrap(model).get_decoder().layers:
         layer.compile(dynamic=False)
 
@@ -294,12 +313,40 @@ def build_engine(model: torch.nn.Module, cfg: RunConfig, ds_config: dict, dist: 
     """deepspeed.initialize with our AdamW and warmup/decay schedule (stepped by the engine)."""
     import deepspeed
 
+    if zero_stage(ds_config) == 3:
+        cap_zero3_reduce_bucket(model, ds_config)
+        if cfg.train.zero3_whole_layers:
+            mark_layers_as_zero3_units(model)
     optimizer = build_optimizer(model, cfg.optim, cpu_offload=offloads_optimizer(ds_config))
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False
     )
     return engine
+
+
+def cap_zero3_reduce_bucket(model: torch.nn.Module, ds_config: dict) -> None:
+    """Keep ZeRO-3's gradient bucket below half the trainable parameters (less the largest one).
+
+    Every segment's backward produces a gradient for the same weights, and ZeRO-3 queues a weight each time.
+    Its bucket must be flushed between two of them (it asserts a weight is in a bucket once), which holds when
+    the bucket is no larger than the other weights' gradients in between: all trainable weights but the one.
+    Small models, and LoRA runs (few trainable weights), would otherwise hit that assertion."""
+    sizes = [getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad]
+    limit = max(1, (sum(sizes) - max(sizes, default=0)) // 2)
+    zero = ds_config["zero_optimization"]
+    zero["reduce_bucket_size"] = min(int(zero.get("reduce_bucket_size", 5 * 10**8)), limit)
+
+
+def mark_layers_as_zero3_units(model: torch.nn.Module) -> None:
+    """Make every decoder layer a ZeRO-3 leaf module: its weights are gathered together by one hook pair on
+    the layer, not by one per linear, so a layer costs one fetch instead of ~9 small ones. Only the layers:
+    DeepSpeed's size-based `stage3_module_granularity_threshold` also makes a whole small model one leaf,
+    whose weights are released before the chunked loss recomputes the LM head in backward."""
+    from deepspeed.utils import set_z3_leaf_modules
+
+    layers = unwrap(model).get_decoder().layers
+    set_z3_leaf_modules(model, list({type(layer) for layer in layers}))
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
