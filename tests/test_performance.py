@@ -1,5 +1,6 @@
 """Performance levers that must not change results (docs/PERFORMANCE.md): the chunked loss, the SDPA
-backend in activation-checkpoint recompute, the MFU FLOP count, ZeRO-3 persistence on one rank."""
+backend in activation-checkpoint recompute, the MFU FLOP count, ZeRO-3 auto values, whole-layer fetches and
+bucket cap, compiled layers."""
 
 from __future__ import annotations
 
@@ -187,23 +188,16 @@ def test_flop_param_split_under_lora():
 
 
 # ------------------------------------------------------------------------------------------------ ZeRO-3
-@pytest.mark.parametrize("world, expected", [(1, 2**62), (2, 10 * 64)])
-def test_zero3_persists_everything_on_one_rank(world, expected):
+@pytest.mark.parametrize(
+    "world, persistence, prefetch", [(1, 2**62, int(0.9 * 64 * 64)), (2, 10 * 64, 5 * 10**7)]
+)
+def test_zero3_auto_values_persist_on_one_rank_and_prefetch_only_over_ranks(world, persistence, prefetch):
     cfg = RunConfig()
     cfg.train.deepspeed = "ds_configs/zero3.json"
     cfg.train.global_batch_size = world
     ds = resolve_ds_config(cfg, BatchPlan(1, 1, 2), world, torch.device("cpu"), hidden_size=64)
-    assert ds["zero_optimization"]["stage3_param_persistence_threshold"] == expected
-
-
-@pytest.mark.parametrize("world, prefetch", [(1, int(0.9 * 64 * 64)), (2, 5 * 10**7)])
-def test_zero3_buckets_are_large_and_prefetch_only_over_ranks(world, prefetch):
-    cfg = RunConfig()
-    cfg.train.deepspeed = "ds_configs/zero3.json"
-    cfg.train.global_batch_size = world
-    zero = resolve_ds_config(cfg, BatchPlan(1, 1, 2), world, torch.device("cpu"), hidden_size=64)[
-        "zero_optimization"
-    ]
+    zero = ds["zero_optimization"]
+    assert zero["stage3_param_persistence_threshold"] == persistence
     assert zero["reduce_bucket_size"] == 5 * 10**7
     assert zero["stage3_prefetch_bucket_size"] == prefetch
 

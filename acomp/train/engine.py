@@ -51,6 +51,10 @@ def use_bf16(cfg: RunConfig, device: torch.device) -> bool:
     return cfg.train.precision == "bf16"
 
 
+# Elements: the smallest reduce/prefetch bucket "auto" resolves to under ZeRO-3 (about one Llama-1B layer).
+ZERO3_BUCKET = 5 * 10**7
+
+
 def resolve_ds_config(
     cfg: RunConfig, plan: BatchPlan, world_size: int, device: torch.device, hidden_size: int
 ) -> dict:
@@ -89,11 +93,11 @@ def resolve_ds_config(
     # prefetching 5e7 parameters ahead gave 90% scaling over 2 H200s (benchmarks/RESULTS.md). Prefetch stays
     # at 0.9 d^2 on one rank, where nothing is gathered and a large prefetch only costs memory (+16 GiB).
     persistence = 10 * hidden_size if world_size > 1 else 2**62
-    prefetch = (
-        max(5 * 10**7, int(0.9 * hidden_size * hidden_size)) if world_size > 1 else int(0.9 * hidden_size**2)
-    )
+    prefetch = int(0.9 * hidden_size * hidden_size)
+    if world_size > 1:
+        prefetch = max(ZERO3_BUCKET, prefetch)
     for key, value in {
-        "reduce_bucket_size": max(5 * 10**7, hidden_size * hidden_size),
+        "reduce_bucket_size": max(ZERO3_BUCKET, hidden_size * hidden_size),
         "stage3_prefetch_bucket_size": prefetch,
         "stage3_param_persistence_threshold": persistence,
     }.items():
