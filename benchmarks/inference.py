@@ -7,7 +7,8 @@ Random-init Llama-1B shape (22 layers, d 2048, 32 heads / 4 KV heads, ffn 5632, 
   tokens each, accumulated) over one plain decoder forward over the same tokens;
 - generation of 256 tokens after a 32-token prompt: wall time and KV-cache bytes, conditioned on the
   cached summary vectors vs on the full context (prefill of the context included in the full-attention
-  time, since that is what full attention must do; the summary vectors are computed once and cached).
+  time, since that is what full attention must do; the summary vectors are computed once and cached), for
+  each `--decoding` mode (dynamic KV cache; static cache replayed from a CUDA graph).
 
     python benchmarks/inference.py --contexts 6144 30720 --batch-sizes 1 8 32 --out .bench/inference.json
 """
@@ -52,8 +53,11 @@ def kv_bytes(model, batch: int, tokens: int) -> int:
 
 
 @torch.no_grad()
-def run(context: int, batch_sizes: list[int], new_tokens: int, prompt_len: int) -> list[dict]:
+def run(
+    context: int, batch_sizes: list[int], new_tokens: int, prompt_len: int, decodings: list[str]
+) -> list[dict]:
     segment = 2048
+    check_graph, graph_matches_static = "cuda_graph" in decodings, None
     model = LlamaAutoCompressorModel(llama_1b(context + prompt_len + new_tokens + 64))
     model = model.to("cuda", torch.bfloat16).eval()
     rows = []
@@ -74,13 +78,20 @@ def run(context: int, batch_sizes: list[int], new_tokens: int, prompt_len: int) 
             torch.cuda.empty_cache()
             continue
         n_vectors = summary.shape[1]
-        gen = dict(max_new_tokens=new_tokens, eos_token_id=None)
-        try:
-            t_full, _ = timed(model.generate, torch.cat([ctx, prompt], dim=1), repeats=1, **gen)
-        except torch.OutOfMemoryError:
-            t_full = float("nan")
-        torch.cuda.empty_cache()
-        t_summary, _ = timed(model.generate, prompt, softprompt=summary, repeats=1, **gen)
+        timings = {}
+        for mode in decodings:
+            gen = dict(max_new_tokens=new_tokens, eos_token_id=None, decoding=mode)
+            try:
+                t_full, _ = timed(model.generate, torch.cat([ctx, prompt], dim=1), repeats=1, **gen)
+            except torch.OutOfMemoryError:
+                t_full = float("nan")
+            torch.cuda.empty_cache()
+            t_summary, out = timed(model.generate, prompt, softprompt=summary, repeats=1, **gen)
+            timings[mode] = (t_full, t_summary)
+            if mode == "cuda_graph" and check_graph:  # the replayed graph must give the eager step's tokens
+                check_graph = False
+                eager = model.generate(prompt, softprompt=summary, **{**gen, "decoding": "static"})
+                graph_matches_static = bool(torch.equal(eager, out))
         kv_full = kv_bytes(model, batch, context + prompt_len + new_tokens)
         kv_summary = kv_bytes(model, batch, n_vectors + prompt_len + new_tokens)
         row = {
@@ -90,14 +101,16 @@ def run(context: int, batch_sizes: list[int], new_tokens: int, prompt_len: int) 
             "plain_forward_s": t_plain,
             "compress_s": t_compress,
             "compress_over_plain": t_compress / t_plain,
-            "generate_full_s": t_full,
-            "generate_summary_s": t_summary,
-            "generate_speedup": t_full / t_summary,
+            **{f"generate_full_s_{m}": t[0] for m, t in timings.items()},
+            **{f"generate_summary_s_{m}": t[1] for m, t in timings.items()},
+            **{f"generate_speedup_{m}": t[0] / t[1] for m, t in timings.items()},
             "kv_full_bytes": kv_full,
             "kv_summary_bytes": kv_summary,
             "kv_ratio_total": kv_full / kv_summary,
             "kv_ratio_context": context / n_vectors,
         }
+        if graph_matches_static is not None:
+            row["graph_matches_static"], graph_matches_static = graph_matches_static, None
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
@@ -109,6 +122,14 @@ def main() -> None:
     p.add_argument(
         "--batch-sizes", type=int, nargs="+", default=[1, 8, 32], help="sequences generated at once"
     )
+    p.add_argument(
+        "--decoding",
+        nargs="+",
+        default=["dynamic", "cuda_graph"],
+        choices=["dynamic", "static", "cuda_graph"],
+        help="decoding modes to time (acomp.modeling.generation); the first cuda_graph row also checks that "
+        "the graph replay gives the eager static step's tokens",
+    )
     p.add_argument("--new-tokens", type=int, default=256, help="tokens to generate")
     p.add_argument("--prompt-len", type=int, default=32, help="prompt tokens after the context")
     p.add_argument("--out", default=None, help="write all rows to this JSON file")
@@ -117,7 +138,7 @@ def main() -> None:
         raise SystemExit("benchmarks/inference.py needs a CUDA GPU")
     rows = []
     for context in args.contexts:
-        rows += run(context, args.batch_sizes, args.new_tokens, args.prompt_len)
+        rows += run(context, args.batch_sizes, args.new_tokens, args.prompt_len, args.decoding)
     meta = {
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,

@@ -127,13 +127,14 @@ def test_padding_gives_same_per_sample_results(family, side):
         )
 
 
+@pytest.mark.parametrize("decoding", ["dynamic", "static"])
 @pytest.mark.parametrize("family", ["llama", "opt", "qwen2"])
-def test_generate_with_cache_equals_argmax_loop(family):
+def test_generate_with_cache_equals_argmax_loop(family, decoding):
     model = tiny_model(family)
     context = random_ids(2, 16, seed=3)
     prompt = random_ids(2, 5, seed=4)
     sp = model.compress(context, segment_lengths=[8, 8])
-    cached = model.generate(prompt, softprompt=sp, max_new_tokens=8, eos_token_id=None)
+    cached = model.generate(prompt, softprompt=sp, max_new_tokens=8, eos_token_id=None, decoding=decoding)
 
     ids = prompt
     for _ in range(8):
@@ -151,6 +152,47 @@ def test_generate_left_padded_batch_matches_single():
     batched = model.generate(prompt, attention_mask=mask, softprompt=sp, max_new_tokens=5, eos_token_id=None)
     single = model.generate(prompt[1:, 2:], softprompt=sp[1:], max_new_tokens=5, eos_token_id=None)
     assert torch.equal(batched[1, 6:], single[0, 4:])
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize(
+    "decoding, device",
+    [("static", d) for d in DEVICES] + [("cuda_graph", "cuda")] * torch.cuda.is_available(),
+)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fixed_shape_decoding_equals_dynamic(family, decoding, device):
+    """Static cache (and its CUDA-graph replay) against the growing cache: left padding, a softprompt,
+    greedy and sampled tokens, EOS stopping."""
+    model = tiny_model(family).to(device)
+    sp = model.compress(random_ids(2, 12, seed=5).to(device), segment_lengths=[6, 6])
+    prompt = random_ids(2, 6, seed=6).to(device)
+    mask = torch.ones_like(prompt)
+    mask[1, :3] = 0
+    kwargs = dict(attention_mask=mask, softprompt=sp, max_new_tokens=10, eos_token_id=None)
+    runs = {}
+    for mode in ("dynamic", decoding):
+        greedy = model.generate(prompt, decoding=mode, **kwargs)
+        gen = torch.Generator(device=device).manual_seed(1)
+        sampled = model.generate(prompt, decoding=mode, do_sample=True, top_k=20, generator=gen, **kwargs)
+        runs[mode] = greedy, sampled
+    assert torch.equal(runs["dynamic"][0], runs[decoding][0])
+    assert torch.equal(runs["dynamic"][1], runs[decoding][1])
+    eos = int(runs["dynamic"][0][0, 8])
+    stopped = [
+        model.generate(prompt, decoding=m, **{**kwargs, "eos_token_id": eos}) for m in ("dynamic", decoding)
+    ]
+    assert torch.equal(stopped[0], stopped[1])
+
+
+def test_generate_rejects_unknown_decoding_and_cuda_graph_on_cpu():
+    model = tiny_model("llama")
+    prompt = random_ids(1, 4)
+    with pytest.raises(ValueError, match="'graph'"):
+        model.generate(prompt, decoding="graph")
+    with pytest.raises(ValueError, match="CUDA device, got cpu"):
+        model.generate(prompt, decoding="cuda_graph")
 
 
 def test_generate_stops_at_eos_and_pads():

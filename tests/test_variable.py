@@ -141,7 +141,8 @@ def test_batched_variable_lengths_match_single_samples(monkeypatch):
         torch.testing.assert_close(after[i], logits[0], rtol=1e-5, atol=1e-5)
 
 
-def test_generation_with_variable_summaries_equals_argmax_loop_and_hides_eoc(monkeypatch):
+@pytest.mark.parametrize("decoding", ["dynamic", "static"])
+def test_generation_with_variable_summaries_equals_argmax_loop_and_hides_eoc(monkeypatch, decoding):
     monkeypatch.setattr(
         compressor, "stop_probabilities", lambda logits, eoc: (logits[..., 3] > -0.06).float()
     )
@@ -156,6 +157,7 @@ def test_generation_with_variable_summaries_equals_argmax_loop_and_hides_eoc(mon
         softprompt_bias=ctx.softprompt_bias,
         max_new_tokens=6,
         eos_token_id=None,
+        decoding=decoding,
     )
     ids = prompt
     for _ in range(6):

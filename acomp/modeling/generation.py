@@ -3,12 +3,21 @@
 The softprompt and the prompt are encoded once (prefill); then each new token is decoded
 incrementally against the cache. Positions follow the model's position rule, so the cached run
 matches a full forward over [softprompt ; prompt ; generated] token for token.
+
+Three decoding modes, same tokens (tests/test_modeling.py):
+- `dynamic`: transformers' DynamicCache grows by one column per step (any device; the default).
+- `static`: the prefill's keys/values are copied into a preallocated StaticCache of the final length and
+  every step has the same shapes (a fixed additive key mask instead of a growing 2D one).
+- `cuda_graph`: `static`, with the step (embed -> decoder -> LM head) captured once in a CUDA graph and
+  replayed. A decode step of a 1B model is ~300 small kernels; eager, their launch overhead, not memory
+  bandwidth, bounds the step time (benchmarks/RESULTS.md, compressed inference).
+The prefill always runs through the DynamicCache, so a long context keeps the fast causal attention kernels.
 """
 
 from __future__ import annotations
 
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, StaticCache
 
 from .attention import sdpa_context
 from .compressor import attention_bias
@@ -31,11 +40,18 @@ def generate(
     pad_token_id: int | None = None,
     suppress_token_ids: list[int] | None = None,
     generator: torch.Generator | None = None,
+    decoding: str = "dynamic",
 ) -> torch.LongTensor:
     """Returns [B, prompt_len + new] token ids. Greedy unless do_sample. Prompts may be padded on either
     side (positions come from the attention mask). After a sample emits EOS it is filled with pad_token_id.
     `softprompt_bias` (variable-length mode) marks absent softprompt vectors. The control tokens
-    `<sum>` / `<eoc>` are never generated."""
+    `<sum>` / `<eoc>` are never generated. `decoding`: 'dynamic', 'static' or 'cuda_graph' (module docstring)."""
+    if decoding not in DECODING_MODES:
+        raise ValueError(f"decoding must be one of {', '.join(DECODING_MODES)}, got {decoding!r}")
+    if decoding == "cuda_graph" and input_ids.device.type != "cuda":
+        raise ValueError(
+            f"decoding='cuda_graph' needs the model and inputs on a CUDA device, got {input_ids.device}"
+        )
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if do_sample and temperature <= 0:
@@ -73,10 +89,6 @@ def generate(
     prefill_mask = mask
     if softprompt_bias is not None:  # absent vectors are masked through an additive bias on their keys
         prefill_mask = attention_bias(softprompt_bias, attention_mask, 0, embeds.dtype)
-        key_bias = prefill_mask[:, :, -1:, :].clone()
-        key_bias[..., -1] = torch.where(attention_mask[:, -1:].bool(), 0.0, absent_bias(embeds.dtype))[
-            :, None
-        ]
     positions = rule.segment(soft_len, attention_mask, 0)
     cache = DynamicCache()
     with sdpa_context(config.sdpa_backend, device):
@@ -94,39 +106,148 @@ def generate(
     next_logits = model.lm_head(hidden[torch.arange(batch, device=device), last_real.clamp(min=0)])
     next_position = rule.first_new_position(soft_len, attention_mask)
 
+    key_bias = _prefill_key_bias(softprompt_bias, soft_len, attention_mask, embeds.dtype)  # [B, prefill]
+    if decoding == "dynamic":
+        step = _DynamicStep(
+            model, cache, mask, key_bias[:, None, None, :] if softprompt_bias is not None else None
+        )
+    else:
+        step = _StaticStep(model, cache, key_bias, max_new_tokens, cuda_graph=decoding == "cuda_graph")
+        del cache  # the static cache holds a copy
+
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     new_tokens = []
-    for step in range(max_new_tokens):
+    for index in range(max_new_tokens):
         token = _pick(
             next_logits.float(), do_sample, temperature, top_k, top_p, suppress_token_ids, generator
         )
         token = torch.where(finished, torch.full_like(token, pad_token_id), token)
         new_tokens.append(token)
-        if step == max_new_tokens - 1:
+        if index == max_new_tokens - 1:
             break
         if eos.numel():
             finished |= torch.isin(token, eos)
             # A host sync: without EOS ids none is needed, so the CPU queues steps ahead of the GPU.
             if finished.all():
                 break
-        mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
-        step_mask = mask
-        if softprompt_bias is not None:
-            key_bias = torch.cat([key_bias, key_bias.new_zeros(batch, 1, 1, 1)], dim=-1)
-            step_mask = key_bias
-        with sdpa_context(config.sdpa_backend, device):
-            hidden = decoder(
-                inputs_embeds=embed(token[:, None]),
-                attention_mask=step_mask,
-                position_ids=next_position[:, None],
-                past_key_values=cache,
-                use_cache=True,
-            ).last_hidden_state
-        next_logits = model.lm_head(hidden[:, -1])
+        next_logits = step(token, next_position)
         next_position = next_position + 1
     if not new_tokens:
         return input_ids
     return torch.cat([input_ids, torch.stack(new_tokens, dim=1)], dim=1)
+
+
+DECODING_MODES = ("dynamic", "static", "cuda_graph")
+
+
+class _DynamicStep:
+    """One decode step on a DynamicCache: the 2D mask (or, with a softprompt bias, the 4D key bias) grows
+    by one column per step."""
+
+    def __init__(self, model, cache, mask, key_bias):
+        self.model, self.cache, self.mask, self.key_bias = model, cache, mask, key_bias
+
+    def __call__(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        batch = token.shape[0]
+        self.mask = torch.cat([self.mask, self.mask.new_ones(batch, 1)], dim=1)
+        step_mask = self.mask
+        if self.key_bias is not None:
+            self.key_bias = torch.cat([self.key_bias, self.key_bias.new_zeros(batch, 1, 1, 1)], dim=-1)
+            step_mask = self.key_bias
+        config = self.model.config
+        with sdpa_context(config.sdpa_backend, token.device):
+            hidden = self.model.get_decoder()(
+                inputs_embeds=self.model.get_input_embeddings()(token[:, None]),
+                attention_mask=step_mask,
+                position_ids=position[:, None],
+                past_key_values=self.cache,
+                use_cache=True,
+            ).last_hidden_state
+        return self.model.lm_head(hidden[:, -1])
+
+
+class _StaticStep:
+    """One decode step with fixed shapes: a StaticCache of prefill + new tokens, an additive key mask
+    [B, 1, 1, L] whose next column is opened before each step, and input buffers the step reads. With
+    `cuda_graph`, the first call captures the step and every call replays it."""
+
+    def __init__(self, model, prefill_cache, key_bias, max_new_tokens: int, cuda_graph: bool):
+        self.model, self.cuda_graph = model, cuda_graph
+        batch, prefill_len = key_bias.shape
+        length = prefill_len + max(max_new_tokens, 1)
+        device, dtype = key_bias.device, key_bias.dtype
+        self.cache = StaticCache(
+            config=model.config, max_cache_len=length, max_batch_size=batch, device=device, dtype=dtype
+        )
+        positions = torch.arange(prefill_len, device=device)
+        for layer, (keys, values) in enumerate(_cached_layers(prefill_cache)):
+            self.cache.update(keys, values, layer, {"cache_position": positions})
+        self.bias = torch.full((batch, 1, 1, length), absent_bias(dtype), dtype=dtype, device=device)
+        self.bias[:, 0, 0, :prefill_len] = key_bias
+        self.token = torch.zeros(batch, dtype=torch.long, device=device)
+        self.position = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.cache_position = torch.zeros(1, dtype=torch.long, device=device)
+        self.next_index = prefill_len
+        self.graph, self.logits = None, None
+
+    def _forward(self) -> torch.Tensor:
+        config = self.model.config
+        with sdpa_context(config.sdpa_backend, self.token.device):
+            hidden = self.model.get_decoder()(
+                inputs_embeds=self.model.get_input_embeddings()(self.token[:, None]),
+                attention_mask=self.bias,
+                position_ids=self.position,
+                cache_position=self.cache_position,
+                past_key_values=self.cache,
+                use_cache=True,
+            ).last_hidden_state
+        return self.model.lm_head(hidden[:, -1])
+
+    def __call__(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        self.token.copy_(token)
+        self.position.copy_(position[:, None])
+        self.cache_position.fill_(self.next_index)
+        self.bias[..., self.next_index] = 0.0
+        self.next_index += 1
+        if not self.cuda_graph:
+            return self._forward()
+        if self.graph is None:
+            self._capture()
+        self.graph.replay()
+        return self.logits
+
+    def _capture(self) -> None:
+        # Warm up on a side stream (as torch's CUDA graph docs ask), then capture. Both write this step's
+        # keys/values, the same ones the first replay writes again.
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self._forward()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = self._forward()
+
+
+def _cached_layers(cache: DynamicCache):
+    """(keys, values) per layer of a DynamicCache, across transformers versions."""
+    if hasattr(cache, "layers"):
+        return [(layer.keys, layer.values) for layer in cache.layers]
+    return list(zip(cache.key_cache, cache.value_cache))
+
+
+def _prefill_key_bias(softprompt_bias, soft_len: int, attention_mask, dtype) -> torch.Tensor:
+    """Additive bias [B, soft_len + prompt_len] on the prefill's keys: absent summary vectors and prompt
+    padding removed, everything else visible."""
+    absent = absent_bias(dtype)
+    batch = attention_mask.shape[0]
+    soft = (
+        attention_mask.new_zeros(batch, soft_len, dtype=torch.float32)
+        if softprompt_bias is None
+        else softprompt_bias.float().clamp(min=absent)
+    )
+    text = torch.where(attention_mask.bool(), 0.0, absent).float()
+    return torch.cat([soft, text], dim=1).to(dtype)
 
 
 def _last_true_index(mask: torch.Tensor) -> torch.Tensor:
