@@ -46,6 +46,12 @@ def timed(fn, *args, repeats: int = 3, **kwargs):
     return best, out
 
 
+def first_difference(a: torch.Tensor, b: torch.Tensor) -> int:
+    """Leading generated tokens on which two runs agree in every row (the full length when all agree)."""
+    same = (a == b).all(dim=0).long()
+    return int(same.cumprod(0).sum())
+
+
 def kv_bytes(model, batch: int, tokens: int) -> int:
     c = model.config
     head_dim = c.hidden_size // c.num_attention_heads
@@ -57,7 +63,7 @@ def run(
     context: int, batch_sizes: list[int], new_tokens: int, prompt_len: int, decodings: list[str]
 ) -> list[dict]:
     segment = 2048
-    check_graph, graph_matches_static = "cuda_graph" in decodings, None
+    check_tokens = True
     model = LlamaAutoCompressorModel(llama_1b(context + prompt_len + new_tokens + 64))
     model = model.to("cuda", torch.bfloat16).eval()
     rows = []
@@ -78,7 +84,7 @@ def run(
             torch.cuda.empty_cache()
             continue
         n_vectors = summary.shape[1]
-        timings = {}
+        timings, outputs, agreement = {}, {}, {}
         for mode in decodings:
             gen = dict(max_new_tokens=new_tokens, eos_token_id=None, decoding=mode)
             try:
@@ -88,10 +94,19 @@ def run(
             torch.cuda.empty_cache()
             t_summary, out = timed(model.generate, prompt, softprompt=summary, repeats=1, **gen)
             timings[mode] = (t_full, t_summary)
-            if mode == "cuda_graph" and check_graph:  # the replayed graph must give the eager step's tokens
-                check_graph = False
-                eager = model.generate(prompt, softprompt=summary, **{**gen, "decoding": "static"})
-                graph_matches_static = bool(torch.equal(eager, out))
+            outputs[mode] = out[:, prompt_len:]
+        if check_tokens:
+            # bf16 kernels differ between modes, and a random-init model's logits are nearly tied: expect an
+            # early flip here; exact equality of the modes is tested in fp32 (tests/test_modeling.py).
+            check_tokens = False
+            outputs["static"] = model.generate(
+                prompt, softprompt=summary, max_new_tokens=new_tokens, eos_token_id=None, decoding="static"
+            )[:, prompt_len:]
+            agreement = {
+                f"same_tokens_{m}_vs_static": first_difference(o, outputs["static"])
+                for m, o in outputs.items()
+                if m != "static"
+            }
         kv_full = kv_bytes(model, batch, context + prompt_len + new_tokens)
         kv_summary = kv_bytes(model, batch, n_vectors + prompt_len + new_tokens)
         row = {
@@ -109,8 +124,7 @@ def run(
             "kv_ratio_total": kv_full / kv_summary,
             "kv_ratio_context": context / n_vectors,
         }
-        if graph_matches_static is not None:
-            row["graph_matches_static"], graph_matches_static = graph_matches_static, None
+        row.update(agreement)
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
@@ -127,8 +141,8 @@ def main() -> None:
         nargs="+",
         default=["dynamic", "cuda_graph"],
         choices=["dynamic", "static", "cuda_graph"],
-        help="decoding modes to time (acomp.modeling.generation); the first cuda_graph row also checks that "
-        "the graph replay gives the eager static step's tokens",
+        help="decoding modes to time (acomp.modeling.generation); the first row also reports how many leading "
+        "tokens each mode shares with the eager static mode",
     )
     p.add_argument("--new-tokens", type=int, default=256, help="tokens to generate")
     p.add_argument("--prompt-len", type=int, default=32, help="prompt tokens after the context")

@@ -279,3 +279,36 @@ def test_plain_lm_checkpoint_loads_with_any_summary_length(tmp_path):
     assert torch.equal(model.embed_summary.weight, eos.expand(3, -1))
     ids = random_ids(1, 8)
     torch.testing.assert_close(model(ids, segment_lengths=[8]).logits, plain(ids).logits)
+
+
+def test_grouped_decode_attention_equals_repeated_kv_sdpa():
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from acomp.modeling.attention import grouped_decode_attention
+
+    class Module(torch.nn.Module):
+        num_key_value_groups = 4
+        is_causal = True
+
+    g = torch.Generator().manual_seed(0)
+    query = torch.randn(3, 8, 1, 16, generator=g)
+    key, value = torch.randn(2, 3, 2, 40, 16, generator=g)
+    bias = torch.where(torch.rand(3, 1, 1, 40, generator=g) < 0.3, torch.finfo(torch.float32).min, 0.0)
+    got, _ = grouped_decode_attention(Module(), query, key, value, bias, scaling=0.25)
+    want, _ = sdpa_attention_forward(Module(), query, key, value, bias, scaling=0.25)
+    assert got.shape == want.shape == (3, 1, 8, 16)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_static_decoding_uses_grouped_attention_and_restores_sdpa(monkeypatch):
+    import acomp.modeling.attention as attention
+
+    calls = []
+    real = attention.grouped_decode_attention
+    monkeypatch.setattr(
+        attention, "grouped_decode_attention", lambda *a, **k: calls.append(1) or real(*a, **k)
+    )
+    model = tiny_model("llama")  # 4 query heads over 2 KV heads
+    model.generate(random_ids(1, 4), max_new_tokens=3, eos_token_id=None, decoding="static")
+    assert len(calls) == 2 * model.config.num_hidden_layers  # two decode steps after the prefill
+    assert model.config._attn_implementation == "sdpa"

@@ -96,3 +96,50 @@ def settle_torch_sdpa_priority(device: torch.device) -> None:
         torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True)
     except Exception:  # best effort: the backend lists above already make the choice order-independent
         pass
+
+
+GROUPED_DECODE = "acomp_grouped_decode"
+
+
+def grouped_decode_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """transformers' SDPA attention, except for one-token decode steps under a key mask [B, 1, 1, L] with
+    grouped-query attention: there the query heads that share a KV head become query rows of that head, so
+    keys and values are read once instead of being copied per query head. (transformers repeats K/V whenever
+    a mask is given, since torch's fused kernels take `enable_gqa` only without one; for a static cache's
+    masked decode step that copy costs more than the attention: benchmarks/RESULTS.md.)"""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    batch, heads, q_len, dim = query.shape
+    kv_heads = key.shape[1]
+    grouped = (
+        q_len == 1
+        and heads != kv_heads
+        and attention_mask is not None
+        and attention_mask.ndim == 4
+        and attention_mask.shape[1:3] == (1, 1)
+    )
+    if not grouped:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    rows = query.reshape(batch, kv_heads, heads // kv_heads, dim)  # head h uses KV head h // group
+    out = torch.nn.functional.scaled_dot_product_attention(
+        rows, key, value, attn_mask=attention_mask[..., : key.shape[-2]], dropout_p=dropout, scale=scaling
+    )
+    return out.reshape(batch, heads, 1, dim).transpose(1, 2).contiguous(), None
+
+
+@contextlib.contextmanager
+def decode_attention(config):
+    """Within the block, models that use transformers' SDPA attention run `grouped_decode_attention`."""
+    if config._attn_implementation != "sdpa":
+        yield
+        return
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(GROUPED_DECODE, grouped_decode_attention)
+    config._attn_implementation = GROUPED_DECODE
+    try:
+        yield
+    finally:
+        config._attn_implementation = "sdpa"

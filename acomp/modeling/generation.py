@@ -7,7 +7,8 @@ matches a full forward over [softprompt ; prompt ; generated] token for token.
 Three decoding modes, same tokens (tests/test_modeling.py):
 - `dynamic`: transformers' DynamicCache grows by one column per step (any device; the default).
 - `static`: the prefill's keys/values are copied into a preallocated StaticCache of the final length and
-  every step has the same shapes (a fixed additive key mask instead of a growing 2D one).
+  every step has the same shapes (a fixed additive key mask instead of a growing 2D one); with grouped-query
+  attention the step reads each KV head once (attention.grouped_decode_attention).
 - `cuda_graph`: `static`, with the step (embed -> decoder -> LM head) captured once in a CUDA graph and
   replayed. A decode step of a 1B model is ~300 small kernels; eager, their launch overhead, not memory
   bandwidth, bounds the step time (benchmarks/RESULTS.md, compressed inference).
@@ -19,7 +20,7 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache, StaticCache
 
-from .attention import sdpa_context
+from .attention import decode_attention, sdpa_context
 from .compressor import attention_bias
 from .variable import absent_bias
 
@@ -174,7 +175,7 @@ class _StaticStep:
     def __init__(self, model, prefill_cache, key_bias, max_new_tokens: int, cuda_graph: bool):
         self.model, self.cuda_graph = model, cuda_graph
         batch, prefill_len = key_bias.shape
-        length = prefill_len + max(max_new_tokens, 1)
+        length = -(-(prefill_len + max(max_new_tokens, 1)) // 16) * 16  # mask rows 16-aligned for SDPA
         device, dtype = key_bias.device, key_bias.dtype
         self.cache = StaticCache(
             config=model.config, max_cache_len=length, max_batch_size=batch, device=device, dtype=dtype
@@ -192,7 +193,7 @@ class _StaticStep:
 
     def _forward(self) -> torch.Tensor:
         config = self.model.config
-        with sdpa_context(config.sdpa_backend, self.token.device):
+        with sdpa_context(config.sdpa_backend, self.token.device), decode_attention(config):
             hidden = self.model.get_decoder()(
                 inputs_embeds=self.model.get_input_embeddings()(self.token[:, None]),
                 attention_mask=self.bias,
