@@ -121,7 +121,14 @@ def answer(args) -> int:
         raise SystemExit("the prompt is empty")
     softprompt = record["softprompt"].to(model.device)
     bias = record["softprompt_bias"]
-    options = dict(max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature)
+    if args.decoding == "cuda_graph" and model.device.type != "cuda":
+        raise SystemExit(f"--decoding cuda_graph needs a CUDA GPU; the model is on {model.device}")
+    options = dict(
+        max_new_tokens=args.max_new_tokens,
+        do_sample=args.sample,
+        temperature=args.temperature,
+        decoding=args.decoding,
+    )
     if args.sample:
         options["generator"] = torch.Generator(device=model.device).manual_seed(args.seed)
     out = model.generate(
@@ -183,6 +190,12 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (with --sample)")
     a.add_argument("--seed", type=int, default=0, help="sampling seed (with --sample)")
     a.add_argument("--compare", action="store_true", help="also generate without the summary vectors")
+    a.add_argument(
+        "--decoding",
+        default="dynamic",
+        choices=["dynamic", "static", "cuda_graph"],
+        help="KV cache and step mode (same tokens): dynamic (default), static, or cuda_graph (GPU; fastest)",
+    )
     return p
 
 

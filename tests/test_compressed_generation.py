@@ -80,6 +80,17 @@ def test_compress_to_a_file_then_answer_from_it(tmp_path, tokenizer, capsys):
     out = model.generate(prompt, softprompt=softprompt, max_new_tokens=8)
     assert with_line == f"with summary vectors: {tokenizer.decode(out[0, prompt.shape[1] :])!r}"
 
+    # The static-cache decoding mode answers the same.
+    capsys.readouterr()
+    assert (
+        example.main(["answer", "--summary", str(summary), "--max-new-tokens", "8", "--decoding", "static"])
+        == 0
+    )
+    assert with_line in capsys.readouterr().out.splitlines()
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="cuda_graph needs a CUDA GPU; the model is on cpu"):
+            example.main(["answer", "--summary", str(summary), "--decoding", "cuda_graph"])
+
 
 def test_answer_refuses_vectors_of_another_model(tmp_path, tokenizer):
     example = _example()
