@@ -82,6 +82,8 @@ def generate(
     rule = model.position_rule
     control = [getattr(config, k, None) for k in ("sum_token_id", "eoc_token_id")]
     suppress_token_ids = list(suppress_token_ids or []) + [t for t in control if t is not None]
+    # On the device once: indexing with a Python list would copy it to the GPU at every step.
+    suppress = torch.tensor(suppress_token_ids, dtype=torch.long, device=device)
 
     # Prefill: [softprompt ; prompt] in one pass.
     prompt_embeds = embed(input_ids)
@@ -119,9 +121,7 @@ def generate(
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     new_tokens = []
     for index in range(max_new_tokens):
-        token = _pick(
-            next_logits.float(), do_sample, temperature, top_k, top_p, suppress_token_ids, generator
-        )
+        token = _pick(next_logits.float(), do_sample, temperature, top_k, top_p, suppress, generator)
         token = torch.where(finished, torch.full_like(token, pad_token_id), token)
         new_tokens.append(token)
         if index == max_new_tokens - 1:
@@ -259,8 +259,8 @@ def _last_true_index(mask: torch.Tensor) -> torch.Tensor:
 
 
 def _pick(logits, do_sample, temperature, top_k, top_p, suppress, generator) -> torch.Tensor:
-    if suppress:
-        logits[:, suppress] = float("-inf")
+    if suppress.numel():
+        logits.index_fill_(1, suppress, float("-inf"))
     if not do_sample:
         return logits.argmax(dim=-1)
     logits = logits / temperature
