@@ -99,6 +99,7 @@ def settle_torch_sdpa_priority(device: torch.device) -> None:
 
 
 GROUPED_DECODE = "acomp_grouped_decode"
+_REGISTERED: set[str] = set()
 
 
 def grouped_decode_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
@@ -135,9 +136,12 @@ def decode_attention(config):
     if config._attn_implementation != "sdpa":
         yield
         return
-    from transformers import AttentionInterface
+    if GROUPED_DECODE not in _REGISTERED:  # once per process
+        from transformers import AttentionInterface
 
-    AttentionInterface.register(GROUPED_DECODE, grouped_decode_attention)
+        # Through a lambda, so the module attribute is looked up at each call (tests patch it).
+        AttentionInterface.register(GROUPED_DECODE, lambda *a, **k: grouped_decode_attention(*a, **k))
+        _REGISTERED.add(GROUPED_DECODE)
     config._attn_implementation = GROUPED_DECODE
     try:
         yield

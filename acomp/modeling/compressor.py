@@ -442,12 +442,12 @@ class AutoCompressorMixin:
         return generate(self, input_ids, attention_mask=attention_mask, softprompt=softprompt, **kwargs)
 
 
-def attention_bias(softprompt_bias, text_mask, num_tail: int, dtype) -> torch.Tensor:
-    """4D additive mask [B, 1, L, L] for [softprompt ; text ; tail]: causal, text padding removed, and the
-    softprompt's presence bias on its keys. Each query always sees itself, so no row is empty."""
-    batch, n = text_mask.shape
+def key_bias(softprompt_bias, text_mask, num_tail: int, dtype) -> torch.Tensor:
+    """Additive bias [B, L] on the keys of [softprompt ; text ; tail]: the softprompt's presence bias, text
+    padding removed, the tail visible."""
+    batch = text_mask.shape[0]
     absent = absent_bias(dtype)
-    key_bias = torch.cat(
+    return torch.cat(
         [
             softprompt_bias.clamp(min=absent),
             torch.where(text_mask.bool(), 0.0, absent),
@@ -455,9 +455,17 @@ def attention_bias(softprompt_bias, text_mask, num_tail: int, dtype) -> torch.Te
         ],
         dim=1,
     ).to(dtype)
-    length = key_bias.shape[1]
+
+
+def attention_bias(softprompt_bias, text_mask, num_tail: int, dtype) -> torch.Tensor:
+    """4D additive mask [B, 1, L, L] for [softprompt ; text ; tail]: causal, and `key_bias` on the keys.
+    Each query always sees itself, so no row is empty."""
+    batch = text_mask.shape[0]
+    absent = absent_bias(dtype)
+    keys = key_bias(softprompt_bias, text_mask, num_tail, dtype)
+    length = keys.shape[1]
     causal = torch.ones(length, length, dtype=torch.bool, device=text_mask.device).tril()
-    bias = torch.where(causal, key_bias[:, None, None, :], absent)
+    bias = torch.where(causal, keys[:, None, None, :], absent)
     return bias.diagonal_scatter(
         torch.zeros(batch, 1, length, dtype=dtype, device=bias.device), dim1=2, dim2=3
     )

@@ -17,11 +17,13 @@ The prefill always runs through the DynamicCache, so a long context keeps the fa
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from transformers import DynamicCache, StaticCache
 
 from .attention import decode_attention, sdpa_context
-from .compressor import attention_bias
+from .compressor import attention_bias, key_bias
 from .variable import absent_bias
 
 
@@ -109,13 +111,19 @@ def generate(
     next_logits = model.lm_head(hidden[torch.arange(batch, device=device), last_real.clamp(min=0)])
     next_position = rule.first_new_position(soft_len, attention_mask)
 
-    key_bias = _prefill_key_bias(softprompt_bias, soft_len, attention_mask, embeds.dtype)  # [B, prefill]
+    # Decoding masks the prefill's keys with an additive bias [B, prefill]: absent summary vectors and prompt
+    # padding removed. The dynamic cache needs it only for absent vectors (otherwise the 2D mask says it all).
     if decoding == "dynamic":
-        step = _DynamicStep(
-            model, cache, mask, key_bias[:, None, None, :] if softprompt_bias is not None else None
-        )
+        bias = None
+        if softprompt_bias is not None:
+            bias = key_bias(softprompt_bias, attention_mask, 0, embeds.dtype)[:, None, None, :]
+        step = _DynamicStep(model, cache, mask, bias)
     else:
-        step = _StaticStep(model, cache, key_bias, max_new_tokens, cuda_graph=decoding == "cuda_graph")
+        soft_bias = (
+            softprompt_bias if softprompt_bias is not None else mask.new_zeros(batch, soft_len).float()
+        )
+        prefill_bias = key_bias(soft_bias, attention_mask, 0, embeds.dtype)
+        step = _StaticStep(model, cache, prefill_bias, max_new_tokens, cuda_graph=decoding == "cuda_graph")
         del cache  # the static cache holds a copy
 
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
@@ -145,26 +153,17 @@ class _DynamicStep:
     """One decode step on a DynamicCache: the 2D mask (or, with a softprompt bias, the 4D key bias) grows
     by one column per step."""
 
-    def __init__(self, model, cache, mask, key_bias):
-        self.model, self.cache, self.mask, self.key_bias = model, cache, mask, key_bias
+    def __init__(self, model, cache, mask, bias):
+        self.model, self.cache, self.mask, self.bias = model, cache, mask, bias
 
     def __call__(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
         batch = token.shape[0]
         self.mask = torch.cat([self.mask, self.mask.new_ones(batch, 1)], dim=1)
         step_mask = self.mask
-        if self.key_bias is not None:
-            self.key_bias = torch.cat([self.key_bias, self.key_bias.new_zeros(batch, 1, 1, 1)], dim=-1)
-            step_mask = self.key_bias
-        config = self.model.config
-        with sdpa_context(config.sdpa_backend, token.device):
-            hidden = self.model.get_decoder()(
-                inputs_embeds=self.model.get_input_embeddings()(token[:, None]),
-                attention_mask=step_mask,
-                position_ids=position[:, None],
-                past_key_values=self.cache,
-                use_cache=True,
-            ).last_hidden_state
-        return self.model.lm_head(hidden[:, -1])
+        if self.bias is not None:
+            self.bias = torch.cat([self.bias, self.bias.new_zeros(batch, 1, 1, 1)], dim=-1)
+            step_mask = self.bias
+        return _decode_logits(self.model, token, step_mask, position[:, None], self.cache)
 
 
 class _StaticStep:
@@ -172,11 +171,11 @@ class _StaticStep:
     [B, 1, 1, L] whose next column is opened before each step, and input buffers the step reads. With
     `cuda_graph`, the first call captures the step and every call replays it."""
 
-    def __init__(self, model, prefill_cache, key_bias, max_new_tokens: int, cuda_graph: bool):
+    def __init__(self, model, prefill_cache, prefill_bias, max_new_tokens: int, cuda_graph: bool):
         self.model, self.cuda_graph = model, cuda_graph
-        batch, prefill_len = key_bias.shape
+        batch, prefill_len = prefill_bias.shape
         length = -(-(prefill_len + max(max_new_tokens, 1)) // 16) * 16  # mask rows 16-aligned for SDPA
-        device, dtype = key_bias.device, key_bias.dtype
+        device, dtype = prefill_bias.device, prefill_bias.dtype
         self.cache = StaticCache(
             config=model.config, max_cache_len=length, max_batch_size=batch, device=device, dtype=dtype
         )
@@ -184,7 +183,7 @@ class _StaticStep:
         for layer, (keys, values) in enumerate(_cached_layers(prefill_cache)):
             self.cache.update(keys, values, layer, {"cache_position": positions})
         self.bias = torch.full((batch, 1, 1, length), absent_bias(dtype), dtype=dtype, device=device)
-        self.bias[:, 0, 0, :prefill_len] = key_bias
+        self.bias[:, 0, 0, :prefill_len] = prefill_bias
         self.token = torch.zeros(batch, dtype=torch.long, device=device)
         self.position = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.cache_position = torch.zeros(1, dtype=torch.long, device=device)
@@ -192,17 +191,9 @@ class _StaticStep:
         self.graph, self.logits = None, None
 
     def _forward(self) -> torch.Tensor:
-        config = self.model.config
-        with sdpa_context(config.sdpa_backend, self.token.device), decode_attention(config):
-            hidden = self.model.get_decoder()(
-                inputs_embeds=self.model.get_input_embeddings()(self.token[:, None]),
-                attention_mask=self.bias,
-                position_ids=self.position,
-                cache_position=self.cache_position,
-                past_key_values=self.cache,
-                use_cache=True,
-            ).last_hidden_state
-        return self.model.lm_head(hidden[:, -1])
+        return _decode_logits(
+            self.model, self.token, self.bias, self.position, self.cache, self.cache_position, grouped=True
+        )
 
     def __call__(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
         self.token.copy_(token)
@@ -230,25 +221,28 @@ class _StaticStep:
             self.logits = self._forward()
 
 
+def _decode_logits(model, token, mask, position_ids, cache, cache_position=None, grouped=False):
+    """Next-token logits [B, V] of one decode step: tokens [B] at `position_ids` [B, 1] against `cache`.
+    `grouped`: grouped-query decode attention (attention.decode_attention), for the static mask."""
+    config = model.config
+    attention = decode_attention(config) if grouped else contextlib.nullcontext()
+    with sdpa_context(config.sdpa_backend, token.device), attention:
+        hidden = model.get_decoder()(
+            inputs_embeds=model.get_input_embeddings()(token[:, None]),
+            attention_mask=mask,
+            position_ids=position_ids,
+            cache_position=cache_position,
+            past_key_values=cache,
+            use_cache=True,
+        ).last_hidden_state
+    return model.lm_head(hidden[:, -1])
+
+
 def _cached_layers(cache: DynamicCache):
     """(keys, values) per layer of a DynamicCache, across transformers versions."""
     if hasattr(cache, "layers"):
         return [(layer.keys, layer.values) for layer in cache.layers]
     return list(zip(cache.key_cache, cache.value_cache))
-
-
-def _prefill_key_bias(softprompt_bias, soft_len: int, attention_mask, dtype) -> torch.Tensor:
-    """Additive bias [B, soft_len + prompt_len] on the prefill's keys: absent summary vectors and prompt
-    padding removed, everything else visible."""
-    absent = absent_bias(dtype)
-    batch = attention_mask.shape[0]
-    soft = (
-        attention_mask.new_zeros(batch, soft_len, dtype=torch.float32)
-        if softprompt_bias is None
-        else softprompt_bias.float().clamp(min=absent)
-    )
-    text = torch.where(attention_mask.bool(), 0.0, absent).float()
-    return torch.cat([soft, text], dim=1).to(dtype)
 
 
 def _last_true_index(mask: torch.Tensor) -> torch.Tensor:
