@@ -10,14 +10,18 @@ What runs (docs/PERFORMANCE.md explains the numbers and the levers):
   checkpointed and recomputed), `3x1` = 3 BPTT substeps of one segment (softprompt detached between them;
   nothing to recompute).
 - *naive*: the same architecture as a plain transformers `*ForCausalLM` (default attention implementation and
-  SDPA settings, bf16 weights, torch AdamW), forward + backward + step over the same blocks as one 6K
-  sequence, without activation checkpointing, or with HF's gradient checkpointing when that does not fit
-  (the row says which). LoRA shapes get the same peft LoRA. Runs first for each shape (before any of our SDPA
-  settings are touched) and only in single-process runs.
+  SDPA settings, bf16 weights, fused torch AdamW), forward + backward + step, in two protocols (`--naive`):
+  `6k`: the same blocks as one 6K sequence, without activation checkpointing, or with HF's gradient
+  checkpointing when that does not fit (the row says which), the stronger loop; `baselines`: the protocol
+  of ../shared/spec/baselines.md, the one its 17-27% MFU figures were measured with: sequences of
+  `--segment-len` (2048) tokens, HF per-layer gradient checkpointing, the same tokens per optimizer step.
+  LoRA shapes get the same peft LoRA. Runs first for each shape (before any of our SDPA settings are
+  touched) and only in single-process runs.
 Every row reports tokens/s (text tokens, all ranks), step time, MFU (acomp.train.metrics.FlopModel: causal
 attention, summary and softprompt positions included, recompute excluded; `mfu_palm` counts attention
 non-causally as spec/baselines.md does), peak GPU memory (max over ranks) and the ratio to the naive row
-of the same shape (and, for ZeRO-2/3, to ZeRO-1 of the same settings). A configuration that runs out of
+of the same shape (`x_naive`: the `6k` protocol, `x_naive_baselines`: the baselines.md one; and, for
+ZeRO-2/3, `x_zero1`: to ZeRO-1 of the same settings). A configuration that runs out of
 memory is recorded as "OOM" and the next one runs. Results go to `--out` (JSON, rewritten after every row).
 
 GPU host (wheels carried in .whl/, see benchmarks/gpu-setup.sh); one H100, the whole matrix in ~7 minutes:
@@ -112,6 +116,7 @@ SHAPES = {
     ),
 }  # fmt: skip
 LORA = {"r": 16, "alpha": 16, "dropout": 0.05, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
+NAIVE_PROTOCOLS = ("6k", "baselines")
 VARIANT_KEYS = ("loss_chunk", "sdpa", "seg_ckpt", "compile", "liger", "mb", "layout", "zero", "shape")
 
 
@@ -174,12 +179,21 @@ def parse_args(argv=None) -> argparse.Namespace:
         help=f"extra acomp row of the first shape/ZeRO stage with changes; keys: {', '.join(VARIANT_KEYS)}, "
         "ds.<dotted DeepSpeed key>",
     )
-    p.add_argument("--no-naive", action="store_true", help="skip the naive baseline")
+    p.add_argument("--no-naive", action="store_true", help="skip the naive baselines")
+    p.add_argument(
+        "--naive",
+        nargs="+",
+        default=list(NAIVE_PROTOCOLS),
+        choices=list(NAIVE_PROTOCOLS),
+        help="naive baseline protocols to run per shape: 6k = each block as one sequence, no checkpointing; "
+        "baselines = spec/baselines.md's (segment-length sequences, HF gradient checkpointing)",
+    )
     p.add_argument(
         "--naive-grad-ckpt",
         default="auto",
         choices=["auto", "on", "off"],
-        help="HF gradient checkpointing for the naive baseline: auto = only after an OOM",
+        help="HF gradient checkpointing for the 6k naive baseline: auto = only after an OOM (the baselines "
+        "protocol always checkpoints)",
     )
     p.add_argument(
         "--peak-tflops", type=float, default=None, help="per-device peak; default from the GPU name"
@@ -593,8 +607,10 @@ def summarise(values: dict, dist, peak) -> dict:
     return row
 
 
-def run_naive(args, shape_name: str, dist, peak, grad_ckpt: bool) -> dict:
-    """Plain transformers model, default attention, bf16 weights, torch AdamW: forward + backward + step."""
+def run_naive(args, shape_name: str, dist, peak, grad_ckpt: bool, protocol: str = "6k") -> dict:
+    """Plain transformers model, default attention, bf16 weights, torch AdamW: forward + backward + step.
+    `protocol` 6k: one sequence per block; baselines: sequences of one segment's length (spec/baselines.md),
+    `segments` times the micro-batches per step, so a step sees the same number of tokens."""
     import torch
     from transformers import CONFIG_MAPPING, AutoModelForCausalLM
 
@@ -622,16 +638,18 @@ def run_naive(args, shape_name: str, dist, peak, grad_ckpt: bool) -> dict:
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=1e-5, fused=cuda)
-        length = args.segments * args.segment_len
+        baselines = protocol == "baselines"
+        length = args.segment_len if baselines else args.segments * args.segment_len
+        accumulation = args.accumulation * (args.segments if baselines else 1)
         mb = micro_batch(args, shape_name)
         blocks = RandomBlocks(mb, length, shape["arch"]["vocab_size"], args.seed, pin=cuda)
         losses = []
 
         def step(i):
-            for _ in range(args.accumulation):
+            for _ in range(accumulation):
                 ids = next(blocks)["input_ids"].to(dist.device, non_blocking=True)
                 loss = model(input_ids=ids, labels=ids).loss
-                (loss / args.accumulation).backward()
+                (loss / accumulation).backward()
                 losses.append(loss.detach())
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -639,7 +657,7 @@ def run_naive(args, shape_name: str, dist, peak, grad_ckpt: bool) -> dict:
         if cuda:
             torch.cuda.reset_peak_memory_stats(dist.device)
         seconds, times = time_steps(step, args.warmup, args.steps, dist.device)
-        naive_settings = {"shape": shape_name, "mode": "naive", "grad_ckpt": grad_ckpt}
+        naive_settings = {"shape": shape_name, "mode": "naive", "protocol": protocol, "grad_ckpt": grad_ckpt}
         profile = (
             profile_step(step, args.warmup + args.steps, args.profile, naive_settings, dist)
             if args.profile
@@ -657,7 +675,7 @@ def run_naive(args, shape_name: str, dist, peak, grad_ckpt: bool) -> dict:
                     frozen += p.numel()
         model_flops = FlopModel(trainable, frozen, config.num_hidden_layers, attention_width(config), 0, True)
         palm = FlopModel(trainable, frozen, config.num_hidden_layers, attention_width(config), 0, True, False)
-        sequences = mb * args.accumulation
+        sequences = mb * accumulation
         values = {
             "tokens": sequences * length,
             "flops": sequences * model_flops.per_sequence([[length]]),
@@ -671,6 +689,8 @@ def run_naive(args, shape_name: str, dist, peak, grad_ckpt: bool) -> dict:
             **profile,
             "loss": float(losses[-1]) if losses else None,
             "hf_grad_ckpt": grad_ckpt,
+            "protocol": protocol,
+            "sequence_len": length,
             "mb": mb,
             "attn_implementation": getattr(base.config, "_attn_implementation", None),
             "sdpa_priority": sdpa_priority(),
@@ -724,8 +744,9 @@ def plan_rows(args) -> list[dict]:
     """Rows in run order: per shape the naive baseline, then ZeRO stages x layouts; then the variants."""
     rows = []
     for shape in args.shapes:
-        if not args.no_naive:
-            rows.append({"mode": "naive", "name": f"{shape} naive", "settings": {"shape": shape}})
+        for protocol in [] if args.no_naive else args.naive:
+            name = f"{shape} naive" + ("" if protocol == "6k" else f" ({protocol}.md)")
+            rows.append({"mode": "naive", "name": name, "settings": {"shape": shape, "protocol": protocol}})
         for zero in args.zero:
             for layout in args.layouts:
                 settings = row_settings(args, shape, zero, layout)
@@ -739,7 +760,11 @@ def plan_rows(args) -> list[dict]:
 
 
 def add_ratios(results: list[dict], reference: list[dict] | None) -> None:
-    naive = {r["settings"]["shape"]: r for r in results if r["mode"] == "naive" and r.get("status") == "ok"}
+    naive = {
+        (r["settings"]["shape"], r["settings"]["protocol"]): r
+        for r in results
+        if r["mode"] == "naive" and r.get("status") == "ok"
+    }
     zero1 = {}
     for r in results:
         s = r["settings"]
@@ -749,8 +774,9 @@ def add_ratios(results: list[dict], reference: list[dict] | None) -> None:
         if r.get("status") != "ok" or r["mode"] != "acomp":
             continue
         s = r["settings"]
-        base = naive.get(s["shape"])
-        r["x_naive"] = r["tokens_per_s"] / base["tokens_per_s"] if base else None
+        for protocol, key in (("6k", "x_naive"), ("baselines", "x_naive_baselines")):
+            base = naive.get((s["shape"], protocol))
+            r[key] = r["tokens_per_s"] / base["tokens_per_s"] if base else None
         ref1 = zero1.get((s["shape"], s["layout"], s["mb"]))
         r["x_zero1"] = r["tokens_per_s"] / ref1["tokens_per_s"] if ref1 else None
         if reference:
@@ -765,13 +791,17 @@ def fmt(value, spec: str) -> str:
 
 
 def row_line(r: dict) -> str:
-    keys = ("tokens_per_s", "mfu", "mfu_palm", "peak_mem_gib", "x_naive", "x_zero1", "wall_s", "hf_grad_ckpt")
+    keys = ("tokens_per_s", "mfu", "mfu_palm", "peak_mem_gib", "x_naive", "x_naive_baselines", "x_zero1",
+            "wall_s", "hf_grad_ckpt")  # fmt: skip
     parts = [f"{k}={r[k]:.4g}" if isinstance(r.get(k), float) else f"{k}={r[k]}" for k in keys if k in r]
     return f"{r['name']}: {r.get('status')} " + " ".join(parts)
 
 
 def print_table(results: list[dict]) -> None:
-    header = f"{'row':44} {'status':8} {'tok/s':>9} {'step s':>7} {'MFU':>6} {'PaLM':>6} {'GiB':>6} {'x naive':>7} {'x Z1':>6}"
+    header = (
+        f"{'row':44} {'status':8} {'tok/s':>9} {'step s':>7} {'MFU':>6} {'PaLM':>6} {'GiB':>6} {'x naive':>7} "
+        f"{'x b.md':>6} {'x Z1':>6}"
+    )
     print(header)
     print("-" * len(header))
     for r in results:
@@ -779,7 +809,8 @@ def print_table(results: list[dict]) -> None:
         print(
             f"{r['name'][:44]:44} {status[:8]:8} {fmt(r.get('tokens_per_s'), ',.0f'):>9} "
             f"{fmt(r.get('step_time_s'), '.3f'):>7} {fmt(r.get('mfu'), '.3f'):>6} {fmt(r.get('mfu_palm'), '.3f'):>6} "
-            f"{fmt(r.get('peak_mem_gib'), '.1f'):>6} {fmt(r.get('x_naive'), '.2f'):>7} {fmt(r.get('x_zero1'), '.2f'):>6}"
+            f"{fmt(r.get('peak_mem_gib'), '.1f'):>6} {fmt(r.get('x_naive'), '.2f'):>7} "
+            f"{fmt(r.get('x_naive_baselines'), '.2f'):>6} {fmt(r.get('x_zero1'), '.2f'):>6}"
         )
     sys.stdout.flush()
 
@@ -817,7 +848,7 @@ def main(argv=None) -> int:
             result["mem_before_gib"] = torch.cuda.memory_allocated(dist.device) / 2**30
         try:
             if row["mode"] == "naive":
-                result.update(run_naive_with_fallback(args, row["settings"]["shape"], dist, peak))
+                result.update(run_naive_with_fallback(args, row["settings"], dist, peak))
             else:
                 result.update(run_acomp(args, row["settings"], dist, peak))
         except Exception as e:  # one failing row must not stop the matrix
@@ -839,8 +870,12 @@ def main(argv=None) -> int:
     return 0
 
 
-def run_naive_with_fallback(args, shape: str, dist, peak) -> dict:
-    """The naive baseline without activation checkpointing, or with HF's when that runs out of memory."""
+def run_naive_with_fallback(args, settings: dict, dist, peak) -> dict:
+    """The 6k naive baseline without activation checkpointing, or with HF's when that runs out of memory;
+    the baselines.md protocol always with it."""
+    shape = settings["shape"]
+    if settings["protocol"] == "baselines":
+        return run_naive(args, shape, dist, peak, grad_ckpt=True, protocol="baselines")
     if args.naive_grad_ckpt != "auto":
         return run_naive(args, shape, dist, peak, grad_ckpt=args.naive_grad_ckpt == "on")
     try:

@@ -37,9 +37,11 @@ def test_train_throughput_smoke(tmp_path):
     names = [r["name"] for r in rows]
     assert names == [
         "tiny naive",
+        "tiny naive (baselines.md)",
         "tiny zero1 1x3",
         "tiny zero3 1x3",
         "tiny-lora naive",
+        "tiny-lora naive (baselines.md)",
         "tiny-lora zero1 1x3",
         "tiny-lora zero3 1x3",
     ]
@@ -50,11 +52,15 @@ def test_train_throughput_smoke(tmp_path):
         assert "peak_mem_gib" in r and r["loss"] > 0
         assert r["tokens_per_step"] == 2 * 3 * 32  # micro-batch 2 x 3 segments x 32 tokens
         if r["mode"] == "acomp":
-            assert r["x_naive"] > 0 and r["x_zero1"] > 0
+            assert r["x_naive"] > 0 and r["x_naive_baselines"] > 0 and r["x_zero1"] > 0
             assert r["flops_per_sequence"] > 0
     lora = next(r for r in rows if r["name"] == "tiny-lora zero3 1x3")
     assert lora["n_params_frozen"] > lora["n_params_trainable"] > 0
     assert lora["zero_config"]["stage3_param_persistence_threshold"] == 2**62  # one rank: all persistent
     naive = next(r for r in rows if r["name"] == "tiny naive")
     assert naive["hf_grad_ckpt"] is False and naive["attn_implementation"] == "sdpa"
+    assert naive["sequence_len"] == 3 * 32
+    # spec/baselines.md's protocol: one segment per sequence, HF checkpointing, the same tokens per step
+    ref = next(r for r in rows if r["name"] == "tiny naive (baselines.md)")
+    assert ref["hf_grad_ckpt"] is True and ref["sequence_len"] == 32
     assert "tok/s" in proc.stdout  # the table
