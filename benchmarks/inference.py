@@ -8,7 +8,9 @@ Random-init Llama-1B shape (22 layers, d 2048, 32 heads / 4 KV heads, ffn 5632, 
 - generation of 256 tokens after a 32-token prompt: wall time and KV-cache bytes, conditioned on the
   cached summary vectors vs on the full context (prefill of the context included in the full-attention
   time, since that is what full attention must do; the summary vectors are computed once and cached), for
-  each `--decoding` mode (dynamic KV cache; static cache replayed from a CUDA graph).
+  each `--decoding` mode (dynamic KV cache; static cache replayed from a CUDA graph; `compiled`: that graph
+  captured from the torch.compile'd step, `compile_step=True`; its one-off compile time per shape is the
+  first call's, reported apart as `first_call_*`).
 
     python benchmarks/inference.py --contexts 6144 30720 --batch-sizes 1 8 32 --out .bench/inference.json
 """
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 
 import torch
@@ -35,15 +38,23 @@ def llama_1b(max_positions: int) -> LlamaConfig:
 
 def timed(fn, *args, repeats: int = 3, **kwargs):
     """Best wall time of fn(*args, **kwargs) over `repeats` runs after one warm-up, and its output."""
-    fn(*args, **kwargs)  # warm-up (kernel selection, allocator)
+    return timed_with_first(fn, *args, repeats=repeats, **kwargs)[:2]
+
+
+def timed_with_first(fn, *args, repeats: int = 3, **kwargs):
+    """(best wall time over `repeats` runs, output, the warm-up run's wall time)."""
     torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn(*args, **kwargs)  # warm-up (kernel selection, allocator, compilation)
+    torch.cuda.synchronize()
+    first = time.perf_counter() - start
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
         out = fn(*args, **kwargs)
         torch.cuda.synchronize()
         best = min(best, time.perf_counter() - start)
-    return best, out
+    return best, out, first
 
 
 def first_difference(a: torch.Tensor, b: torch.Tensor) -> int:
@@ -60,8 +71,9 @@ def kv_bytes(model, batch: int, tokens: int) -> int:
 
 @torch.no_grad()
 def run(
-    context: int, batch_sizes: list[int], new_tokens: int, prompt_len: int, decodings: list[str]
+    context: int, batch_sizes: list[int], new_tokens: int, prompt_len: int, decodings: list[str], out=None
 ) -> list[dict]:
+    """Rows of one context length; each row is also appended to `out`.partial.jsonl as it finishes."""
     segment = 2048
     check_tokens = True
     model = LlamaAutoCompressorModel(llama_1b(context + prompt_len + new_tokens + 64))
@@ -84,17 +96,24 @@ def run(
             torch.cuda.empty_cache()
             continue
         n_vectors = summary.shape[1]
-        timings, outputs, agreement = {}, {}, {}
+        timings, outputs, agreement, first = {}, {}, {}, {}
         for mode in decodings:
-            gen = dict(max_new_tokens=new_tokens, eos_token_id=None, decoding=mode)
+            gen = dict(max_new_tokens=new_tokens, eos_token_id=None, **DECODING_ARGS[mode])
             try:
-                t_full, _ = timed(model.generate, torch.cat([ctx, prompt], dim=1), repeats=1, **gen)
+                t_full, _, first_full = timed_with_first(
+                    model.generate, torch.cat([ctx, prompt], dim=1), repeats=1, **gen
+                )
             except torch.OutOfMemoryError:
-                t_full = float("nan")
+                t_full = first_full = float("nan")
             torch.cuda.empty_cache()
-            t_summary, out = timed(model.generate, prompt, softprompt=summary, repeats=1, **gen)
+            t_summary, out, first_summary = timed_with_first(
+                model.generate, prompt, softprompt=summary, repeats=1, **gen
+            )
             timings[mode] = (t_full, t_summary)
             outputs[mode] = out[:, prompt_len:]
+            if mode == "compiled":
+                first[f"first_call_full_s_{mode}"] = first_full
+                first[f"first_call_summary_s_{mode}"] = first_summary
         if check_tokens:
             # bf16 kernels differ between modes, and a random-init model's logits are nearly tied: expect an
             # early flip here; exact equality of the modes is tested in fp32 (tests/test_modeling.py).
@@ -128,11 +147,23 @@ def run(
             "kv_summary_bytes": kv_summary,
             "kv_ratio_total": kv_full / kv_summary,
             "kv_ratio_context": context / n_vectors,
+            **first,
         }
         row.update(agreement)
         rows.append(row)
         print(json.dumps(row), flush=True)
+        if out:  # a run cut short by a time limit keeps its finished rows
+            with open(f"{out}.partial.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
     return rows
+
+
+DECODING_ARGS = {
+    "dynamic": {"decoding": "dynamic"},
+    "static": {"decoding": "static"},
+    "cuda_graph": {"decoding": "cuda_graph"},
+    "compiled": {"decoding": "cuda_graph", "compile_step": True},
+}
 
 
 def main() -> None:
@@ -145,9 +176,9 @@ def main() -> None:
         "--decoding",
         nargs="+",
         default=["dynamic", "cuda_graph"],
-        choices=["dynamic", "static", "cuda_graph"],
-        help="decoding modes to time (acomp.modeling.generation); the first row also reports how many leading "
-        "tokens each mode shares with the eager static mode",
+        choices=list(DECODING_ARGS),
+        help="decoding modes to time (acomp.modeling.generation; compiled = cuda_graph with compile_step); the "
+        "first row also reports how many leading tokens each mode shares with the eager static mode",
     )
     p.add_argument("--new-tokens", type=int, default=256, help="tokens to generate")
     p.add_argument("--prompt-len", type=int, default=32, help="prompt tokens after the context")
@@ -155,10 +186,14 @@ def main() -> None:
     args = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/inference.py needs a CUDA GPU")
+    # Each (batch, cache length) of the compiled step is one graph: both sides of every batch size.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     rows = []
     for context in args.contexts:
-        rows += run(context, args.batch_sizes, args.new_tokens, args.prompt_len, args.decoding)
+        rows += run(context, args.batch_sizes, args.new_tokens, args.prompt_len, args.decoding, args.out)
     meta = {
+        "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "command": " ".join(["python", *sys.argv]),
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,
         "transformers": __import__("transformers").__version__,

@@ -186,6 +186,31 @@ def test_fixed_shape_decoding_equals_dynamic(family, decoding, device):
     assert torch.equal(stopped[0], stopped[1])
 
 
+@pytest.mark.parametrize(
+    "decoding, device", [("static", "cpu")] + [("cuda_graph", "cuda")] * torch.cuda.is_available()
+)
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_compiled_decode_step_equals_dynamic(family, decoding, device):
+    """compile_step=True: the torch.compile'd step gives the eager tokens, and a second call with the same
+    shapes reuses its graph (no recompilation)."""
+    from torch._dynamo.utils import counters
+
+    model = tiny_model(family).to(device)
+    sp = model.compress(random_ids(2, 12, seed=5).to(device), segment_lengths=[6, 6])
+    prompt = random_ids(2, 6, seed=6).to(device)
+    mask = torch.ones_like(prompt)
+    mask[1, :3] = 0
+    kwargs = dict(attention_mask=mask, softprompt=sp, max_new_tokens=8, eos_token_id=None)
+    want = model.generate(prompt, decoding="dynamic", **kwargs)
+    counters.clear()
+    got = model.generate(prompt, decoding=decoding, compile_step=True, **kwargs)
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs >= 1 and not counters["graph_break"]
+    again = model.generate(prompt, decoding=decoding, compile_step=True, **kwargs)
+    assert torch.equal(got, want) and torch.equal(again, want)
+    assert counters["stats"]["unique_graphs"] == graphs
+
+
 def test_generate_rejects_unknown_decoding_and_cuda_graph_on_cpu():
     model = tiny_model("llama")
     prompt = random_ids(1, 4)
@@ -193,6 +218,8 @@ def test_generate_rejects_unknown_decoding_and_cuda_graph_on_cpu():
         model.generate(prompt, decoding="graph")
     with pytest.raises(ValueError, match="CUDA device, got cpu"):
         model.generate(prompt, decoding="cuda_graph")
+    with pytest.raises(ValueError, match="compile_step=True needs decoding='static' or 'cuda_graph'"):
+        model.generate(prompt, compile_step=True)
 
 
 def test_generate_stops_at_eos_and_pads():

@@ -12,6 +12,10 @@ Three decoding modes, same tokens (tests/test_modeling.py):
 - `cuda_graph`: `static`, with the step (embed -> decoder -> LM head) captured once in a CUDA graph and
   replayed. A decode step of a 1B model is ~300 small kernels; eager, their launch overhead, not memory
   bandwidth, bounds the step time (benchmarks/RESULTS.md, compressed inference).
+`compile_step=True` (with `static` or `cuda_graph`) runs the step through torch.compile: RMSNorm, RoPE,
+SwiGLU and the residual adds fuse, so a replayed step has fewer, larger kernels. The compiled step is kept for
+the process; each new (batch, cache length) compiles once, within torch's recompile limit
+(`torch._dynamo.config.recompile_limit`), after which new shapes run eager.
 The prefill always runs through the DynamicCache, so a long context keeps the fast causal attention kernels.
 """
 
@@ -44,13 +48,17 @@ def generate(
     suppress_token_ids: list[int] | None = None,
     generator: torch.Generator | None = None,
     decoding: str = "dynamic",
+    compile_step: bool = False,
 ) -> torch.LongTensor:
     """Returns [B, prompt_len + new] token ids. Greedy unless do_sample. Prompts may be padded on either
     side (positions come from the attention mask). After a sample emits EOS it is filled with pad_token_id.
     `softprompt_bias` (variable-length mode) marks absent softprompt vectors. The control tokens
-    `<sum>` / `<eoc>` are never generated. `decoding`: 'dynamic', 'static' or 'cuda_graph' (module docstring)."""
+    `<sum>` / `<eoc>` are never generated. `decoding`: 'dynamic', 'static' or 'cuda_graph'; `compile_step`:
+    torch.compile the fixed-shape step (module docstring)."""
     if decoding not in DECODING_MODES:
         raise ValueError(f"decoding must be one of {', '.join(DECODING_MODES)}, got {decoding!r}")
+    if compile_step and decoding == "dynamic":
+        raise ValueError("compile_step=True needs decoding='static' or 'cuda_graph' (fixed shapes), got 'dynamic'")
     if decoding == "cuda_graph" and input_ids.device.type != "cuda":
         raise ValueError(
             f"decoding='cuda_graph' needs the model and inputs on a CUDA device, got {input_ids.device}"
@@ -123,7 +131,9 @@ def generate(
             softprompt_bias if softprompt_bias is not None else mask.new_zeros(batch, soft_len).float()
         )
         prefill_bias = key_bias(soft_bias, attention_mask, 0, embeds.dtype)
-        step = _StaticStep(model, cache, prefill_bias, max_new_tokens, cuda_graph=decoding == "cuda_graph")
+        step = _StaticStep(
+            model, cache, prefill_bias, max_new_tokens, cuda_graph=decoding == "cuda_graph", compiled=compile_step
+        )
         del cache  # the static cache holds a copy
 
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
@@ -171,8 +181,8 @@ class _StaticStep:
     [B, 1, 1, L] whose next column is opened before each step, and input buffers the step reads. With
     `cuda_graph`, the first call captures the step and every call replays it."""
 
-    def __init__(self, model, prefill_cache, prefill_bias, max_new_tokens: int, cuda_graph: bool):
-        self.model, self.cuda_graph = model, cuda_graph
+    def __init__(self, model, prefill_cache, prefill_bias, max_new_tokens: int, cuda_graph: bool, compiled: bool):
+        self.model, self.cuda_graph, self.compiled = model, cuda_graph, compiled
         batch, prefill_len = prefill_bias.shape
         length = -(-(prefill_len + max(max_new_tokens, 1)) // 16) * 16  # mask rows 16-aligned for SDPA
         device, dtype = prefill_bias.device, prefill_bias.dtype
@@ -192,7 +202,14 @@ class _StaticStep:
 
     def _forward(self) -> torch.Tensor:
         return _decode_logits(
-            self.model, self.token, self.bias, self.position, self.cache, self.cache_position, grouped=True
+            self.model,
+            self.token,
+            self.bias,
+            self.position,
+            self.cache,
+            self.cache_position,
+            grouped=True,
+            compiled=self.compiled,
         )
 
     def __call__(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
@@ -221,21 +238,38 @@ class _StaticStep:
             self.logits = self._forward()
 
 
-def _decode_logits(model, token, mask, position_ids, cache, cache_position=None, grouped=False):
+def _decode_logits(model, token, mask, position_ids, cache, cache_position=None, grouped=False, compiled=False):
     """Next-token logits [B, V] of one decode step: tokens [B] at `position_ids` [B, 1] against `cache`.
-    `grouped`: grouped-query decode attention (attention.decode_attention), for the static mask."""
+    `grouped`: grouped-query decode attention (attention.decode_attention), for the static mask; `compiled`:
+    through `_compiled_step` (the attention and SDPA settings are entered outside the compiled function)."""
     config = model.config
     attention = decode_attention(config) if grouped else contextlib.nullcontext()
+    step = _compiled_step() if compiled else _step
     with sdpa_context(config.sdpa_backend, token.device), attention:
-        hidden = model.get_decoder()(
-            inputs_embeds=model.get_input_embeddings()(token[:, None]),
-            attention_mask=mask,
-            position_ids=position_ids,
-            cache_position=cache_position,
-            past_key_values=cache,
-            use_cache=True,
-        ).last_hidden_state
+        return step(model, token, mask, position_ids, cache, cache_position)
+
+
+def _step(model, token, mask, position_ids, cache, cache_position):
+    hidden = model.get_decoder()(
+        inputs_embeds=model.get_input_embeddings()(token[:, None]),
+        attention_mask=mask,
+        position_ids=position_ids,
+        cache_position=cache_position,
+        past_key_values=cache,
+        use_cache=True,
+    ).last_hidden_state
     return model.lm_head(hidden[:, -1])
+
+
+_COMPILED = []
+
+
+def _compiled_step():
+    """`_step` under torch.compile, created once per process so its compiled graphs outlive a generate call.
+    Static shapes: the static cache's length and the batch are fixed within a call."""
+    if not _COMPILED:
+        _COMPILED.append(torch.compile(_step, dynamic=False))
+    return _COMPILED[0]
 
 
 def _cached_layers(cache: DynamicCache):
