@@ -308,7 +308,10 @@ def test_plain_lm_checkpoint_loads_with_any_summary_length(tmp_path):
     torch.testing.assert_close(model(ids, segment_lengths=[8]).logits, plain(ids).logits)
 
 
-def test_grouped_decode_attention_equals_repeated_kv_sdpa():
+@pytest.mark.parametrize("compiling", [False, True], ids=["sdpa", "matmul_under_compile"])
+def test_grouped_decode_attention_equals_repeated_kv_sdpa(compiling, monkeypatch):
+    """Both kernels of the grouped decode attention (SDPA eager, matmuls under torch.compile) against
+    transformers' SDPA attention with K/V repeated per head."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     from acomp.modeling.attention import grouped_decode_attention
@@ -321,8 +324,9 @@ def test_grouped_decode_attention_equals_repeated_kv_sdpa():
     query = torch.randn(3, 8, 1, 16, generator=g)
     key, value = torch.randn(2, 3, 2, 40, 16, generator=g)
     bias = torch.where(torch.rand(3, 1, 1, 40, generator=g) < 0.3, torch.finfo(torch.float32).min, 0.0)
-    got, _ = grouped_decode_attention(Module(), query, key, value, bias, scaling=0.25)
     want, _ = sdpa_attention_forward(Module(), query, key, value, bias, scaling=0.25)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiling)
+    got, _ = grouped_decode_attention(Module(), query, key, value, bias, scaling=0.25)
     assert got.shape == want.shape == (3, 1, 8, 16)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 

@@ -124,10 +124,24 @@ def grouped_decode_attention(module, query, key, value, attention_mask, dropout=
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
     rows = query.reshape(batch, kv_heads, heads // kv_heads, dim)  # head h uses KV head h // group
-    out = torch.nn.functional.scaled_dot_product_attention(
-        rows, key, value, attn_mask=attention_mask[..., : key.shape[-2]], dropout_p=dropout, scale=scaling
-    )
+    bias = attention_mask[..., : key.shape[-2]]
+    if torch.compiler.is_compiling():
+        out = grouped_matmul_attention(rows, key, value, bias, dim**-0.5 if scaling is None else scaling)
+    else:
+        out = torch.nn.functional.scaled_dot_product_attention(
+            rows, key, value, attn_mask=bias, dropout_p=dropout, scale=scaling
+        )
     return out.reshape(batch, heads, 1, dim).transpose(1, 2).contiguous(), None
+
+
+def grouped_matmul_attention(rows, key, value, bias, scaling: float) -> torch.Tensor:
+    """Attention as two matmuls and a softmax in fp32 (transformers' eager numerics), for the compiled decode
+    step: inductor fuses scale, mask and softmax and splits the long reduction over the cache, where the masked
+    SDPA call runs one block per (sequence, KV head). benchmarks/decode_attention.py: 1.3-1.4x faster at a 6K
+    or 30K cache and batch >= 64 (benchmarks/RESULTS.md)."""
+    scores = torch.matmul(rows, key.transpose(-1, -2)) * scaling + bias
+    probs = scores.softmax(dim=-1, dtype=torch.float32).to(value.dtype)
+    return torch.matmul(probs, value)
 
 
 @contextlib.contextmanager
