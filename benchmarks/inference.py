@@ -71,9 +71,9 @@ def kv_bytes(model, batch: int, tokens: int) -> int:
 
 @torch.no_grad()
 def run(
-    context: int, batch_sizes: list[int], new_tokens: int, prompt_len: int, decodings: list[str], out=None
+    context: int, batch_sizes: list[int], new_tokens: int, prompt_len: int, decodings: list[str], out_path=None
 ) -> list[dict]:
-    """Rows of one context length; each row is also appended to `out`.partial.jsonl as it finishes."""
+    """Rows of one context length; each row is also appended to `out_path`.partial.jsonl as it finishes."""
     segment = 2048
     check_tokens = True
     model = LlamaAutoCompressorModel(llama_1b(context + prompt_len + new_tokens + 64))
@@ -152,8 +152,8 @@ def run(
         row.update(agreement)
         rows.append(row)
         print(json.dumps(row), flush=True)
-        if out:  # a run cut short by a time limit keeps its finished rows
-            with open(f"{out}.partial.jsonl", "a") as f:
+        if out_path:  # a run cut short by a time limit keeps its finished rows
+            with open(f"{out_path}.partial.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
     return rows
 
