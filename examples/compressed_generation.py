@@ -123,11 +123,14 @@ def answer(args) -> int:
     bias = record["softprompt_bias"]
     if args.decoding == "cuda_graph" and model.device.type != "cuda":
         raise SystemExit(f"--decoding cuda_graph needs a CUDA GPU; the model is on {model.device}")
+    if args.compile_step and args.decoding == "dynamic":
+        raise SystemExit("--compile-step needs --decoding static or cuda_graph")
     options = dict(
         max_new_tokens=args.max_new_tokens,
         do_sample=args.sample,
         temperature=args.temperature,
         decoding=args.decoding,
+        compile_step=args.compile_step,
     )
     if args.sample:
         options["generator"] = torch.Generator(device=model.device).manual_seed(args.seed)
@@ -195,6 +198,11 @@ def build_parser() -> argparse.ArgumentParser:
         default="dynamic",
         choices=["dynamic", "static", "cuda_graph"],
         help="KV cache and step mode (same tokens): dynamic (default), static, or cuda_graph (GPU; fastest)",
+    )
+    a.add_argument(
+        "--compile-step",
+        action="store_true",
+        help="torch.compile the decode step (with --decoding static/cuda_graph; pays off over many tokens or calls)",
     )
     return p
 

@@ -90,6 +90,8 @@ def test_compress_to_a_file_then_answer_from_it(tmp_path, tokenizer, capsys):
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit, match="cuda_graph needs a CUDA GPU; the model is on cpu"):
             example.main(["answer", "--summary", str(summary), "--decoding", "cuda_graph"])
+    with pytest.raises(SystemExit, match="--compile-step needs --decoding static or cuda_graph"):
+        example.main(["answer", "--summary", str(summary), "--compile-step"])
 
 
 def test_answer_refuses_vectors_of_another_model(tmp_path, tokenizer):
