@@ -71,7 +71,12 @@ def kv_bytes(model, batch: int, tokens: int) -> int:
 
 @torch.no_grad()
 def run(
-    context: int, batch_sizes: list[int], new_tokens: int, prompt_len: int, decodings: list[str], out_path=None
+    context: int,
+    batch_sizes: list[int],
+    new_tokens: int,
+    prompt_len: int,
+    decodings: list[str],
+    out_path=None,
 ) -> list[dict]:
     """Rows of one context length; each row is also appended to `out_path`.partial.jsonl as it finishes."""
     segment = 2048

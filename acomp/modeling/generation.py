@@ -22,6 +22,7 @@ The prefill always runs through the DynamicCache, so a long context keeps the fa
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 from transformers import DynamicCache, StaticCache
@@ -58,7 +59,9 @@ def generate(
     if decoding not in DECODING_MODES:
         raise ValueError(f"decoding must be one of {', '.join(DECODING_MODES)}, got {decoding!r}")
     if compile_step and decoding == "dynamic":
-        raise ValueError("compile_step=True needs decoding='static' or 'cuda_graph' (fixed shapes), got 'dynamic'")
+        raise ValueError(
+            "compile_step=True needs decoding='static' or 'cuda_graph' (fixed shapes), got 'dynamic'"
+        )
     if decoding == "cuda_graph" and input_ids.device.type != "cuda":
         raise ValueError(
             f"decoding='cuda_graph' needs the model and inputs on a CUDA device, got {input_ids.device}"
@@ -132,7 +135,12 @@ def generate(
         )
         prefill_bias = key_bias(soft_bias, attention_mask, 0, embeds.dtype)
         step = _StaticStep(
-            model, cache, prefill_bias, max_new_tokens, cuda_graph=decoding == "cuda_graph", compiled=compile_step
+            model,
+            cache,
+            prefill_bias,
+            max_new_tokens,
+            cuda_graph=decoding == "cuda_graph",
+            compiled=compile_step,
         )
         del cache  # the static cache holds a copy
 
@@ -181,7 +189,9 @@ class _StaticStep:
     [B, 1, 1, L] whose next column is opened before each step, and input buffers the step reads. With
     `cuda_graph`, the first call captures the step and every call replays it."""
 
-    def __init__(self, model, prefill_cache, prefill_bias, max_new_tokens: int, cuda_graph: bool, compiled: bool):
+    def __init__(
+        self, model, prefill_cache, prefill_bias, max_new_tokens: int, cuda_graph: bool, compiled: bool
+    ):
         self.model, self.cuda_graph, self.compiled = model, cuda_graph, compiled
         batch, prefill_len = prefill_bias.shape
         length = -(-(prefill_len + max(max_new_tokens, 1)) // 16) * 16  # mask rows 16-aligned for SDPA
@@ -238,7 +248,9 @@ class _StaticStep:
             self.logits = self._forward()
 
 
-def _decode_logits(model, token, mask, position_ids, cache, cache_position=None, grouped=False, compiled=False):
+def _decode_logits(
+    model, token, mask, position_ids, cache, cache_position=None, grouped=False, compiled=False
+):
     """Next-token logits [B, V] of one decode step: tokens [B] at `position_ids` [B, 1] against `cache`.
     `grouped`: grouped-query decode attention (attention.decode_attention), for the static mask; `compiled`:
     through `_compiled_step` (the attention and SDPA settings are entered outside the compiled function)."""
@@ -261,15 +273,11 @@ def _step(model, token, mask, position_ids, cache, cache_position):
     return model.lm_head(hidden[:, -1])
 
 
-_COMPILED = []
-
-
+@functools.cache
 def _compiled_step():
     """`_step` under torch.compile, created once per process so its compiled graphs outlive a generate call.
     Static shapes: the static cache's length and the batch are fixed within a call."""
-    if not _COMPILED:
-        _COMPILED.append(torch.compile(_step, dynamic=False))
-    return _COMPILED[0]
+    return torch.compile(_step, dynamic=False)
 
 
 def _cached_layers(cache: DynamicCache):
