@@ -157,6 +157,18 @@ def test_generate_left_padded_batch_matches_single():
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
+def _left_padded_generation(family, device, max_new_tokens):
+    """A tiny model on `device`, a 2-sample prompt (the second left-padded by 3) and generate kwargs with
+    the summary vectors of a 12-token context."""
+    model = tiny_model(family).to(device)
+    sp = model.compress(random_ids(2, 12, seed=5).to(device), segment_lengths=[6, 6])
+    prompt = random_ids(2, 6, seed=6).to(device)
+    mask = torch.ones_like(prompt)
+    mask[1, :3] = 0
+    kwargs = dict(attention_mask=mask, softprompt=sp, max_new_tokens=max_new_tokens, eos_token_id=None)
+    return model, prompt, kwargs
+
+
 @pytest.mark.parametrize(
     "decoding, device",
     [("static", d) for d in DEVICES] + [("cuda_graph", "cuda")] * torch.cuda.is_available(),
@@ -165,12 +177,7 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 def test_fixed_shape_decoding_equals_dynamic(family, decoding, device):
     """Static cache (and its CUDA-graph replay) against the growing cache: left padding, a softprompt,
     greedy and sampled tokens, EOS stopping."""
-    model = tiny_model(family).to(device)
-    sp = model.compress(random_ids(2, 12, seed=5).to(device), segment_lengths=[6, 6])
-    prompt = random_ids(2, 6, seed=6).to(device)
-    mask = torch.ones_like(prompt)
-    mask[1, :3] = 0
-    kwargs = dict(attention_mask=mask, softprompt=sp, max_new_tokens=10, eos_token_id=None)
+    model, prompt, kwargs = _left_padded_generation(family, device, max_new_tokens=10)
     runs = {}
     for mode in ("dynamic", decoding):
         greedy = model.generate(prompt, decoding=mode, **kwargs)
@@ -195,12 +202,7 @@ def test_compiled_decode_step_equals_dynamic(family, decoding, device):
     shapes reuses its graph (no recompilation)."""
     from torch._dynamo.utils import counters
 
-    model = tiny_model(family).to(device)
-    sp = model.compress(random_ids(2, 12, seed=5).to(device), segment_lengths=[6, 6])
-    prompt = random_ids(2, 6, seed=6).to(device)
-    mask = torch.ones_like(prompt)
-    mask[1, :3] = 0
-    kwargs = dict(attention_mask=mask, softprompt=sp, max_new_tokens=8, eos_token_id=None)
+    model, prompt, kwargs = _left_padded_generation(family, device, max_new_tokens=8)
     want = model.generate(prompt, decoding="dynamic", **kwargs)
     counters.clear()
     got = model.generate(prompt, decoding=decoding, compile_step=True, **kwargs)
