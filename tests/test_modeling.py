@@ -213,6 +213,21 @@ def test_compiled_decode_step_equals_dynamic(family, decoding, device):
     assert counters["stats"]["unique_graphs"] == graphs
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graph_greedy_steps_choose_inside_the_graph(monkeypatch):
+    """Greedy cuda_graph decoding picks each token inside the replayed graph: the host picks the first token
+    (from the prefill) and runs the step twice to warm up and capture it, then only replays."""
+    from acomp.modeling import generation
+
+    model, prompt, kwargs = _left_padded_generation("llama", "cuda", max_new_tokens=10)
+    want = model.generate(prompt, decoding="static", **kwargs)
+    picks = []
+    real = generation._pick
+    monkeypatch.setattr(generation, "_pick", lambda *a, **k: picks.append(1) or real(*a, **k))
+    assert torch.equal(model.generate(prompt, decoding="cuda_graph", **kwargs), want)
+    assert len(picks) == 3
+
+
 def test_generate_rejects_unknown_decoding_and_cuda_graph_on_cpu():
     model = tiny_model("llama")
     prompt = random_ids(1, 4)

@@ -122,13 +122,24 @@ def generate(
     next_logits = model.lm_head(hidden[torch.arange(batch, device=device), last_real.clamp(min=0)])
     next_position = rule.first_new_position(soft_len, attention_mask)
 
+    # Every chosen token is written to a [B, max_new_tokens] buffer on the device; once a sample emits EOS
+    # its later tokens are pad_token_id.
+    record = _TokenRecord(batch, max_new_tokens, eos, pad_token_id, device)
+
+    def choose(logits: torch.Tensor) -> torch.Tensor:
+        return record.add(_pick(logits.float(), do_sample, temperature, top_k, top_p, suppress, generator))
+
+    if max_new_tokens == 0:
+        return input_ids
+    token = choose(next_logits)
+
     # Decoding masks the prefill's keys with an additive bias [B, prefill]: absent summary vectors and prompt
     # padding removed. The dynamic cache needs it only for absent vectors (otherwise the 2D mask says it all).
     if decoding == "dynamic":
         bias = None
         if softprompt_bias is not None:
             bias = key_bias(softprompt_bias, attention_mask, 0, embeds.dtype)[:, None, None, :]
-        step = _DynamicStep(model, cache, mask, bias)
+        step = _DynamicStep(model, cache, mask, bias, token, next_position, choose)
     else:
         soft_bias = (
             softprompt_bias if softprompt_bias is not None else mask.new_zeros(batch, soft_len).float()
@@ -139,60 +150,95 @@ def generate(
             cache,
             prefill_bias,
             max_new_tokens,
+            token,
+            next_position,
+            choose,
+            record,
+            # Greedy choice is deterministic: the captured step picks and records the token itself, so the
+            # host loop only replays. Sampling draws from `generator` outside the graph.
+            choose_inside=not do_sample,
             cuda_graph=decoding == "cuda_graph",
             compiled=compile_step,
         )
         del cache  # the static cache holds a copy
 
-    finished = torch.zeros(batch, dtype=torch.bool, device=device)
-    new_tokens = []
-    for index in range(max_new_tokens):
-        token = _pick(next_logits.float(), do_sample, temperature, top_k, top_p, suppress, generator)
-        token = torch.where(finished, torch.full_like(token, pad_token_id), token)
-        new_tokens.append(token)
-        if index == max_new_tokens - 1:
+    produced = 1
+    while produced < max_new_tokens:
+        # A host sync: without EOS ids none is needed, so the CPU queues steps ahead of the GPU.
+        if eos.numel() and record.finished.all():
             break
-        if eos.numel():
-            finished |= torch.isin(token, eos)
-            # A host sync: without EOS ids none is needed, so the CPU queues steps ahead of the GPU.
-            if finished.all():
-                break
-        next_logits = step(token, next_position)
-        next_position = next_position + 1
-    if not new_tokens:
-        return input_ids
-    return torch.cat([input_ids, torch.stack(new_tokens, dim=1)], dim=1)
+        step.advance()
+        produced += 1
+    return torch.cat([input_ids, record.tokens[:, :produced]], dim=1)
 
 
 DECODING_MODES = ("dynamic", "static", "cuda_graph")
+
+
+class _TokenRecord:
+    """The generated tokens [B, max_new_tokens] and which samples have emitted EOS, kept on the device and
+    updated in place (so a captured step can record its own token)."""
+
+    def __init__(self, batch: int, max_new_tokens: int, eos: torch.Tensor, pad_token_id: int, device):
+        self.tokens = torch.zeros(batch, max(max_new_tokens, 1), dtype=torch.long, device=device)
+        self.index = torch.zeros(1, dtype=torch.long, device=device)
+        self.finished = torch.zeros(batch, dtype=torch.bool, device=device)
+        self.eos, self.pad_token_id = eos, pad_token_id
+
+    def add(self, token: torch.Tensor) -> torch.Tensor:
+        token = token.masked_fill(self.finished, self.pad_token_id)
+        self.tokens.index_copy_(1, self.index, token[:, None])
+        self.index += 1
+        if self.eos.numel():
+            self.finished |= (token[:, None] == self.eos).any(dim=1)
+        return token
+
+    def state(self) -> list[torch.Tensor]:
+        return [self.index, self.finished]
 
 
 class _DynamicStep:
     """One decode step on a DynamicCache: the 2D mask (or, with a softprompt bias, the 4D key bias) grows
     by one column per step."""
 
-    def __init__(self, model, cache, mask, bias):
+    def __init__(self, model, cache, mask, bias, token, position, choose):
         self.model, self.cache, self.mask, self.bias = model, cache, mask, bias
+        self.token, self.position, self.choose = token, position, choose
 
-    def __call__(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
-        batch = token.shape[0]
+    def advance(self) -> None:
+        batch = self.token.shape[0]
         self.mask = torch.cat([self.mask, self.mask.new_ones(batch, 1)], dim=1)
         step_mask = self.mask
         if self.bias is not None:
             self.bias = torch.cat([self.bias, self.bias.new_zeros(batch, 1, 1, 1)], dim=-1)
             step_mask = self.bias
-        return _decode_logits(self.model, token, step_mask, position[:, None], self.cache)
+        logits = _decode_logits(self.model, self.token, step_mask, self.position[:, None], self.cache)
+        self.position = self.position + 1
+        self.token = self.choose(logits)
 
 
 class _StaticStep:
     """One decode step with fixed shapes: a StaticCache of prefill + new tokens, an additive key mask
-    [B, 1, 1, L] whose next column is opened before each step, and input buffers the step reads. With
-    `cuda_graph`, the first call captures the step and every call replays it."""
+    [B, 1, 1, L], and device buffers for the token, its position and its cache column. The step itself opens
+    its key column, advances the position buffers and (with `choose_inside`) chooses and records the next
+    token, so a CUDA graph of it (`cuda_graph`: captured at the first step) is replayed with no host work."""
 
     def __init__(
-        self, model, prefill_cache, prefill_bias, max_new_tokens: int, cuda_graph: bool, compiled: bool
+        self,
+        model,
+        prefill_cache,
+        prefill_bias,
+        max_new_tokens: int,
+        token,
+        position,
+        choose,
+        record: _TokenRecord,
+        choose_inside: bool,
+        cuda_graph: bool,
+        compiled: bool,
     ):
-        self.model, self.cuda_graph, self.compiled = model, cuda_graph, compiled
+        self.model, self.choose, self.record, self.choose_inside = model, choose, record, choose_inside
+        self.cuda_graph, self.compiled = cuda_graph, compiled
         batch, prefill_len = prefill_bias.shape
         length = -(-(prefill_len + max(max_new_tokens, 1)) // 16) * 16  # mask rows 16-aligned for SDPA
         device, dtype = prefill_bias.device, prefill_bias.dtype
@@ -204,14 +250,15 @@ class _StaticStep:
             self.cache.update(keys, values, layer, {"cache_position": positions})
         self.bias = torch.full((batch, 1, 1, length), absent_bias(dtype), dtype=dtype, device=device)
         self.bias[:, 0, 0, :prefill_len] = prefill_bias
-        self.token = torch.zeros(batch, dtype=torch.long, device=device)
-        self.position = torch.zeros(batch, 1, dtype=torch.long, device=device)
-        self.cache_position = torch.zeros(1, dtype=torch.long, device=device)
-        self.next_index = prefill_len
+        self.token = token.clone()
+        self.position = position[:, None].clone()
+        self.cache_position = torch.full((1,), prefill_len, dtype=torch.long, device=device)
         self.graph, self.logits = None, None
 
     def _forward(self) -> torch.Tensor:
-        return _decode_logits(
+        """The step: open this token's key column, decode it, advance the positions, choose the next token."""
+        self.bias.index_fill_(-1, self.cache_position, 0.0)
+        logits = _decode_logits(
             self.model,
             self.token,
             self.bias,
@@ -221,28 +268,36 @@ class _StaticStep:
             grouped=True,
             compiled=self.compiled,
         )
+        self.position += 1
+        self.cache_position += 1
+        if self.choose_inside:
+            self.token.copy_(self.choose(logits))
+        return logits
 
-    def __call__(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
-        self.token.copy_(token)
-        self.position.copy_(position[:, None])
-        self.cache_position.fill_(self.next_index)
-        self.bias[..., self.next_index] = 0.0
-        self.next_index += 1
+    def advance(self) -> None:
         if not self.cuda_graph:
-            return self._forward()
-        if self.graph is None:
-            self._capture()
-        self.graph.replay()
-        return self.logits
+            logits = self._forward()
+        else:
+            if self.graph is None:
+                self._capture()
+            self.graph.replay()
+            logits = self.logits
+        if not self.choose_inside:
+            self.token.copy_(self.choose(logits))
 
     def _capture(self) -> None:
-        # Warm up on a side stream (as torch's CUDA graph docs ask), then capture. Both write this step's
-        # keys/values, the same ones the first replay writes again.
+        # Warm up on a side stream (as torch's CUDA graph docs ask), then capture. The warm-up runs the step
+        # once: it writes this step's keys/values (the same ones the first replay writes again) and advances
+        # the step's buffers and the token record, which are restored before the capture.
+        state = [self.token, self.position, self.cache_position, *self.record.state()]
+        saved = [t.clone() for t in state]
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             self._forward()
         torch.cuda.current_stream().wait_stream(side)
+        for tensor, value in zip(state, saved):
+            tensor.copy_(value)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.logits = self._forward()
