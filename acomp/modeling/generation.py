@@ -9,9 +9,10 @@ Three decoding modes, same tokens (tests/test_modeling.py):
 - `static`: the prefill's keys/values are copied into a preallocated StaticCache of the final length and
   every step has the same shapes (a fixed additive key mask instead of a growing 2D one); with grouped-query
   attention the step reads each KV head once (attention.grouped_decode_attention).
-- `cuda_graph`: `static`, with the step (embed -> decoder -> LM head) captured once in a CUDA graph and
-  replayed. A decode step of a 1B model is ~300 small kernels; eager, their launch overhead, not memory
-  bandwidth, bounds the step time (benchmarks/RESULTS.md, compressed inference).
+- `cuda_graph`: `static`, with the step (embed -> decoder -> LM head, and for greedy decoding the token's
+  choice and record) captured once in a CUDA graph and replayed. A decode step of a 1B model is ~300 small
+  kernels; eager, their launch overhead, not memory bandwidth, bounds the step time (benchmarks/RESULTS.md,
+  compressed inference).
 `compile_step=True` (with `static` or `cuda_graph`) runs the step through torch.compile: RMSNorm, RoPE,
 SwiGLU and the residual adds fuse, so a replayed step has fewer, larger kernels. The compiled step is kept for
 the process; each new (batch, cache length) compiles once, within torch's recompile limit
