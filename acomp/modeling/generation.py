@@ -123,6 +123,8 @@ def generate(
     next_logits = model.lm_head(hidden[torch.arange(batch, device=device), last_real.clamp(min=0)])
     next_position = rule.first_new_position(soft_len, attention_mask)
 
+    if max_new_tokens == 0:
+        return input_ids
     # Every chosen token is written to a [B, max_new_tokens] buffer on the device; once a sample emits EOS
     # its later tokens are pad_token_id.
     record = _TokenRecord(batch, max_new_tokens, eos, pad_token_id, device)
@@ -130,8 +132,6 @@ def generate(
     def choose(logits: torch.Tensor) -> torch.Tensor:
         return record.add(_pick(logits.float(), do_sample, temperature, top_k, top_p, suppress, generator))
 
-    if max_new_tokens == 0:
-        return input_ids
     token = choose(next_logits)
 
     # Decoding masks the prefill's keys with an additive bias [B, prefill]: absent summary vectors and prompt
@@ -181,7 +181,7 @@ class _TokenRecord:
     updated in place (so a captured step can record its own token)."""
 
     def __init__(self, batch: int, max_new_tokens: int, eos: torch.Tensor, pad_token_id: int, device):
-        self.tokens = torch.zeros(batch, max(max_new_tokens, 1), dtype=torch.long, device=device)
+        self.tokens = torch.zeros(batch, max_new_tokens, dtype=torch.long, device=device)
         self.index = torch.zeros(1, dtype=torch.long, device=device)
         self.finished = torch.zeros(batch, dtype=torch.bool, device=device)
         self.eos, self.pad_token_id = eos, pad_token_id
