@@ -241,7 +241,7 @@ class _StaticStep:
         self.model, self.choose, self.record, self.choose_inside = model, choose, record, choose_inside
         self.cuda_graph, self.compiled = cuda_graph, compiled
         batch, prefill_len = prefill_bias.shape
-        length = -(-(prefill_len + max(max_new_tokens, 1)) // 16) * 16  # mask rows 16-aligned for SDPA
+        length = -(-(prefill_len + max_new_tokens) // 16) * 16  # mask rows 16-aligned for SDPA
         device, dtype = prefill_bias.device, prefill_bias.dtype
         self.cache = StaticCache(
             config=model.config, max_cache_len=length, max_batch_size=batch, device=device, dtype=dtype
