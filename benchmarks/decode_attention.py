@@ -22,7 +22,6 @@ import argparse
 import contextlib
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -30,6 +29,8 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from inference import write_report  # noqa: E402
 
 from acomp.modeling.attention import backend_context, grouped_matmul_attention, sdpa_context  # noqa: E402
 
@@ -121,15 +122,7 @@ def main() -> None:
             rows_out.append(measure(length, batch, args.iters, compiled, device))
             print(json.dumps(rows_out[-1]), flush=True)
             torch.cuda.empty_cache()
-    meta = {
-        "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "command": " ".join(["python", *sys.argv]),
-        "device": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-    }
-    print(json.dumps(meta))
-    if args.out:
-        Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows_out}, indent=2))
+    write_report(rows_out, args.out)
 
 
 if __name__ == "__main__":

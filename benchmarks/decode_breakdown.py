@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from inference import DECODING_ARGS, llama_1b  # noqa: E402
+from inference import DECODING_ARGS, context_segments, llama_1b, write_report  # noqa: E402
 
 from acomp import LlamaAutoCompressorModel  # noqa: E402
 from acomp.modeling import generation  # noqa: E402
@@ -162,8 +162,7 @@ def main() -> None:
         g = torch.Generator(device="cuda").manual_seed(0)
         context = torch.randint(3, 32000, (batch, args.context), device="cuda", generator=g)
         prompt = torch.randint(3, 32000, (batch, args.prompt_len), device="cuda", generator=g)
-        segments = [2048] * (args.context // 2048) + ([args.context % 2048] if args.context % 2048 else [])
-        summary = model.compress(context, segment_lengths=segments)
+        summary = model.compress(context, segment_lengths=context_segments(args.context))
         inputs = {"summary": (prompt, summary), "full": (torch.cat([context, prompt], dim=1), None)}
         for mode in args.decoding:
             for side in args.sides:
@@ -171,17 +170,7 @@ def main() -> None:
                 row.update(measure(model, clock, *inputs[side], args.new_tokens, mode, args.profile))
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-    meta = {
-        "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "command": " ".join(["python", *sys.argv]),
-        "device": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "transformers": __import__("transformers").__version__,
-    }
-    print(json.dumps(meta))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=2)
+    write_report(rows, args.out)
 
 
 if __name__ == "__main__":

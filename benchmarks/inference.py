@@ -57,6 +57,26 @@ def timed_with_first(fn, *args, repeats: int = 3, **kwargs):
     return best, out, first
 
 
+def context_segments(context: int, segment: int = 2048) -> list[int]:
+    """Segment lengths that cover a context: full segments, then the remainder."""
+    return [segment] * (context // segment) + ([context % segment] if context % segment else [])
+
+
+def write_report(rows: list[dict], out_path: str | None) -> None:
+    """Print the run's metadata (date, command, device, versions) and write {meta, rows} to `out_path`."""
+    meta = {
+        "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "command": " ".join(["python", *sys.argv]),
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "transformers": __import__("transformers").__version__,
+    }
+    print(json.dumps(meta))
+    if out_path:
+        with open(out_path, "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=2)
+
+
 def first_difference(a: torch.Tensor, b: torch.Tensor) -> int:
     """Leading generated tokens on which two runs agree in every row (the full length when all agree)."""
     same = (a == b).all(dim=0).long()
@@ -88,7 +108,7 @@ def run(
         g = torch.Generator(device="cuda").manual_seed(0)
         ctx = torch.randint(3, 32000, (batch, context), device="cuda", generator=g)
         prompt = torch.randint(3, 32000, (batch, prompt_len), device="cuda", generator=g)
-        segs = [segment] * (context // segment) + ([context % segment] if context % segment else [])
+        segs = context_segments(context, segment)
         try:
             t_plain, _ = timed(model.get_decoder(), input_ids=ctx)
         except torch.OutOfMemoryError:
@@ -196,17 +216,7 @@ def main() -> None:
     rows = []
     for context in args.contexts:
         rows += run(context, args.batch_sizes, args.new_tokens, args.prompt_len, args.decoding, args.out)
-    meta = {
-        "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "command": " ".join(["python", *sys.argv]),
-        "device": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "transformers": __import__("transformers").__version__,
-    }
-    print(json.dumps(meta))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=2)
+    write_report(rows, args.out)
 
 
 if __name__ == "__main__":
