@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from inference import DECODING_ARGS, context_segments, llama_1b, write_report  # noqa: E402
+from inference import DECODING_ARGS, context_segments, llama_1b, prepare_decoding, write_report  # noqa: E402
 
 from acomp import LlamaAutoCompressorModel  # noqa: E402
 from acomp.modeling import generation  # noqa: E402
@@ -153,7 +153,7 @@ def main() -> None:
     for setting in args.inductor:
         key, value = setting.split("=", 1)
         setattr(torch._inductor.config, key, json.loads(value.lower()))
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    settings = prepare_decoding(args.decoding)
     model = LlamaAutoCompressorModel(llama_1b(args.context + args.prompt_len + args.new_tokens + 64))
     model = model.to("cuda", torch.bfloat16).eval()
     clock = PhaseClock()
@@ -170,7 +170,7 @@ def main() -> None:
                 row.update(measure(model, clock, *inputs[side], args.new_tokens, mode, args.profile))
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-    write_report(rows, args.out)
+    write_report(rows, args.out, settings)
 
 
 if __name__ == "__main__":

@@ -9,8 +9,9 @@ Random-init Llama-1B shape (22 layers, d 2048, 32 heads / 4 KV heads, ffn 5632, 
   cached summary vectors vs on the full context (prefill of the context included in the full-attention
   time, since that is what full attention must do; the summary vectors are computed once and cached), for
   each `--decoding` mode (dynamic KV cache; static cache replayed from a CUDA graph; `compiled`: that graph
-  captured from the torch.compile'd step, `compile_step=True`; its one-off compile time per shape is the
-  first call's, reported apart as `first_call_*`).
+  captured from the torch.compile'd step, `compile_step=True`; `frozen`: compiled with `freeze_weights=True`,
+  q/k/v and gate/up as one GEMM each; the one-off compile time per shape of those two is the first call's,
+  reported apart as `first_call_*`).
 
     python benchmarks/inference.py --contexts 6144 30720 --batch-sizes 1 8 32 --out .bench/inference.json
 """
@@ -62,14 +63,16 @@ def context_segments(context: int, segment: int = 2048) -> list[int]:
     return [segment] * (context // segment) + ([context % segment] if context % segment else [])
 
 
-def write_report(rows: list[dict], out_path: str | None) -> None:
-    """Print the run's metadata (date, command, device, versions) and write {meta, rows} to `out_path`."""
+def write_report(rows: list[dict], out_path: str | None, settings: dict | None = None) -> None:
+    """Print the run's metadata (date, command, device, versions, `settings`) and write {meta, rows} to
+    `out_path`."""
     meta = {
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "command": " ".join(["python", *sys.argv]),
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,
         "transformers": __import__("transformers").__version__,
+        **(settings or {}),
     }
     print(json.dumps(meta))
     if out_path:
@@ -136,7 +139,7 @@ def run(
             )
             timings[mode] = (t_full, t_summary)
             outputs[mode] = out[:, prompt_len:]
-            if mode == "compiled":
+            if DECODING_ARGS[mode].get("compile_step"):
                 first[f"first_call_full_s_{mode}"] = first_full
                 first[f"first_call_summary_s_{mode}"] = first_summary
         if check_tokens:
@@ -188,7 +191,18 @@ DECODING_ARGS = {
     "static": {"decoding": "static"},
     "cuda_graph": {"decoding": "cuda_graph"},
     "compiled": {"decoding": "cuda_graph", "compile_step": True},
+    "frozen": {"decoding": "cuda_graph", "compile_step": True, "freeze_weights": True},
 }
+
+
+def prepare_decoding(modes: list[str]) -> dict:
+    """Process-wide settings for the chosen modes, returned for the run's metadata: room for one compiled graph
+    per (batch, cache length), and on torch < 2.12 the grouped-query q/k/v rule for `frozen`
+    (benchmarks/inductor_gqa_concat.py)."""
+    from inductor_gqa_concat import install
+
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    return {"gqa_concat_backport": "frozen" in modes and install()}
 
 
 def main() -> None:
@@ -202,7 +216,8 @@ def main() -> None:
         nargs="+",
         default=["dynamic", "cuda_graph"],
         choices=list(DECODING_ARGS),
-        help="decoding modes to time (acomp.modeling.generation; compiled = cuda_graph with compile_step); the "
+        help="decoding modes to time (acomp.modeling.generation; compiled = cuda_graph with compile_step; frozen = "
+        "compiled with freeze_weights); the "
         "first row also reports how many leading tokens each mode shares with the eager static mode",
     )
     p.add_argument("--new-tokens", type=int, default=256, help="tokens to generate")
@@ -211,12 +226,11 @@ def main() -> None:
     args = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/inference.py needs a CUDA GPU")
-    # Each (batch, cache length) of the compiled step is one graph: both sides of every batch size.
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    settings = prepare_decoding(args.decoding)
     rows = []
     for context in args.contexts:
         rows += run(context, args.batch_sizes, args.new_tokens, args.prompt_len, args.decoding, args.out)
-    write_report(rows, args.out)
+    write_report(rows, args.out, settings)
 
 
 if __name__ == "__main__":

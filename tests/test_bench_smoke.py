@@ -78,3 +78,39 @@ def test_gpu_only_benchmarks_import_and_document_their_flags(script):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "usage:" in proc.stdout and "--out" in proc.stdout
+
+
+GQA_CONCAT_CHECK = """
+import torch
+from torch._inductor import config
+from inductor_gqa_concat import register
+
+gemms = []
+config.post_grad_custom_post_pass = lambda g: gemms.extend(
+    n for n in g.nodes if n.op == "call_function" and ("mm" in str(n.target) or "linear" in str(n.target))
+)
+config.freezing = True  # and CPU's own concatenation stays off (config.cpp.enable_concat_linear)
+register()
+q, k, v = (torch.nn.Linear(16, n, bias=False) for n in (16, 4, 4))
+x = torch.randn(3, 16)
+with torch.no_grad():
+    got = torch.compile(lambda x: (q(x), k(x), v(x)))(x)
+    want = (q(x), k(x), v(x))
+assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(got, want))
+print(len(gemms))
+"""
+
+
+def test_gqa_concat_backport_makes_one_gemm_of_unequal_projections():
+    """benchmarks/inductor_gqa_concat.py (used on torch < 2.12): frozen query/key/value projections of widths
+    16/4/4 run as one matmul and give the three products. On CPU torch's own concatenation is off by default,
+    so the registered rule alone does it (in a subprocess: the rule stays registered for the process)."""
+    proc = subprocess.run(
+        [sys.executable, "-c", GQA_CONCAT_CHECK],
+        cwd=REPO / "benchmarks",
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.split()[-1] == "1"

@@ -213,6 +213,45 @@ def test_compiled_decode_step_equals_dynamic(family, decoding, device):
     assert counters["stats"]["unique_graphs"] == graphs
 
 
+@pytest.mark.parametrize(
+    "decoding, device", [("static", "cpu")] + [("cuda_graph", "cuda")] * torch.cuda.is_available()
+)
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_frozen_decode_step_fuses_projections_and_follows_weight_changes(family, decoding, device):
+    """freeze_weights=True: the step compiled with its weights as constants gives the eager tokens, runs the
+    projections that read the same input as one GEMM (query/key/value; Llama's gate/up), reuses its graph on
+    a second call, and compiles again once the weights change in place (its constants would be stale)."""
+    from torch._dynamo.utils import counters
+    from torch._inductor import config as inductor_config
+
+    gemms = []
+
+    def count_gemms(graph):  # inductor's graph after its post-grad passes
+        names = (str(n.target) for n in graph.nodes if n.op == "call_function")
+        gemms.extend(n for n in names if "linear" in n or n in ("aten.mm.default", "aten.addmm.default"))
+
+    model, prompt, kwargs = _left_padded_generation(family, device, max_new_tokens=8)
+    frozen = dict(decoding=decoding, compile_step=True, freeze_weights=True, **kwargs)
+    # On CPU inductor concatenates linears only when asked to.
+    with inductor_config.patch({"post_grad_custom_post_pass": count_gemms, "cpp.enable_concat_linear": True}):
+        counters.clear()
+        assert torch.equal(
+            model.generate(prompt, **frozen), model.generate(prompt, decoding="static", **kwargs)
+        )
+        graphs = counters["stats"]["unique_graphs"]
+        model.generate(prompt, **frozen)
+        assert counters["stats"]["unique_graphs"] == graphs
+        with torch.no_grad():
+            for weight in model.parameters():
+                weight.mul_(1.5)
+        want = model.generate(prompt, decoding="static", **kwargs)
+        assert torch.equal(model.generate(prompt, **frozen), want)
+        assert counters["stats"]["unique_graphs"] == graphs + 1
+    if device == "cpu":  # the pinned torch; the GPU image's torch 2.11 keeps grouped-query q/k/v apart
+        # Per layer: q/k/v as one, output, gate/up as one (OPT: fc1), down (fc2); then the LM head.
+        assert len(gemms) == 2 * (model.config.num_hidden_layers * 4 + 1)  # compiled before and after
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_cuda_graph_greedy_steps_choose_inside_the_graph(monkeypatch):
     """Greedy cuda_graph decoding picks each token inside the replayed graph: the host picks the first token
@@ -237,6 +276,8 @@ def test_generate_rejects_unknown_decoding_and_cuda_graph_on_cpu():
         model.generate(prompt, decoding="cuda_graph")
     with pytest.raises(ValueError, match="compile_step=True needs decoding='static' or 'cuda_graph'"):
         model.generate(prompt, compile_step=True)
+    with pytest.raises(ValueError, match="freeze_weights=True needs compile_step=True"):
+        model.generate(prompt, decoding="static", freeze_weights=True)
 
 
 def test_generate_stops_at_eos_and_pads():

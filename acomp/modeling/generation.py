@@ -17,6 +17,11 @@ Three decoding modes, same tokens (tests/test_modeling.py):
 SwiGLU and the residual adds fuse, so a replayed step has fewer, larger kernels. The compiled step is kept for
 the process; each new (batch, cache length) compiles once, within torch's recompile limit
 (`torch._dynamo.config.recompile_limit`), after which new shapes run eager.
+`freeze_weights=True` (with `compile_step`) compiles the step with inductor's freezing: the weights become
+constants of the graph, so the projections that read the same input are concatenated once into one GEMM
+(gate/up; query/key/value from torch 2.12, whose rule admits grouped-query shapes). At decode batch sizes those
+GEMMs are latency-bound, so fewer, wider ones are faster (benchmarks/RESULTS.md). The constants are copies
+taken at compile time: when a model's weights change in place, its next frozen call compiles again.
 The prefill always runs through the DynamicCache, so a long context keeps the fast causal attention kernels.
 """
 
@@ -24,6 +29,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import types
+import weakref
 
 import torch
 from transformers import DynamicCache, StaticCache
@@ -51,18 +58,22 @@ def generate(
     generator: torch.Generator | None = None,
     decoding: str = "dynamic",
     compile_step: bool = False,
+    freeze_weights: bool = False,
 ) -> torch.LongTensor:
     """Returns [B, prompt_len + new] token ids. Greedy unless do_sample. Prompts may be padded on either
     side (positions come from the attention mask). After a sample emits EOS it is filled with pad_token_id.
     `softprompt_bias` (variable-length mode) marks absent softprompt vectors. The control tokens
     `<sum>` / `<eoc>` are never generated. `decoding`: 'dynamic', 'static' or 'cuda_graph'; `compile_step`:
-    torch.compile the fixed-shape step (module docstring)."""
+    torch.compile the fixed-shape step; `freeze_weights`: compile it with the weights as constants, which fuses
+    projections that share an input (both: module docstring)."""
     if decoding not in DECODING_MODES:
         raise ValueError(f"decoding must be one of {', '.join(DECODING_MODES)}, got {decoding!r}")
     if compile_step and decoding == "dynamic":
         raise ValueError(
             "compile_step=True needs decoding='static' or 'cuda_graph' (fixed shapes), got 'dynamic'"
         )
+    if freeze_weights and not compile_step:
+        raise ValueError("freeze_weights=True needs compile_step=True (it is a setting of the compiled step)")
     if decoding == "cuda_graph" and input_ids.device.type != "cuda":
         raise ValueError(
             f"decoding='cuda_graph' needs the model and inputs on a CUDA device, got {input_ids.device}"
@@ -160,6 +171,7 @@ def generate(
             choose_inside=not do_sample,
             cuda_graph=decoding == "cuda_graph",
             compiled=compile_step,
+            frozen=freeze_weights,
         )
         del cache  # the static cache holds a copy
 
@@ -237,9 +249,10 @@ class _StaticStep:
         choose_inside: bool,
         cuda_graph: bool,
         compiled: bool,
+        frozen: bool,
     ):
         self.model, self.choose, self.record, self.choose_inside = model, choose, record, choose_inside
-        self.cuda_graph, self.compiled = cuda_graph, compiled
+        self.cuda_graph, self.compiled, self.frozen = cuda_graph, compiled, frozen
         batch, prefill_len = prefill_bias.shape
         length = -(-(prefill_len + max_new_tokens) // 16) * 16  # mask rows 16-aligned for SDPA
         device, dtype = prefill_bias.device, prefill_bias.dtype
@@ -268,6 +281,7 @@ class _StaticStep:
             self.cache_position,
             grouped=True,
             compiled=self.compiled,
+            frozen=self.frozen,
         )
         self.position += 1
         self.cache_position += 1
@@ -305,15 +319,22 @@ class _StaticStep:
 
 
 def _decode_logits(
-    model, token, mask, position_ids, cache, cache_position=None, grouped=False, compiled=False
+    model, token, mask, position_ids, cache, cache_position=None, grouped=False, compiled=False, frozen=False
 ):
     """Next-token logits [B, V] of one decode step: tokens [B] at `position_ids` [B, 1] against `cache`.
     `grouped`: grouped-query decode attention (attention.decode_attention), for the static mask; `compiled`:
-    through `_compiled_step` (the attention and SDPA settings are entered outside the compiled function)."""
+    through `_compiled_step`, or with `frozen` through `_FROZEN_STEPS` (the attention, SDPA and freezing
+    settings are entered outside the compiled function, where compilation happens at the call)."""
     config = model.config
     attention = decode_attention(config) if grouped else contextlib.nullcontext()
-    step = _compiled_step() if compiled else _step
-    with sdpa_context(config.sdpa_backend, token.device), attention:
+    step, freezing = _step, contextlib.nullcontext()
+    if compiled and frozen:
+        from torch._inductor import config as inductor_config
+
+        step, freezing = _FROZEN_STEPS.get(model), inductor_config.patch(freezing=True)
+    elif compiled:
+        step = _compiled_step()
+    with sdpa_context(config.sdpa_backend, token.device), attention, freezing:
         return step(model, token, mask, position_ids, cache, cache_position)
 
 
@@ -334,6 +355,44 @@ def _compiled_step():
     """`_step` under torch.compile, created once per process so its compiled graphs outlive a generate call.
     Static shapes: the static cache's length and the batch are fixed within a call."""
     return torch.compile(_step, dynamic=False)
+
+
+def _frozen_step(model, token, mask, position_ids, cache, cache_position):
+    """`_step` as a frame of its own, so its frozen graphs and `_compiled_step`'s never stand in for each other
+    (torch.compile keeps compiled graphs per code object, and the freezing setting is not among their guards)."""
+    return _step(model, token, mask, position_ids, cache, cache_position)
+
+
+class _FrozenSteps:
+    """The frozen compiled step, and the state of each model's weights when its graphs were built. Torch's
+    guards check which weight tensors a frozen graph was built for, not their values: after an in-place change
+    (an optimizer step, load_state_dict) its constants are stale. Then the step is made anew from a fresh copy
+    of `_frozen_step`'s code object, which drops every frozen graph, and compiles again at its next call."""
+
+    def __init__(self):
+        self.step = None
+        self.built_for: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def get(self, model):
+        state = _weights_state(model)
+        if self.step is None or self.built_for.get(model, state) != state:
+            code = _frozen_step.__code__.replace()  # a new code object: no compiled graphs attached
+            self.step = torch.compile(
+                types.FunctionType(code, _frozen_step.__globals__, _frozen_step.__name__), dynamic=False
+            )
+            self.built_for = weakref.WeakKeyDictionary()
+        self.built_for[model] = state
+        return self.step
+
+
+def _weights_state(model) -> tuple:
+    """(version counter, storage address) of every parameter and buffer: an in-place change bumps the first,
+    a `.data` swap changes the second."""
+    tensors = [*model.parameters(), *model.buffers()]
+    return tuple((t._version, t.data_ptr()) for t in tensors)
+
+
+_FROZEN_STEPS = _FrozenSteps()
 
 
 def _cached_layers(cache: DynamicCache):
