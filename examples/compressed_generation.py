@@ -125,12 +125,15 @@ def answer(args) -> int:
         raise SystemExit(f"--decoding cuda_graph needs a CUDA GPU; the model is on {model.device}")
     if args.compile_step and args.decoding == "dynamic":
         raise SystemExit("--compile-step needs --decoding static or cuda_graph")
+    if args.freeze_weights and not args.compile_step:
+        raise SystemExit("--freeze-weights needs --compile-step")
     options = dict(
         max_new_tokens=args.max_new_tokens,
         do_sample=args.sample,
         temperature=args.temperature,
         decoding=args.decoding,
         compile_step=args.compile_step,
+        freeze_weights=args.freeze_weights,
     )
     if args.sample:
         options["generator"] = torch.Generator(device=model.device).manual_seed(args.seed)
@@ -203,6 +206,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--compile-step",
         action="store_true",
         help="torch.compile the decode step (with --decoding static/cuda_graph; pays off over many tokens or calls)",
+    )
+    a.add_argument(
+        "--freeze-weights",
+        action="store_true",
+        help="compile the step with the weights as constants: q/k/v and gate/up become one GEMM each "
+        "(with --compile-step; about 1.2x faster steps on a GPU, more memory)",
     )
     return p
 

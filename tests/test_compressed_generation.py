@@ -92,6 +92,8 @@ def test_compress_to_a_file_then_answer_from_it(tmp_path, tokenizer, capsys):
             example.main(["answer", "--summary", str(summary), "--decoding", "cuda_graph"])
     with pytest.raises(SystemExit, match="--compile-step needs --decoding static or cuda_graph"):
         example.main(["answer", "--summary", str(summary), "--compile-step"])
+    with pytest.raises(SystemExit, match="--freeze-weights needs --compile-step"):
+        example.main(["answer", "--summary", str(summary), "--decoding", "static", "--freeze-weights"])
 
 
 def test_answer_refuses_vectors_of_another_model(tmp_path, tokenizer):
