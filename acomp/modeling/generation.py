@@ -387,9 +387,9 @@ class _FrozenSteps:
 
 def _weights_state(model) -> tuple:
     """(version counter, storage address) of every parameter and buffer: an in-place change bumps the first,
-    a `.data` swap changes the second."""
+    a `.data` swap changes the second. Tensors made under torch.inference_mode keep no version counter."""
     tensors = [*model.parameters(), *model.buffers()]
-    return tuple((t._version, t.data_ptr()) for t in tensors)
+    return tuple((-1 if t.is_inference() else t._version, t.data_ptr()) for t in tensors)
 
 
 _FROZEN_STEPS = _FrozenSteps()
