@@ -252,7 +252,9 @@ class _StaticStep:
         frozen: bool,
     ):
         self.model, self.choose, self.record, self.choose_inside = model, choose, record, choose_inside
-        self.cuda_graph, self.compiled, self.frozen = cuda_graph, compiled, frozen
+        self.cuda_graph, self.frozen = cuda_graph, compiled and frozen
+        # Chosen once per call: the frozen step's weight check walks every parameter.
+        self.step = _FROZEN_STEPS.get(model) if self.frozen else _compiled_step() if compiled else _step
         batch, prefill_len = prefill_bias.shape
         length = -(-(prefill_len + max_new_tokens) // 16) * 16  # mask rows 16-aligned for SDPA
         device, dtype = prefill_bias.device, prefill_bias.dtype
@@ -280,7 +282,7 @@ class _StaticStep:
             self.cache,
             self.cache_position,
             grouped=True,
-            compiled=self.compiled,
+            step=self.step,
             frozen=self.frozen,
         )
         self.position += 1
@@ -319,23 +321,21 @@ class _StaticStep:
 
 
 def _decode_logits(
-    model, token, mask, position_ids, cache, cache_position=None, grouped=False, compiled=False, frozen=False
+    model, token, mask, position_ids, cache, cache_position=None, grouped=False, step=None, frozen=False
 ):
     """Next-token logits [B, V] of one decode step: tokens [B] at `position_ids` [B, 1] against `cache`.
-    `grouped`: grouped-query decode attention (attention.decode_attention), for the static mask; `compiled`:
-    through `_compiled_step`, or with `frozen` through `_FROZEN_STEPS` (the attention, SDPA and freezing
-    settings are entered outside the compiled function, where compilation happens at the call)."""
+    `grouped`: grouped-query decode attention (attention.decode_attention), for the static mask; `step`: the
+    step function (`_step`, `_compiled_step()` or a `_FROZEN_STEPS` one; `frozen` for the latter). The
+    attention, SDPA and freezing settings are entered outside it, since a compiled step compiles at the call."""
     config = model.config
     attention = decode_attention(config) if grouped else contextlib.nullcontext()
-    step, freezing = _step, contextlib.nullcontext()
-    if compiled and frozen:
+    freezing = contextlib.nullcontext()
+    if frozen:
         from torch._inductor import config as inductor_config
 
-        step, freezing = _FROZEN_STEPS.get(model), inductor_config.patch(freezing=True)
-    elif compiled:
-        step = _compiled_step()
+        freezing = inductor_config.patch(freezing=True)
     with sdpa_context(config.sdpa_backend, token.device), attention, freezing:
-        return step(model, token, mask, position_ids, cache, cache_position)
+        return (step or _step)(model, token, mask, position_ids, cache, cache_position)
 
 
 def _step(model, token, mask, position_ids, cache, cache_position):
