@@ -170,8 +170,8 @@ def generate(
             # host loop only replays. Sampling draws from `generator` outside the graph.
             choose_inside=not do_sample,
             cuda_graph=decoding == "cuda_graph",
-            compiled=compile_step,
-            frozen=freeze_weights,
+            # Chosen once per call: the frozen step's weight check walks every parameter.
+            step=_FROZEN_STEPS.get(model) if freeze_weights else _compiled_step() if compile_step else _step,
         )
         del cache  # the static cache holds a copy
 
@@ -248,13 +248,10 @@ class _StaticStep:
         record: _TokenRecord,
         choose_inside: bool,
         cuda_graph: bool,
-        compiled: bool,
-        frozen: bool,
+        step,
     ):
         self.model, self.choose, self.record, self.choose_inside = model, choose, record, choose_inside
-        self.cuda_graph, self.frozen = cuda_graph, compiled and frozen
-        # Chosen once per call: the frozen step's weight check walks every parameter.
-        self.step = _FROZEN_STEPS.get(model) if self.frozen else _compiled_step() if compiled else _step
+        self.cuda_graph, self.step = cuda_graph, step
         batch, prefill_len = prefill_bias.shape
         length = -(-(prefill_len + max_new_tokens) // 16) * 16  # mask rows 16-aligned for SDPA
         device, dtype = prefill_bias.device, prefill_bias.dtype
@@ -283,7 +280,6 @@ class _StaticStep:
             self.cache_position,
             grouped=True,
             step=self.step,
-            frozen=self.frozen,
         )
         self.position += 1
         self.cache_position += 1
@@ -320,21 +316,14 @@ class _StaticStep:
             self.logits = self._forward()
 
 
-def _decode_logits(
-    model, token, mask, position_ids, cache, cache_position=None, grouped=False, step=None, frozen=False
-):
+def _decode_logits(model, token, mask, position_ids, cache, cache_position=None, grouped=False, step=None):
     """Next-token logits [B, V] of one decode step: tokens [B] at `position_ids` [B, 1] against `cache`.
     `grouped`: grouped-query decode attention (attention.decode_attention), for the static mask; `step`: the
-    step function (`_step`, `_compiled_step()` or a `_FROZEN_STEPS` one; `frozen` for the latter). The
-    attention, SDPA and freezing settings are entered outside it, since a compiled step compiles at the call."""
+    step function (`_step` by default, `_compiled_step()` or `_FROZEN_STEPS.get(model)`). The attention and
+    SDPA settings are entered outside it, since a compiled step compiles at the call."""
     config = model.config
     attention = decode_attention(config) if grouped else contextlib.nullcontext()
-    freezing = contextlib.nullcontext()
-    if frozen:
-        from torch._inductor import config as inductor_config
-
-        freezing = inductor_config.patch(freezing=True)
-    with sdpa_context(config.sdpa_backend, token.device), attention, freezing:
+    with sdpa_context(config.sdpa_backend, token.device), attention:
         return (step or _step)(model, token, mask, position_ids, cache, cache_position)
 
 
@@ -364,10 +353,11 @@ def _frozen_step(model, token, mask, position_ids, cache, cache_position):
 
 
 class _FrozenSteps:
-    """The frozen compiled step, and the state of each model's weights when its graphs were built. Torch's
-    guards check which weight tensors a frozen graph was built for, not their values: after an in-place change
-    (an optimizer step, load_state_dict) its constants are stale. Then the step is made anew from a fresh copy
-    of `_frozen_step`'s code object, which drops every frozen graph, and compiles again at its next call."""
+    """The frozen compiled step (it compiles with inductor's freezing on), and the state of each model's weights
+    when its graphs were built. Torch's guards check which weight tensors a frozen graph was built for, not
+    their values: after an in-place change (an optimizer step, load_state_dict) its constants are stale. Then
+    the step is made anew from a fresh copy of `_frozen_step`'s code object, which drops every frozen graph,
+    and compiles again at its next call."""
 
     def __init__(self):
         self.step = None
@@ -377,12 +367,21 @@ class _FrozenSteps:
         state = _weights_state(model)
         if self.step is None or self.built_for.get(model, state) != state:
             code = _frozen_step.__code__.replace()  # a new code object: no compiled graphs attached
-            self.step = torch.compile(
+            compiled = torch.compile(
                 types.FunctionType(code, _frozen_step.__globals__, _frozen_step.__name__), dynamic=False
             )
+            self.step = functools.partial(_call_frozen, compiled)
             self.built_for = weakref.WeakKeyDictionary()
         self.built_for[model] = state
         return self.step
+
+
+def _call_frozen(compiled, *args):
+    """Call a compiled step with inductor's freezing on: compilation happens at the call."""
+    from torch._inductor import config as inductor_config
+
+    with inductor_config.patch(freezing=True):
+        return compiled(*args)
 
 
 def _weights_state(model) -> tuple:
