@@ -9,6 +9,8 @@ Phases of a call (timed on the host with a device sync at each boundary, so the 
 Then `replay_ms`: one replay of the captured step alone (CUDA events over 50 back-to-back replays), the GPU
 time a step cannot go below; `host_ms_per_step` = loop time per step - replay time, what the Python loop
 around the replay adds. The synchronisations slow the call slightly (`generate_s` is the untimed-phase run).
+`held_after_first_call_mb`: GPU memory the first call (the one that compiles) leaves allocated once its own
+buffers are freed: with `frozen`, the concatenated weights that its graph keeps as constants.
 
     python benchmarks/decode_breakdown.py --batch-sizes 1 32 --decoding cuda_graph compiled --out $OUT/breakdown.json
 """
@@ -16,6 +18,7 @@ around the replay adds. The synchronisations slow the call slightly (`generate_s
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -40,15 +43,16 @@ class PhaseClock:
         init, capture = generation._StaticStep.__init__, generation._StaticStep._capture
         clock = self
 
-        def timed_init(step, *args, **kwargs):
+        # `static_step`, not `step`: _StaticStep takes a `step` argument of its own.
+        def timed_init(static_step, *args, **kwargs):
             clock.mark("setup_start")
-            init(step, *args, **kwargs)
+            init(static_step, *args, **kwargs)
             clock.mark("setup_end")
-            clock.steps.append(step)
+            clock.steps.append(static_step)
 
-        def timed_capture(step):
+        def timed_capture(static_step):
             clock.mark("capture_start")
-            capture(step)
+            capture(static_step)
             clock.mark("capture_end")
 
         generation._StaticStep.__init__ = timed_init
@@ -104,8 +108,12 @@ def kernel_table(step, iters: int = 20, rows: int = 25) -> str:
 @torch.no_grad()
 def measure(model, clock, prompt, summary, new_tokens: int, mode: str, profile: bool = False) -> dict:
     gen = dict(max_new_tokens=new_tokens, eos_token_id=None, **DECODING_ARGS[mode])
+    clock.steps.clear()
+    held_before = torch.cuda.memory_allocated()
     model.generate(prompt, softprompt=summary, **gen)  # warm-up: compile, kernel choice, allocator
     torch.cuda.synchronize()
+    clock.steps.clear()  # drops the warm-up call's static cache
+    held_mb = (torch.cuda.memory_allocated() - held_before) / 2**20
     start = time.perf_counter()
     model.generate(prompt, softprompt=summary, **gen)
     torch.cuda.synchronize()
@@ -114,7 +122,7 @@ def measure(model, clock, prompt, summary, new_tokens: int, mode: str, profile: 
     clock.mark("start")
     model.generate(prompt, softprompt=summary, **gen)
     clock.mark("end")
-    row = {"generate_s": plain, **clock.phases()}
+    row = {"generate_s": plain, **clock.phases(), "held_after_first_call_mb": held_mb}
     step = clock.steps[-1]
     if step.graph is not None:
         row["replay_ms"] = replay_ms(step)
@@ -143,7 +151,8 @@ def main() -> None:
         nargs="*",
         default=[],
         metavar="KEY=VALUE",
-        help="torch._inductor.config settings for the compiled step, e.g. coordinate_descent_tuning=True",
+        help="torch._inductor.config settings for the compiled step, e.g. coordinate_descent_tuning=True, "
+        "triton.enable_pdl=True",
     )
     p.add_argument("--profile", action="store_true", help="print the kernels of 20 replays of each step")
     p.add_argument("--out", default=None, help="write the rows to this JSON file")
@@ -152,7 +161,8 @@ def main() -> None:
         raise SystemExit("benchmarks/decode_breakdown.py needs a CUDA GPU")
     for setting in args.inductor:
         key, value = setting.split("=", 1)
-        setattr(torch._inductor.config, key, json.loads(value.lower()))
+        *path, name = key.split(".")  # e.g. triton.enable_pdl
+        setattr(functools.reduce(getattr, path, torch._inductor.config), name, json.loads(value.lower()))
     settings = prepare_decoding(args.decoding)
     model = LlamaAutoCompressorModel(llama_1b(args.context + args.prompt_len + args.new_tokens + 64))
     model = model.to("cuda", torch.bfloat16).eval()

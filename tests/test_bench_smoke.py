@@ -114,3 +114,30 @@ def test_gqa_concat_backport_makes_one_gemm_of_unequal_projections():
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.split()[-1] == "1"
+
+
+def test_decode_breakdown_phase_clock_wraps_the_static_step(monkeypatch):
+    """benchmarks/decode_breakdown.py times a call by wrapping generation._StaticStep: the wrapper must accept
+    the step's own arguments (its `step` keyword once collided with the wrapper's first parameter) and mark
+    each phase. On CPU with `static` decoding; the device sync is a no-op here."""
+    monkeypatch.syspath_prepend(str(REPO / "tests"))
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    from modeling_utils import random_ids, tiny_model
+
+    from acomp.modeling import generation
+
+    # Restored at teardown: PhaseClock replaces both methods for the process.
+    monkeypatch.setattr(generation._StaticStep, "__init__", generation._StaticStep.__init__)
+    monkeypatch.setattr(generation._StaticStep, "_capture", generation._StaticStep._capture)
+    monkeypatch.setattr("torch.cuda.synchronize", lambda *a: None)
+    from decode_breakdown import PhaseClock
+
+    model = tiny_model("llama")
+    clock = PhaseClock()
+    clock.mark("start")
+    model.generate(random_ids(2, 5), max_new_tokens=4, decoding="static", eos_token_id=None)
+    clock.mark("end")
+    assert len(clock.steps) == 1 and isinstance(clock.steps[0], generation._StaticStep)
+    phases = clock.phases()
+    assert set(phases) == {"prefill_s", "setup_s", "capture_s", "loop_s"} and phases["capture_s"] == 0.0
+    assert all(v >= 0 for v in phases.values())

@@ -199,18 +199,19 @@ def test_fixed_shape_decoding_equals_dynamic(family, decoding, device):
 @pytest.mark.parametrize("family", ["llama", "opt"])
 def test_compiled_decode_step_equals_dynamic(family, decoding, device):
     """compile_step=True: the torch.compile'd step gives the eager tokens, and a second call with the same
-    shapes reuses its graph (no recompilation)."""
+    shapes and another prompt reuses its graph (no recompilation) with that call's own cache."""
     from torch._dynamo.utils import counters
 
     model, prompt, kwargs = _left_padded_generation(family, device, max_new_tokens=8)
-    want = model.generate(prompt, decoding="dynamic", **kwargs)
+    other = random_ids(2, 6, seed=9).to(device)
     counters.clear()
     got = model.generate(prompt, decoding=decoding, compile_step=True, **kwargs)
     graphs = counters["stats"]["unique_graphs"]
     assert graphs >= 1 and not counters["graph_break"]
-    again = model.generate(prompt, decoding=decoding, compile_step=True, **kwargs)
-    assert torch.equal(got, want) and torch.equal(again, want)
+    again = model.generate(other, decoding=decoding, compile_step=True, **kwargs)
     assert counters["stats"]["unique_graphs"] == graphs
+    assert torch.equal(got, model.generate(prompt, decoding="dynamic", **kwargs))
+    assert torch.equal(again, model.generate(other, decoding="dynamic", **kwargs))
 
 
 @pytest.mark.parametrize(
@@ -220,7 +221,9 @@ def test_compiled_decode_step_equals_dynamic(family, decoding, device):
 def test_frozen_decode_step_fuses_projections_and_follows_weight_changes(family, decoding, device):
     """freeze_weights=True: the step compiled with its weights as constants gives the eager tokens, runs the
     projections that read the same input as one GEMM (query/key/value; Llama's gate/up), reuses its graph on
-    a second call, and compiles again once the weights change in place (its constants would be stale)."""
+    a second call with another prompt (reading that call's cache: transformers marks the cache's tensors as
+    static addresses, which freezing would bake into the graph), and compiles again once the weights change in
+    place (its constants would be stale)."""
     from torch._dynamo.utils import counters
     from torch._inductor import config as inductor_config
     from torch.torch_version import TorchVersion
@@ -240,7 +243,9 @@ def test_frozen_decode_step_fuses_projections_and_follows_weight_changes(family,
             model.generate(prompt, **frozen), model.generate(prompt, decoding="static", **kwargs)
         )
         graphs = counters["stats"]["unique_graphs"]
-        model.generate(prompt, **frozen)
+        other = random_ids(2, 6, seed=9).to(device)
+        want = model.generate(other, decoding="static", **kwargs)
+        assert torch.equal(model.generate(other, **frozen), want)
         assert counters["stats"]["unique_graphs"] == graphs
         with torch.no_grad():
             for weight in model.parameters():

@@ -261,6 +261,7 @@ class _StaticStep:
         positions = torch.arange(prefill_len, device=device)
         for layer, (keys, values) in enumerate(_cached_layers(prefill_cache)):
             self.cache.update(keys, values, layer, {"cache_position": positions})
+        _unmark_static_addresses(self.cache)
         self.bias = torch.full((batch, 1, 1, length), absent_bias(dtype), dtype=dtype, device=device)
         self.bias[:, 0, 0, :prefill_len] = prefill_bias
         self.token = token.clone()
@@ -394,8 +395,19 @@ def _weights_state(model) -> tuple:
 _FROZEN_STEPS = _FrozenSteps()
 
 
+def _unmark_static_addresses(cache: StaticCache) -> None:
+    """Make the cache's tensors ordinary inputs of a compiled step. transformers marks them with
+    torch._dynamo.mark_static_address (a hint for torch's own CUDA graphs; ours is captured here), and under
+    inductor's freezing dynamo bakes such tensors into the graph as attributes: a frozen step would then read
+    and write the first call's cache in every later call (tests/test_modeling.py)."""
+    for keys, values in _cached_layers(cache):
+        for tensor in (keys, values):
+            if hasattr(tensor, "_dynamo_static_input_type"):
+                del tensor._dynamo_static_input_type
+
+
 def _cached_layers(cache: DynamicCache):
-    """(keys, values) per layer of a DynamicCache, across transformers versions."""
+    """(keys, values) per layer of a DynamicCache or StaticCache, across transformers versions."""
     if hasattr(cache, "layers"):
         return [(layer.keys, layer.values) for layer in cache.layers]
     return list(zip(cache.key_cache, cache.value_cache))
