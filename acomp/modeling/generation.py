@@ -20,8 +20,9 @@ the process; each new (batch, cache length) compiles once, within torch's recomp
 `freeze_weights=True` (with `compile_step`) compiles the step with inductor's freezing: the weights become
 constants of the graph, so the projections that read the same input are concatenated once into one GEMM
 (gate/up; query/key/value from torch 2.12, whose rule admits grouped-query shapes). At decode batch sizes those
-GEMMs are latency-bound, so fewer, wider ones are faster (benchmarks/RESULTS.md). The constants are copies
-taken at compile time: when a model's weights change in place, its next frozen call compiles again.
+GEMMs are latency-bound, so fewer, wider ones are faster (benchmarks/RESULTS.md). Each compiled shape keeps its
+own concatenated weights (1.2 GB for Llama-1B). The constants are copies taken at compile time: when a model's
+weights change in place, its next frozen call compiles again.
 The prefill always runs through the DynamicCache, so a long context keeps the fast causal attention kernels.
 """
 
