@@ -218,16 +218,31 @@ def test_compiled_decode_step_equals_dynamic(family, decoding, device):
     "decoding, device", [("static", "cpu")] + [("cuda_graph", "cuda")] * torch.cuda.is_available()
 )
 @pytest.mark.parametrize("family", ["llama", "opt"])
-def test_frozen_decode_step_fuses_projections_and_follows_weight_changes(family, decoding, device):
+def test_frozen_decode_step_fuses_projections_and_follows_weight_changes(
+    family, decoding, device, monkeypatch
+):
     """freeze_weights=True: the step compiled with its weights as constants gives the eager tokens, runs the
     projections that read the same input as one GEMM (query/key/value; Llama's gate/up), reuses its graph on
     a second call with another prompt (reading that call's cache: transformers marks the cache's tensors as
     static addresses, which freezing would bake into the graph), and compiles again once the weights change in
     place (its constants would be stale)."""
+    import gc
+    import weakref
+
     from torch._dynamo.utils import counters
     from torch._inductor import config as inductor_config
     from torch.torch_version import TorchVersion
 
+    from acomp.modeling import generation
+
+    caches = []  # the first layer's keys of each call's static cache
+    init = generation._StaticStep.__init__
+
+    def watched_init(static_step, *args, **kwargs):
+        init(static_step, *args, **kwargs)
+        caches.append(weakref.ref(generation._cached_layers(static_step.cache)[0][0]))
+
+    monkeypatch.setattr(generation._StaticStep, "__init__", watched_init)
     gemms = []
 
     def count_gemms(graph):  # inductor's graph after its post-grad passes
@@ -247,6 +262,8 @@ def test_frozen_decode_step_fuses_projections_and_follows_weight_changes(family,
         want = model.generate(other, decoding="static", **kwargs)
         assert torch.equal(model.generate(other, **frozen), want)
         assert counters["stats"]["unique_graphs"] == graphs
+        gc.collect()
+        assert not any(ref() is not None for ref in caches)  # no graph keeps a call's cache
         with torch.no_grad():
             for weight in model.parameters():
                 weight.mul_(1.5)
