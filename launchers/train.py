@@ -39,7 +39,6 @@ def main(argv: list[str] | None = None) -> int:
     from acomp.train.data import DataError
     from acomp.train.distributed import is_comm_error
 
-    broken = False  # a failed collective: tearing the process group down could block on the dead peer
     try:
         out = run(cfg)
     except (DataError, CorruptShardError) as e:
@@ -56,19 +55,24 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         if not is_comm_error(e):
             raise
-        broken = True
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        return fail(
+        status = fail(
             "error",
             f"lost contact with the other ranks ({first}): another rank died or hangs (see its log; "
             f"collectives time out after train.dist_timeout_s={cfg.train.dist_timeout_s}s); rerun to resume "
             f"from the last checkpoint",
             1,
         )
+        # Leave without tearing anything down: destroying the broken process group, and interpreter shutdown
+        # (its destructor, threads still waiting on the peer), can block on the lost rank (seen once in a CI run: the
+        # line above printed, then no exit within 60 s). Checkpoints are fsync'd and the metrics file closed.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
     finally:
         import torch.distributed as dist
 
-        if dist.is_initialized() and not broken:
+        if dist.is_initialized():
             dist.destroy_process_group()
     if os.environ.get("RANK", "0") == "0":
         print(f"done: {out}")
