@@ -9,6 +9,7 @@ Phases of a call (timed on the host with a device sync at each boundary, so the 
 Then `replay_ms`: one replay of the captured step alone (CUDA events over 50 back-to-back replays), the GPU
 time a step cannot go below; `host_ms_per_step` = loop time per step - replay time, what the Python loop
 around the replay adds. The synchronisations slow the call slightly (`generate_s` is the untimed-phase run).
+`--eos` stops at the config's EOS id, so the loop also reads the EOS flag (by default no EOS, as in inference.py).
 `held_after_first_call_mb`: GPU memory the first call (the one that compiles) leaves allocated once its own
 buffers are freed: with `frozen`, the concatenated weights that its graph keeps as constants.
 
@@ -106,8 +107,11 @@ def kernel_table(step, iters: int = 20, rows: int = 25) -> str:
 
 
 @torch.no_grad()
-def measure(model, clock, prompt, summary, new_tokens: int, mode: str, profile: bool = False) -> dict:
-    gen = dict(max_new_tokens=new_tokens, eos_token_id=None, **DECODING_ARGS[mode])
+def measure(
+    model, clock, prompt, summary, new_tokens: int, mode: str, profile: bool = False, eos: bool = False
+) -> dict:
+    # Without `eos` no EOS id: exactly new_tokens tokens, as in benchmarks/inference.py.
+    gen = dict(max_new_tokens=new_tokens, eos_token_id=None if eos else [], **DECODING_ARGS[mode])
     clock.steps.clear()
     held_before = torch.cuda.memory_allocated()
     model.generate(prompt, softprompt=summary, **gen)  # warm-up: compile, kernel choice, allocator
@@ -120,13 +124,14 @@ def measure(model, clock, prompt, summary, new_tokens: int, mode: str, profile: 
     plain = time.perf_counter() - start
     clock.steps.clear()
     clock.mark("start")
-    model.generate(prompt, softprompt=summary, **gen)
+    out = model.generate(prompt, softprompt=summary, **gen)
     clock.mark("end")
-    row = {"generate_s": plain, **clock.phases(), "held_after_first_call_mb": held_mb}
+    row = {"generate_s": plain, **clock.phases(), "held_after_first_call_mb": held_mb, "eos": eos}
+    row["new_tokens"] = out.shape[1] - prompt.shape[1]
     step = clock.steps[-1]
     if step.graph is not None:
         row["replay_ms"] = replay_ms(step)
-        row["host_ms_per_step"] = row["loop_s"] * 1e3 / (new_tokens - 1) - row["replay_ms"]
+        row["host_ms_per_step"] = row["loop_s"] * 1e3 / (row["new_tokens"] - 1) - row["replay_ms"]
         if profile:
             print(kernel_table(step), flush=True)
     return row
@@ -154,6 +159,12 @@ def main() -> None:
         help="torch._inductor.config settings for the compiled step, e.g. coordinate_descent_tuning=True, "
         "triton.enable_pdl=True",
     )
+    p.add_argument(
+        "--eos",
+        action="store_true",
+        help="stop at the config's EOS id as a real call does (the loop then reads an EOS flag from the GPU); "
+        "by default no EOS, as in benchmarks/inference.py",
+    )
     p.add_argument("--profile", action="store_true", help="print the kernels of 20 replays of each step")
     p.add_argument("--out", default=None, help="write the rows to this JSON file")
     args = p.parse_args()
@@ -177,7 +188,9 @@ def main() -> None:
         for mode in args.decoding:
             for side in args.sides:
                 row = {"batch": batch, "mode": mode, "side": side, "context": args.context}
-                row.update(measure(model, clock, *inputs[side], args.new_tokens, mode, args.profile))
+                row.update(
+                    measure(model, clock, *inputs[side], args.new_tokens, mode, args.profile, args.eos)
+                )
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     write_report(rows, args.out, settings)

@@ -126,7 +126,8 @@ def run(
         n_vectors = summary.shape[1]
         timings, outputs, agreement, first = {}, {}, {}, {}
         for mode in decodings:
-            gen = dict(max_new_tokens=new_tokens, eos_token_id=None, **DECODING_ARGS[mode])
+            # No EOS: exactly new_tokens tokens on both sides, and no EOS flag for the host to read.
+            gen = dict(max_new_tokens=new_tokens, eos_token_id=[], **DECODING_ARGS[mode])
             try:
                 t_full, _, first_full = timed_with_first(
                     model.generate, torch.cat([ctx, prompt], dim=1), repeats=1, **gen
@@ -151,7 +152,7 @@ def run(
                     prompt,
                     softprompt=summary,
                     max_new_tokens=new_tokens,
-                    eos_token_id=None,
+                    eos_token_id=[],
                     decoding="static",
                 )[:, prompt_len:]
             agreement = {

@@ -306,6 +306,40 @@ def test_generate_rejects_unknown_decoding_and_cuda_graph_on_cpu():
         model.generate(prompt, decoding="static", freeze_weights=True)
 
 
+@pytest.mark.parametrize(
+    "decoding, device", [("static", "cpu")] + [("cuda_graph", "cuda")] * torch.cuda.is_available()
+)
+def test_eos_read_one_step_late_stops_where_a_per_step_check_does(decoding, device, monkeypatch):
+    """Replayed graphs read "every sample has emitted EOS" one step late (the GPU is never left waiting for the
+    host); the extra step is cut, so the tokens and their count are those of a per-step check. On the CPU the
+    lagged read is forced on the static mode."""
+    from acomp.modeling import generation
+
+    model, prompt, kwargs = _left_padded_generation("llama", device, max_new_tokens=12)
+    free = model.generate(prompt, decoding="dynamic", **kwargs)[:, prompt.shape[1] :]
+    lagged, steps = [], []
+    if device == "cpu":
+        watch = generation._EosWatch
+        monkeypatch.setattr(generation, "_EosWatch", lambda record, lagged: watch(record, lagged=True))
+    advance = generation._StaticStep.advance
+
+    def counted(self):
+        steps.append(1)
+        advance(self)
+
+    monkeypatch.setattr(generation._StaticStep, "advance", counted)
+    # Samples stop at different steps (by step 2 and 6), and both at the first token.
+    for eos in ([int(free[0, 2]), int(free[1, 6])], [int(free[0, 0]), int(free[1, 0])]):
+        stop = {**kwargs, "eos_token_id": eos}
+        expected = model.generate(prompt, decoding="dynamic", **stop)
+        assert expected.shape[1] <= prompt.shape[1] + 7
+        steps.clear()
+        got = model.generate(prompt, decoding=decoding, **stop)
+        assert torch.equal(got, expected)
+        lagged.append(len(steps) == expected.shape[1] - prompt.shape[1])  # one step past the last EOS
+    assert lagged == [True, True]
+
+
 def test_generate_stops_at_eos_and_pads():
     model = tiny_model("llama")
     prompt = random_ids(1, 4)

@@ -62,7 +62,8 @@ def generate(
     freeze_weights: bool = False,
 ) -> torch.LongTensor:
     """Returns [B, prompt_len + new] token ids. Greedy unless do_sample. Prompts may be padded on either
-    side (positions come from the attention mask). After a sample emits EOS it is filled with pad_token_id.
+    side (positions come from the attention mask). After a sample emits EOS it is filled with pad_token_id;
+    `eos_token_id=None` takes the config's, `[]` generates exactly max_new_tokens.
     `softprompt_bias` (variable-length mode) marks absent softprompt vectors. The control tokens
     `<sum>` / `<eoc>` are never generated. `decoding`: 'dynamic', 'static' or 'cuda_graph'; `compile_step`:
     torch.compile the fixed-shape step; `freeze_weights`: compile it with the weights as constants, which fuses
@@ -176,14 +177,18 @@ def generate(
         )
         del cache  # the static cache holds a copy
 
+    # Without EOS ids the host never reads the device, so the CPU queues steps ahead of the GPU. With them, a
+    # replayed graph reads "every sample has emitted EOS" one step late (_EosWatch), so the GPU is not left
+    # waiting for the host between steps; a step run past the last EOS only records pad tokens and is cut.
+    watch = _EosWatch(record, lagged=decoding == "cuda_graph")
     produced = 1
     while produced < max_new_tokens:
-        # A host sync: without EOS ids none is needed, so the CPU queues steps ahead of the GPU.
-        if eos.numel() and record.finished.all():
+        if watch.all_finished():
             break
         step.advance()
+        watch.stepped()
         produced += 1
-    return torch.cat([input_ids, record.tokens[:, :produced]], dim=1)
+    return torch.cat([input_ids, record.tokens[:, : record.length(produced)]], dim=1)
 
 
 DECODING_MODES = ("dynamic", "static", "cuda_graph")
@@ -209,6 +214,54 @@ class _TokenRecord:
 
     def state(self) -> list[torch.Tensor]:
         return [self.index, self.finished]
+
+    def length(self, produced: int) -> int:
+        """Columns to return of the `produced` recorded: once every sample has emitted EOS, up to the step at
+        which the last one did (what a per-step check would have stopped at)."""
+        if not self.eos.numel() or not bool(self.finished.all()):
+            return produced
+        is_eos = (self.tokens[:, :produced, None] == self.eos).any(dim=-1)
+        return int(is_eos.int().argmax(dim=1).max()) + 1
+
+
+class _EosWatch:
+    """Tells the decode loop when every sample has emitted EOS, a flag the host must read from the device.
+    Read at once, the read waits for the step just queued and leaves the GPU idle until the host queues the
+    next one (about 0.05 ms per step on an H200, 3% of a compressed-side step). `lagged` (for replayed graphs):
+    after each step the flag is copied to host memory without blocking, and the loop reads the copy of the step
+    before, waiting only until that step is done while the last one runs. Generation then stops one step late;
+    that step records pad tokens only, and `_TokenRecord.length` cuts it."""
+
+    def __init__(self, record: _TokenRecord, lagged: bool):
+        self.record, self.lagged = record, lagged
+        self.active = bool(record.eos.numel())
+        self.pending: list[tuple[torch.Tensor, torch.cuda.Event | None]] = []
+        self.stepped()  # the first token, chosen after the prefill
+
+    def stepped(self) -> None:
+        if not (self.active and self.lagged):
+            return
+        finished = self.record.finished
+        on_cuda = finished.device.type == "cuda"
+        flag = torch.empty((), dtype=torch.bool, pin_memory=on_cuda)
+        flag.copy_(finished.all(), non_blocking=on_cuda)
+        event = None
+        if on_cuda:
+            event = torch.cuda.Event()
+            event.record()
+        self.pending.append((flag, event))
+
+    def all_finished(self) -> bool:
+        if not self.active:
+            return False
+        if not self.lagged:
+            return bool(self.record.finished.all())
+        if len(self.pending) < 2:  # the newest copy is the step still running
+            return False
+        flag, event = self.pending.pop(0)
+        if event is not None:
+            event.synchronize()
+        return bool(flag)
 
 
 class _DynamicStep:
