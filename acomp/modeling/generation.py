@@ -243,12 +243,12 @@ class _EosWatch:
             return
         finished = self.record.finished
         on_cuda = finished.device.type == "cuda"
-        flag = torch.empty((), dtype=torch.bool, pin_memory=on_cuda)
+        flag = torch.zeros((), dtype=torch.bool, pin_memory=on_cuda)
         flag.copy_(finished.all(), non_blocking=on_cuda)
         event = None
-        if on_cuda:
+        if on_cuda:  # on the stream that runs the copy, whichever device is current
             event = torch.cuda.Event()
-            event.record()
+            event.record(torch.cuda.current_stream(finished.device))
         self.pending.append((flag, event))
 
     def all_finished(self) -> bool:
