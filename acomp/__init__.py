@@ -3,6 +3,7 @@
 from .modeling import (
     AutoCompressorModel,
     AutoCompressorOutput,
+    DecodeGraphs,
     LlamaAutoCompressorModel,
     MistralAutoCompressorModel,
     OPTAutoCompressorModel,
@@ -15,6 +16,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AutoCompressorModel",
     "AutoCompressorOutput",
+    "DecodeGraphs",
     "LlamaAutoCompressorModel",
     "MistralAutoCompressorModel",
     "OPTAutoCompressorModel",

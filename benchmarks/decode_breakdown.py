@@ -30,24 +30,38 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from inference import DECODING_ARGS, context_segments, llama_1b, prepare_decoding, write_report  # noqa: E402
+from inference import (  # noqa: E402
+    DECODING_ARGS,
+    context_segments,
+    generate_kwargs,
+    llama_1b,
+    prepare_decoding,
+    write_report,
+)
 
 from acomp import LlamaAutoCompressorModel  # noqa: E402
 from acomp.modeling import generation  # noqa: E402
 
 
 class PhaseClock:
-    """Host timestamps (after a device sync) at the static step's creation and capture."""
+    """Host timestamps (after a device sync) at the static step's creation (none when a kept step is reused),
+    its loading with the call's prefill, and its capture."""
 
     def __init__(self):
         self.marks, self.steps = {}, []
-        init, capture = generation._StaticStep.__init__, generation._StaticStep._capture
+        step_class = generation._StaticStep
+        init, load, capture = step_class.__init__, step_class.load, step_class._capture
         clock = self
 
         # `static_step`, not `step`: _StaticStep takes a `step` argument of its own.
         def timed_init(static_step, *args, **kwargs):
             clock.mark("setup_start")
             init(static_step, *args, **kwargs)
+
+        def timed_load(static_step, *args, **kwargs):
+            if "setup_start" not in clock.marks:  # a kept step: no allocation
+                clock.mark("setup_start")
+            load(static_step, *args, **kwargs)
             clock.mark("setup_end")
             clock.steps.append(static_step)
 
@@ -56,8 +70,11 @@ class PhaseClock:
             capture(static_step)
             clock.mark("capture_end")
 
-        generation._StaticStep.__init__ = timed_init
-        generation._StaticStep._capture = timed_capture
+        step_class.__init__, step_class.load, step_class._capture = timed_init, timed_load, timed_capture
+
+    def start(self) -> None:
+        self.marks.clear()
+        self.mark("start")
 
     def mark(self, name: str) -> None:
         torch.cuda.synchronize()
@@ -111,7 +128,7 @@ def measure(
     model, clock, prompt, summary, new_tokens: int, mode: str, profile: bool = False, eos: bool = False
 ) -> dict:
     # Without `eos` no EOS id: exactly new_tokens tokens, as in benchmarks/inference.py.
-    gen = dict(max_new_tokens=new_tokens, eos_token_id=None if eos else [], **DECODING_ARGS[mode])
+    gen = generate_kwargs(mode, max_new_tokens=new_tokens, eos_token_id=None if eos else [])
     clock.steps.clear()
     held_before = torch.cuda.memory_allocated()
     model.generate(prompt, softprompt=summary, **gen)  # warm-up: compile, kernel choice, allocator
@@ -123,7 +140,7 @@ def measure(
     torch.cuda.synchronize()
     plain = time.perf_counter() - start
     clock.steps.clear()
-    clock.mark("start")
+    clock.start()
     out = model.generate(prompt, softprompt=summary, **gen)
     clock.mark("end")
     row = {"generate_s": plain, **clock.phases(), "held_after_first_call_mb": held_mb, "eos": eos}

@@ -10,8 +10,9 @@ Random-init Llama-1B shape (22 layers, d 2048, 32 heads / 4 KV heads, ffn 5632, 
   time, since that is what full attention must do; the summary vectors are computed once and cached), for
   each `--decoding` mode (dynamic KV cache; static cache replayed from a CUDA graph; `compiled`: that graph
   captured from the torch.compile'd step, `compile_step=True`; `frozen`: compiled with `freeze_weights=True`,
-  q/k/v and gate/up as one GEMM each; the one-off compile time per shape of those two is the first call's,
-  reported apart as `first_call_*`).
+  q/k/v and gate/up as one GEMM each; `frozen_kept`: frozen, with each shape's static cache and captured graph
+  kept across calls, `generate(..., graphs=DecodeGraphs())`; the one-off compile time per shape of the compiled
+  modes is the first call's, reported apart as `first_call_*`).
 
     python benchmarks/inference.py --contexts 6144 30720 --batch-sizes 1 8 32 --out .bench/inference.json
 """
@@ -26,7 +27,7 @@ import time
 import torch
 from transformers import LlamaConfig
 
-from acomp import LlamaAutoCompressorModel
+from acomp import DecodeGraphs, LlamaAutoCompressorModel
 
 
 def llama_1b(max_positions: int) -> LlamaConfig:
@@ -127,7 +128,7 @@ def run(
         timings, outputs, agreement, first = {}, {}, {}, {}
         for mode in decodings:
             # No EOS: exactly new_tokens tokens on both sides, and no EOS flag for the host to read.
-            gen = dict(max_new_tokens=new_tokens, eos_token_id=[], **DECODING_ARGS[mode])
+            gen = generate_kwargs(mode, max_new_tokens=new_tokens, eos_token_id=[])
             try:
                 t_full, _, first_full = timed_with_first(
                     model.generate, torch.cat([ctx, prompt], dim=1), repeats=1, **gen
@@ -193,7 +194,22 @@ DECODING_ARGS = {
     "cuda_graph": {"decoding": "cuda_graph"},
     "compiled": {"decoding": "cuda_graph", "compile_step": True},
     "frozen": {"decoding": "cuda_graph", "compile_step": True, "freeze_weights": True},
+    # frozen, with the static cache and captured graph of each shape kept across calls (acomp.DecodeGraphs)
+    "frozen_kept": {
+        "decoding": "cuda_graph",
+        "compile_step": True,
+        "freeze_weights": True,
+        "keep_graphs": True,
+    },
 }
+
+
+def generate_kwargs(mode: str, **fixed) -> dict:
+    """`generate` keyword arguments of a decoding mode; a `*_kept` mode gets a DecodeGraphs of its own."""
+    kwargs = {**DECODING_ARGS[mode], **fixed}
+    if kwargs.pop("keep_graphs", False):
+        kwargs["graphs"] = DecodeGraphs()
+    return kwargs
 
 
 def prepare_decoding(modes: list[str]) -> dict:
@@ -218,7 +234,7 @@ def main() -> None:
         default=["dynamic", "cuda_graph"],
         choices=list(DECODING_ARGS),
         help="decoding modes to time (acomp.modeling.generation; compiled = cuda_graph with compile_step; frozen = "
-        "compiled with freeze_weights); the "
+        "compiled with freeze_weights; frozen_kept = frozen with graphs=DecodeGraphs()); the "
         "first row also reports how many leading tokens each mode shares with the eager static mode",
     )
     p.add_argument("--new-tokens", type=int, default=256, help="tokens to generate")

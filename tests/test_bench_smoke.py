@@ -127,17 +127,28 @@ def test_decode_breakdown_phase_clock_wraps_the_static_step(monkeypatch):
     from acomp.modeling import generation
 
     # Restored at teardown: PhaseClock replaces both methods for the process.
-    monkeypatch.setattr(generation._StaticStep, "__init__", generation._StaticStep.__init__)
-    monkeypatch.setattr(generation._StaticStep, "_capture", generation._StaticStep._capture)
+    for name in ("__init__", "load", "_capture"):  # restored at teardown: PhaseClock replaces them
+        monkeypatch.setattr(generation._StaticStep, name, getattr(generation._StaticStep, name))
     monkeypatch.setattr("torch.cuda.synchronize", lambda *a: None)
     from decode_breakdown import PhaseClock
+    from inference import generate_kwargs
 
     model = tiny_model("llama")
     clock = PhaseClock()
-    clock.mark("start")
-    model.generate(random_ids(2, 5), max_new_tokens=4, decoding="static", eos_token_id=None)
-    clock.mark("end")
-    assert len(clock.steps) == 1 and isinstance(clock.steps[0], generation._StaticStep)
-    phases = clock.phases()
-    assert set(phases) == {"prefill_s", "setup_s", "capture_s", "loop_s"} and phases["capture_s"] == 0.0
-    assert all(v >= 0 for v in phases.values())
+    # A fresh step, then (frozen_kept's DecodeGraphs, static decoding on CPU) a kept one reused without __init__.
+    kept = {
+        **generate_kwargs("frozen_kept"),
+        "decoding": "static",
+        "compile_step": False,
+        "freeze_weights": False,
+    }
+    for gen in ({"decoding": "static"}, kept, kept):
+        clock.steps.clear()
+        clock.start()
+        model.generate(random_ids(2, 5), max_new_tokens=4, eos_token_id=None, **gen)
+        clock.mark("end")
+        assert len(clock.steps) == 1 and isinstance(clock.steps[0], generation._StaticStep)
+        phases = clock.phases()
+        assert set(phases) == {"prefill_s", "setup_s", "capture_s", "loop_s"} and phases["capture_s"] == 0.0
+        assert all(v >= 0 for v in phases.values())
+    assert len(kept["graphs"]) == 1

@@ -236,13 +236,13 @@ def test_frozen_decode_step_fuses_projections_and_follows_weight_changes(
     from acomp.modeling import generation
 
     caches = []  # the first layer's keys of each call's static cache
-    init = generation._StaticStep.__init__
+    load = generation._StaticStep.load
 
-    def watched_init(static_step, *args, **kwargs):
-        init(static_step, *args, **kwargs)
+    def watched_load(static_step, *args, **kwargs):
+        load(static_step, *args, **kwargs)
         caches.append(weakref.ref(generation._cached_layers(static_step.cache)[0][0]))
 
-    monkeypatch.setattr(generation._StaticStep, "__init__", watched_init)
+    monkeypatch.setattr(generation._StaticStep, "load", watched_load)
     gemms = []
 
     def count_gemms(graph):  # inductor's graph after its post-grad passes
@@ -293,7 +293,127 @@ def test_cuda_graph_greedy_steps_choose_inside_the_graph(monkeypatch):
     assert len(picks) == 3
 
 
+class _StepCounts:
+    """Counts the fixed-shape steps built and the CUDA graphs captured during generate calls."""
+
+    def __init__(self, monkeypatch):
+        from acomp.modeling import generation
+
+        self.built, self.captured = 0, 0
+        init, capture = generation._StaticStep.__init__, generation._StaticStep._capture
+
+        def counted_init(static_step, *args, **kwargs):
+            self.built += 1
+            init(static_step, *args, **kwargs)
+
+        def counted_capture(static_step):
+            self.captured += 1
+            capture(static_step)
+
+        monkeypatch.setattr(generation._StaticStep, "__init__", counted_init)
+        monkeypatch.setattr(generation._StaticStep, "_capture", counted_capture)
+
+
+@pytest.mark.parametrize(
+    "decoding, device",
+    [("static", d) for d in DEVICES] + [("cuda_graph", "cuda")] * torch.cuda.is_available(),
+)
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_kept_steps_serve_later_calls_of_their_shape(family, decoding, device, monkeypatch):
+    """generate(..., graphs=DecodeGraphs()): a later call of the same shape reuses the kept static cache and
+    (cuda_graph) replays the captured graph, with that call's own prompt, padding, prompt length and EOS
+    stop: the tokens of a fresh call every time. Another batch size, or sampling, gets a step of its own."""
+    from acomp import DecodeGraphs
+
+    model, prompt, kwargs = _left_padded_generation(family, device, max_new_tokens=10)
+    counts = _StepCounts(monkeypatch)
+    graphs = DecodeGraphs()
+    unpadded = {**kwargs, "attention_mask": None}
+    # 6 summary vectors + prompt + new tokens: 6 + 6 + 10 and 6 + 4 + 12 both round up to a 32-column cache.
+    calls = [
+        (prompt, kwargs),
+        (random_ids(2, 6, seed=9).to(device), unpadded),
+        (random_ids(2, 4, seed=10).to(device), {**kwargs, "attention_mask": None, "max_new_tokens": 12}),
+        (prompt, kwargs),
+    ]
+    for ids, call in calls:
+        fresh = model.generate(ids, decoding="dynamic", **call)
+        assert torch.equal(model.generate(ids, decoding=decoding, graphs=graphs, **call), fresh)
+    assert counts.built == 1 and len(graphs) == 1
+    assert counts.captured == (decoding == "cuda_graph")
+    # Stopping at EOS part-way leaves the kept step ready for a full call.
+    free = model.generate(prompt, decoding="dynamic", **kwargs)[:, prompt.shape[1] :]
+    stop = {**kwargs, "eos_token_id": [int(free[0, 2]), int(free[1, 4])]}
+    for call in (stop, stop, kwargs):
+        want = model.generate(prompt, decoding="dynamic", **call)
+        assert torch.equal(model.generate(prompt, decoding=decoding, graphs=graphs, **call), want)
+    assert counts.built == 2 and len(graphs) == 2  # the EOS ids are part of the shape
+    # Another batch size, and sampling (its tokens are drawn outside the graph), get steps of their own.
+    single = {**kwargs, "attention_mask": None, "softprompt": kwargs["softprompt"][:1]}
+    model.generate(prompt[:1], decoding=decoding, graphs=graphs, **single)
+    sampled = []
+    for _ in range(2):
+        gen = torch.Generator(device=device).manual_seed(1)
+        sampled.append(
+            model.generate(prompt, decoding=decoding, graphs=graphs, do_sample=True, generator=gen, **kwargs)
+        )
+    gen = torch.Generator(device=device).manual_seed(1)
+    assert torch.equal(sampled[0], model.generate(prompt, do_sample=True, generator=gen, **kwargs))
+    assert torch.equal(sampled[0], sampled[1])
+    assert counts.built == 4 and len(graphs) == 4
+    graphs.clear()
+    assert len(graphs) == 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_kept_step_is_rebuilt_when_the_weights_move_or_change(device, monkeypatch):
+    """A kept step reads the weights where they were when it was built (a captured graph holds addresses): after
+    a `.data` swap it is rebuilt; a frozen one (weights as constants) also after an in-place change. An
+    in-place change of an unfrozen model reaches a kept step directly. At most `max_steps` are kept."""
+    from acomp import DecodeGraphs
+
+    decoding = "cuda_graph" if device == "cuda" else "static"
+    model, prompt, kwargs = _left_padded_generation("llama", device, max_new_tokens=8)
+    counts = _StepCounts(monkeypatch)
+    graphs = DecodeGraphs(max_steps=2)
+
+    def check(**extra):
+        want = model.generate(prompt, decoding="dynamic", **kwargs)
+        assert torch.equal(model.generate(prompt, decoding=decoding, graphs=graphs, **extra, **kwargs), want)
+
+    check()
+    with torch.no_grad():
+        for weight in model.parameters():
+            weight.mul_(1.5)
+    check()
+    assert counts.built == 1
+    for weight in model.parameters():
+        weight.data = weight.data.clone()
+    check()
+    assert counts.built == 2 and len(graphs) == 1
+    frozen = dict(compile_step=True, freeze_weights=True)
+    check(**frozen)
+    check(**frozen)
+    assert counts.built == 3 and len(graphs) == 2
+    with torch.no_grad():
+        for weight in model.parameters():
+            weight.mul_(0.8)
+    check(**frozen)
+    assert counts.built == 4 and len(graphs) == 2
+    check()  # the stale frozen step was dropped, not kept beside its successor
+    assert counts.built == 4 and len(graphs) == 2
+    kwargs["max_new_tokens"] = 40  # a longer cache: a third step; max_steps=2 evicts the least recent
+    check()
+    assert counts.built == 5 and len(graphs) == 2
+    kwargs["max_new_tokens"] = 8
+    check()  # still kept
+    check(**frozen)  # evicted
+    assert counts.built == 6
+
+
 def test_generate_rejects_unknown_decoding_and_cuda_graph_on_cpu():
+    from acomp import DecodeGraphs
+
     model = tiny_model("llama")
     prompt = random_ids(1, 4)
     with pytest.raises(ValueError, match="'graph'"):
@@ -304,6 +424,12 @@ def test_generate_rejects_unknown_decoding_and_cuda_graph_on_cpu():
         model.generate(prompt, compile_step=True)
     with pytest.raises(ValueError, match="freeze_weights=True needs compile_step=True"):
         model.generate(prompt, decoding="static", freeze_weights=True)
+    with pytest.raises(ValueError, match="graphs=DecodeGraphs.* needs decoding='static' or 'cuda_graph'"):
+        model.generate(prompt, graphs=DecodeGraphs())
+    with pytest.raises(TypeError, match="graphs must be an acomp DecodeGraphs, got dict"):
+        model.generate(prompt, decoding="static", graphs={})
+    with pytest.raises(ValueError, match="max_steps must be >= 1, got 0"):
+        DecodeGraphs(max_steps=0)
 
 
 @pytest.mark.parametrize(

@@ -2,6 +2,7 @@
 
 from .compressor import AutoCompressorMixin, AutoCompressorOutput, split_lengths
 from .config import COMPRESSION_DEFAULTS, apply_compression_fields
+from .generation import DecodeGraphs
 from .models import (
     MODEL_CLASSES,
     AutoCompressorModel,
@@ -18,6 +19,7 @@ __all__ = [
     "AutoCompressorModel",
     "AutoCompressorOutput",
     "COMPRESSION_DEFAULTS",
+    "DecodeGraphs",
     "LlamaAutoCompressorModel",
     "MODEL_CLASSES",
     "MistralAutoCompressorModel",

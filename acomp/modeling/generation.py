@@ -28,7 +28,9 @@ The prefill always runs through the DynamicCache, so a long context keeps the fa
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import dataclasses
 import functools
 import types
 import weakref
@@ -60,6 +62,7 @@ def generate(
     decoding: str = "dynamic",
     compile_step: bool = False,
     freeze_weights: bool = False,
+    graphs: DecodeGraphs | None = None,
 ) -> torch.LongTensor:
     """Returns [B, prompt_len + new] token ids. Greedy unless do_sample. Prompts may be padded on either
     side (positions come from the attention mask). After a sample emits EOS it is filled with pad_token_id;
@@ -67,7 +70,8 @@ def generate(
     `softprompt_bias` (variable-length mode) marks absent softprompt vectors. The control tokens
     `<sum>` / `<eoc>` are never generated. `decoding`: 'dynamic', 'static' or 'cuda_graph'; `compile_step`:
     torch.compile the fixed-shape step; `freeze_weights`: compile it with the weights as constants, which fuses
-    projections that share an input (both: module docstring)."""
+    projections that share an input (both: module docstring); `graphs`: a DecodeGraphs that keeps the
+    fixed-shape step (its static cache and CUDA graph) for the next call of the same shape."""
     if decoding not in DECODING_MODES:
         raise ValueError(f"decoding must be one of {', '.join(DECODING_MODES)}, got {decoding!r}")
     if compile_step and decoding == "dynamic":
@@ -76,6 +80,12 @@ def generate(
         )
     if freeze_weights and not compile_step:
         raise ValueError("freeze_weights=True needs compile_step=True (it is a setting of the compiled step)")
+    if graphs is not None and not isinstance(graphs, DecodeGraphs):
+        raise TypeError(f"graphs must be an acomp DecodeGraphs, got {type(graphs).__name__}")
+    if graphs is not None and decoding == "dynamic":
+        raise ValueError(
+            "graphs=DecodeGraphs(...) needs decoding='static' or 'cuda_graph' (fixed shapes), got 'dynamic'"
+        )
     if decoding == "cuda_graph" and input_ids.device.type != "cuda":
         raise ValueError(
             f"decoding='cuda_graph' needs the model and inputs on a CUDA device, got {input_ids.device}"
@@ -91,14 +101,16 @@ def generate(
         attention_mask = torch.ones_like(input_ids)
     if eos_token_id is None:
         eos_token_id = config.eos_token_id
-    eos = torch.tensor(
+    eos_ids = (
         []
         if eos_token_id is None
-        else ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)),
-        device=device,
+        else [eos_token_id]
+        if isinstance(eos_token_id, int)
+        else list(eos_token_id)
     )
+    eos = torch.tensor(eos_ids, dtype=torch.long, device=device)
     if pad_token_id is None:
-        pad_token_id = config.pad_token_id if config.pad_token_id is not None else (eos.tolist() or [0])[0]
+        pad_token_id = config.pad_token_id if config.pad_token_id is not None else (eos_ids or [0])[0]
 
     embed = model.get_input_embeddings()
     decoder = model.get_decoder()
@@ -138,9 +150,36 @@ def generate(
 
     if max_new_tokens == 0:
         return input_ids
-    # Every chosen token is written to a [B, max_new_tokens] buffer on the device; once a sample emits EOS
-    # its later tokens are pad_token_id.
-    record = _TokenRecord(batch, max_new_tokens, eos, pad_token_id, device)
+    # Fixed-shape decoding: a step of this shape kept by `graphs` from an earlier call, or a new one. Its
+    # token record, like the rest of its buffers, is reused in place (a captured graph writes into it).
+    static = None
+    if decoding != "dynamic":
+        shape = _StaticShape(
+            batch=batch,
+            length=-(-(soft_len + prompt_len + max_new_tokens) // 16) * 16,  # mask rows 16-aligned for SDPA
+            dtype=embeds.dtype,
+            device=device,
+            cuda_graph=decoding == "cuda_graph",
+            # Greedy choice is deterministic: the captured step picks and records the token itself, so the
+            # host loop only replays. Sampling draws from `generator` outside the graph.
+            choose_inside=not do_sample,
+            eos=tuple(eos_ids),
+            pad_token_id=pad_token_id,
+            suppress=tuple(suppress_token_ids),
+            sdpa_backend=config.sdpa_backend,
+            step_kind="frozen" if freeze_weights else "compiled" if compile_step else "eager",
+        )
+        # Chosen once per call: the frozen step's weight check walks every parameter.
+        step_fn = _FROZEN_STEPS.get(model) if freeze_weights else _compiled_step() if compile_step else _step
+        static = graphs.take(model, shape, step_fn) if graphs is not None else None
+        if static is None:
+            static = _StaticStep(model, shape, step_fn)
+        record = static.record
+        record.reset()
+    else:
+        # Every chosen token is written to a [B, max_new_tokens] buffer on the device; once a sample emits EOS
+        # its later tokens are pad_token_id.
+        record = _TokenRecord(batch, max_new_tokens, eos, pad_token_id, device)
 
     def choose(logits: torch.Tensor) -> torch.Tensor:
         return record.add(_pick(logits.float(), do_sample, temperature, top_k, top_p, suppress, generator))
@@ -158,24 +197,9 @@ def generate(
         soft_bias = (
             softprompt_bias if softprompt_bias is not None else mask.new_zeros(batch, soft_len).float()
         )
-        prefill_bias = key_bias(soft_bias, attention_mask, 0, embeds.dtype)
-        step = _StaticStep(
-            model,
-            cache,
-            prefill_bias,
-            max_new_tokens,
-            token,
-            next_position,
-            choose,
-            record,
-            # Greedy choice is deterministic: the captured step picks and records the token itself, so the
-            # host loop only replays. Sampling draws from `generator` outside the graph.
-            choose_inside=not do_sample,
-            cuda_graph=decoding == "cuda_graph",
-            # Chosen once per call: the frozen step's weight check walks every parameter.
-            step=_FROZEN_STEPS.get(model) if freeze_weights else _compiled_step() if compile_step else _step,
-        )
+        static.load(cache, key_bias(soft_bias, attention_mask, 0, embeds.dtype), token, next_position, choose)
         del cache  # the static cache holds a copy
+        step = static
 
     # Without EOS ids the host never reads the device, so the CPU queues steps ahead of the GPU. With them, a
     # replayed graph reads "every sample has emitted EOS" one step late (_EosWatch), so the GPU is not left
@@ -188,7 +212,10 @@ def generate(
         step.advance()
         watch.stepped()
         produced += 1
-    return torch.cat([input_ids, record.tokens[:, : record.length(produced)]], dim=1)
+    out = torch.cat([input_ids, record.tokens[:, : record.length(produced)]], dim=1)
+    if graphs is not None:
+        graphs.keep(model, static)
+    return out
 
 
 DECODING_MODES = ("dynamic", "static", "cuda_graph")
@@ -214,6 +241,12 @@ class _TokenRecord:
 
     def state(self) -> list[torch.Tensor]:
         return [self.index, self.finished]
+
+    def reset(self) -> None:
+        """Empty, for a new call (in place: a captured step records into these tensors)."""
+        self.tokens.zero_()
+        self.index.zero_()
+        self.finished.zero_()
 
     def length(self, produced: int) -> int:
         """Columns to return of the `produced` recorded: once every sample has emitted EOS, up to the step at
@@ -284,44 +317,69 @@ class _DynamicStep:
         self.token = self.choose(logits)
 
 
-class _StaticStep:
-    """One decode step with fixed shapes: a StaticCache of prefill + new tokens, an additive key mask
-    [B, 1, 1, L], and device buffers for the token, its position and its cache column. The step itself opens
-    its key column, advances the position buffers and (with `choose_inside`) chooses and records the next
-    token, so a CUDA graph of it (`cuda_graph`: captured at the first step) is replayed with no host work."""
+@dataclasses.dataclass(frozen=True)
+class _StaticShape:
+    """What a fixed-shape step is built for, beyond the model and its step function: its buffers' shapes and
+    the values a captured graph holds as constants (EOS and suppressed ids, the pad id, the SDPA backend), and
+    which step function runs it. Calls with equal shapes can share one step (DecodeGraphs)."""
 
-    def __init__(
-        self,
-        model,
-        prefill_cache,
-        prefill_bias,
-        max_new_tokens: int,
-        token,
-        position,
-        choose,
-        record: _TokenRecord,
-        choose_inside: bool,
-        cuda_graph: bool,
-        step,
-    ):
-        self.model, self.choose, self.record, self.choose_inside = model, choose, record, choose_inside
-        self.cuda_graph, self.step = cuda_graph, step
-        batch, prefill_len = prefill_bias.shape
-        length = -(-(prefill_len + max_new_tokens) // 16) * 16  # mask rows 16-aligned for SDPA
-        device, dtype = prefill_bias.device, prefill_bias.dtype
+    batch: int
+    length: int  # static cache length: prefill + new tokens, rounded up to 16
+    dtype: torch.dtype
+    device: torch.device
+    cuda_graph: bool
+    choose_inside: bool
+    eos: tuple[int, ...]
+    pad_token_id: int
+    suppress: tuple[int, ...]
+    sdpa_backend: str | None
+    step_kind: str  # "eager", "compiled" or "frozen"
+
+
+class _StaticStep:
+    """One decode step with fixed shapes: a StaticCache of `shape.length` columns, an additive key mask
+    [B, 1, 1, L], and device buffers for the token, its position, its cache column and the token record. The
+    step itself opens its key column, advances the position buffers and (with `choose_inside`) chooses and
+    records the next token, so a CUDA graph of it (`cuda_graph`: captured at the first step) is replayed with no
+    host work. Every call's state is loaded into the same buffers (`load`), so a kept step (DecodeGraphs) replays
+    its graph in later calls."""
+
+    def __init__(self, model, shape: _StaticShape, step):
+        self.model, self.shape, self.step = model, shape, step
+        batch, length, dtype, device = shape.batch, shape.length, shape.dtype, shape.device
         self.cache = StaticCache(
             config=model.config, max_cache_len=length, max_batch_size=batch, device=device, dtype=dtype
         )
-        positions = torch.arange(prefill_len, device=device)
+        self.bias = torch.empty(batch, 1, 1, length, dtype=dtype, device=device)
+        self.token = torch.zeros(batch, dtype=torch.long, device=device)
+        self.position = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.cache_position = torch.zeros(1, dtype=torch.long, device=device)
+        # The record and the suppressed ids belong to the step: a captured graph reads and writes these tensors.
+        eos = torch.tensor(shape.eos, dtype=torch.long, device=device)
+        self.record = _TokenRecord(batch, length, eos, shape.pad_token_id, device)
+        self.suppress = torch.tensor(shape.suppress, dtype=torch.long, device=device)
+        self.graph, self.logits, self.choose = None, None, None
+        self.weights = _weight_pointers(model)
+
+    def load(self, prefill_cache, prefill_bias, token, position, choose) -> None:
+        """Start a call: the prefill's keys/values [B, H, n, D] into the first n columns, their key bias
+        (later columns absent until their step opens them), the first token and its position. `choose` picks
+        tokens outside the graph (sampling)."""
+        prefill_len = prefill_bias.shape[1]
+        positions = torch.arange(prefill_len, device=self.shape.device)
         for layer, (keys, values) in enumerate(_cached_layers(prefill_cache)):
             self.cache.update(keys, values, layer, {"cache_position": positions})
         _unmark_static_addresses(self.cache)
-        self.bias = torch.full((batch, 1, 1, length), absent_bias(dtype), dtype=dtype, device=device)
+        self.bias.fill_(absent_bias(self.shape.dtype))
         self.bias[:, 0, 0, :prefill_len] = prefill_bias
-        self.token = token.clone()
-        self.position = position[:, None].clone()
-        self.cache_position = torch.full((1,), prefill_len, dtype=torch.long, device=device)
-        self.graph, self.logits = None, None
+        self.token.copy_(token)
+        self.position.copy_(position[:, None])
+        self.cache_position.fill_(prefill_len)
+        self.choose = choose
+
+    def _pick_inside(self, logits: torch.Tensor) -> torch.Tensor:
+        """The greedy choice and its record, from the step's own tensors (a graph may outlive the call)."""
+        return self.record.add(_pick(logits.float(), False, 1.0, None, None, self.suppress, None))
 
     def _forward(self) -> torch.Tensor:
         """The step: open this token's key column, decode it, advance the positions, choose the next token."""
@@ -338,19 +396,19 @@ class _StaticStep:
         )
         self.position += 1
         self.cache_position += 1
-        if self.choose_inside:
-            self.token.copy_(self.choose(logits))
+        if self.shape.choose_inside:
+            self.token.copy_(self._pick_inside(logits))
         return logits
 
     def advance(self) -> None:
-        if not self.cuda_graph:
+        if not self.shape.cuda_graph:
             logits = self._forward()
         else:
             if self.graph is None:
                 self._capture()
             self.graph.replay()
             logits = self.logits
-        if not self.choose_inside:
+        if not self.shape.choose_inside:
             self.token.copy_(self.choose(logits))
 
     def _capture(self) -> None:
@@ -369,6 +427,45 @@ class _StaticStep:
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.logits = self._forward()
+
+
+class DecodeGraphs:
+    """Fixed-shape decode steps kept across `generate` calls (`generate(..., graphs=...)`, with
+    `decoding="static"` or `"cuda_graph"`). A call whose shape was decoded before, the same model, batch size,
+    static cache length (prompt + summary vectors + new tokens, rounded up to 16), greedy or sampled, EOS,
+    pad and suppressed ids, reuses that call's static cache and buffers and, with `cuda_graph`, replays its
+    captured graph: no cache allocation, no warm-up and no capture (about 15-25 ms of a call on an H200 for a
+    1B model; benchmarks/RESULTS.md). Holding a step holds its KV cache and graph memory: at most `max_steps`
+    are kept (the least recently used go first); `clear()` or dropping this object frees them. A step is not
+    reused once the model's weights have moved to other tensors (a captured graph reads them by address), or
+    with `freeze_weights=True` once they changed in place (its constants are copies); it is then rebuilt.
+    Not thread-safe: a step taken by a running call is not handed to another until that call returns."""
+
+    def __init__(self, max_steps: int = 4):
+        if max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1, got {max_steps}")
+        self.max_steps = max_steps
+        self._steps: collections.OrderedDict = collections.OrderedDict()  # (model id, shape) -> step
+
+    def __len__(self) -> int:
+        return len(self._steps)
+
+    def clear(self) -> None:
+        self._steps.clear()
+
+    def take(self, model, shape: _StaticShape, step_fn) -> _StaticStep | None:
+        """The kept step for this call, removed while the call runs; None when there is none to reuse."""
+        kept = self._steps.pop((id(model), shape), None)
+        if kept is None or kept.model is not model or kept.step is not step_fn:
+            return None
+        if kept.weights != _weight_pointers(model):
+            return None
+        return kept
+
+    def keep(self, model, step: _StaticStep) -> None:
+        self._steps[(id(model), step.shape)] = step
+        while len(self._steps) > self.max_steps:
+            self._steps.popitem(last=False)
 
 
 def _decode_logits(model, token, mask, position_ids, cache, cache_position=None, grouped=False, step=None):
@@ -446,6 +543,11 @@ def _call_frozen(compiled, *args):
 
     with inductor_config.patch(freezing=True):
         return compiled(*args)
+
+
+def _weight_pointers(model) -> tuple[int, ...]:
+    """Where every parameter and buffer lives: a captured graph reads them at these addresses."""
+    return tuple(t.data_ptr() for t in (*model.parameters(), *model.buffers()))
 
 
 def _weights_state(model) -> tuple:
