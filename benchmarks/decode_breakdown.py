@@ -36,7 +36,6 @@ from inference import (  # noqa: E402
     generate_kwargs,
     llama_1b,
     prepare_decoding,
-    summary_source,
     write_report,
 )
 
@@ -130,21 +129,19 @@ def measure(
 ) -> dict:
     # Without `eos` no EOS id: exactly new_tokens tokens, as in benchmarks/inference.py.
     gen = generate_kwargs(mode, max_new_tokens=new_tokens, eos_token_id=None if eos else [])
-    if summary is not None:
-        gen.update(summary_source(model, mode, summary))
     clock.steps.clear()
     held_before = torch.cuda.memory_allocated()
-    model.generate(prompt, **gen)  # warm-up: compile, kernel choice, allocator
+    model.generate(prompt, softprompt=summary, **gen)  # warm-up: compile, kernel choice, allocator
     torch.cuda.synchronize()
     clock.steps.clear()  # drops the warm-up call's static cache
     held_mb = (torch.cuda.memory_allocated() - held_before) / 2**20
     start = time.perf_counter()
-    model.generate(prompt, **gen)
+    model.generate(prompt, softprompt=summary, **gen)
     torch.cuda.synchronize()
     plain = time.perf_counter() - start
     clock.steps.clear()
     clock.start()
-    out = model.generate(prompt, **gen)
+    out = model.generate(prompt, softprompt=summary, **gen)
     clock.mark("end")
     row = {"generate_s": plain, **clock.phases(), "held_after_first_call_mb": held_mb, "eos": eos}
     row["new_tokens"] = out.shape[1] - prompt.shape[1]

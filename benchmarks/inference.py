@@ -11,9 +11,7 @@ Random-init Llama-1B shape (22 layers, d 2048, 32 heads / 4 KV heads, ffn 5632, 
   each `--decoding` mode (dynamic KV cache; static cache replayed from a CUDA graph; `compiled`: that graph
   captured from the torch.compile'd step, `compile_step=True`; `frozen`: compiled with `freeze_weights=True`,
   q/k/v and gate/up as one GEMM each; `frozen_kept`: frozen, with each shape's static cache and captured graph
-  kept across calls, `generate(..., graphs=DecodeGraphs())`; `frozen_kept_kv`: that, with the summary
-  vectors' keys/values computed once too (`softprompt_cache=model.encode_softprompt(...)`, a protocol variant:
-  the full side still prefills its context); the one-off compile time per shape of the compiled
+  kept across calls, `generate(..., graphs=DecodeGraphs())`; the one-off compile time per shape of the compiled
   modes is the first call's, reported apart as `first_call_*`).
 
     python benchmarks/inference.py --contexts 6144 30720 --batch-sizes 1 8 32 --out .bench/inference.json
@@ -139,7 +137,7 @@ def run(
                 t_full = first_full = float("nan")
             torch.cuda.empty_cache()
             t_summary, out, first_summary = timed_with_first(
-                model.generate, prompt, repeats=1, **summary_source(model, mode, summary), **gen
+                model.generate, prompt, softprompt=summary, repeats=1, **gen
             )
             timings[mode] = (t_full, t_summary)
             outputs[mode] = out[:, prompt_len:]
@@ -197,32 +195,21 @@ DECODING_ARGS = {
     "compiled": {"decoding": "cuda_graph", "compile_step": True},
     "frozen": {"decoding": "cuda_graph", "compile_step": True, "freeze_weights": True},
     # frozen, with the static cache and captured graph of each shape kept across calls (acomp.DecodeGraphs)
-    "frozen_kept": {"decoding": "cuda_graph", "compile_step": True, "freeze_weights": True, "keep_graphs": True},
-    # frozen_kept, with the summary vectors' keys/values computed once (model.encode_softprompt) like the vectors
-    # themselves: the compressed side's prefill runs the prompt only (a protocol variant: the full side could
-    # cache its context's keys/values too, at 41x the memory)
-    "frozen_kept_kv": {
-        "decoding": "cuda_graph", "compile_step": True, "freeze_weights": True, "keep_graphs": True,
-        "summary_kv": True,
+    "frozen_kept": {
+        "decoding": "cuda_graph",
+        "compile_step": True,
+        "freeze_weights": True,
+        "keep_graphs": True,
     },
-}  # fmt: skip
+}
 
 
 def generate_kwargs(mode: str, **fixed) -> dict:
     """`generate` keyword arguments of a decoding mode; a `*_kept` mode gets a DecodeGraphs of its own."""
     kwargs = {**DECODING_ARGS[mode], **fixed}
-    kwargs.pop("summary_kv", None)
     if kwargs.pop("keep_graphs", False):
         kwargs["graphs"] = DecodeGraphs()
     return kwargs
-
-
-def summary_source(model, mode: str, summary: torch.Tensor) -> dict:
-    """How the compressed side passes its summary vectors to `generate`: as a softprompt, or (`*_kv` modes) as
-    their keys/values encoded once, outside the timed calls."""
-    if DECODING_ARGS[mode].get("summary_kv"):
-        return {"softprompt_cache": model.encode_softprompt(summary)}
-    return {"softprompt": summary}
 
 
 def prepare_decoding(modes: list[str]) -> dict:
@@ -247,8 +234,7 @@ def main() -> None:
         default=["dynamic", "cuda_graph"],
         choices=list(DECODING_ARGS),
         help="decoding modes to time (acomp.modeling.generation; compiled = cuda_graph with compile_step; frozen = "
-        "compiled with freeze_weights; frozen_kept = frozen with graphs=DecodeGraphs(); frozen_kept_kv = frozen_kept "
-        "with the summary vectors' keys/values encoded once); the "
+        "compiled with freeze_weights; frozen_kept = frozen with graphs=DecodeGraphs()); the "
         "first row also reports how many leading tokens each mode shares with the eager static mode",
     )
     p.add_argument("--new-tokens", type=int, default=256, help="tokens to generate")

@@ -59,17 +59,3 @@ def tiny_model(family: str, seed: int = 0, **fields):
 def random_ids(batch: int, length: int, seed: int = 1) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, VOCAB, (batch, length), generator=g)
-
-
-def assert_prefix_of_joint_prefill(model, cached, prompt, mask, softprompt, softprompt_bias=None):
-    """The encoded summary vectors' keys/values are those the joint [softprompt ; prompt] prefill caches for
-    its first columns."""
-    from acomp.modeling import generation
-
-    full = torch.cat(
-        [torch.ones(prompt.shape[0], softprompt.shape[1], dtype=mask.dtype, device=mask.device), mask], dim=1
-    )
-    joint, _ = generation._prefill(model, prompt, mask, full, softprompt, softprompt_bias, None)
-    for (keys, values), (k, v) in zip(cached.layers, generation._cached_layers(joint)):
-        torch.testing.assert_close(keys, k[:, :, : cached.length], rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(values, v[:, :, : cached.length], rtol=1e-5, atol=1e-6)

@@ -152,11 +152,3 @@ def test_decode_breakdown_phase_clock_wraps_the_static_step(monkeypatch):
         assert set(phases) == {"prefill_s", "setup_s", "capture_s", "loop_s"} and phases["capture_s"] == 0.0
         assert all(v >= 0 for v in phases.values())
     assert len(kept["graphs"]) == 1
-    import torch
-    from inference import summary_source
-
-    sp = torch.randn(1, 6, model.config.hidden_size)
-    assert set(summary_source(model, "frozen", sp)) == {"softprompt"}
-    assert isinstance(
-        summary_source(model, "frozen_kept_kv", sp)["softprompt_cache"], generation.SoftpromptCache
-    )

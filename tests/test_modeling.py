@@ -9,7 +9,6 @@ from modeling_utils import (
     FAMILIES,
     MODEL_CLASS,
     VOCAB,
-    assert_prefix_of_joint_prefill,
     random_ids,
     tiny_config,
     tiny_model,
@@ -419,46 +418,22 @@ def test_kept_step_is_rebuilt_when_the_weights_move_or_change(device, monkeypatc
     assert counts.built == 6
 
 
-@pytest.mark.parametrize(
-    "decoding, device",
-    [("dynamic", "cpu"), ("static", "cpu")] + [("cuda_graph", "cuda")] * torch.cuda.is_available(),
-)
-@pytest.mark.parametrize("family", ["llama", "opt", "qwen2"])
-def test_softprompt_encoded_once_gives_the_same_tokens(family, decoding, device):
-    """generate(..., softprompt_cache=model.encode_softprompt(sp)) prefills only the prompt behind the summary
-    vectors' cached keys/values: the tokens of generate(..., softprompt=sp), for a left-padded batch, for one
-    document's cache shared by a batch of prompts, and for an empty prompt."""
-    model, prompt, kwargs = _left_padded_generation(family, device, max_new_tokens=8)
-    sp = kwargs.pop("softprompt")
-    want = model.generate(prompt, softprompt=sp, decoding=decoding, **kwargs)
-    cached = model.encode_softprompt(sp)
-    assert cached.length == sp.shape[1] and cached.batch == 2
-    assert_prefix_of_joint_prefill(model, cached, prompt, kwargs["attention_mask"], sp)
-    assert torch.equal(model.generate(prompt, softprompt_cache=cached, decoding=decoding, **kwargs), want)
-    one_doc = model.encode_softprompt(sp[:1])
-    want = model.generate(prompt, softprompt=sp[:1], decoding=decoding, **kwargs)
-    assert torch.equal(model.generate(prompt, softprompt_cache=one_doc, decoding=decoding, **kwargs), want)
-    empty = prompt[:, :0]
-    kwargs["attention_mask"] = None
-    want = model.generate(empty, softprompt=sp, decoding=decoding, **kwargs)
-    assert want.shape == (2, 8)
-    assert torch.equal(model.generate(empty, softprompt_cache=cached, decoding=decoding, **kwargs), want)
-
-
-def test_softprompt_cache_rejects_mismatches():
-    model, prompt, kwargs = _left_padded_generation("llama", "cpu", max_new_tokens=2)
-    sp = kwargs.pop("softprompt")
-    cached = model.encode_softprompt(sp)
-    with pytest.raises(ValueError, match="either as softprompt .* or as softprompt_cache, not both"):
-        model.generate(prompt, softprompt=sp, softprompt_cache=cached)
-    with pytest.raises(ValueError, match="softprompt_cache batch size 2 does not match the input's 3"):
-        model.generate(random_ids(3, 4), softprompt_cache=cached)
-    with pytest.raises(ValueError, match="encoded by a llama model with 2 layers, not this opt model with 2"):
-        tiny_model("opt").generate(prompt, softprompt_cache=cached)
-    with pytest.raises(
-        ValueError, match=r"needs summary vectors \[batch, length >= 1, d\], got \(2, 0, 32\)"
-    ):
-        model.encode_softprompt(sp[:, :0])
+@pytest.mark.parametrize("decoding", ["dynamic", "static"])
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_empty_prompt_continues_from_the_last_summary_vector(family, decoding):
+    """With no prompt tokens the first token is predicted at the last summary vector; the rest follow as after
+    a prompt made of the tokens generated so far."""
+    model, prompt, kwargs = _left_padded_generation(family, "cpu", max_new_tokens=6)
+    sp = kwargs["softprompt"]
+    out = model.generate(prompt[:, :0], decoding=decoding, **{**kwargs, "attention_mask": None})
+    assert out.shape == (2, 6)
+    no_text = torch.ones(2, 0, dtype=torch.long)
+    hidden = model.get_decoder()(
+        inputs_embeds=sp, position_ids=model.position_rule.segment(sp.shape[1], no_text, 0)
+    ).last_hidden_state
+    assert torch.equal(out[:, 0], model.lm_head(hidden[:, -1]).argmax(-1))
+    for k in range(1, 6):
+        assert torch.equal(out[:, k], model(out[:, :k], softprompt=sp).logits[:, -1].argmax(-1))
 
 
 def test_generate_rejects_unknown_decoding_and_cuda_graph_on_cpu():

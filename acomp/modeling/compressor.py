@@ -435,13 +435,6 @@ class AutoCompressorMixin:
             hard_stop=True,
         )
 
-    def encode_softprompt(self, softprompt, softprompt_bias=None):
-        """Summary vectors as the decoder's keys/values, once: pass the result to
-        `generate(..., softprompt_cache=...)` to answer several prompts without re-running them. See generation.py."""
-        from .generation import encode_softprompt
-
-        return encode_softprompt(self, softprompt, softprompt_bias)
-
     def generate(self, input_ids, attention_mask=None, softprompt=None, **kwargs):
         """Generate after a prompt, conditioned on summary vectors, with a KV cache. See generation.py."""
         from .generation import generate

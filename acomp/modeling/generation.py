@@ -63,7 +63,6 @@ def generate(
     compile_step: bool = False,
     freeze_weights: bool = False,
     graphs: DecodeGraphs | None = None,
-    softprompt_cache: SoftpromptCache | None = None,
 ) -> torch.LongTensor:
     """Returns [B, prompt_len + new] token ids. Greedy unless do_sample. Prompts may be padded on either
     side (positions come from the attention mask). After a sample emits EOS it is filled with pad_token_id;
@@ -72,9 +71,7 @@ def generate(
     `<sum>` / `<eoc>` are never generated. `decoding`: 'dynamic', 'static' or 'cuda_graph'; `compile_step`:
     torch.compile the fixed-shape step; `freeze_weights`: compile it with the weights as constants, which fuses
     projections that share an input (both: module docstring); `graphs`: a DecodeGraphs that keeps the
-    fixed-shape step (its static cache and CUDA graph) for the next call of the same shape; `softprompt_cache`:
-    the summary vectors as keys/values computed once (`encode_softprompt`), instead of `softprompt`: the
-    prefill then runs the prompt only."""
+    fixed-shape step (its static cache and CUDA graph) for the next call of the same shape."""
     if decoding not in DECODING_MODES:
         raise ValueError(f"decoding must be one of {', '.join(DECODING_MODES)}, got {decoding!r}")
     if compile_step and decoding == "dynamic":
@@ -116,29 +113,19 @@ def generate(
         pad_token_id = config.pad_token_id if config.pad_token_id is not None else (eos_ids or [0])[0]
 
     embed = model.get_input_embeddings()
-    if softprompt_cache is not None:
-        if softprompt is not None or softprompt_bias is not None:
-            raise ValueError(
-                "pass the summary vectors either as softprompt (and softprompt_bias) or as softprompt_cache, not both"
-            )
-        softprompt_cache.check(model, batch)
-        soft_len, softprompt_bias = softprompt_cache.length, softprompt_cache.batch_bias(batch)
-    else:
-        softprompt = model._check_softprompt(softprompt, batch, embed.embedding_dim, embed.weight)
-        softprompt_bias = model._check_softprompt_bias(softprompt_bias, softprompt, batch)
-        soft_len = 0 if softprompt is None else softprompt.shape[1]
+    softprompt = model._check_softprompt(softprompt, batch, embed.embedding_dim, embed.weight)
+    softprompt_bias = model._check_softprompt_bias(softprompt_bias, softprompt, batch)
+    soft_len = 0 if softprompt is None else softprompt.shape[1]
     rule = model.position_rule
     control = [getattr(config, k, None) for k in ("sum_token_id", "eoc_token_id")]
     suppress_token_ids = list(suppress_token_ids or []) + [t for t in control if t is not None]
     # On the device once: indexing with a Python list would copy it to the GPU at every step.
     suppress = torch.tensor(suppress_token_ids, dtype=torch.long, device=device)
 
-    # Prefill: [softprompt ; prompt] in one pass, or the prompt behind the softprompt's cached keys/values.
+    # Prefill: [softprompt ; prompt] in one pass.
     mask = torch.cat([attention_mask.new_ones(batch, soft_len), attention_mask], dim=1)
     dtype = embed.weight.dtype
-    cache, next_logits = _prefill(
-        model, input_ids, attention_mask, mask, softprompt, softprompt_bias, softprompt_cache
-    )
+    cache, next_logits = _prefill(model, input_ids, attention_mask, mask, softprompt, softprompt_bias)
     next_position = rule.first_new_position(soft_len, attention_mask)
 
     if max_new_tokens == 0:
@@ -211,114 +198,34 @@ def generate(
     return out
 
 
-def _prefill(model, input_ids, attention_mask, mask, softprompt, softprompt_bias, softprompt_cache):
+def _prefill(model, input_ids, attention_mask, mask, softprompt, softprompt_bias):
     """(DynamicCache of [softprompt ; prompt], the next token's logits [B, V]). `mask` [B, S + P] is the 2D
-    mask of both; absent summary vectors (softprompt_bias) are masked through a 4D additive bias instead. With
-    a softprompt_cache the cache starts from its keys/values and only the prompt is run."""
-    config, decoder = model.config, model.get_decoder()
+    mask of both; absent summary vectors (softprompt_bias) are masked through a 4D additive bias instead."""
+    embed = model.get_input_embeddings()
     batch, prompt_len = input_ids.shape
-    device = input_ids.device
     soft_len = mask.shape[1] - prompt_len
+    embeds = embed(input_ids)
+    if softprompt is not None:
+        embeds = torch.cat([softprompt, embeds], dim=1)
     prefill_mask = mask
     if softprompt_bias is not None:  # absent vectors are masked through an additive bias on their keys
-        prefill_mask = attention_bias(
-            softprompt_bias, attention_mask, 0, model.get_input_embeddings().weight.dtype
-        )
-    positions = model.position_rule.segment(soft_len, attention_mask, 0)
-    embeds = model.get_input_embeddings()(input_ids)
+        prefill_mask = attention_bias(softprompt_bias, attention_mask, 0, embeds.dtype)
     cache = DynamicCache()
-    if softprompt_cache is None:
-        offset = soft_len  # hidden states of the softprompt columns come first
-        if softprompt is not None:
-            embeds = torch.cat([softprompt, embeds], dim=1)
-    else:
-        offset = 0
-        for layer, (keys, values) in enumerate(softprompt_cache.layers):
-            cache.update(keys.expand(batch, -1, -1, -1), values.expand(batch, -1, -1, -1), layer)
-        positions = positions[:, soft_len:]
-        if softprompt_bias is not None:
-            prefill_mask = prefill_mask[:, :, soft_len:]  # the prompt's query rows
-        if prompt_len == 0:  # the next token comes from the last summary vector
-            return cache, model.lm_head(softprompt_cache.last_hidden.expand(batch, -1))
-    with sdpa_context(config.sdpa_backend, device):
-        hidden = decoder(
+    with sdpa_context(model.config.sdpa_backend, input_ids.device):
+        hidden = model.get_decoder()(
             inputs_embeds=embeds,
             attention_mask=prefill_mask,
-            position_ids=positions,
+            position_ids=model.position_rule.segment(soft_len, attention_mask, 0),
             past_key_values=cache,
             use_cache=True,
         ).last_hidden_state
-    # The next token is predicted at the last real prompt token (which is the last column under left padding).
+    # The next token is predicted at the last real prompt token (the last column under left padding), or with
+    # an empty prompt at the last summary vector.
     if prompt_len == 0:
-        last_real = torch.full((batch,), soft_len - 1, device=device)
+        last_real = torch.full((batch,), soft_len - 1, device=input_ids.device)
     else:
-        last_real = offset + _last_true_index(attention_mask)
-    return cache, model.lm_head(hidden[torch.arange(batch, device=device), last_real.clamp(min=0)])
-
-
-@dataclasses.dataclass
-class SoftpromptCache:
-    """Summary vectors as the keys/values a decoder computes from them, for `generate(..., softprompt_cache=)`:
-    a document compressed once and encoded once (`encode_softprompt`) is then answered with a prefill of the
-    prompt alone. They do not depend on the prompt (attention is causal, and the softprompt comes first), so the
-    tokens are those of `generate(..., softprompt=)`. Per layer [1 or B, KV heads, S, head dim]."""
-
-    layers: list[tuple[torch.Tensor, torch.Tensor]]
-    last_hidden: torch.Tensor  # [1 or B, d]: the next token's hidden state when the prompt is empty
-    bias: torch.Tensor | None  # [1 or B, S] presence bias (variable-length mode), else None
-    model_type: str
-
-    @property
-    def length(self) -> int:
-        return self.layers[0][0].shape[-2]
-
-    @property
-    def batch(self) -> int:
-        return self.last_hidden.shape[0]
-
-    def check(self, model, batch: int) -> None:
-        if self.model_type != model.config.model_type or len(self.layers) != model.config.num_hidden_layers:
-            raise ValueError(
-                f"softprompt_cache was encoded by a {self.model_type} model with {len(self.layers)} layers, not "
-                f"this {model.config.model_type} model with {model.config.num_hidden_layers}"
-            )
-        if self.batch not in (1, batch):
-            raise ValueError(f"softprompt_cache batch size {self.batch} does not match the input's {batch}")
-
-    def batch_bias(self, batch: int) -> torch.Tensor | None:
-        return None if self.bias is None else self.bias.float().expand(batch, -1)
-
-
-@torch.no_grad()
-def encode_softprompt(model, softprompt: torch.Tensor, softprompt_bias: torch.Tensor | None = None):
-    """The keys/values of summary vectors [B, S, d] (with their presence bias in variable-length mode), as the
-    prefill of `generate` computes them: a SoftpromptCache for `generate(..., softprompt_cache=...)`."""
-    embed = model.get_input_embeddings()
-    if softprompt is None or softprompt.dim() != 3 or softprompt.shape[1] == 0:
-        shape = None if softprompt is None else tuple(softprompt.shape)
-        raise ValueError(f"encode_softprompt needs summary vectors [batch, length >= 1, d], got {shape}")
-    batch = softprompt.shape[0]
-    softprompt = model._check_softprompt(softprompt, batch, embed.embedding_dim, embed.weight)
-    softprompt_bias = model._check_softprompt_bias(softprompt_bias, softprompt, batch)
-    no_text = torch.ones(batch, 0, dtype=torch.long, device=softprompt.device)
-    mask = no_text.new_ones(batch, softprompt.shape[1])
-    if softprompt_bias is not None:
-        mask = attention_bias(softprompt_bias, no_text, 0, softprompt.dtype)
-    cache = DynamicCache()
-    with sdpa_context(model.config.sdpa_backend, softprompt.device):
-        hidden = model.get_decoder()(
-            inputs_embeds=softprompt,
-            attention_mask=mask,
-            position_ids=model.position_rule.segment(softprompt.shape[1], no_text, 0),
-            past_key_values=cache,
-            use_cache=True,
-        ).last_hidden_state
-    return SoftpromptCache(
-        layers=_cached_layers(cache),
-        last_hidden=hidden[:, -1],
-        bias=softprompt_bias,
-        model_type=model.config.model_type,
-    )
+        last_real = soft_len + _last_true_index(attention_mask)
+    return cache, model.lm_head(hidden[torch.arange(batch, device=input_ids.device), last_real.clamp(min=0)])
 
 
 DECODING_MODES = ("dynamic", "static", "cuda_graph")
