@@ -66,7 +66,9 @@ def test_train_throughput_smoke(tmp_path):
     assert "tok/s" in proc.stdout  # the table
 
 
-@pytest.mark.parametrize("script", ["inference.py", "decode_attention.py", "decode_breakdown.py"])
+@pytest.mark.parametrize(
+    "script", ["inference.py", "decode_attention.py", "decode_breakdown.py", "prefill_probe.py"]
+)
 def test_gpu_only_benchmarks_import_and_document_their_flags(script):
     """The GPU-only benchmarks cannot run here; their imports and command lines are checked through --help."""
     proc = subprocess.run(

@@ -23,6 +23,8 @@ constants of the graph, so the projections that read the same input are concaten
 GEMMs are latency-bound, so fewer, wider ones are faster (benchmarks/RESULTS.md). Each compiled shape keeps its
 own concatenated weights (1.2 GB for Llama-1B). The constants are copies taken at compile time: when a model's
 weights change in place, its next frozen call compiles again.
+`graphs=DecodeGraphs()` keeps each call's fixed-shape step (static cache, buffers, captured graph) for later calls
+of the same shape, which then skip the cache allocation, warm-up and capture.
 The prefill always runs through the DynamicCache, so a long context keeps the fast causal attention kernels.
 """
 
@@ -473,6 +475,7 @@ class DecodeGraphs:
         return kept
 
     def keep(self, model, step: _StaticStep) -> None:
+        step.choose = None  # the finished call's sampler (and its generator) is not kept with the step
         self._steps[(id(model), step.shape)] = step
         while len(self._steps) > self.max_steps:
             self._steps.popitem(last=False)
