@@ -234,8 +234,9 @@ DECODING_MODES = ("dynamic", "static", "cuda_graph")
 
 
 class _TokenRecord:
-    """The generated tokens [B, max_new_tokens] and which samples have emitted EOS, kept on the device and
-    updated in place (so a captured step can record its own token)."""
+    """The generated tokens [B, width >= max_new_tokens] and which samples have emitted EOS, kept on the device
+    and updated in place (so a captured step can record its own token). A static step's record is as wide as its
+    cache, so any call it serves fits."""
 
     def __init__(self, batch: int, max_new_tokens: int, eos: torch.Tensor, pad_token_id: int, device):
         self.tokens = torch.zeros(batch, max_new_tokens, dtype=torch.long, device=device)
@@ -371,7 +372,7 @@ class _StaticStep:
         self.record = _TokenRecord(batch, length, eos, shape.pad_token_id, device)
         self.suppress = torch.tensor(shape.suppress, dtype=torch.long, device=device)
         self.graph, self.logits, self.choose = None, None, None
-        self.weights = _weight_pointers(model)
+        self.weights = None  # where the weights were when the step was kept (DecodeGraphs)
 
     def load(self, prefill_cache, prefill_bias, token, position, choose) -> None:
         """Start a call: the prefill's keys/values [B, H, n, D] into the first n columns, their key bias
@@ -446,11 +447,12 @@ class DecodeGraphs:
     `decoding="static"` or `"cuda_graph"`). A call whose shape was decoded before, the same model, batch size,
     static cache length (prompt + summary vectors + new tokens, rounded up to 16), greedy or sampled, EOS,
     pad and suppressed ids, reuses that call's static cache and buffers and, with `cuda_graph`, replays its
-    captured graph: no cache allocation, no warm-up and no capture (about 15-25 ms of a call on an H200 for a
-    1B model; benchmarks/RESULTS.md). Holding a step holds its KV cache and graph memory: at most `max_steps`
-    are kept (the least recently used go first); `clear()` or dropping this object frees them. A step is not
-    reused once the model's weights have moved to other tensors (a captured graph reads them by address), or
-    with `freeze_weights=True` once they changed in place (its constants are copies); it is then rebuilt.
+    captured graph: no cache allocation, no warm-up and no capture (11-16 ms of capture and most of the setup
+    per call on an H200 for a 1B model; benchmarks/RESULTS.md). Holding a step holds its KV cache and graph
+    memory: at most `max_steps` are kept (the least recently used go first); `clear()` or dropping this object
+    frees them. A step is not reused once the model's weights have moved to other tensors (a captured graph
+    reads them by address), or with `freeze_weights=True` once they changed in place (its constants are
+    copies); it is then rebuilt.
     Not thread-safe: a step taken by a running call is not handed to another until that call returns."""
 
     def __init__(self, max_steps: int = 4):
@@ -468,7 +470,7 @@ class DecodeGraphs:
     def take(self, model, shape: _StaticShape, step_fn) -> _StaticStep | None:
         """The kept step for this call, removed while the call runs; None when there is none to reuse."""
         kept = self._steps.pop((id(model), shape), None)
-        if kept is None or kept.model is not model or kept.step is not step_fn:
+        if kept is None or kept.step is not step_fn:
             return None
         if kept.weights != _weight_pointers(model):
             return None
@@ -476,6 +478,8 @@ class DecodeGraphs:
 
     def keep(self, model, step: _StaticStep) -> None:
         step.choose = None  # the finished call's sampler (and its generator) is not kept with the step
+        # The addresses its graph reads (it was captured in one of the calls that used this step).
+        step.weights = _weight_pointers(model)
         self._steps[(id(model), step.shape)] = step
         while len(self._steps) > self.max_steps:
             self._steps.popitem(last=False)
