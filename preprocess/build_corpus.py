@@ -10,6 +10,8 @@ Examples:
     python preprocess/build_corpus.py --recipe 6k --tokenizer /models/opt-2.7b --out data/pile-6k
 
 Every flag is documented in docs/DATA.md. The work is done by ``acomp.data.build_corpus``.
+Exit status: 0 built or up to date; 2 bad input or options (before anything is written where possible);
+1 a failed write (disk full, quota, file size limit: one line naming the file and the free space).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import argparse
 import logging
 import os
 import shlex
+import signal
 import sys
 from pathlib import Path
 
@@ -161,7 +164,8 @@ def _summary(manifest: dict, out: str) -> str:
     info = manifest["input"]
     rows.append(
         f"input: {info['documents']:,} documents, {info['replaced_sequences']:,} invalid UTF-8 sequences replaced, "
-        f"{len(info['empty_files'])} empty and {len(info['unreadable_files'])} unreadable files"
+        f"{len(info['empty_files'])} empty and {len(info['unreadable_files'])} unreadable files, "
+        f"{len(info.get('skipped_files', []))} skipped (not regular files, dangling links, duplicates)"
     )
     return "\n".join(rows)
 
@@ -202,9 +206,14 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileExistsError, FileNotFoundError, SourceFormatError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # CorpusWriteError (disk full, quota, ulimit -f) and other I/O failures
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     print(_summary(manifest, args.out))
     return 0
 
 
 if __name__ == "__main__":
+    # SIGTERM unwinds like Ctrl-C, so the partial build directory is removed on the way out.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     sys.exit(main())

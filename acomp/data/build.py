@@ -5,6 +5,12 @@ it. The output depends only on the inputs and options, never on ``num_workers``:
 order, tokenized in parallel but consumed in order, assigned to train/val by a hash of their id, and written by
 one writer per split.
 
+A build writes into a locked hidden directory beside ``out`` and swaps it in at the end (:mod:`.workdir`);
+what a killed build left there is removed by the next one. An existing corpus is reused only when its
+inputs are the same (options, source listing, the sha256 of every source file read, the given tokenizer)
+and its files are intact (manifest against indexes and tokenizer, every shard against its xxh64); a
+damaged one is rebuilt.
+
 Layout written under ``out``::
 
     manifest.json      counts per split and domain, tokenizer identity, sources and checksums, command
@@ -19,8 +25,7 @@ import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -31,7 +36,7 @@ from tqdm.auto import tqdm
 
 from .blocks import SHARD_HASHES, BlockWriter, Counts, corpus_columns, normalize_compression, smallest_dtype
 from .encode import Encoder, serial_tokenizers
-from .manifest import FORMAT_VERSION, MANIFEST_NAME, write_manifest
+from .manifest import FORMAT_VERSION, MANIFEST_NAME, check_consistency, corpus_id, write_manifest
 from .plan import SPLITS, Plan, make_plan
 from .recipe import Recipe, parse_count
 from .sources import Document, SourceIssue, source_fingerprint
@@ -43,16 +48,21 @@ from .tokenizer import (
     tokenizer_sha256,
     train_bpe_tokenizer,
 )
+from .workdir import WRITE_ERRNOS, BuildDir, CorpusWriteError, clean_leftovers, free_space
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TOKENIZER_TRAIN_CHARS = 500_000_000
 _CHUNK_CHARS = 1 << 18
 _CHUNK_DOCS = 256
+# Fault injection for tests/faults/: pause this many seconds once the tokenizer workers run (a window to kill
+# the build); prints "fault injection: build paused" with the pids. Never set outside tests.
+FAULT_PAUSE = "ACOMP_FAULT_BUILD_PAUSE_S"
 
 
-def _training_texts(plan: Plan, max_chars: int) -> Iterator[str]:
-    """Train-split texts for tokenizer training: an equal character share per source, in reading order."""
+def _training_texts(plan: Plan, max_chars: int, seen: list[int]) -> Iterator[str]:
+    """Train-split texts for tokenizer training: an equal character share per source, in reading order.
+    ``seen`` counts [documents, characters] given."""
     share = max(1, max_chars // len(plan.sources))
     for index in range(len(plan.sources)):
         used = 0
@@ -64,6 +74,8 @@ def _training_texts(plan: Plan, max_chars: int) -> Iterator[str]:
                 continue
             yield item.text
             used += len(item.text)
+            seen[0] += 1
+            seen[1] += len(item.text)
             if used >= share:
                 break
 
@@ -87,10 +99,21 @@ def _chunks(items: Iterable[Document | SourceIssue], stop: list[bool]) -> Iterat
         yield batch, texts
 
 
-def _write_all(plan: Plan, encoder: Encoder, sink: BlockWriter, progress: bool) -> None:
+def _fault_pause(encoder: Encoder, where: Path) -> None:
+    seconds = float(os.environ.get(FAULT_PAUSE) or 0)
+    if seconds > 0:
+        print(
+            f"fault injection: build paused (pid {os.getpid()}, workers {encoder.worker_pids()}, in {where})",
+            flush=True,
+        )
+        time.sleep(seconds)
+
+
+def _write_all(plan: Plan, encoder: Encoder, sink: BlockWriter, progress: bool, where: Path) -> None:
     """Read every source in order, tokenize in parallel, and hand documents to the writer in order."""
     total = plan.limit_docs * len(plan.sources) if plan.limit_docs else None
     bar = tqdm(total=total, unit="doc", desc="tokenize", disable=not progress, dynamic_ncols=True)
+    paused = False
     try:
         for index, spec in enumerate(plan.sources):
             if spec.domain and sink.domain_done(spec.domain):
@@ -99,6 +122,9 @@ def _write_all(plan: Plan, encoder: Encoder, sink: BlockWriter, progress: bool) 
             chunks = encoder.map(_chunks(plan.documents(index), stop))
             try:
                 for items, ids_list in chunks:
+                    if not paused:
+                        _fault_pause(encoder, where)
+                        paused = True
                     ids_iter = iter(ids_list)
                     for item in items:
                         if isinstance(item, SourceIssue):
@@ -132,7 +158,7 @@ def _source_records(plan: Plan, sink: BlockWriter, progress: bool) -> list[dict[
     paths = [Path(p) for files in sink.files.values() for p in files]
     bar = tqdm(total=len(paths), unit="file", desc="checksum", disable=not progress or not paths)
     for index, spec in enumerate(plan.sources):
-        root, _ = plan.files(index)
+        root = plan.files(index).root
         files = []
         for name in sink.files.get(str(index), []):
             path = Path(name)
@@ -163,11 +189,18 @@ def _summaries(plan: Plan, sink: BlockWriter, shards: dict[str, int]) -> dict[st
     return splits
 
 
-def _fingerprint(plan: Plan, tokenizer: str | None, options: dict[str, Any]) -> str:
-    """Hash of the options and the source files' names and sizes: equal means 'same corpus'."""
+def _fingerprint(
+    plan: Plan, tokenizer: str | None, options: dict[str, Any], read: list[list[dict]] | None
+) -> str:
+    """Hash of the options, every source file's name and size, the sha256 of every file read (``read``: per
+    source, the manifest's ``sources[i].files``) and the given tokenizer directory's file names and sizes:
+    equal means 'same inputs'. Content hashes catch a same-size edit that kept its mtime. ``read=None`` gives
+    the fingerprint of manifests without a ``corpus_id`` (older acomp), which had no content hashes."""
     h = hashlib.sha256(json.dumps(options, sort_keys=True, default=str).encode())
     for index, spec in enumerate(plan.sources):
         h.update(json.dumps(source_fingerprint(spec, plan.files(index))).encode())
+        if read is not None:
+            h.update(json.dumps([[f["path"], f["sha256"]] for f in read[index]]).encode())
     if tokenizer and Path(tokenizer).is_dir():
         for p in sorted(Path(tokenizer).rglob("*")):
             if p.is_file():
@@ -175,8 +208,67 @@ def _fingerprint(plan: Plan, tokenizer: str | None, options: dict[str, Any]) -> 
     return h.hexdigest()
 
 
-def _existing_corpus(out: Path, fingerprint: str, options: dict[str, Any], overwrite: bool) -> dict | None:
-    """The manifest of an identical corpus already at ``out``; raise if ``out`` holds anything else."""
+def _reread(plan: Plan, manifest: dict[str, Any]) -> list[list[dict]]:
+    """The manifest's record of the source files read, with each file's sha256 computed again now."""
+    read = []
+    for index, record in enumerate(manifest.get("sources") or []):
+        if index >= len(plan.sources):
+            break
+        root = plan.files(index).root
+        files = []
+        for f in record.get("files", []):
+            try:
+                digest = _sha256(root / f["path"])
+            except OSError as err:
+                digest = f"unreadable: {err}"
+            files.append({**f, "sha256": digest})
+        read.append(files)
+    return read + [[] for _ in range(len(plan.sources) - len(read))]
+
+
+def _changed_inputs(
+    plan: Plan, tokenizer: str | None, options: dict[str, Any], manifest: dict[str, Any]
+) -> str | None:
+    """Why the inputs differ from the manifest's record of them, None when they are the same (the options
+    were found equal already)."""
+    read = _reread(plan, manifest)
+    for index, record in enumerate(manifest.get("sources") or []):
+        for old, new in zip(record.get("files", []), read[index] if index < len(read) else []):
+            if old.get("sha256") != new["sha256"]:
+                return f"source file {record.get('root')}/{old['path']} changed since the build (its sha256 differs)"
+    legacy = "corpus_id" not in manifest  # its recorded sha256s were compared above
+    if manifest.get("fingerprint") != _fingerprint(plan, tokenizer, options, None if legacy else read):
+        return (
+            "same options, but the source files changed (files added, removed or resized, or the tokenizer's)"
+        )
+    if tokenizer is not None and _given_tokenizer_sha256(tokenizer) != (manifest.get("tokenizer") or {}).get(
+        "sha256"
+    ):
+        return f"same options and sources, but the tokenizer {tokenizer} changed (its sha256 differs)"
+    return None
+
+
+def _damage(out: Path, manifest: dict[str, Any]) -> str | None:
+    """What is wrong with the corpus files at ``out`` (None when intact): the manifest against the split
+    indexes and the tokenizer, every shard against its recorded size and xxh64, the tokenizer's identity."""
+    from .dataset import verify_shards
+
+    try:
+        check_consistency(manifest, out, require=True)
+        for split in manifest["splits"]:
+            verify_shards(out / split, "hash")
+        if tokenizer_sha256(load_tokenizer(out / "tokenizer")) != (manifest["tokenizer"] or {}).get("sha256"):
+            return f"{out / 'tokenizer'} is not the tokenizer the manifest records (its sha256 differs)"
+    except (OSError, ValueError, KeyError, RuntimeError) as err:
+        return str(err)
+    return None
+
+
+def _existing_corpus(
+    out: Path, plan: Plan, tokenizer: str | None, options: dict[str, Any], overwrite: bool
+) -> dict | None:
+    """The manifest of an identical, intact corpus already at ``out`` (None: build); raise if ``out`` holds
+    anything else. A damaged copy of the same corpus is rebuilt (logged)."""
     if not out.exists():
         return None
     if not out.is_dir():
@@ -185,35 +277,38 @@ def _existing_corpus(out: Path, fingerprint: str, options: dict[str, Any], overw
         return None
     try:
         manifest = json.loads((out / MANIFEST_NAME).read_text(encoding="utf-8"))
+        if not isinstance(manifest, dict):
+            raise ValueError(f"a JSON {type(manifest).__name__}, not an object")
     except FileNotFoundError:
         raise FileExistsError(
             f"output dir {out} is not empty and holds no corpus manifest; refusing to write there "
             f"(pass --overwrite / overwrite=True to replace its contents, or choose another --out)"
         ) from None
-    except (OSError, json.JSONDecodeError) as err:
+    except (OSError, ValueError) as err:
         raise FileExistsError(
             f"output dir {out} holds an unreadable manifest ({err}); pass --overwrite to replace it"
         ) from None
-    if manifest.get("fingerprint") == fingerprint:
-        return manifest
     old = manifest.get("options", {})
-    diffs = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in options.items() if old.get(k) != v]
-    detail = "; ".join(diffs[:5]) if diffs else "same options, but the source files changed"
-    raise FileExistsError(
-        f"output dir {out} already holds a different corpus ({detail}); pass --overwrite / overwrite=True "
-        f"to replace it, or choose another --out"
-    )
+    old = old if isinstance(old, dict) else {}
+    canonical = json.loads(json.dumps(options, default=str))
+    diffs = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in canonical.items() if old.get(k) != v]
+    detail = "; ".join(diffs[:5]) if diffs else _changed_inputs(plan, tokenizer, options, manifest)
+    if detail is not None:
+        raise FileExistsError(
+            f"output dir {out} already holds a different corpus ({detail}); pass --overwrite / overwrite=True "
+            f"to replace it, or choose another --out"
+        )
+    damage = _damage(out, manifest)
+    if damage is None:
+        return manifest
+    log.warning("corpus at %s is damaged (%s); building it again", out, damage)
+    return None
 
 
-def _install(tmp: Path, out: Path) -> None:
-    """Move the finished build into place; the old corpus (if any) is removed only after that succeeds."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        out.rename(old)
-    tmp.rename(out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+def _given_tokenizer_sha256(tokenizer: str) -> str:
+    tok = load_tokenizer(tokenizer)
+    register_control_tokens(tok)
+    return tokenizer_sha256(tok)
 
 
 def _versions() -> dict[str, str]:
@@ -287,6 +382,12 @@ def build_corpus(
         )
     if num_workers < 1:
         raise ValueError(f"num_workers must be >= 1, got {num_workers}")
+    if train_tokenizer_vocab is not None and plan.val_fraction >= 1.0:
+        raise ValueError(
+            f"val_fraction={plan.val_fraction} puts every document in the val split, which leaves "
+            f"train_tokenizer_vocab={train_tokenizer_vocab} (--train-tokenizer) no training text; give "
+            f"--tokenizer, or a val_fraction below 1"
+        )
     from streaming.base.util import bytes_to_int
 
     options = {
@@ -305,16 +406,18 @@ def build_corpus(
         "compression": normalize_compression(compression),
         "shard_size": bytes_to_int(shard_size),
     }
-    fingerprint = _fingerprint(plan, tokenizer, options)
     out = Path(out)
-    existing = _existing_corpus(out, fingerprint, options, overwrite)
+    clean_leftovers(out)
+    existing = _existing_corpus(out, plan, tokenizer, options, overwrite)
     if existing is not None:
-        log.info("corpus at %s is up to date (same options and sources); nothing to do", out)
+        log.info("corpus at %s is up to date (same options and sources, files intact); nothing to do", out)
         return existing
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
+    build: BuildDir | None = None
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        build = BuildDir(out)
+        tmp = build.path
         tok, tokenizer_info = _obtain_tokenizer(
             plan, tokenizer, train_tokenizer_vocab, tokenizer_train_chars, progress
         )
@@ -322,18 +425,37 @@ def build_corpus(
         dtype = smallest_dtype(len(tok))
         sink = _write_splits(plan, tok, dtype, tmp, options, num_workers, progress)
         manifest = _manifest(plan, tok, tokenizer_info, dtype, sink, tmp, options, progress)
+        read = [record["files"] for record in manifest["sources"]]
         manifest.update(
-            fingerprint=fingerprint,
+            fingerprint=_fingerprint(plan, tokenizer, options, read),
             command=command or _describe_call(source, out, num_workers, options),
         )
         for warning in manifest["warnings"]:
             log.warning("%s: %s", out, warning)
         write_manifest(manifest, tmp)
-        _install(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        build.install()
+    except BaseException as err:
+        failure = err
+        if isinstance(err, OSError) and err.errno in WRITE_ERRNOS and not isinstance(err, CorpusWriteError):
+            failure = _write_error(err, build, out)
+        if build is not None:
+            build.discard()
+        if failure is not err:
+            raise failure from err
         raise
     return manifest
+
+
+def _write_error(err: OSError, build: BuildDir | None, out: Path) -> CorpusWriteError:
+    """One line: the file being written, the cause, the free space and a file size limit if one is set."""
+    where = err.filename or (build.newest_file() if build else None) or out.parent
+    kept = "the corpus already there is untouched" if out.exists() else "nothing was installed there"
+    error = CorpusWriteError(
+        f"could not write {where} while building {out}: {err.strerror} ({free_space(out.parent)}; disk full, "
+        f"quota or I/O error?); the partial build was removed and {kept}"
+    )
+    error.errno = err.errno
+    return error
 
 
 def _obtain_tokenizer(
@@ -341,7 +463,15 @@ def _obtain_tokenizer(
 ) -> tuple[Any, dict[str, Any]]:
     """The given tokenizer, or a BPE trained on the training split; control tokens registered."""
     if vocab is not None:
-        tok = train_bpe_tokenizer(_training_texts(plan, max_chars), vocab, show_progress=progress)
+        seen = [0, 0]
+        tok = train_bpe_tokenizer(_training_texts(plan, max_chars, seen), vocab, show_progress=progress)
+        if len(tok) < vocab:
+            raise ValueError(
+                f"train_tokenizer_vocab={vocab}: the trained tokenizer has only {len(tok)} tokens, because the "
+                f"training text is too small ({seen[1]:,} characters in {seen[0]} documents of the train "
+                f"split); give more documents (--limit-docs, --val-fraction), a smaller --train-tokenizer, "
+                f"or --tokenizer"
+            )
         info: dict[str, Any] = {
             "name_or_path": None,
             "trained": {
@@ -379,10 +509,13 @@ def _write_splits(
     sink = BlockWriter(plan, writers)
     with serial_tokenizers(), Encoder(backend_json(tok), dtype, num_workers) as encoder:
         try:
-            _write_all(plan, encoder, sink, progress)
-        finally:
+            _write_all(plan, encoder, sink, progress, tmp)
+        except BaseException:
             for writer in writers.values():
-                writer.finish()
+                writer.cancel_future_jobs()  # no final flush: it would fail again, hiding the first error
+            raise
+        for writer in writers.values():
+            writer.finish()
     return sink
 
 
@@ -411,9 +544,17 @@ def _manifest(
         warnings.append("split 'val' is empty: too few documents for val_fraction; raise --limit-docs")
     if splits["train"]["blocks"] == 0 and plan.val_fraction < 1:
         warnings.append("split 'train' is empty")
+    skipped = [issue for index in range(len(plan.sources)) for issue in plan.files(index).skipped]
+    if skipped:
+        shown = "; ".join(f"{i.path}: {i.detail}" for i in skipped[:3])
+        more = f"; and {len(skipped) - 3} more" if len(skipped) > 3 else ""
+        warnings.append(
+            f"skipped {len(skipped)} source entries that are not readable regular files or were reached twice "
+            f"(input.skipped_files): {shown}{more}"
+        )
     names, ids = special_tokens(tok)
     issues = sink.issues
-    return {
+    manifest = {
         "format_version": FORMAT_VERSION,
         "block_size": plan.block_size,
         "vocab_size": len(tok),
@@ -433,6 +574,7 @@ def _manifest(
             "unreadable_files": [
                 {"path": i["path"], "error": i["detail"]} for i in issues if i["kind"] == "unreadable"
             ],
+            "skipped_files": [{"path": i.path, "reason": i.detail} for i in skipped],
         },
         "sources": _source_records(plan, sink, progress),
         "recipe": plan.recipe,
@@ -440,6 +582,10 @@ def _manifest(
         "versions": _versions(),
         "warnings": warnings,
     }
+    manifest["corpus_id"] = corpus_id(
+        manifest, {split: (tmp / split / "index.json").read_bytes() for split in SPLITS}
+    )
+    return manifest
 
 
 def _describe_call(source: Any, out: Path, num_workers: int, options: dict[str, Any]) -> str:

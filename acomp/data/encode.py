@@ -2,13 +2,17 @@
 
 Chunks of documents go to worker processes; results come back strictly in submission order, with a bounded
 number of chunks in flight (so a terabyte source never piles up in memory). Each worker encodes on one core
-(``TOKENIZERS_PARALLELISM=false``), which makes ``num_workers`` the one knob for CPU use.
+(``TOKENIZERS_PARALLELISM=false``), which makes ``num_workers`` the one knob for CPU use. Workers die with
+the build process (Linux ``PR_SET_PDEATHSIG``): a killed build leaves no orphans blocked on the pool's queue.
 """
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing
 import os
+import signal
+import sys
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -36,6 +40,27 @@ def encode_texts(texts: list[str]) -> list[np.ndarray]:
     """Token ids of each text (no BOS/EOS added), in the corpus dtype."""
     encodings = _encoder.encode_batch_fast(texts, add_special_tokens=False)
     return [np.array(e.ids, dtype=_dtype) for e in encodings]
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Make this worker process get SIGKILL when its parent dies (Linux); elsewhere a no-op.
+
+    A pool worker otherwise outlives a killed parent forever, blocked reading a queue nobody writes.
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            prctl = ctypes.CDLL(None, use_errno=True).prctl
+            pr_set_pdeathsig = 1
+            prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
+        except (OSError, AttributeError):  # pragma: no cover - no prctl in this libc
+            pass
+    if os.getppid() != parent_pid:  # the parent died before the call above took effect
+        os._exit(1)
+
+
+def _init_worker(parent_pid: int, tokenizer_json: str, dtype: str) -> None:
+    die_with_parent(parent_pid)
+    init_encoder(tokenizer_json, dtype)
 
 
 @contextmanager
@@ -69,7 +94,10 @@ class Encoder:
             methods = multiprocessing.get_all_start_methods()
             context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
             self._pool = ProcessPoolExecutor(
-                num_workers, mp_context=context, initializer=init_encoder, initargs=(tokenizer_json, dtype)
+                num_workers,
+                mp_context=context,
+                initializer=_init_worker,
+                initargs=(os.getpid(), tokenizer_json, dtype),
             )
 
     def map(self, chunks: Iterable[tuple[Any, list[str]]]) -> Iterator[tuple[Any, list[np.ndarray]]]:
@@ -97,6 +125,10 @@ class Encoder:
         finally:
             for _, future in pending:  # the consumer stopped early: drop work nobody will read
                 future.cancel()
+
+    def worker_pids(self) -> list[int]:
+        """Process ids of the pool's workers (none before the first chunk, or in-process)."""
+        return sorted(self._pool._processes) if self._pool is not None else []
 
     def close(self) -> None:
         if self._pool is not None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .recipe import Recipe, load_recipe, parse_count
-from .sources import Document, SourceIssue, SourceSpec, iter_documents, resolve_files
+from .sources import Document, SourceIssue, SourceListing, SourceSpec, iter_documents, resolve_files
 
 SPLITS = ("train", "val")
 DEFAULT_BLOCK_SIZE = 6144
@@ -65,13 +65,14 @@ class Plan:
     default_budget: Budget = field(default_factory=Budget)
     limit_docs: int | None = None
     recipe: str | None = None
-    _resolved: dict[int, tuple[Path, list[Path]]] = field(default_factory=dict, repr=False)
+    _resolved: dict[int, SourceListing] = field(default_factory=dict, repr=False)
 
     def budget(self, domain: str) -> Budget:
         return self.budgets.get(domain, self.default_budget)
 
-    def files(self, index: int) -> tuple[Path, list[Path]]:
-        """Root and files of source ``index``, listed once per build (listing a big tree is slow)."""
+    def files(self, index: int) -> SourceListing:
+        """Root, files and skipped entries of source ``index``, listed once per build (listing a big tree
+        is slow)."""
         if index not in self._resolved:
             self._resolved[index] = resolve_files(self.sources[index])
         return self._resolved[index]

@@ -15,21 +15,26 @@ Supported sources (one string each):
 
 Bad bytes never stop a build: invalid UTF-8 is replaced by U+FFFD and counted, and a file that cannot be
 opened or ends early (truncated ``.gz``/``.zst``) is reported as a :class:`SourceIssue` in the stream.
+Listing a directory follows symlinks, reads a directory or file reached twice (a symlink cycle, two links to
+one place) once, and never opens what is not a regular file: FIFOs, sockets, devices and dangling or looping
+links are skipped and reported (:attr:`SourceListing.skipped`).
 Structural errors (a record without the text field, a line that is not JSON) raise
 :class:`SourceFormatError` naming the file and line, because guessing there would silently corrupt data.
 """
 
 from __future__ import annotations
 
+import errno
 import functools
 import glob
 import gzip
 import io
 import json
 import os
+import stat
 import sysconfig
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -91,11 +96,22 @@ class Document:
 
 @dataclass(frozen=True)
 class SourceIssue:
-    """A file that was empty or could not be (fully) read; counted in the manifest, never fatal."""
+    """A file that was empty, could not be (fully) read, or was skipped when listing the source (not a
+    regular file, a dangling link, a second path to a file already listed); counted in the manifest, never
+    fatal."""
 
     path: str
-    kind: str  # "empty" or "unreadable"
+    kind: str  # "empty", "unreadable" or "skipped"
     detail: str = ""
+
+
+@dataclass(frozen=True)
+class SourceListing:
+    """A source's root, its files in reading order, and the entries skipped while listing it."""
+
+    root: Path
+    files: list[Path]
+    skipped: list[SourceIssue] = field(default_factory=list)
 
 
 def stdlib_root() -> Path:
@@ -179,59 +195,174 @@ def _is_data_file(path: Path) -> bool:
     return name.endswith(JSONL_SUFFIXES + PARQUET_SUFFIXES + TEXT_SUFFIXES)
 
 
-def _walk(root: Path, keep, skip_dirs: frozenset[str] | set[str] = frozenset()) -> list[Path]:
-    """Files under ``root`` whose name passes ``keep``, sorted by relative path; pruned dirs never entered."""
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if d not in skip_dirs]
-        rel = os.path.relpath(dirpath, root)
-        for name in filenames:
-            if keep(name):
-                found.append((name if rel == "." else f"{rel}/{name}", os.path.join(dirpath, name)))
-    found.sort()
-    return [Path(full) for _, full in found]
+_SPECIAL_KINDS = (
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+)
 
 
-def resolve_files(spec: SourceSpec) -> tuple[Path, list[Path]]:
+def _not_a_file(path: str) -> str | None:
+    """Why ``path`` (links followed) is neither a regular file nor a directory, or None when it is one.
+    Only ``stat`` is called: a FIFO or device is never opened."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        try:
+            return f"dangling symlink (-> {os.readlink(path)})"
+        except OSError:
+            return "vanished while listing"
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            return "symlink loop (too many levels of symbolic links)"
+        return f"cannot stat: {err.strerror}"
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return None
+    kind = next((name for test, name in _SPECIAL_KINDS if test(mode)), "not a regular file")
+    return f"{kind}, not a regular file"
+
+
+def _skipped(path: str, reason: str) -> SourceIssue:
+    return SourceIssue(path, "skipped", reason)
+
+
+def _dedupe(candidates: list[tuple[bool, str, str, str]], skipped: list[SourceIssue]) -> list[Path]:
+    """Candidates ``(reached through a link, name, path, real path)``: each real file once, under the name
+    it has without links (else its first name), in name order; the other paths are reported as skipped."""
+    first: dict[str, str] = {}
+    kept = []
+    for _, name, path, real in sorted(candidates):
+        if real in first:
+            skipped.append(_skipped(path, f"same file as {first[real]} (reached twice through symlinks)"))
+            continue
+        first[real] = name
+        kept.append((name, path))
+    kept.sort()
+    return [Path(path) for _, path in kept]
+
+
+def _walk(
+    root: Path, keep: Callable[[str], bool], skip_dirs: frozenset[str] | set[str] = frozenset()
+) -> SourceListing:
+    """Files under ``root`` whose name passes ``keep``, sorted by relative path; pruned dirs never entered.
+
+    Symlinks are followed, the real tree first: a symlinked directory whose target was already listed (a
+    cycle, or a second link to one directory) is skipped, so the walk always ends, and a file reached by
+    several paths is listed once (see :func:`_dedupe`). FIFOs, sockets, devices and dangling or looping
+    links that pass ``keep`` are skipped and reported, never opened.
+    """
+    skipped: list[SourceIssue] = []
+    candidates: list[tuple[bool, str, str, str]] = []
+    real_root = os.path.realpath(root)
+    listed: dict[str, str] = {real_root: "."}  # real directory -> the name it was listed under
+    pending = [(str(root), "", real_root, False)]  # (path, name, real path, reached through a link)
+    links: list[tuple[str, str]] = []  # symlinked directories, followed once the real tree is listed
+    while pending or links:
+        if not pending:
+            links.sort(reverse=True)
+            path, name = links.pop()
+            real = os.path.realpath(path)
+            if real in listed:
+                skipped.append(_skipped(path, f"symlink to a directory already listed as {listed[real]}"))
+            else:
+                listed[real] = name
+                pending.append((path, name, real, True))
+            continue
+        dirpath, prefix, real_dir, via_link = pending.pop()
+        try:
+            with os.scandir(dirpath) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as err:
+            skipped.append(_skipped(dirpath, f"cannot list directory: {err.strerror}"))
+            continue
+        for entry in entries:
+            name = f"{prefix}{entry.name}"
+            is_link = entry.is_symlink()
+            try:
+                is_dir = entry.is_dir()
+            except OSError:
+                is_dir = False
+            if is_dir:
+                if entry.name in skip_dirs:
+                    continue
+                if is_link:
+                    links.append((entry.path, name + "/"))
+                else:
+                    real = os.path.join(real_dir, entry.name)
+                    listed[real] = name + "/"
+                    pending.append((entry.path, name + "/", real, via_link))
+                continue
+            if not keep(entry.name):
+                continue
+            if is_link or not entry.is_file(follow_symlinks=False):
+                reason = _not_a_file(entry.path)
+                if reason is not None:
+                    skipped.append(_skipped(entry.path, reason))
+                    continue
+            real = os.path.realpath(entry.path) if is_link else os.path.join(real_dir, entry.name)
+            candidates.append((via_link or is_link, name, entry.path, real))
+    return SourceListing(root, _dedupe(candidates, skipped), skipped)
+
+
+def resolve_files(spec: SourceSpec) -> SourceListing:
     """The source's root and its files in reading order (sorted), or a clear error if there are none."""
     if spec.path == STDLIB:
         root = stdlib_root()
-        return root, _walk(
-            root, lambda name: name.endswith(".py"), skip_dirs={"site-packages", "__pycache__"}
-        )
+        return _walk(root, lambda name: name.endswith(".py"), skip_dirs={"site-packages", "__pycache__"})
     if spec.path == SITE_PACKAGES:
         _site_names.cache_clear()
         files = [Path(path) for path in _site_names()]
         if not files:
             raise FileNotFoundError("source 'site-packages': no installed distribution has .py files")
-        return Path(os.path.commonpath([str(p.parent) for p in files])), files
+        return SourceListing(Path(os.path.commonpath([str(p.parent) for p in files])), files)
     if _is_glob(spec.path):
-        matches = sorted(Path(p) for p in glob.glob(spec.path, recursive=True))
-        files = [p for p in matches if p.is_file() or _is_saved_dataset(p)]
+        skipped: list[SourceIssue] = []
+        candidates = []
+        for match in sorted(glob.glob(spec.path, recursive=True)):
+            if not _is_saved_dataset(Path(match)):
+                reason = _not_a_file(match)
+                if reason is not None:
+                    skipped.append(_skipped(match, reason))
+                    continue
+                if os.path.isdir(match):
+                    continue
+            candidates.append((os.path.islink(match), match, match, os.path.realpath(match)))
+        files = _dedupe(candidates, skipped)
         if not files:
             raise FileNotFoundError(f"source glob {spec.path!r} matches no files")
         root = Path(os.path.commonpath([str(p.parent) for p in files]))
-        return root, files
+        return SourceListing(root, files, skipped)
     path = Path(spec.path)
     if not path.exists():
+        if path.is_symlink():
+            raise FileNotFoundError(f"source {spec.path!r} is a dangling symlink (-> {os.readlink(path)})")
         raise FileNotFoundError(
             f"source {spec.path!r} does not exist (expected 'stdlib', 'site-packages', a file, a dir or a glob)"
         )
+    reason = _not_a_file(str(path))
+    if reason is not None:
+        raise ValueError(f"source {spec.path!r} is {reason}; give a file, a directory or a glob")
     if path.is_file():
         if not _is_data_file(path):
             raise ValueError(
                 f"source {spec.path!r}: unsupported file type; expected one of "
                 f"{', '.join(JSONL_SUFFIXES + PARQUET_SUFFIXES + TEXT_SUFFIXES)}"
             )
-        return path.parent, [path]
+        return SourceListing(path.parent, [path])
     if _is_saved_dataset(path):
-        return path, [path]
-    files = _walk(path, lambda name: name.endswith(JSONL_SUFFIXES + PARQUET_SUFFIXES + TEXT_SUFFIXES))
-    if not files:
+        return SourceListing(path, [path])
+    listing = _walk(path, lambda name: name.endswith(JSONL_SUFFIXES + PARQUET_SUFFIXES + TEXT_SUFFIXES))
+    if not listing.files:
         raise FileNotFoundError(
             f"source directory {spec.path!r} holds no .jsonl[.gz|.zst], .parquet or .txt files"
+            + (
+                f" ({len(listing.skipped)} skipped: {listing.skipped[0].detail}, ...)"
+                if listing.skipped
+                else ""
+            )
         )
-    return path, files
+    return listing
 
 
 def _get_field(record: Any, dotted: str) -> Any:
@@ -407,14 +538,16 @@ def _iter_whole_file(path: Path, rel: str, domain: str) -> Iterator[Document | S
 
 
 def iter_documents(
-    spec: SourceSpec, resolved: tuple[Path, list[Path]] | None = None
+    spec: SourceSpec, resolved: SourceListing | None = None
 ) -> Iterator[Document | SourceIssue]:
-    """Documents of one source in a fixed order, interleaved with issues about unreadable/empty files.
+    """Documents of one source in a fixed order, interleaved with issues about unreadable/empty files
+    (entries skipped while listing are in ``resolved.skipped``, not in this stream).
 
     ``resolved`` is :func:`resolve_files`' answer when the caller already has it (listing a large tree twice
     is slow).
     """
-    root, files = resolved or resolve_files(spec)
+    listing = resolved or resolve_files(spec)
+    root, files = listing.root, listing.files
     labeler = _RecordLabeler(spec)
     read_errors = _read_errors()
     for path in files:
@@ -434,11 +567,10 @@ def iter_documents(
             yield SourceIssue(str(path), "unreadable", f"{type(err).__name__}: {err}")
 
 
-def source_fingerprint(
-    spec: SourceSpec, resolved: tuple[Path, list[Path]] | None = None
-) -> list[tuple[str, int]]:
-    """(relative path, size) of every file of a source: cheap, catches most changes between builds."""
-    root, files = resolved or resolve_files(spec)
+def source_fingerprint(spec: SourceSpec, resolved: SourceListing | None = None) -> list[tuple[str, int]]:
+    """(relative path, size) of every file of a source: cheap; a same-size edit needs the content hashes."""
+    listing = resolved or resolve_files(spec)
+    root, files = listing.root, listing.files
     out = []
     for path in files:
         if path.is_dir():
