@@ -128,7 +128,7 @@ class Encoder:
 
     def worker_pids(self) -> list[int]:
         """Process ids of the pool's workers (none before the first chunk, or in-process)."""
-        return sorted(self._pool._processes) if self._pool is not None else []
+        return sorted(self._pool._processes or {}) if self._pool is not None else []
 
     def close(self) -> None:
         if self._pool is not None:

@@ -306,7 +306,9 @@ def _walk(
 
 
 def resolve_files(spec: SourceSpec) -> SourceListing:
-    """The source's root and its files in reading order (sorted), or a clear error if there are none."""
+    """The source's root, its files in reading order (sorted) and the entries skipped while listing it, or a
+    clear error if there are no files. A FIFO, socket, device or dangling link given as the source itself is
+    an error naming it."""
     if spec.path == STDLIB:
         root = stdlib_root()
         return _walk(root, lambda name: name.endswith(".py"), skip_dirs={"site-packages", "__pycache__"})
