@@ -3,12 +3,12 @@
 from .modeling import (
     AutoCompressorModel,
     AutoCompressorOutput,
-    DecodeGraphs,
     LlamaAutoCompressorModel,
     MistralAutoCompressorModel,
     OPTAutoCompressorModel,
     Qwen2AutoCompressorModel,
     Qwen3AutoCompressorModel,
+    Softprompt,
 )
 
 __version__ = "0.1.0"
@@ -16,10 +16,10 @@ __version__ = "0.1.0"
 __all__ = [
     "AutoCompressorModel",
     "AutoCompressorOutput",
-    "DecodeGraphs",
     "LlamaAutoCompressorModel",
     "MistralAutoCompressorModel",
     "OPTAutoCompressorModel",
     "Qwen2AutoCompressorModel",
     "Qwen3AutoCompressorModel",
+    "Softprompt",
 ]

@@ -10,11 +10,11 @@ Random-init Llama-1B shape (22 layers, d 2048, 32 heads / 4 KV heads, ffn 5632, 
   time, since that is what full attention must do; the summary vectors are computed once and cached), for
   each `--decoding` mode (dynamic KV cache; static cache replayed from a CUDA graph; `compiled`: that graph
   captured from the torch.compile'd step, `compile_step=True`; `frozen`: compiled with `freeze_weights=True`,
-  q/k/v and gate/up as one GEMM each; `frozen_kept`: frozen, with each shape's static cache and captured graph
-  kept across calls, `generate(..., graphs=DecodeGraphs())`; the one-off compile time per shape of the compiled
-  modes is the first call's, reported apart as `first_call_*`).
+  q/k/v and gate/up as one GEMM each; the one-off compile time per shape of the compiled modes is the first
+  call's, reported apart as `first_call_*`).
 
     python benchmarks/inference.py --contexts 6144 30720 --batch-sizes 1 8 32 --out .bench/inference.json
+    python benchmarks/inference.py --smoke    # CPU, a tiny model: the same code paths in seconds (tests)
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import time
 import torch
 from transformers import LlamaConfig
 
-from acomp import DecodeGraphs, LlamaAutoCompressorModel
+from acomp import LlamaAutoCompressorModel
 
 
 def llama_1b(max_positions: int) -> LlamaConfig:
@@ -38,6 +38,21 @@ def llama_1b(max_positions: int) -> LlamaConfig:
     )  # fmt: skip
 
 
+def llama_tiny(max_positions: int) -> LlamaConfig:
+    """The smoke run's model: the 1B shape's layout (grouped-query heads) at toy size."""
+    return LlamaConfig(
+        vocab_size=32000, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=max_positions, bos_token_id=1, eos_token_id=2,
+        summary_length=4,
+    )  # fmt: skip
+
+
+def sync() -> None:
+    """Wait for the GPU's queued work (nothing to wait for on CPU)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def timed(fn, *args, repeats: int = 3, **kwargs):
     """Best wall time of fn(*args, **kwargs) over `repeats` runs after one warm-up, and its output."""
     return timed_with_first(fn, *args, repeats=repeats, **kwargs)[:2]
@@ -45,16 +60,16 @@ def timed(fn, *args, repeats: int = 3, **kwargs):
 
 def timed_with_first(fn, *args, repeats: int = 3, **kwargs):
     """(best wall time over `repeats` runs, output, the warm-up run's wall time)."""
-    torch.cuda.synchronize()
+    sync()
     start = time.perf_counter()
     fn(*args, **kwargs)  # warm-up (kernel selection, allocator, compilation)
-    torch.cuda.synchronize()
+    sync()
     first = time.perf_counter() - start
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
         out = fn(*args, **kwargs)
-        torch.cuda.synchronize()
+        sync()
         best = min(best, time.perf_counter() - start)
     return best, out, first
 
@@ -70,7 +85,7 @@ def write_report(rows: list[dict], out_path: str | None, settings: dict | None =
     meta = {
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "command": " ".join(["python", *sys.argv]),
-        "device": torch.cuda.get_device_name(),
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "torch": torch.__version__,
         "transformers": __import__("transformers").__version__,
         **(settings or {}),
@@ -101,41 +116,44 @@ def run(
     prompt_len: int,
     decodings: list[str],
     out_path=None,
+    smoke: bool = False,
 ) -> list[dict]:
-    """Rows of one context length; each row is also appended to `out_path`.partial.jsonl as it finishes."""
-    segment = 2048
+    """Rows of one context length; each row is also appended to `out_path`.partial.jsonl as it finishes.
+    `smoke`: a tiny model in fp32 on CPU."""
+    segment = 32 if smoke else 2048
+    device = "cpu" if smoke else "cuda"
     check_tokens = True
-    model = LlamaAutoCompressorModel(llama_1b(context + prompt_len + new_tokens + 64))
-    model = model.to("cuda", torch.bfloat16).eval()
+    config = (llama_tiny if smoke else llama_1b)(context + prompt_len + new_tokens + 64)
+    model = LlamaAutoCompressorModel(config).to(device, torch.float32 if smoke else torch.bfloat16).eval()
     rows = []
     for batch in batch_sizes:
-        g = torch.Generator(device="cuda").manual_seed(0)
-        ctx = torch.randint(3, 32000, (batch, context), device="cuda", generator=g)
-        prompt = torch.randint(3, 32000, (batch, prompt_len), device="cuda", generator=g)
+        g = torch.Generator(device=device).manual_seed(0)
+        ctx = torch.randint(3, 32000, (batch, context), device=device, generator=g)
+        prompt = torch.randint(3, 32000, (batch, prompt_len), device=device, generator=g)
         segs = context_segments(context, segment)
         try:
             t_plain, _ = timed(model.get_decoder(), input_ids=ctx)
         except torch.OutOfMemoryError:
             t_plain = float("nan")
-        torch.cuda.empty_cache()
+        empty_cache()
         try:
             t_compress, summary = timed(model.compress, ctx, segment_lengths=segs)
         except torch.OutOfMemoryError:
             print(json.dumps({"context": context, "batch": batch, "error": "OOM in compress"}), flush=True)
-            torch.cuda.empty_cache()
+            empty_cache()
             continue
         n_vectors = summary.shape[1]
         timings, outputs, agreement, first = {}, {}, {}, {}
         for mode in decodings:
             # No EOS: exactly new_tokens tokens on both sides, and no EOS flag for the host to read.
-            gen = generate_kwargs(mode, max_new_tokens=new_tokens, eos_token_id=[])
+            gen = {**DECODING_ARGS[mode], "max_new_tokens": new_tokens, "eos_token_id": []}
             try:
                 t_full, _, first_full = timed_with_first(
                     model.generate, torch.cat([ctx, prompt], dim=1), repeats=1, **gen
                 )
             except torch.OutOfMemoryError:
                 t_full = first_full = float("nan")
-            torch.cuda.empty_cache()
+            empty_cache()
             t_summary, out, first_summary = timed_with_first(
                 model.generate, prompt, softprompt=summary, repeats=1, **gen
             )
@@ -188,28 +206,19 @@ def run(
     return rows
 
 
+def empty_cache() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 DECODING_ARGS = {
     "dynamic": {"decoding": "dynamic"},
     "static": {"decoding": "static"},
     "cuda_graph": {"decoding": "cuda_graph"},
     "compiled": {"decoding": "cuda_graph", "compile_step": True},
     "frozen": {"decoding": "cuda_graph", "compile_step": True, "freeze_weights": True},
-    # frozen, with the static cache and captured graph of each shape kept across calls (acomp.DecodeGraphs)
-    "frozen_kept": {
-        "decoding": "cuda_graph",
-        "compile_step": True,
-        "freeze_weights": True,
-        "keep_graphs": True,
-    },
 }
-
-
-def generate_kwargs(mode: str, **fixed) -> dict:
-    """`generate` keyword arguments of a decoding mode; a `*_kept` mode gets a DecodeGraphs of its own."""
-    kwargs = {**DECODING_ARGS[mode], **fixed}
-    if kwargs.pop("keep_graphs", False):
-        kwargs["graphs"] = DecodeGraphs()
-    return kwargs
+CPU_MODES = ("dynamic", "static")
 
 
 def prepare_decoding(modes: list[str]) -> dict:
@@ -222,7 +231,7 @@ def prepare_decoding(modes: list[str]) -> dict:
     return {"gqa_concat_backport": "frozen" in modes and install()}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--contexts", type=int, nargs="+", default=[6144, 30720], help="context lengths in tokens")
     p.add_argument(
@@ -231,22 +240,36 @@ def main() -> None:
     p.add_argument(
         "--decoding",
         nargs="+",
-        default=["dynamic", "cuda_graph"],
+        default=None,
         choices=list(DECODING_ARGS),
         help="decoding modes to time (acomp.modeling.generation; compiled = cuda_graph with compile_step; frozen = "
-        "compiled with freeze_weights; frozen_kept = frozen with graphs=DecodeGraphs()); the "
-        "first row also reports how many leading tokens each mode shares with the eager static mode",
+        "compiled with freeze_weights); default dynamic and cuda_graph (smoke: dynamic and static); the first "
+        "row also reports how many leading tokens each mode shares with the eager static mode",
     )
     p.add_argument("--new-tokens", type=int, default=256, help="tokens to generate")
     p.add_argument("--prompt-len", type=int, default=32, help="prompt tokens after the context")
     p.add_argument("--out", default=None, help="write all rows to this JSON file")
-    args = p.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("benchmarks/inference.py needs a CUDA GPU")
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="CPU, a tiny model, a 64-token context, batch 2, 4 new tokens after a 4-token prompt (with the "
+        "modes that run on CPU: dynamic, static)",
+    )
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.decoding = args.decoding or list(CPU_MODES)
+        if set(args.decoding) - set(CPU_MODES):
+            p.error(f"--smoke runs on CPU: --decoding must be among {', '.join(CPU_MODES)}")
+        args.contexts, args.batch_sizes, args.new_tokens, args.prompt_len = [64], [2], 4, 4
+    elif not torch.cuda.is_available():
+        raise SystemExit("benchmarks/inference.py needs a CUDA GPU (or --smoke)")
+    args.decoding = args.decoding or ["dynamic", "cuda_graph"]
     settings = prepare_decoding(args.decoding)
     rows = []
     for context in args.contexts:
-        rows += run(context, args.batch_sizes, args.new_tokens, args.prompt_len, args.decoding, args.out)
+        rows += run(
+            context, args.batch_sizes, args.new_tokens, args.prompt_len, args.decoding, args.out, args.smoke
+        )
     write_report(rows, args.out, settings)
 
 

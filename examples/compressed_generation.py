@@ -8,9 +8,10 @@
 
 `compress` reads the document (default: the stdlib's argparse.py), tokenizes it with the model's tokenizer
 and compresses its first `--segments` segments of `--segment-length` tokens (accumulating: the softprompt
-holds summary_length vectors per segment). The file stores the vectors (fp32) and what is needed to use
-them: the model they belong to, the lengths, and the text that follows the compressed part (the default
-prompt). `answer` loads the model named there (or --model), checks the vectors fit it, and calls
+holds summary_length vectors per segment; a variable-length model keeps as many as it decides, and only those
+are saved unless `--padded`). The file stores the vectors (fp32) and what is needed to use them: the model
+they belong to, the lengths, and the text that follows the compressed part (the default prompt). `answer`
+loads the model named there (or --model), checks the vectors fit it, and calls
 `model.generate(prompt_ids, softprompt=...)`; `--compare` also generates without them.
 Runs on CPU with the demo's model (`make demo` writes runs/tiny/final) or any AutoCompressor.
 """
@@ -25,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-FORMAT = 1
+FORMAT = 2  # 2 adds the positions of compacted vectors; files of format 1 still load
 
 
 def default_document() -> str:
@@ -79,11 +80,14 @@ def compress(args) -> int:
     lengths = [segment] * fit
     context = ids[:, : sum(lengths)].to(model.device)
     memory = model.compress_context(context, segment_lengths=lengths)
+    summary = memory.summary if args.padded else memory.summary.compact()
     following = tok.decode(ids[0, sum(lengths) : sum(lengths) + args.prompt_tokens])
     record = {
         "format": FORMAT,
-        "softprompt": memory.softprompt.float().cpu(),
-        "softprompt_bias": None if memory.softprompt_bias is None else memory.softprompt_bias.cpu(),
+        "softprompt": summary.vectors.float().cpu(),
+        "softprompt_bias": None if summary.bias is None else summary.bias.cpu(),
+        "softprompt_positions": None if summary.positions is None else summary.positions.cpu(),
+        "softprompt_span": summary.span,
         "model": str(Path(args.model).resolve()) if Path(args.model).exists() else args.model,
         "hidden_size": model.config.hidden_size,
         "summary_length": model.config.summary_length,
@@ -97,7 +101,7 @@ def compress(args) -> int:
     torch.save(record, args.out)
     print(
         f"compressed {sum(lengths)} of {ids.shape[1]} tokens of {args.document} into "
-        f"{memory.softprompt.shape[1]} summary vectors -> {args.out}"
+        f"{summary.length} summary vectors -> {args.out}"
     )
     return 0
 
@@ -105,9 +109,11 @@ def compress(args) -> int:
 def answer(args) -> int:
     import torch
 
+    from acomp import Softprompt
+
     record = torch.load(args.summary, map_location="cpu", weights_only=False)
-    if not isinstance(record, dict) or record.get("format") != FORMAT:
-        raise SystemExit(f"{args.summary} is not a summary file written by `compress` (format {FORMAT})")
+    if not isinstance(record, dict) or record.get("format") not in (1, FORMAT):
+        raise SystemExit(f"{args.summary} is not a summary file written by `compress` (format 1 or {FORMAT})")
     model_path = args.model or record["model"]
     model, tok = load(model_path)
     if model.config.hidden_size != record["hidden_size"]:
@@ -119,8 +125,12 @@ def answer(args) -> int:
     prompt_ids = tok(prompt, add_special_tokens=False, return_tensors="pt").input_ids.to(model.device)
     if prompt_ids.shape[1] == 0:
         raise SystemExit("the prompt is empty")
-    softprompt = record["softprompt"].to(model.device)
-    bias = record["softprompt_bias"]
+    summary = Softprompt(
+        record["softprompt"],
+        record["softprompt_bias"],
+        record.get("softprompt_positions"),
+        record.get("softprompt_span"),
+    ).to(model.device)
     if args.decoding == "cuda_graph" and model.device.type != "cuda":
         raise SystemExit(f"--decoding cuda_graph needs a CUDA GPU; the model is on {model.device}")
     if args.compile_step and args.decoding == "dynamic":
@@ -137,14 +147,9 @@ def answer(args) -> int:
     )
     if args.sample:
         options["generator"] = torch.Generator(device=model.device).manual_seed(args.seed)
-    out = model.generate(
-        prompt_ids,
-        softprompt=softprompt,
-        softprompt_bias=None if bias is None else bias.to(model.device),
-        **options,
-    )
+    out = model.generate(prompt_ids, softprompt=summary, **options)
     print(
-        f"[{softprompt.shape[1]} summary vectors of {record['compressed_tokens']} tokens of {record['document']}]"
+        f"[{summary.length} summary vectors of {record['compressed_tokens']} tokens of {record['document']}]"
     )
     print(f"prompt: {prompt!r}")
     print(f"with summary vectors: {tok.decode(out[0, prompt_ids.shape[1] :])!r}")
@@ -184,6 +189,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=24,
         help="tokens after the compressed part kept as the default prompt",
+    )
+    c.add_argument(
+        "--padded",
+        action="store_true",
+        help="variable-length models: save every slot of each segment, the absent ones marked by a bias "
+        "(default: only the vectors the model kept)",
     )
     a = sub.add_parser("answer", help="generate behind summary vectors saved by `compress`")
     a.add_argument("--summary", required=True, help="file written by `compress`")

@@ -25,7 +25,7 @@ def _example():
     return module
 
 
-def _save_model(path: Path, tok, hidden: int = 32) -> None:
+def _save_model(path: Path, tok, hidden: int = 32, **fields) -> None:
     config = LlamaConfig(
         vocab_size=len(tok),
         hidden_size=hidden,
@@ -37,6 +37,8 @@ def _save_model(path: Path, tok, hidden: int = 32) -> None:
         eos_token_id=tok.eos_token_id,
     )
     config.summary_length = 4
+    for key, value in fields.items():
+        setattr(config, key, value)
     torch.manual_seed(0)
     model = LlamaAutoCompressorModel(config)
     with torch.no_grad():
@@ -94,6 +96,29 @@ def test_compress_to_a_file_then_answer_from_it(tmp_path, tokenizer, capsys):
         example.main(["answer", "--summary", str(summary), "--compile-step"])
     with pytest.raises(SystemExit, match="--freeze-weights needs --compile-step"):
         example.main(["answer", "--summary", str(summary), "--decoding", "static", "--freeze-weights"])
+
+
+def test_a_variable_length_model_saves_only_the_vectors_it_keeps(tmp_path, tokenizer, capsys):
+    """`compress` saves the compacted summary by default (threshold 0: one of 4 slots per segment) and every
+    slot with `--padded`; `answer` gives the same continuation from either file."""
+    example = _example()
+    variable = dict(compression_mode="variable", compression_max_len=4, compress_stop_threshold=0.0)
+    _save_model(tmp_path / "model", tokenizer, **variable)
+    base = ["compress", "--model", str(tmp_path / "model"), "--segment-length", "32"]
+    assert example.main([*base, "--out", str(tmp_path / "compact.pt")]) == 0
+    assert example.main([*base, "--out", str(tmp_path / "padded.pt"), "--padded"]) == 0
+    compact, padded = (torch.load(tmp_path / f, weights_only=False) for f in ("compact.pt", "padded.pt"))
+    assert compact["softprompt"].shape == (1, 3, 32) and compact["softprompt_bias"] is None
+    assert compact["softprompt_positions"].tolist() == [[0, 4, 8]] and compact["softprompt_span"] == 12
+    assert padded["softprompt"].shape == (1, 12, 32) and int((padded["softprompt_bias"] == 0).sum()) == 3
+    assert torch.equal(compact["softprompt"][0], padded["softprompt"][0, [0, 4, 8]])
+    capsys.readouterr()
+    lines = []
+    for name in ("compact.pt", "padded.pt"):
+        assert example.main(["answer", "--summary", str(tmp_path / name), "--max-new-tokens", "8"]) == 0
+        printed = capsys.readouterr().out.splitlines()
+        lines.append(next(line for line in printed if line.startswith("with summary vectors:")))
+    assert lines[0] == lines[1]
 
 
 def test_answer_refuses_vectors_of_another_model(tmp_path, tokenizer):

@@ -124,6 +124,21 @@ def test_variable_length_conditions_count_their_vectors():
     assert model.config.compress_stop_threshold is None  # restored
 
 
+def test_variable_condition_scores_compact_summaries_as_the_masked_full_width():
+    """summary_variable_k conditions on the kept vectors only: the same NLL as the full-width softprompt with
+    its presence bias (threshold 0: one vector of each segment's 4 slots is kept)."""
+    model = tiny_model(
+        "llama", compression_mode="variable", compression_max_len=4, compress_stop_threshold=0.0
+    )
+    ids = torch.stack([b["input_ids"] for b in blocks(2)])
+    got = score(model, ids, Condition(SUMMARY_VARIABLE, 2 * S, (S, S)), E)
+    memory = model.compress_context(ids[:, -(2 * S + E) : -E], segment_lengths=[S, S])
+    target = ids[:, -E:]
+    full = model(target, labels=target, softprompt=memory.softprompt, softprompt_bias=memory.softprompt_bias)
+    assert memory.softprompt.shape[1] == 8 and got.vectors == [2.0, 2.0]
+    assert got.nll == pytest.approx(full.segment_nll[:, -1].tolist(), rel=1e-5)
+
+
 def test_reports(tmp_path):
     model = tiny_model("llama")
     result = evaluate(model, blocks(4), ProtocolConfig(eval_segment=E, segment_length=S), progress=False)

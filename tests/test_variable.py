@@ -7,6 +7,7 @@ import torch
 from modeling_utils import MODEL_CLASS, VOCAB, random_ids, tiny_config, tiny_model
 
 import acomp.modeling.compressor as compressor
+from acomp import Softprompt
 from acomp.modeling.variable import soft_presence
 
 MAX_LEN = 4
@@ -198,3 +199,86 @@ def test_large_lambda_shortens_summaries_and_zero_lambda_does_not(lam, shortens)
         assert last < 0.5 * first, (first, last)
     else:
         assert last > 0.9 * first, (first, last)
+
+
+# ------------------------------------------------------------------------------------ compact summaries
+def test_compact_keeps_present_vectors_in_order_with_their_positions():
+    absent = torch.finfo(torch.float32).min
+    vectors = torch.arange(8.0).view(2, 4, 1)
+    bias = torch.tensor([[0.0, absent, 0.0, absent], [0.0, 0.0, -0.5, absent]])
+    compact = Softprompt(vectors, bias).compact()
+    assert compact.vectors[:, :, 0].tolist() == [[0.0, 2.0, 0.0], [4.0, 5.0, 6.0]]
+    assert compact.bias.tolist() == [[0.0, 0.0, absent], [0.0, 0.0, -0.5]]  # padding; a soft presence stays
+    assert compact.positions[0, :2].tolist() == [0, 2] and compact.positions[1].tolist() == [0, 1, 2]
+    assert compact.span == 4
+    one = Softprompt(vectors[:1], bias[:1]).compact()
+    assert one.bias is None and one.vectors[0, :, 0].tolist() == [0.0, 2.0]
+    fixed = Softprompt(vectors)
+    assert fixed.compact() is fixed
+
+
+def _stops_per_sample(monkeypatch):
+    """Sample b of a batch keeps 1, 3, 2 vectors of every segment (b = 0, 1, 2)."""
+    pattern = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0], [0.0, 1.0, 0.0, 0.0]])
+    monkeypatch.setattr(compressor, "stop_probabilities", lambda logits, eoc: pattern[: logits.shape[0]])
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_compact_summaries_give_the_masked_logits_and_tokens(family, monkeypatch):
+    """Dropping the absent vectors changes nothing but the work: a later forward's logits, greedy tokens with
+    both caches, and more context compressed behind them are those of the masked, full-width softprompt (RoPE
+    families: the kept vectors keep their positions)."""
+    _stops_per_sample(monkeypatch)
+    model = variable_model(family, compress_stop_threshold=0.5)
+    ctx = model.compress_context(random_ids(3, 12, seed=7), segment_lengths=[6, 6])
+    padded = ctx.summary
+    compact = padded.compact()
+    assert ctx.summary_lengths.sum(dim=1).tolist() == [2.0, 6.0, 4.0]
+    assert compact.length == 6 < padded.length == 8
+    nxt = random_ids(3, 5, seed=8)
+    torch.testing.assert_close(
+        model(nxt, softprompt=compact).logits, model(nxt, softprompt=padded).logits, rtol=1e-5, atol=1e-5
+    )
+    for decoding in ("dynamic", "static"):
+        gen = dict(max_new_tokens=6, eos_token_id=None, decoding=decoding)
+        want = model.generate(nxt, softprompt=padded, **gen)
+        assert torch.equal(model.generate(nxt, softprompt=compact, **gen), want)
+    more = random_ids(3, 6, seed=9)
+    after = [model.compress_context(more, softprompt=s).summary.compact() for s in (padded, compact)]
+    torch.testing.assert_close(
+        model(nxt, softprompt=after[1]).logits, model(nxt, softprompt=after[0]).logits, rtol=1e-5, atol=1e-5
+    )
+
+
+def test_a_single_compact_summary_has_no_bias_and_the_cache_holds_only_its_vectors(monkeypatch):
+    _stops_per_sample(monkeypatch)
+    model = variable_model(compress_stop_threshold=0.5)
+    ctx = model.compress_context(random_ids(1, 12, seed=7), segment_lengths=[6, 6])
+    compact = ctx.summary.compact()
+    kept = 2  # one vector of each segment
+    assert compact.bias is None and compact.length == kept < ctx.summary.length
+    cached = []
+
+    def prefill_cache(module, args, kwargs, output):
+        cached.append(int(kwargs["past_key_values"].get_seq_length()))
+
+    prompt = random_ids(1, 4, seed=3)
+    handle = model.get_decoder().register_forward_hook(prefill_cache, with_kwargs=True)
+    try:
+        out = model.generate(prompt, softprompt=compact, max_new_tokens=3, eos_token_id=None)
+        model.generate(prompt, softprompt=ctx.summary, max_new_tokens=3, eos_token_id=None)
+    finally:
+        handle.remove()
+    # After the prefill: the kept vectors and the 4 prompt tokens; then one column per decoded token.
+    assert cached == [kept + 4, kept + 5, kept + 6, 8 + 4, 8 + 5, 8 + 6]
+    assert torch.equal(
+        out, model.generate(prompt, softprompt=ctx.summary, max_new_tokens=3, eos_token_id=None)
+    )
+
+
+def test_a_fixed_mode_summary_is_left_as_it_is():
+    model = tiny_model("llama")
+    out = model.compress_context(random_ids(2, 12), segment_lengths=[6, 6])
+    assert out.summary.bias is None and out.softprompt_bias is None
+    assert out.summary.compact() is out.summary
+    assert torch.equal(out.summary.vectors, model.compress(random_ids(2, 12), segment_lengths=[6, 6]))

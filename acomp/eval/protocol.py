@@ -235,10 +235,8 @@ def score(
         forced = 1.0 if cond.kind == SUMMARY and is_variable(model) else threshold
         with stop_threshold(model, forced):
             memory = model.compress_context(context, segment_lengths=list(cond.context_segments))
-        bias = memory.softprompt_bias
-        out = model(
-            target, labels=target, softprompt=memory.softprompt, softprompt_bias=bias, return_logits=False
-        )
+        # Only the vectors the model kept (the same NLL as the masked full width, less work).
+        out = model(target, labels=target, softprompt=memory.summary.compact(), return_logits=False)
         if memory.summary_lengths is not None:
             vectors = memory.summary_lengths.sum(dim=1).double().tolist()
         else:

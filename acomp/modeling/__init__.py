@@ -2,7 +2,6 @@
 
 from .compressor import AutoCompressorMixin, AutoCompressorOutput, split_lengths
 from .config import COMPRESSION_DEFAULTS, apply_compression_fields
-from .generation import DecodeGraphs
 from .models import (
     MODEL_CLASSES,
     AutoCompressorModel,
@@ -13,19 +12,20 @@ from .models import (
     Qwen3AutoCompressorModel,
     autocompressor_class,
 )
+from .softprompt import Softprompt
 
 __all__ = [
     "AutoCompressorMixin",
     "AutoCompressorModel",
     "AutoCompressorOutput",
     "COMPRESSION_DEFAULTS",
-    "DecodeGraphs",
     "LlamaAutoCompressorModel",
     "MODEL_CLASSES",
     "MistralAutoCompressorModel",
     "OPTAutoCompressorModel",
     "Qwen2AutoCompressorModel",
     "Qwen3AutoCompressorModel",
+    "Softprompt",
     "apply_compression_fields",
     "autocompressor_class",
     "split_lengths",

@@ -22,9 +22,10 @@ from transformers.utils import ModelOutput
 
 from .attention import resolve_attn_implementation, sdpa_context
 from .config import apply_compression_fields
+from .generation import generate
 from .positions import PositionRule
+from .softprompt import Softprompt, as_softprompt, attention_bias
 from .variable import (
-    absent_bias,
     hard_lengths,
     hard_presence_bias,
     length_penalty,
@@ -49,8 +50,9 @@ _HUB_KWARGS = (
 @dataclass
 class AutoCompressorOutput(ModelOutput):
     """loss: mean shifted CE over the call's text tokens. logits: text positions only, all segments.
-    softprompt: [B, P, d] summary vectors to pass to a later call (when output_softprompt=True).
-    segment_nll / segment_tokens: [B, num_segments] summed NLL and target counts per segment (a
+    summary: the Softprompt to pass to a later call (when output_softprompt=True): its vectors are `softprompt`
+    [B, P, d], its presence bias `softprompt_bias` (variable-length mode); `summary.compact()` keeps only the
+    present vectors. segment_nll / segment_tokens: [B, num_segments] summed NLL and target counts per segment (a
     segment's targets are the tokens after each of its positions, as in the original's metrics)."""
 
     loss: torch.Tensor | None = None
@@ -63,6 +65,19 @@ class AutoCompressorOutput(ModelOutput):
     summary_lengths: torch.Tensor | None = None  # [B, compressing segments]: E[L] (training) or L (inference)
     lm_loss: torch.Tensor | None = None  # loss without the length penalty
     length_penalty: torch.Tensor | None = None
+    summary: Softprompt | None = None
+
+
+@dataclass
+class SegmentOutput:
+    """What one segment's decoder pass gives the segment loop."""
+
+    logits: torch.Tensor | None  # [B, n, V] text logits (when asked for)
+    summary: torch.Tensor | None  # [B, T, d] its summary vectors (a compressing segment)
+    nll: torch.Tensor | None  # [B] summed NLL of its targets (with labels)
+    tokens: torch.Tensor | None  # [B] its target count (with labels)
+    stop_prob: torch.Tensor | None  # [B, T] each slot's stop probability (variable mode)
+    stop_logits: torch.Tensor | None  # [B, T, V] the LM head over the slots (variable mode)
 
 
 def split_lengths(total: int, segment_lengths) -> list[int]:
@@ -211,7 +226,7 @@ class AutoCompressorMixin:
         labels: torch.LongTensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         segment_lengths=None,
-        softprompt: torch.Tensor | None = None,
+        softprompt: Softprompt | torch.Tensor | None = None,
         output_softprompt: bool = False,
         return_logits: bool = True,
         softprompt_bias: torch.Tensor | None = None,
@@ -221,9 +236,9 @@ class AutoCompressorMixin:
     ) -> AutoCompressorOutput:
         """Run the segment loop. See the module docstring for the semantics of each output.
 
-        Variable-length mode only: `softprompt_bias` [B, P] is the additive log-presence of each
-        softprompt vector (returned by an earlier call); `hard_stop` picks inference-style stopping
-        (default: when not training).
+        `softprompt`: summary vectors to condition on, a Softprompt (an earlier call's `summary`) or a
+        [B, P, d] tensor, whose presence bias [B, P] may come as `softprompt_bias`. Variable-length mode only:
+        `hard_stop` picks inference-style stopping (default: when not training).
         """
         unused.pop("use_cache", None)
         if unused:
@@ -232,7 +247,7 @@ class AutoCompressorMixin:
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
-        batch, total, width = inputs_embeds.shape
+        batch, total, _ = inputs_embeds.shape
         if attention_mask is None:
             attention_mask = torch.ones(batch, total, dtype=torch.long, device=inputs_embeds.device)
         if attention_mask.shape != (batch, total):
@@ -240,92 +255,103 @@ class AutoCompressorMixin:
                 f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(batch, total)}"
             )
         lengths = split_lengths(total, segment_lengths)
-        softprompt = self._check_softprompt(softprompt, batch, width, inputs_embeds)
-        softprompt_bias = self._check_softprompt_bias(softprompt_bias, softprompt, batch)
+        memory = as_softprompt(softprompt, softprompt_bias, batch, inputs_embeds)
         targets = None
         if labels is not None:
             if labels.shape != (batch, total):
                 raise ValueError(f"labels have shape {tuple(labels.shape)}, expected {(batch, total)}")
             targets = next_token_targets(labels, attention_mask)
         hard_stop = (not self.training) if hard_stop is None else hard_stop
-
         tail_embeds = self._summary_embeds(batch, inputs_embeds.dtype)
         checkpointing = (
             self.config.segment_gradient_checkpointing and self.training and torch.is_grad_enabled()
         )
-        logits, nll, counts, summary_lengths, penalties = [], [], [], [], []
+
+        segments: list[SegmentOutput] = []
+        summary_lengths, penalties = [], []
         start = 0
         for i, n in enumerate(lengths):
             last = i == len(lengths) - 1
+            text = slice(start, start + n)
             compress = tail_embeds is not None and (not last or output_softprompt)
-            seg_mask = attention_mask[:, start : start + n]
-            seg_args = (
-                softprompt,
-                softprompt_bias,
-                inputs_embeds[:, start : start + n],
-                seg_mask,
-                None if targets is None else targets[:, start : start + n],
+            args = (
+                memory,
+                inputs_embeds[:, text],
+                attention_mask[:, text],
+                None if targets is None else targets[:, text],
                 tail_embeds if compress else None,
                 return_logits,
             )
             if checkpointing and not last:
-                seg = checkpoint(self._segment, *seg_args, use_reentrant=False)
+                seg = checkpoint(self._segment, *args, use_reentrant=False)
             else:
-                seg = self._segment(*seg_args)
-            seg_logits, summary, seg_nll, seg_count, stop_prob, stop_logits = seg
-            logits.append(seg_logits)
-            nll.append(seg_nll)
-            counts.append(seg_count)
-            if summary is not None:
-                bias = None
+                seg = self._segment(*args)
+            segments.append(seg)
+            if seg.summary is not None:
+                new = Softprompt(seg.summary)
                 if self.variable_length:
-                    bias, length = self._presence(stop_prob, stop_logits, hard_stop)
+                    new.bias, length = self._presence(seg.stop_prob, seg.stop_logits, hard_stop)
                     summary_lengths.append(length)
                     penalties.append(
                         length_penalty(
                             length,
-                            seg_mask.sum(dim=1),
+                            attention_mask[:, text].sum(dim=1),
                             self.config.compression_lambda,
                             self.config.compression_alpha,
                         )
                     )
-                softprompt, softprompt_bias = self._carry(softprompt, softprompt_bias, summary, bias)
+                accumulate = self.config.accumulate_summary and memory is not None
+                memory = memory.extend(new) if accumulate else new
             start += n
 
-        out = AutoCompressorOutput(
-            logits=torch.cat(logits, dim=1) if return_logits else None,
-            softprompt=softprompt if output_softprompt else None,
-            softprompt_bias=softprompt_bias if output_softprompt else None,
-        )
-        if summary_lengths:
-            out.summary_lengths = torch.stack(summary_lengths, dim=1)
-            out.length_penalty = torch.stack(penalties, dim=1).mean()
+        loss = lm_loss = penalty = segment_nll = segment_tokens = None
+        if penalties:
+            penalty = torch.stack(penalties, dim=1).mean()
         if targets is not None:
-            out.segment_nll = torch.stack(nll, dim=1)
-            out.segment_tokens = torch.stack(counts, dim=1)
-            out.lm_loss = out.segment_nll.sum() / out.segment_tokens.sum().clamp(min=1)
-            out.loss = out.lm_loss
-            if out.length_penalty is not None and self.config.compression_lambda:
-                out.loss = out.lm_loss + out.length_penalty
+            segment_nll = torch.stack([s.nll for s in segments], dim=1)
+            segment_tokens = torch.stack([s.tokens for s in segments], dim=1)
+            loss = lm_loss = segment_nll.sum() / segment_tokens.sum().clamp(min=1)
+            if penalty is not None and self.config.compression_lambda:
+                loss = lm_loss + penalty
+        summary = memory if output_softprompt else None
+        out = AutoCompressorOutput(
+            loss=loss,
+            logits=torch.cat([s.logits for s in segments], dim=1) if return_logits else None,
+            softprompt=None if summary is None else summary.vectors,
+            segment_nll=segment_nll,
+            segment_tokens=segment_tokens,
+            softprompt_bias=None if summary is None else summary.bias,
+            summary_lengths=torch.stack(summary_lengths, dim=1) if summary_lengths else None,
+            lm_loss=lm_loss,
+            length_penalty=penalty,
+            summary=summary,
+        )
         return out if return_dict else out.to_tuple()
 
     def _segment(
-        self, softprompt, softprompt_bias, text_embeds, text_mask, targets, tail_embeds, return_logits
-    ):
+        self,
+        softprompt: Softprompt | None,
+        text_embeds: torch.Tensor,
+        text_mask: torch.Tensor,
+        targets: torch.Tensor | None,
+        tail_embeds: torch.Tensor | None,
+        return_logits: bool,
+    ) -> SegmentOutput:
         """One segment: decoder over [softprompt ; text ; tail], where the tail is the summary tokens
-        (fixed mode) or `<sum>` plus the compression slots (variable mode). Returns text logits, summary
-        vectors, summed NLL and target count, and in variable mode the slots' stop probabilities."""
+        (fixed mode) or `<sum>` plus the compression slots (variable mode)."""
         batch, n, _ = text_embeds.shape
-        soft_len = 0 if softprompt is None else softprompt.shape[1]
         num_tail = 0 if tail_embeds is None else tail_embeds.shape[1]
-        parts = [p for p in (softprompt, text_embeds, tail_embeds) if p is not None]
+        if softprompt is None:
+            softprompt = Softprompt(text_embeds[:, :0])
+        soft_len = softprompt.length
+        parts = [p for p in (softprompt.vectors, text_embeds, tail_embeds) if p is not None]
         embeds = torch.cat(parts, dim=1)
-        positions = self.position_rule.segment(soft_len, text_mask, num_tail)
-        if softprompt_bias is None:
+        positions = self.position_rule.segment(softprompt.span, text_mask, num_tail, softprompt.positions)
+        if softprompt.bias is None:
             ones = text_mask.new_ones
             mask = torch.cat([ones(batch, soft_len), text_mask, ones(batch, num_tail)], dim=1)
         else:
-            mask = attention_bias(softprompt_bias, text_mask, num_tail, embeds.dtype)
+            mask = attention_bias(softprompt.bias, text_mask, num_tail, embeds.dtype)
         with sdpa_context(self.config.sdpa_backend, embeds.device):
             hidden = self.get_decoder()(
                 inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False
@@ -347,7 +373,7 @@ class AutoCompressorMixin:
             else:  # the loss only: never keep [tokens, vocab] logits (see chunked_nll)
                 seg_nll = self.chunked_loss(self.lm_head, text_hidden, targets, self.config.loss_chunk_size)
             seg_count = (targets != IGNORE_INDEX).sum(dim=1)
-        return (seg_logits if return_logits else None), summary, seg_nll, seg_count, stop_prob, stop_logits
+        return SegmentOutput(seg_logits, summary, seg_nll, seg_count, stop_prob, stop_logits)
 
     def _presence(self, stop_prob, stop_logits, hard: bool):
         """(bias [B, T], length [B]) of a segment's new vectors: soft (training) or hard (inference)."""
@@ -357,15 +383,6 @@ class AutoCompressorMixin:
             )
             return hard_presence_bias(length, stop_prob.shape[1], torch.float32), length.float()
         return soft_presence(stop_prob)
-
-    def _carry(self, softprompt, softprompt_bias, summary, bias):
-        """The softprompt (and its presence bias) that the next segment sees."""
-        if bias is not None and softprompt is not None and softprompt_bias is None:
-            softprompt_bias = torch.zeros(softprompt.shape[:2], device=bias.device, dtype=bias.dtype)
-        if not (self.config.accumulate_summary and softprompt is not None):
-            return summary, bias
-        new_bias = None if bias is None else torch.cat([softprompt_bias, bias], dim=1)
-        return torch.cat([softprompt, summary], dim=1), new_bias
 
     def _summary_embeds(self, batch: int, dtype: torch.dtype) -> torch.Tensor | None:
         """The tail appended to a compressing segment (None when compression is off)."""
@@ -378,31 +395,6 @@ class AutoCompressorMixin:
             trigger = torch.tensor([self.config.sum_token_id], device=ids.device)
             tail = torch.cat([self.get_input_embeddings()(trigger).to(dtype), tail], dim=0)
         return tail.unsqueeze(0).expand(batch, -1, -1)
-
-    def _check_softprompt(self, softprompt, batch, width, like):
-        if softprompt is None or softprompt.shape[1] == 0:
-            return None
-        if softprompt.dim() != 3 or softprompt.shape[-1] != width:
-            raise ValueError(
-                f"softprompt must have shape [batch, length, {width}] (the input embedding width), "
-                f"got {tuple(softprompt.shape)}"
-            )
-        if softprompt.shape[0] not in (1, batch):
-            raise ValueError(
-                f"softprompt batch size {softprompt.shape[0]} does not match the input's {batch}"
-            )
-        return softprompt.to(like.dtype).expand(batch, -1, -1)
-
-    def _check_softprompt_bias(self, bias, softprompt, batch):
-        if bias is None:
-            return None
-        if softprompt is None:
-            raise ValueError("softprompt_bias was given without a softprompt")
-        if bias.shape[-1] != softprompt.shape[1]:
-            raise ValueError(
-                f"softprompt_bias has {bias.shape[-1]} entries but the softprompt has {softprompt.shape[1]} vectors"
-            )
-        return bias.float().expand(batch, -1)
 
     # ------------------------------------------------------------------------------ inference
     @torch.no_grad()
@@ -422,8 +414,9 @@ class AutoCompressorMixin:
     def compress_context(
         self, input_ids, attention_mask=None, segment_lengths=None, softprompt=None, softprompt_bias=None
     ) -> AutoCompressorOutput:
-        """Compress a context with inference-style stopping. Returns the output with `softprompt`,
-        `softprompt_bias` (variable mode: 0 = present, large negative = absent) and `summary_lengths`."""
+        """Compress a context with inference-style stopping. Returns the output with `summary` (a Softprompt:
+        in variable mode its bias is 0 = present, large negative = absent; `summary.compact()` drops the absent
+        vectors), the same as `softprompt` / `softprompt_bias`, and `summary_lengths`."""
         return self(
             input_ids,
             attention_mask=attention_mask,
@@ -437,38 +430,7 @@ class AutoCompressorMixin:
 
     def generate(self, input_ids, attention_mask=None, softprompt=None, **kwargs):
         """Generate after a prompt, conditioned on summary vectors, with a KV cache. See generation.py."""
-        from .generation import generate
-
         return generate(self, input_ids, attention_mask=attention_mask, softprompt=softprompt, **kwargs)
-
-
-def key_bias(softprompt_bias, text_mask, num_tail: int, dtype) -> torch.Tensor:
-    """Additive bias [B, L] on the keys of [softprompt ; text ; tail]: the softprompt's presence bias, text
-    padding removed, the tail visible."""
-    batch = text_mask.shape[0]
-    absent = absent_bias(dtype)
-    return torch.cat(
-        [
-            softprompt_bias.clamp(min=absent),
-            torch.where(text_mask.bool(), 0.0, absent),
-            text_mask.new_zeros(batch, num_tail, dtype=torch.float32),
-        ],
-        dim=1,
-    ).to(dtype)
-
-
-def attention_bias(softprompt_bias, text_mask, num_tail: int, dtype) -> torch.Tensor:
-    """4D additive mask [B, 1, L, L] for [softprompt ; text ; tail]: causal, and `key_bias` on the keys.
-    Each query always sees itself, so no row is empty."""
-    batch = text_mask.shape[0]
-    absent = absent_bias(dtype)
-    keys = key_bias(softprompt_bias, text_mask, num_tail, dtype)
-    length = keys.shape[1]
-    causal = torch.ones(length, length, dtype=torch.bool, device=text_mask.device).tril()
-    bias = torch.where(causal, keys[:, None, None, :], absent)
-    return bias.diagonal_scatter(
-        torch.zeros(batch, 1, length, dtype=dtype, device=bias.device), dim1=2, dim2=3
-    )
 
 
 def summed_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -22,18 +22,28 @@ class PositionRule:
     name = "base"
     softprompt_consumes_positions: bool
 
-    def segment(self, softprompt_len: int, text_mask: torch.Tensor, num_summary: int) -> torch.Tensor:
-        """Positions [B, P + n + k] for a segment with text mask [B, n] (1 = real token)."""
+    def segment(
+        self,
+        softprompt_len: int,
+        text_mask: torch.Tensor,
+        num_summary: int,
+        softprompt_positions: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Positions [B, P + n + k] for a segment with text mask [B, n] (1 = real token). `softprompt_len` is the
+        number of positions the softprompt takes; a compacted softprompt (softprompt.py) also gives its
+        vectors' own positions [B, P] among them."""
         text_mask = text_mask.long()
         batch = text_mask.shape[0]
         device = text_mask.device
         counts = text_mask.cumsum(dim=1)  # 1-based index of each real token
+        if softprompt_positions is None:
+            softprompt_positions = torch.arange(softprompt_len, device=device).expand(batch, -1)
         if self.softprompt_consumes_positions:
-            soft = torch.arange(softprompt_len, device=device).expand(batch, -1)
+            soft = softprompt_positions
             text = (softprompt_len + counts - 1).clamp(min=0)
             summary = softprompt_len + counts[:, -1:] + torch.arange(num_summary, device=device)
         else:
-            soft = torch.full((batch, softprompt_len), -1, device=device, dtype=torch.long)
+            soft = torch.full_like(softprompt_positions, -1)
             text = torch.where(text_mask.bool(), counts - 1, -1)
             summary = torch.full((batch, num_summary), -1, device=device, dtype=torch.long)
         return torch.cat([soft, text, summary], dim=1)
