@@ -136,10 +136,9 @@ def grouped_decode_attention(module, query, key, value, attention_mask, dropout=
 
 def grouped_matmul_attention(rows, key, value, bias, scaling: float) -> torch.Tensor:
     """Attention as two matmuls and a softmax in fp32 (scale, mask and softmax in fp32 on the matmul's bf16
-    scores, as transformers' eager attention), for the compiled decode
-    step: inductor fuses scale, mask and softmax and splits the long reduction over the cache, where the masked
-    SDPA call runs one block per (sequence, KV head). benchmarks/decode_attention.py: 1.3-1.4x faster at a 6K
-    or 30K cache and batch >= 64 (benchmarks/RESULTS.md)."""
+    scores, as transformers' eager attention), for the compiled decode step: inductor fuses scale, mask and
+    softmax and splits the long reduction over the cache, where the masked SDPA call runs one block per
+    (sequence, KV head); 1.3-1.4x faster at a 6K or 30K cache and batch >= 64 (benchmarks/RESULTS.md)."""
     scores = torch.matmul(rows, key.transpose(-1, -2)).float() * scaling + bias
     return torch.matmul(scores.softmax(dim=-1).to(value.dtype), value)
 
