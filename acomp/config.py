@@ -95,16 +95,21 @@ class LoraConfig:
 
 @dataclass
 class DataConfig:
-    path: str = "data/stdlib"  # corpus dir built by preprocess/ (manifest.json, tokenizer/, train/, val/)
+    path: str = "data/stdlib"  # a corpus dir built by preprocess/, or a remote one: s3://bucket/prefix
     # When `path` holds no corpus yet, rank 0 builds one with acomp.data.build_corpus(out=path, **this),
     # e.g. {source: stdlib, train_tokenizer_vocab: 2048, block_size: 512}; {} = never build (error instead).
     build_if_missing: dict = field(default_factory=dict)
     shuffle: bool = True
     num_workers: int = 0
     val_split: str = "val"
-    # Shard integrity check before training: "size" (cheap, catches truncation), "hash" (recomputes every
-    # shard's xxh64: catches same-size corruption, reads every byte), "none".
+    # Shard integrity: unless "none", each shard's xxh64 is checked when a process first reads from it (local
+    # and remote corpora; a mismatch stops the run naming the file). Up front, before the model is built,
+    # "size" (default) also compares a local corpus' shard sizes with index.json, "hash" its hashes (reads the
+    # whole corpus on every rank first).
     verify: str = "size"
+    # Local cache of a remote data.path (s3://...): its manifest, tokenizer and downloaded shards, reused by
+    # later runs. null = $TMPDIR/acomp-corpus-cache/<hash of the URI>. Node-local disk; one job at a time.
+    cache_dir: str | None = None
     # Block size the run expects; the corpus must have exactly this. null = whatever the corpus has.
     block_size: int | None = None
 

@@ -141,7 +141,10 @@ def test_remote_corrupted_shard_is_named(corpus, tmp_path):
     data[-100] ^= 0xFF
     shard.write_bytes(bytes(data))
     ds = CorpusDataset(str(remote), "val", shuffle=False, batch_size=1, local_cache=tmp_path / "cache")
-    with pytest.raises(CorruptShardError, match=rf"{shard.name}.*Checksum failure"):
+    with pytest.raises(
+        CorruptShardError,
+        match=rf"val/{shard.name} fails its xxh64 checksum: the copy downloaded from {shard}",
+    ):
         ds[0]
 
 
@@ -217,13 +220,62 @@ def test_corrupted_shard_fails_its_checksum(damaged):
         CorpusDataset(copy, "train", verify="hash")
 
 
+def zero_64_bytes(shard) -> None:
+    """Same-size corruption whose decoded ids stay inside the vocabulary."""
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 64] = bytes(64)
+    shard.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_same_size_corruption_is_caught_on_first_read(damaged, num_workers):
+    """The default check hashes each shard when a process first reads it; a worker's error arrives as the
+    same one line (acomp.train.data.Batches), not wrapped in the worker's traceback."""
+    from acomp.train.data import Batches
+
+    copy, shard = damaged
+    zero_64_bytes(shard)
+    ds = CorpusDataset(copy, "train", batch_size=4)  # the sizes match: construction passes
+    batches = Batches(build_dataloader(ds, 4, num_workers=num_workers))
+    with pytest.raises(CorruptShardError) as raised:
+        next(batches)
+    assert str(raised.value) == f"shard {shard} fails its xxh64 checksum: corrupted; rebuild the corpus"
+    del batches, ds, raised  # the traceback holds the loader's iterator: let its worker go now
+    gc.collect()
+    ds = CorpusDataset(copy, "train", batch_size=4, verify="none")  # unchecked: it reads
+    assert next(iter(build_dataloader(ds, 4)))["input_ids"].shape == (4, BLOCK)
+    del ds
+
+
+def test_each_shard_is_hashed_once_per_process(corpus, monkeypatch):
+    import acomp.data.dataset as dataset
+
+    hashed = []
+    real = dataset.file_hash
+    monkeypatch.setattr(dataset, "file_hash", lambda path, algo: hashed.append(path) or real(path, algo))
+    ds = CorpusDataset(corpus, "train", shuffle=False, batch_size=1)
+    for _ in range(2):
+        for i in range(ds.num_samples):
+            ds[i]
+    assert sorted(hashed) == sorted(ds.shard_path(i) for i in range(len(ds.shards)))
+    hashed.clear()
+    ds = CorpusDataset(corpus, "train", shuffle=False, batch_size=1, verify="hash")  # all hashed up front
+    for i in range(ds.num_samples):
+        ds[i]
+    assert len(hashed) == len(ds.shards) and ds.verified_shards == set(range(len(ds.shards)))
+    del ds
+
+
 def test_missing_shard_and_broken_index(damaged):
     copy, shard = damaged
     shard.unlink()
     with pytest.raises(CorruptShardError, match=rf"shard {shard} listed in .* is missing"):
         CorpusDataset(copy, "train")
     (copy / "train" / "index.json").write_text("{")
-    with pytest.raises(CorruptShardError, match=r"train/index.json is not valid JSON"):
+    # read_manifest's consistency check may see it first (ValueError), else the shard check does
+    with pytest.raises(
+        (CorruptShardError, ValueError), match=r"train/index.json is not (valid JSON|a readable)"
+    ):
         CorpusDataset(copy, "train")
 
 

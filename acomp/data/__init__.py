@@ -18,6 +18,7 @@ from .dataset import (
 from .manifest import FORMAT_VERSION, MANIFEST_NAME, check_manifest, read_manifest, write_manifest
 from .plan import split_of
 from .recipe import DomainRecipe, Recipe, load_recipe, parse_count
+from .remote import RemoteError, fetch_corpus, upload_corpus
 from .sources import Document, SourceFormatError, SourceIssue, SourceSpec, iter_documents, stdlib_root
 from .tokenizer import CONTROL_TOKENS, EOC_TOKEN, SUM_TOKEN
 
@@ -32,6 +33,7 @@ __all__ = [
     "Document",
     "DomainRecipe",
     "Recipe",
+    "RemoteError",
     "SourceFormatError",
     "SourceIssue",
     "SourceSpec",
@@ -41,6 +43,7 @@ __all__ = [
     "collate_blocks",
     "corpus_columns",
     "default_cache_dir",
+    "fetch_corpus",
     "iter_documents",
     "load_recipe",
     "parse_count",
@@ -48,6 +51,7 @@ __all__ = [
     "smallest_dtype",
     "split_of",
     "stdlib_root",
+    "upload_corpus",
     "verify_shards",
     "write_manifest",
 ]

@@ -2,8 +2,10 @@
 
 Sharding across ranks and dataloader workers, deterministic shuffling and mid-epoch resumption are
 mosaicml-streaming's; this module adds what is specific to our corpora: it checks the manifest against the
-model before anything is read, checks shard files against ``index.json`` (a truncated or corrupted shard is
-reported by name), and turns samples into ``LongTensor`` blocks.
+model before anything is read, checks shard files against ``index.json`` (sizes up front; each shard's xxh64
+when a process first reads from it, so a damaged shard is reported by name instead of being trained on), and
+turns samples into ``LongTensor`` blocks. A remote corpus (``s3://...``) is read through a local cache that
+:mod:`acomp.data.remote` fills with its manifest and tokenizer; streaming downloads the shards into it.
 
 Ranks come from the standard env vars (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``), as
 streaming reads them; with ``WORLD_SIZE > 1`` and no process group yet, streaming starts a gloo/nccl one from
@@ -23,9 +25,13 @@ import numpy as np
 import torch
 from streaming import StreamingDataLoader, StreamingDataset
 
-from .manifest import MANIFEST_NAME, check_manifest, read_manifest
+from .manifest import check_manifest, read_manifest
+from .remote import fetch_corpus
 
+# none: no checks; size: shard sizes up front (local corpora) and each shard's hash when first read (default);
+# hash: every shard's hash up front as well (local corpora; reads the whole corpus before the first step).
 VERIFY_LEVELS = ("none", "size", "hash")
+HASH_CHUNK = 1 << 22
 
 
 class CorruptShardError(RuntimeError):
@@ -55,14 +61,34 @@ def _read_index(split_dir: Path) -> dict[str, Any]:
         ) from None
 
 
+def file_hash(path: str | Path, algo: str) -> str:
+    """Hex digest of a file as streaming writes it into ``index.json`` (``xxh64`` or a hashlib name), read in
+    4 MiB chunks."""
+    if algo.startswith("xxh"):
+        import xxhash
+
+        h = getattr(xxhash, algo)()
+    else:
+        h = hashlib.new(algo)
+    with open(path, "rb") as f:
+        while chunk := f.read(HASH_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def shard_checksum(info: dict[str, Any]) -> tuple[str, str] | None:
+    """(algorithm, digest) recorded for a shard file in ``index.json``: xxh64, else sha1; None if neither."""
+    hashes = info.get("hashes") or {}
+    algo = next((a for a in ("xxh64", "sha1") if a in hashes), None)
+    return None if algo is None else (algo, hashes[algo])
+
+
 def verify_shards(split_dir: str | Path, level: str = "size") -> int:
     """Check every shard of an MDS split against its ``index.json``; returns the number checked.
 
     ``size`` (cheap, catches truncation) compares file sizes; ``hash`` also recomputes each shard's xxh64
     (or sha1) and catches same-size corruption at the cost of reading every byte.
     """
-    from streaming.base.hashing import get_hash
-
     if level not in VERIFY_LEVELS:
         raise ValueError(f"verify={level!r}: choose one of {VERIFY_LEVELS}")
     split_dir = Path(split_dir)
@@ -84,14 +110,14 @@ def verify_shards(split_dir: str | Path, level: str = "size") -> int:
                     f"truncated or corrupted; rebuild or re-download the corpus"
                 )
             if level == "hash":
-                algo = next((a for a in ("xxh64", "sha1") if a in info.get("hashes", {})), None)
-                if algo is None:
+                recorded = shard_checksum(info)
+                if recorded is None:
                     raise CorruptShardError(
                         f"shard {path} has no xxh64/sha1 hash in its index; cannot verify"
                     )
-                if get_hash(algo, path.read_bytes()) != info["hashes"][algo]:
+                if file_hash(path, recorded[0]) != recorded[1]:
                     raise CorruptShardError(
-                        f"shard {path} fails its {algo} checksum: corrupted; rebuild the corpus"
+                        f"shard {path} fails its {recorded[0]} checksum: corrupted; rebuild the corpus"
                     )
     return len(index["shards"])
 
@@ -103,8 +129,13 @@ class CorpusDataset(StreamingDataset):
     ``seed`` fixes the shuffle; ``batch_size`` must be the per-device batch size of the dataloader (streaming
     partitions by it; :func:`build_dataloader` fills it in when left ``None``). ``vocab_size`` /
     ``block_size`` / ``special_tokens`` are the model's, checked against the manifest before reading.
-    For a remote URI (or with ``local_cache`` set) shards are downloaded to ``local_cache`` and checked
-    against their xxh64 on arrival.
+    For a remote URI (or with ``local_cache`` set) the manifest and tokenizer are fetched into
+    ``local_cache`` first (:func:`acomp.data.remote.fetch_corpus`) and shards are downloaded there on demand;
+    ``manifest`` skips that fetch when the caller has just done it (the trainer: once per run).
+
+    ``verify`` (:data:`VERIFY_LEVELS`): unless ``none``, every shard's xxh64 is checked the first time this
+    process reads from it, local and remote alike, and a mismatch raises :class:`CorruptShardError` naming
+    the file; ``size`` (default) also checks a local corpus' shard sizes at construction, ``hash`` its hashes.
     """
 
     def __init__(
@@ -120,6 +151,7 @@ class CorpusDataset(StreamingDataset):
         block_size: int | None = None,
         special_tokens: dict[str, str | int] | None = None,
         verify: str = "size",
+        manifest: dict[str, Any] | None = None,
         epoch_size: int | str | None = None,
         predownload: int | None = None,
         cache_limit: int | str | None = None,
@@ -135,14 +167,15 @@ class CorpusDataset(StreamingDataset):
         if is_remote(source) or local_cache is not None:
             remote: str | None = source.rstrip("/")
             local = Path(local_cache) if local_cache is not None else default_cache_dir(source)
-            local.mkdir(parents=True, exist_ok=True)
-            self._fetch_manifest(remote, local, download_timeout)
+            if manifest is None:  # RemoteError (an OSError) names the URI and the cause
+                fetch_corpus(remote, local, timeout=download_timeout)
         else:
             remote = None
             local = Path(source.removeprefix("file://"))
             if not local.is_dir():
                 raise FileNotFoundError(f"corpus directory {local} does not exist")
-        manifest = read_manifest(local)
+        if manifest is None:
+            manifest = read_manifest(local)
         check_manifest(manifest, vocab_size=vocab_size, block_size=block_size, special_tokens=special_tokens)
         splits = manifest["splits"]
         if split not in splits:
@@ -159,7 +192,7 @@ class CorpusDataset(StreamingDataset):
             shuffle=shuffle,
             shuffle_seed=seed,
             batch_size=batch_size,
-            validate_hash="xxh64" if remote is not None else None,
+            validate_hash=None,  # hashed on first read instead (_check_shard), naming the file
             epoch_size=epoch_size,
             predownload=predownload,
             cache_limit=cache_limit,
@@ -171,24 +204,16 @@ class CorpusDataset(StreamingDataset):
         )
         self.manifest = manifest
         self.source = source
+        self.remote_dir = remote
         self.corpus_split = split
         self.block_size = int(manifest["block_size"])
         self.vocab_size = int(manifest["vocab_size"])
+        self.verify = verify
+        # Shards whose hash this process has checked (a dataloader worker is a process with its own copy).
+        self.verified_shards: set[int] = (
+            set(range(len(self.shards))) if verify == "hash" and remote is None else set()
+        )
         self._check_columns(local / split)
-
-    @staticmethod
-    def _fetch_manifest(remote: str, local: Path, timeout: float) -> None:
-        from streaming.base.storage import CloudDownloader
-
-        target = local / MANIFEST_NAME
-        if target.exists():
-            target.unlink()  # a cached manifest may describe an older build; always take the remote one
-        try:
-            CloudDownloader.direct_download(f"{remote}/{MANIFEST_NAME}", str(target), timeout)
-        except Exception as err:
-            raise FileNotFoundError(
-                f"cannot fetch the corpus manifest {remote}/{MANIFEST_NAME}: {err}"
-            ) from err
 
     def _check_columns(self, split_dir: Path) -> None:
         index = _read_index(split_dir)
@@ -206,7 +231,57 @@ class CorpusDataset(StreamingDataset):
         reader = self.shards[shard_id]
         return os.path.join(reader.dirname, reader.split or "", reader.raw_data.basename)
 
+    def shard_url(self, shard_id: int) -> str:
+        """Where a shard comes from: its remote URL, or its local path."""
+        if self.remote_dir is None:
+            return self.shard_path(shard_id)
+        reader = self.shards[shard_id]
+        info = reader.zip_data or reader.raw_data
+        return f"{self.remote_dir}/{self.corpus_split}/{info.basename}"
+
+    def _check_shard(self, shard_id: int) -> None:
+        """Have the shard here (download / decompress it) and check its xxh64 against ``index.json``."""
+        path = self.shard_path(shard_id)
+        try:
+            self.prepare_shard(shard_id)
+        except Exception as err:
+            first = (str(err).strip().splitlines() or [""])[0]
+            raise CorruptShardError(
+                f"cannot fetch shard {self.shard_url(shard_id)} into {path}: {type(err).__name__}: {first}"
+            ) from None
+        info = self.shards[shard_id].raw_data
+        recorded = shard_checksum({"hashes": info.hashes})
+        if recorded is None:
+            raise CorruptShardError(
+                f"shard {path} has no xxh64/sha1 hash in its index; cannot verify it (data.verify=none reads "
+                f"it unchecked)"
+            )
+        algo, digest = recorded
+        try:
+            actual = file_hash(path, algo)
+        except OSError as err:
+            raise CorruptShardError(f"cannot read shard {path}: {err}") from None
+        if actual != digest:
+            if self.remote_dir is None:
+                raise CorruptShardError(
+                    f"shard {path} fails its {algo} checksum: corrupted; rebuild the corpus"
+                )
+            raise CorruptShardError(
+                f"shard {path} fails its {algo} checksum: the copy downloaded from {self.shard_url(shard_id)} "
+                f"is corrupted (remote or in transit); delete the cached file and rerun, or rebuild and "
+                f"re-upload the corpus"
+            )
+
     def get_item(self, sample_id: int, retry: int = 7) -> dict[str, Any]:
+        shard_id, offset = self.spanner[sample_id]
+        if self.verify != "none" and shard_id not in self.verified_shards:
+            try:
+                self._check_shard(shard_id)
+            except CorruptShardError:
+                if hasattr(self, "_event"):  # stop this epoch's download threads, as streaming does on errors
+                    self._event.set()
+                raise
+            self.verified_shards.add(shard_id)
         try:
             sample = super().get_item(sample_id, retry)
             ids = sample["input_ids"]
@@ -217,7 +292,6 @@ class CorpusDataset(StreamingDataset):
             if top >= vocab:
                 raise ValueError(f"token id {top} is outside the corpus vocabulary ({vocab} tokens)")
         except Exception as err:
-            shard_id, offset = self.spanner[sample_id]
             raise CorruptShardError(
                 f"cannot read sample {offset} of shard {self.shard_path(shard_id)}: {type(err).__name__}: {err}"
             ) from err

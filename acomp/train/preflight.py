@@ -23,7 +23,7 @@ def corpus_identity(corpus: Corpus) -> dict:
     """What a checkpoint records about its corpus (checkpoints/<tag>/corpus.json)."""
     m = corpus.manifest
     return {
-        "path": str(corpus.path),
+        "path": corpus.source,
         "tokenizer_sha256": (m.get("tokenizer") or {}).get("sha256"),
         "vocab_size": m["vocab_size"],
         "block_size": m["block_size"],
@@ -37,7 +37,7 @@ def check_corpus(cfg: RunConfig, corpus: Corpus) -> None:
     built; `data.verify: hash` recomputes checksums later, when the datasets open)."""
     from acomp.data import check_manifest, verify_shards
 
-    where = f"data.path={str(corpus.path)!r}"
+    where = f"data.path={corpus.source!r}"
     if cfg.data.block_size is not None:
         try:
             check_manifest(corpus.manifest, block_size=cfg.data.block_size)
@@ -59,7 +59,7 @@ def check_corpus(cfg: RunConfig, corpus: Corpus) -> None:
                 f"{where}: data.val_split={split!r} is missing or empty, but train.eval_every="
                 f"{cfg.train.eval_every} evaluates on it (set train.eval_every=0 or rebuild with a val split)"
             )
-    if cfg.data.verify != "none":
+    if cfg.data.verify != "none" and corpus.uri is None:  # a remote corpus' shards are checked as they arrive
         for split in ["train", cfg.data.val_split] if cfg.train.eval_every else ["train"]:
             try:
                 verify_shards(corpus.path / split, "size")  # CorruptShardError names the shard file
@@ -91,7 +91,7 @@ def check_tokenizer(cfg: RunConfig, corpus: Corpus, base_vocab_size: int) -> Non
     name = cfg.model.name_or_path
     if name is None:
         return
-    where = f"data.path={str(corpus.path)!r}"
+    where = f"data.path={corpus.source!r}"
     model_tokenizer = _load_tokenizer(name)
     if model_tokenizer is None:
         extra = corpus.vocab_size - base_vocab_size
@@ -130,7 +130,7 @@ def check_resumed_corpus(checkpoint: Path, corpus: Corpus) -> None:
     ):
         if saved.get(key) != now.get(key):
             raise DataError(
-                f"data.path={str(corpus.path)!r} has another {what} than the corpus checkpoint {checkpoint} "
+                f"data.path={corpus.source!r} has another {what} than the corpus checkpoint {checkpoint} "
                 f"was trained on ({saved.get('path')}): {key} {now.get(key)!r} != {saved.get(key)!r}. Resume "
                 f"with that corpus, or start a new run from the exported weights (model.name_or_path) with "
                 f"train.resume=never"

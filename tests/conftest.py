@@ -1,0 +1,28 @@
+"""Session fixtures shared by tests/ and tests/faults/: a local S3-compatible server (tests/s3_server.py) and the
+trainer tests' tiny corpus uploaded to it once, with the user's command (`python -m acomp.data upload`)."""
+
+from __future__ import annotations
+
+import pytest
+from s3_server import BUCKET, start_s3_server
+from test_train_helpers import tiny_corpus
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    server = start_s3_server(tmp_path_factory.mktemp("s3"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def remote_tiny(s3, tmp_path_factory) -> str:
+    """s3:// URI of tests/test_train_helpers.py's tiny corpus, uploaded once per session (the command's main(),
+    in-process: a subprocess would spend its time importing torch)."""
+    from acomp.data.__main__ import main
+
+    uri = f"s3://{BUCKET}/tiny"
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        s3.apply(monkeypatch)
+        assert main(["upload", str(tiny_corpus(tmp_path_factory)), uri, "--quiet"]) == 0
+    return uri
