@@ -303,16 +303,8 @@ class _StaticDecoder:
 
     def _step(self) -> torch.Tensor:
         self.mask.index_fill_(-1, self.cache_position, 0.0)
-        logits = _decode(
-            self.model,
-            self.forward,
-            self.token,
-            self.mask,
-            self.position,
-            self.cache,
-            self.cache_position,
-            True,
-        )
+        inputs = (self.token, self.mask, self.position, self.cache, self.cache_position)
+        logits = _decode(self.model, self.forward, *inputs, grouped=True)
         self.position += 1
         self.cache_position += 1
         if self.greedy:
