@@ -264,16 +264,19 @@ def test_a_single_compact_summary_has_no_bias_and_the_cache_holds_only_its_vecto
 
     prompt = random_ids(1, 4, seed=3)
     handle = model.get_decoder().register_forward_hook(prefill_cache, with_kwargs=True)
+    gen = dict(max_new_tokens=3, eos_token_id=None)
     try:
-        out = model.generate(prompt, softprompt=compact, max_new_tokens=3, eos_token_id=None)
-        model.generate(prompt, softprompt=ctx.summary, max_new_tokens=3, eos_token_id=None)
+        out = model.generate(prompt, softprompt=compact, **gen)
+        want = model.generate(prompt, softprompt=ctx.summary, **gen)
     finally:
         handle.remove()
     # After the prefill: the kept vectors and the 4 prompt tokens; then one column per decoded token.
     assert cached == [kept + 4, kept + 5, kept + 6, 8 + 4, 8 + 5, 8 + 6]
-    assert torch.equal(
-        out, model.generate(prompt, softprompt=ctx.summary, max_new_tokens=3, eos_token_id=None)
-    )
+    assert torch.equal(out, want)
+    # An empty prompt continues from the last present vector (the full width's last slot is absent).
+    empty = prompt[:, :0]
+    want = model.generate(empty, softprompt=ctx.summary, **gen)
+    assert torch.equal(model.generate(empty, softprompt=compact, **gen), want)
 
 
 def test_a_fixed_mode_summary_is_left_as_it_is():
