@@ -103,9 +103,9 @@ class DataConfig:
     num_workers: int = 0
     val_split: str = "val"
     # Shard integrity: unless "none", each shard's xxh64 is checked when a process first reads from it (local
-    # and remote corpora; a mismatch stops the run naming the file). Up front, before the model is built,
-    # "size" (default) also compares a local corpus' shard sizes with index.json, "hash" its hashes (reads the
-    # whole corpus on every rank first).
+    # and remote corpora; a mismatch stops the run naming the file). Up front, "size" (default) also compares
+    # a local corpus' shard sizes with index.json before the model is built; "hash" also recomputes every
+    # local shard's hash before the first step (reads the whole corpus on every rank first).
     verify: str = "size"
     # Local cache of a remote data.path (s3://...): its manifest, tokenizer and downloaded shards, reused by
     # later runs. null = $TMPDIR/acomp-corpus-cache/<hash of the URI>. Node-local disk; one job at a time.

@@ -283,3 +283,33 @@ def test_a_corrupted_remote_shard_is_named(env, corpus, tmp_path):
         f"rebuild and re-upload the corpus"
     )
     del ds
+
+
+def test_a_cache_in_use_is_refused_with_one_line(env, remote_tiny, tmp_path):
+    """Streaming allows one live dataset per cache directory on a machine: a second job gets one line."""
+    from acomp.config import config_from_dict
+    from acomp.train.data import train_loader
+
+    cache = tmp_path / "cache"
+    cfg = config_from_dict(
+        {"model": {"arch": {"hidden_size": 64}}, "data": {"path": remote_tiny, "cache_dir": str(cache)}}
+    )
+    corpus = open_corpus(remote_tiny, cache)
+    first = train_loader(cfg, corpus, 2)
+    with pytest.raises(DataError) as raised:
+        train_loader(cfg, corpus, 2)
+    assert str(raised.value) == (
+        f"data.path={remote_tiny!r}: its cache {cache} is in use by another job on this machine (streaming allows "
+        f"one live dataset per cache directory); give this run another data.cache_dir"
+    )
+    del first
+
+
+def test_the_endpoint_may_come_from_aws_endpoint_url(s3, remote_tiny, corpus, tmp_path, monkeypatch):
+    """boto3's own variable works as well as streaming's S3_ENDPOINT_URL, for the manifest and the shards."""
+    s3.apply(monkeypatch)
+    monkeypatch.delenv("S3_ENDPOINT_URL")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3.endpoint)
+    ds = CorpusDataset(remote_tiny, "val", local_cache=tmp_path / "cache", shuffle=False, batch_size=1)
+    assert torch.equal(blocks(ds), local_blocks(corpus, "val"))
+    del ds

@@ -156,6 +156,8 @@ def train_loader(cfg: RunConfig, corpus: Corpus, micro_batch_size: int):
         dataset = _dataset(
             cfg, corpus, "train", shuffle=cfg.data.shuffle, seed=cfg.train.seed, batch_size=micro_batch_size
         )
+    except DataError:
+        raise
     except (FileNotFoundError, ValueError, RemoteError) as e:
         raise DataError(f"data.path={corpus.source!r}: {e}") from None
     import torch
