@@ -29,7 +29,8 @@ try:
 except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from acomp.data import SourceFormatError, build_corpus  # noqa: E402
+from acomp.data import RemoteError, SourceFormatError, build_corpus, upload_corpus  # noqa: E402
+from acomp.data.remote import stage_dir  # noqa: E402
 
 RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
 
@@ -125,7 +126,15 @@ def parser() -> argparse.ArgumentParser:
         "--seed", type=int, help="seed of the train/val assignment (default: recipe's, else 0)"
     )
     output = p.add_argument_group("output")
-    output.add_argument("--out", required=True, help="output corpus directory")
+    output.add_argument(
+        "--out",
+        required=True,
+        help="output corpus directory, or s3://bucket/prefix (built in --stage, then uploaded)",
+    )
+    output.add_argument(
+        "--stage",
+        help="with an s3:// --out: where to build first (default: $TMPDIR/acomp-corpus-stage/<hash>)",
+    )
     output.add_argument(
         "--overwrite", action="store_true", help="replace a different corpus already at --out"
     )
@@ -177,10 +186,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     argv_used = sys.argv[1:] if argv is None else argv
     command = " ".join(shlex.quote(a) for a in ["python", "preprocess/build_corpus.py", *argv_used])
+    # A remote --out is built locally first (kept, so a rerun finds it up to date), then uploaded manifest last.
+    out = (args.stage or str(stage_dir(args.out))) if "://" in args.out else args.out
     try:
         manifest = build_corpus(
             source=args.source,
-            out=args.out,
+            out=out,
             tokenizer=args.tokenizer,
             train_tokenizer_vocab=args.train_tokenizer,
             tokenizer_train_chars=args.tokenizer_train_chars,
@@ -203,6 +214,13 @@ def main(argv: list[str] | None = None) -> int:
             progress=not args.quiet,
             command=command,
         )
+        if out != args.out:
+            upload_corpus(
+                out, args.out, overwrite=args.overwrite, log=(lambda line: None) if args.quiet else print
+            )
+    except RemoteError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     except (ValueError, FileExistsError, FileNotFoundError, SourceFormatError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -313,3 +313,27 @@ def test_the_endpoint_may_come_from_aws_endpoint_url(s3, remote_tiny, corpus, tm
     ds = CorpusDataset(remote_tiny, "val", local_cache=tmp_path / "cache", shuffle=False, batch_size=1)
     assert torch.equal(blocks(ds), local_blocks(corpus, "val"))
     del ds
+
+
+def test_build_corpus_with_an_s3_out_builds_then_uploads(env, corpus, tmp_path, capsys):
+    """`preprocess/build_corpus.py --out s3://...`: one command; the local build is kept in --stage, so a rerun
+    is up to date and uploads nothing."""
+    import importlib.util
+
+    from test_train_helpers import REPO
+
+    spec = importlib.util.spec_from_file_location("build_corpus_cli", REPO / "preprocess" / "build_corpus.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    uri, stage = f"s3://{BUCKET}/built", tmp_path / "stage"
+    args = ["--source", "stdlib", "--tokenizer", str(corpus / "tokenizer"), "--block-size", "128"]
+    args += ["--limit-docs", "20", "--num-workers", "1", "--out", uri, "--stage", str(stage), "--quiet"]
+    assert cli.main(args) == 0
+    assert fetch_corpus(uri, tmp_path / "cache") == read_manifest(stage)
+    assert keys_under(env, "built/") == {f"built/{f}" for f in files(stage)}
+    capsys.readouterr()
+    assert cli.main(args[:-1]) == 0  # not --quiet: the upload reports what it did
+    assert (
+        f"{uri} already holds this corpus (the same manifest.json): nothing to upload"
+        in capsys.readouterr().out
+    )

@@ -18,6 +18,7 @@ instance roles; none at all = unsigned requests, for public buckets), the endpoi
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -188,6 +189,12 @@ class StreamingCorpus:
 
 def open_remote(uri: str, timeout: float = 60) -> S3Corpus | StreamingCorpus:
     return S3Corpus(uri, timeout) if split_uri(uri)[0] == "s3" else StreamingCorpus(uri, timeout)
+
+
+def stage_dir(uri: str) -> Path:
+    """Where ``preprocess/build_corpus.py --out URI`` builds before uploading: stable per URI, so a rerun after
+    an interrupted upload finds the build up to date and only uploads."""
+    return Path(tempfile.gettempdir()) / "acomp-corpus-stage" / hashlib.sha256(uri.encode()).hexdigest()[:16]
 
 
 def is_local_leader() -> bool:
