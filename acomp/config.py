@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,69 +19,47 @@ from typing import Any
 
 import yaml
 
+from acomp.modeling.config import CompressionFields, KernelFields
+
 
 class ConfigError(ValueError):
     """A config key is unknown, has the wrong type or an invalid value; the message names the key."""
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(KernelFields):
+    """The base model, its attention and speed settings (`sdpa_backend`, `loss_chunk_size`: KernelFields)."""
+
     # HF directory or hub name of the base model (or of an AutoCompressor to keep training); null = build a
     # fresh, randomly initialised model of `family` from `arch` (tests, the tiny demo).
     name_or_path: str | None = None
-    family: str = "llama"  # fresh init only: llama | opt | mistral | qwen2 | qwen3
+    family: str = "llama"  # fresh init only: a key of acomp.modeling.MODEL_CLASSES
     arch: dict = field(default_factory=dict)  # fresh init only: transformers config kwargs (hidden_size, ...)
     attn_implementation: str = "sdpa"  # passed to transformers: sdpa | eager | flash_attention_2
-    sdpa_backend: str = (
-        "auto"  # SDPA kernel tried first: auto (cudnn on Hopper) | cudnn | flash | efficient | math
-    )
     # Copy the EOS embedding into every summary row after loading: "auto" = only when the loaded checkpoint
     # has no `embed_summary.weight` (a base model), "always", "never".
     init_summary_from_eos: str = "auto"
-    # The loss runs the LM head + cross-entropy over at most this many tokens at a time (each chunk
-    # checkpointed), so [tokens, vocab] logits are never kept for backward; 0 = all tokens at once.
-    loss_chunk_size: int = 4096
-    # torch.compile each decoder layer (regional compilation; off until measured to win, docs/PERFORMANCE.md).
-    compile_layers: bool = False
+    # torch.compile each decoder layer (regional compilation; the sequence dimension is dynamic when segment
+    # boundaries are random), with every ZeRO stage; null = on GPUs, not on CPU (docs/PERFORMANCE.md).
+    compile_layers: bool | None = None
     # Liger-kernel's fused RMSNorm / RoPE / SwiGLU for Llama-family models (needs the liger-kernel package).
     liger_kernel: bool = False
 
 
 @dataclass
-class CompressionConfig:
-    summary_length: int = 50  # summary tokens (= summary vectors) per segment, kappa in the paper
-    accumulate_summary: bool = True  # softprompt = all previous summaries (AutoCompressor) vs last only (RMT)
-    segment_gradient_checkpointing: bool = True  # recompute each segment in backward (non-reentrant)
+class CompressionConfig(CompressionFields):
+    """The model's compression fields (CompressionFields: summary_length, ...) plus how the trainer cuts
+    blocks into BPTT substeps and segments (acomp.train.segments)."""
+
     training_substeps: int = 2  # BPTT windows per sequence; the softprompt is detached between them
     segments_per_substep: int = 2  # segments inside one window; gradients flow through their summaries
-    randomize_substeps: bool = True  # draw segment boundaries per substep (paper) instead of segment_lengths
+    randomize_segments: bool = True  # draw segment boundaries per substep (paper) instead of segment_lengths
     segment_lengths: list[int] = field(default_factory=list)  # fixed mode: the segments of one substep
     # Longest segment allowed in randomized mode; null = derived from the model's position budget
     # (see acomp.train.segments.segment_position_budget).
     max_segment_length: int | None = None
     # Randomized mode: boundaries on multiples of this many tokens (1 = the paper's token granularity).
-    # 64 or 128 keeps the number of distinct segment shapes small: cudnn attention plans per shape.
     segment_multiple: int = 1
-    # Variable-length compression (issue 5); passed to the model config unchanged.
-    compression_mode: str = "fixed"  # fixed | variable
-    compression_max_len: int = 8
-    compression_lambda: float = 0.0
-    compression_alpha: float = 1.0
-    compress_stop_threshold: float | None = None
-
-    def model_fields(self) -> dict:
-        """The fields an AutoCompressor's transformers config carries (acomp.modeling.COMPRESSION_DEFAULTS)."""
-        names = (
-            "summary_length",
-            "accumulate_summary",
-            "segment_gradient_checkpointing",
-            "compression_mode",
-            "compression_max_len",
-            "compression_lambda",
-            "compression_alpha",
-            "compress_stop_threshold",
-        )
-        return {name: getattr(self, name) for name in names}
 
 
 @dataclass
@@ -176,17 +155,29 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
-_CHOICES = {
-    "model.family": ("llama", "opt", "mistral", "qwen2", "qwen3"),
-    "model.attn_implementation": ("sdpa", "eager", "flash_attention_2"),
-    "model.sdpa_backend": ("auto", "cudnn", "flash", "efficient", "math"),
-    "compression.compression_mode": ("fixed", "variable"),
-    "model.init_summary_from_eos": ("auto", "always", "never"),
-    "optim.schedule": ("linear", "cosine", "constant"),
-    "train.precision": ("auto", "bf16", "fp32"),
-    "data.verify": ("none", "size", "hash"),
-    "logging.wandb": ("disabled", "offline", "online"),
-}
+# Renamed keys: the old name is still read, with a message saying the new one.
+RENAMED_KEYS = {"compression.randomize_substeps": "compression.randomize_segments"}
+
+
+def choices() -> dict[str, tuple[str, ...]]:
+    """The allowed values of every key that takes one of a few names, read from where each list lives."""
+    from acomp.data.dataset import VERIFY_LEVELS
+    from acomp.modeling.attention import ATTN_IMPLEMENTATIONS
+    from acomp.modeling.config import COMPRESSION_MODES, SDPA_BACKENDS
+    from acomp.modeling.models import MODEL_CLASSES
+    from acomp.train.optim import SCHEDULES
+
+    return {
+        "model.family": tuple(MODEL_CLASSES),
+        "model.attn_implementation": ATTN_IMPLEMENTATIONS,
+        "model.sdpa_backend": SDPA_BACKENDS,
+        "model.init_summary_from_eos": ("auto", "always", "never"),
+        "compression.compression_mode": COMPRESSION_MODES,
+        "optim.schedule": SCHEDULES,
+        "train.precision": ("auto", "bf16", "fp32"),
+        "data.verify": tuple(VERIFY_LEVELS),
+        "logging.wandb": ("disabled", "offline", "online"),
+    }
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
@@ -227,9 +218,27 @@ def set_dotted(raw: dict, key: str, value: Any) -> None:
 
 
 def config_from_dict(raw: dict) -> RunConfig:
+    raw = _renamed(raw)
     cfg = _build(RunConfig, raw, prefix="")
     validate(cfg)
     return cfg
+
+
+def _renamed(raw: dict) -> dict:
+    """`raw` with renamed keys moved to their new names (a message on stderr for each)."""
+    for old, new in RENAMED_KEYS.items():
+        section, old_name = old.split(".")
+        part = raw.get(section)
+        if not isinstance(part, dict) or old_name not in part:
+            continue
+        new_name = new.split(".")[1]
+        if new_name in part:
+            raise ConfigError(f"config keys {old!r} and {new!r} are the same setting; keep only {new!r}")
+        part = dict(part)
+        part[new_name] = part.pop(old_name)
+        raw = {**raw, section: part}
+        print(f"config: {old!r} is now called {new!r}; please rename it", file=sys.stderr)
+    return raw
 
 
 def _build(cls: type, raw: Any, prefix: str) -> Any:
@@ -311,11 +320,11 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
 
 def validate(cfg: RunConfig) -> None:
     """Cross-field checks that need no model or data; each error names the offending key and value."""
-    for key, choices in _CHOICES.items():
+    for key, allowed in choices().items():
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
-        if value not in choices:
-            raise ConfigError(f"config key {key!r} must be one of {', '.join(choices)}; got {value!r}")
+        if value not in allowed:
+            raise ConfigError(f"config key {key!r} must be one of {', '.join(allowed)}; got {value!r}")
     c, t = cfg.compression, cfg.train
     _positive(
         ("compression.training_substeps", c.training_substeps),
@@ -352,10 +361,10 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"config key 'optim.betas' must have 2 values, got {cfg.optim.betas}")
     if not 0.0 <= cfg.optim.min_lr_ratio <= 1.0:
         raise ConfigError(f"config key 'optim.min_lr_ratio' must be in [0, 1], got {cfg.optim.min_lr_ratio}")
-    if not c.randomize_substeps:
+    if not c.randomize_segments:
         if not c.segment_lengths:
             raise ConfigError(
-                "compression.randomize_substeps is false, so compression.segment_lengths is needed"
+                "compression.randomize_segments is false, so compression.segment_lengths is needed"
             )
         if len(c.segment_lengths) != c.segments_per_substep:
             raise ConfigError(

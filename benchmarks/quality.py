@@ -195,7 +195,7 @@ def pretrain_config(plan: Plan):
                 "segment_gradient_checkpointing": False,
                 "training_substeps": plan.block_size // plan.window,
                 "segments_per_substep": 1,
-                "randomize_substeps": False,
+                "randomize_segments": False,
                 "segment_lengths": [plan.window],
             },
             **_common(
@@ -223,7 +223,7 @@ def finetune_config(plan: Plan):
                 "segment_gradient_checkpointing": False,
                 "training_substeps": plan.substeps,
                 "segments_per_substep": plan.segments_per_substep,
-                "randomize_substeps": True,
+                "randomize_segments": True,
                 "segment_multiple": plan.segment_multiple,
             },
             **_common(

@@ -106,7 +106,7 @@ def test_paper_hyperparameters():
     assert llama.lora.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj"]
     assert llama.lora.modules_to_save == ["embed_summary"]
     assert (llama.optim.lr, llama.optim.warmup_steps, llama.train.global_batch_size) == (8e-4, 5000, 32)
-    assert llama.compression.summary_length == 50 and llama.compression.randomize_substeps
+    assert llama.compression.summary_length == 50 and llama.compression.randomize_segments
     opt = load_config(REPO / "configs" / "opt-2.7b-6k.yaml")
     assert (opt.optim.lr, opt.train.global_batch_size, opt.optim.warmup_steps) == (2e-5, 16, 1000)
     assert not opt.lora.enabled
@@ -151,3 +151,37 @@ def test_launcher_reports_a_bad_key_before_building_anything():
     )
     assert proc.returncode == 2
     assert "unknown config key 'train.max_step' (did you mean 'train.max_steps'?)" in proc.stderr
+
+
+def test_a_renamed_key_is_read_under_its_new_name_with_a_message(capsys):
+    raw = {
+        "model": {"name_or_path": "x"},
+        "compression": {"randomize_substeps": False, "segment_lengths": [8, 8]},
+    }
+    cfg = config_from_dict(raw)
+    assert cfg.compression.randomize_segments is False
+    message = "'compression.randomize_substeps' is now called 'compression.randomize_segments'"
+    assert message in capsys.readouterr().err
+    raw["compression"]["randomize_segments"] = True
+    with pytest.raises(
+        ConfigError, match="randomize_substeps' and 'compression.randomize_segments' are the same"
+    ):
+        config_from_dict(raw)
+
+
+def test_model_and_run_config_share_one_set_of_compression_defaults():
+    """The trainer's model gets the library's defaults: the run config extends the model's fields."""
+    from acomp.modeling import COMPRESSION_DEFAULTS
+    from acomp.modeling.config import config_fields
+
+    cfg = RunConfig()
+    assert {**config_fields(cfg.compression), **config_fields(cfg.model)} == COMPRESSION_DEFAULTS
+
+
+def test_choices_come_from_the_registries_that_define_them():
+    from acomp.config import choices
+    from acomp.modeling import MODEL_CLASSES
+
+    assert choices()["model.family"] == tuple(MODEL_CLASSES)
+    with pytest.raises(ConfigError, match="'model.family' must be one of opt, llama, mistral, qwen2, qwen3"):
+        load_config(REPO / "configs" / "tiny.yaml", ["model.family=gemma"])

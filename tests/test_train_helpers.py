@@ -56,7 +56,7 @@ def tiny_config(corpus: Path, output_dir: Path, **sections) -> dict:
             "summary_length": 4,
             "training_substeps": 2,
             "segments_per_substep": 2,
-            "randomize_substeps": False,
+            "randomize_segments": False,
             "segment_lengths": [32, 32],
             "segment_gradient_checkpointing": True,
         },

@@ -40,7 +40,7 @@ def tiny_model(summary_length: int = 3) -> LlamaAutoCompressorModel:
 # ------------------------------------------------------------------------------------------ segmentation
 def test_fixed_segments_keep_the_last_tokens():
     cfg = CompressionConfig(
-        training_substeps=2, segments_per_substep=2, randomize_substeps=False, segment_lengths=[3, 5]
+        training_substeps=2, segments_per_substep=2, randomize_segments=False, segment_lengths=[3, 5]
     )
     ids = torch.arange(20).expand(2, -1)
     subs = split_substeps(ids, cfg, max_segment_length=100)
@@ -65,7 +65,7 @@ def test_random_segments_follow_the_original_rule():
 
 
 def test_random_substeps_are_equal_slices_and_reproducible():
-    cfg = CompressionConfig(training_substeps=3, segments_per_substep=2, randomize_substeps=True)
+    cfg = CompressionConfig(training_substeps=3, segments_per_substep=2, randomize_segments=True)
     ids = torch.arange(301).unsqueeze(0)
     a = split_substeps(ids, cfg, 1000, segment_generator(0, step=5, micro=0, rank=0))
     b = split_substeps(ids, cfg, 1000, segment_generator(0, step=5, micro=0, rank=0))
@@ -190,3 +190,30 @@ def test_random_segments_on_a_grid():
     draws = [random_segment_lengths(3072 + 5, 2, 2048, g, multiple=128) for _ in range(100)]
     assert all(sum(d) == 3077 and max(d) <= 2048 and d[0] % 128 == 0 and (d[1] - 5) % 128 == 0 for d in draws)
     assert len({tuple(d) for d in draws}) <= 9  # 1024..2048 in steps of 128
+
+
+@pytest.mark.parametrize(
+    "length, max_segment, multiple, first_lengths",
+    [
+        # The original draws the cut from the free tokens 0..free-1: a first segment in [min, L - min - 1].
+        (3072, 2048, 64, range(1024, 1985, 64)),  # OPT 6K: [1024, 2047] in tokens, on the grid
+        (3072, 3896, 64, range(64, 2945, 64)),  # Llama-2 6K: [2, 3069] in tokens, on the grid
+        (300, 3896, 1, range(2, 298)),  # multiple 1: exactly the original rule (tokens)
+    ],
+)
+def test_segment_multiple_puts_boundaries_on_a_grid_under_the_original_rule(
+    length, max_segment, multiple, first_lengths
+):
+    """Every boundary is a multiple of `segment_multiple`, every length within the original's bounds, and
+    every grid length the original's rule allows occurs (uniformly: no value more than 3x another)."""
+    cfg = CompressionConfig(training_substeps=2, segments_per_substep=2, segment_multiple=multiple)
+    ids = torch.zeros(1, 2 * length, dtype=torch.long)
+    seen = {}
+    for step in range(3000 if multiple > 1 else 20000):
+        for sub in split_substeps(ids, cfg, max_segment, segment_generator(0, step, 0, 0)):
+            first, second = sub.segment_lengths
+            assert first + second == length and first % multiple == 0
+            assert max(first, second) <= max_segment and min(first, second) >= 2
+            seen[first] = seen.get(first, 0) + 1
+    assert sorted(seen) == list(first_lengths)
+    assert max(seen.values()) < 3 * min(seen.values())

@@ -39,6 +39,8 @@ _ORDER = {
     "efficient": [SDPBackend.EFFICIENT_ATTENTION],
     "math": [],
 }
+SDPA_BACKENDS = ("auto", *_ORDER)  # auto: see sdpa_context
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 _TORCH_PRIORITY_SETTLED: set[int] = set()  # CUDA devices whose lazy SDPA priority initialisation has run
 
 

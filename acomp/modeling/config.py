@@ -1,35 +1,58 @@
 """Compression fields that an AutoCompressor adds to its base model's transformers config.
 
 They live on the base config object itself (as in the released checkpoints), so a checkpoint's
-config.json is the base model's plus these keys and the plain base class still loads it.
+config.json is the base model's plus these keys and the plain base class still loads it. The dataclasses
+below are the one declaration of these fields and their defaults: the run config (acomp/config.py) extends
+them, and `COMPRESSION_DEFAULTS` is derived from them.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
 from typing import Any
 
-COMPRESSION_DEFAULTS: dict[str, Any] = {
-    # Fixed-length summaries (the paper).
-    "summary_length": 50,  # summary tokens per segment; 0 turns compression off
-    "accumulate_summary": True,  # softprompt for segment k = summaries of all segments < k
-    "segment_gradient_checkpointing": False,  # recompute each segment but the last in backward
-    # Variable-length compression (issue 5). Reserved here so configs round-trip from day one.
-    "compression_mode": "fixed",  # "fixed" or "variable"
-    "compression_max_len": 8,
-    "compression_lambda": 0.0,
-    "compression_alpha": 1.0,
-    "compress_stop_threshold": None,
-    # Which SDPA kernel to try first: "auto" (cudnn on Hopper+, else torch's order), "cudnn", "flash",
-    # "efficient", "math". Ignored by flash_attention_2 / eager.
-    "sdpa_backend": "auto",
-    # Loss without full logits: when the caller does not ask for logits (return_logits=False, as the trainer
-    # does), the LM head and cross-entropy run over at most this many tokens at a time, each chunk
-    # checkpointed, so no [tokens, vocab] logits are kept for backward. 0 = one pass over all tokens.
-    "loss_chunk_size": 4096,
-}
+from .attention import SDPA_BACKENDS
 
 COMPRESSION_MODES = ("fixed", "variable")
-SDPA_BACKENDS = ("auto", "cudnn", "flash", "efficient", "math")
+
+
+@dataclass
+class CompressionFields:
+    """How a model compresses: what a checkpoint's config.json records."""
+
+    summary_length: int = 50  # summary tokens (= summary vectors) per segment, kappa in the paper; 0 = off
+    accumulate_summary: bool = True  # softprompt of segment k = summaries of all segments < k (else the last)
+    segment_gradient_checkpointing: bool = True  # recompute each segment but the last of a call in backward
+    # Variable-length compression (docs/VARIABLE_LENGTH.md).
+    compression_mode: str = "fixed"  # fixed | variable
+    compression_max_len: int = 8  # compression slots per segment (variable mode)
+    compression_lambda: float = 0.0  # weight of the length penalty
+    compression_alpha: float = 1.0  # weight of the earlier memory in the penalty's denominator
+    compress_stop_threshold: float | None = None  # inference: stop when P(<eoc>) exceeds it (None: argmax)
+
+
+@dataclass
+class KernelFields:
+    """How a model computes: kernel choices that leave results unchanged (also stored on the config)."""
+
+    # SDPA kernel tried first: auto (training with random segment boundaries: flash; otherwise cudnn on
+    # Hopper and newer) | cudnn | flash | efficient | math. Ignored by flash_attention_2 / eager.
+    sdpa_backend: str = "auto"
+    # The loss runs the LM head + cross-entropy over at most this many tokens at a time (each chunk
+    # checkpointed), so [tokens, vocab] logits are never kept for backward; 0 = all tokens at once.
+    loss_chunk_size: int = 4096
+
+
+COMPRESSION_DEFAULTS: dict[str, Any] = {
+    **dataclasses.asdict(CompressionFields()),
+    **dataclasses.asdict(KernelFields()),
+}
+
+
+def config_fields(obj) -> dict[str, Any]:
+    """The model-config fields of a run-config section that extends CompressionFields or KernelFields."""
+    return {name: getattr(obj, name) for name in COMPRESSION_DEFAULTS if hasattr(obj, name)}
 
 
 def apply_compression_fields(config, **overrides):

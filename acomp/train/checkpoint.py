@@ -308,6 +308,7 @@ def export_hf(engine, cfg: RunConfig, out_dir: Path, dist: Dist, tokenizer_dir: 
         tmp = out_dir.with_name(out_dir.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         base = unwrap(module)
+        base.config.sdpa_backend = cfg.model.sdpa_backend  # as configured, not as resolved for training
         is_peft = hasattr(module, "get_base_model")
         if is_peft and cfg.train.export_merge_lora:
             indices = module.peft_config[module.active_adapter].trainable_token_indices

@@ -7,6 +7,7 @@ summary table for `modules_to_save` under gathered parameters too), then the opt
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,7 @@ from pathlib import Path
 import torch
 
 from acomp.config import ConfigError, RunConfig
+from acomp.modeling.config import config_fields
 from acomp.train.distributed import Dist
 from acomp.train.optim import build_optimizer, build_scheduler
 
@@ -96,6 +98,11 @@ def resolve_ds_config(
     prefetch = int(0.9 * hidden_size * hidden_size)
     if world_size > 1:
         prefetch = max(ZERO3_BUCKET, prefetch)
+    # DeepSpeed's "memory-efficient linear" replaces torch.nn.functional.linear process-wide with an autograd
+    # function that reads each weight's ZeRO id; compiled layers then guard on that id and recompile for every
+    # layer. Whole-layer fetches (zero3_whole_layers) already gather the weights for backward.
+    if zero.get("stage") == 3:
+        zero.setdefault("memory_efficient_linear", False)
     for key, value in {
         "reduce_bucket_size": max(ZERO3_BUCKET, hidden_size * hidden_size),
         "stage3_prefetch_bucket_size": prefetch,
@@ -157,7 +164,12 @@ def base_model_config(cfg: RunConfig, tokenizer):
 
 
 def build_model(
-    cfg: RunConfig, tokenizer, ds_config: dict, dtype: torch.dtype, corpus_vocab: int | None = None
+    cfg: RunConfig,
+    tokenizer,
+    ds_config: dict,
+    dtype: torch.dtype,
+    corpus_vocab: int | None = None,
+    device: torch.device | None = None,
 ) -> torch.nn.Module:
     """The AutoCompressor to train, its summary table initialised, LoRA added if configured.
 
@@ -167,26 +179,20 @@ def build_model(
     global _HF_DS_CONFIG
     from acomp.modeling import AutoCompressorModel
 
-    if cfg.model.compile_layers and zero_stage(ds_config) == 3:
-        # ZeRO-3 swaps partitioned parameters in and out around each module; dynamo guards on them and
-        # recompiles until its limit (measured on one H100: 0.21x ZeRO-1 instead of 1.1x).
-        raise ConfigError(
-            "model.compile_layers is true with ZeRO stage 3 (ds_config zero_optimization.stage=3); "
-            "compiled layers need unpartitioned weights: use ZeRO-1/2 or set compile_layers: false"
-        )
-
-    fields = cfg.compression.model_fields()
-    fields["sdpa_backend"] = cfg.model.sdpa_backend
-    fields["loss_chunk_size"] = cfg.model.loss_chunk_size
+    fields = {**config_fields(cfg.compression), **config_fields(cfg.model)}
+    fields["sdpa_backend"] = training_sdpa_backend(cfg)
     if cfg.model.name_or_path is None:
         # Built whole on every rank from the same seed, so all ranks (and any world size) start identical;
-        # deepspeed.initialize partitions it. Fine for the small models trained from scratch.
+        # deepspeed.initialize partitions it. On a GPU it is initialised there (a host init of billions of
+        # parameters takes minutes).
         config = base_model_config(cfg, tokenizer)
         config._attn_implementation = cfg.model.attn_implementation
         if cfg.compression.compression_mode == "variable":
             config.update(control_token_ids(tokenizer))
         torch.manual_seed(cfg.train.seed)
-        model = AutoCompressorModel.from_config(config, **fields)  # fp32; DeepSpeed casts for bf16
+        on_gpu = device is not None and device.type == "cuda"
+        with torch.device(device) if on_gpu else contextlib.nullcontext():
+            model = AutoCompressorModel.from_config(config, **fields)  # fp32; DeepSpeed casts for bf16
         missing_summary = True
     else:
         if zero_stage(ds_config) == 3:
@@ -224,9 +230,27 @@ def build_model(
     for p in model.parameters():
         if p.is_floating_point() and p.dtype != dtype and not hasattr(p, "ds_id"):
             p.data = p.data.to(dtype)
-    if cfg.model.compile_layers:
-        compile_decoder_layers(model)
+    if compiles_layers(cfg, device):
+        compile_decoder_layers(model, dynamic=cfg.compression.randomize_segments)
     return model
+
+
+def training_sdpa_backend(cfg: RunConfig) -> str:
+    """`model.sdpa_backend` for training. `auto` with random segment boundaries is flash: cudnn (auto's
+    choice on Hopper) builds a plan for every new sequence length, and random boundaries make new lengths all
+    the time (benchmarks/RESULTS.md: 1.75x eager, 1.97x compiled on Llama-1B). The exported config keeps the
+    configured value."""
+    if cfg.model.sdpa_backend == "auto" and cfg.compression.randomize_segments:
+        return "flash"
+    return cfg.model.sdpa_backend
+
+
+def compiles_layers(cfg: RunConfig, device: torch.device | None) -> bool:
+    """`model.compile_layers`, where null means: compile on GPUs (where it wins), not on CPU (tests, the demo:
+    compilation would cost more than it saves)."""
+    if cfg.model.compile_layers is None:
+        return device is not None and device.type == "cuda"
+    return cfg.model.compile_layers
 
 
 def apply_liger_kernel(model: torch.nn.Module) -> None:
@@ -247,15 +271,16 @@ def apply_liger_kernel(model: torch.nn.Module) -> None:
     )  # fmt: skip
 
 
-def compile_decoder_layers(model: torch.nn.Module) -> None:
-    """torch.compile every decoder layer in place (regional compilation: one graph, reused by all layers;
-    the segment loop, the loss and DeepSpeed's hooks around the layers stay eager). Static shapes: each
-    distinct segment length (text + softprompt + summary) compiles once; fixed segment lengths give three
-    (the softprompt grows 0, k, 2k). With a dynamic sequence dimension the H100 run failed (cudnn attention
-    strides differ from the symbolic ones), and randomized segmentation recompiles per new length until
-    torch's recompile limit, after which those shapes run eager (docs/PERFORMANCE.md)."""
+def compile_decoder_layers(model: torch.nn.Module, dynamic: bool = False) -> None:
+    """torch.compile every decoder layer's forward in place (regional compilation: one graph, reused by all
+    layers; the segment loop, the loss and the module hooks around each layer stay eager).
+
+    Only `forward` is compiled, not the module call: DeepSpeed's ZeRO-3 hooks gather a layer's weights before
+    it and release them after it, outside the graph, so the graph always sees whole weights and never
+    recompiles for them. `dynamic` makes the sequence length a symbolic size (random segment boundaries give
+    every step new lengths: one graph serves them all); static shapes compile once per distinct length."""
     for layer in unwrap(model).get_decoder().layers:
-        layer.compile(dynamic=False)
+        layer.forward = torch.compile(layer.forward, dynamic=dynamic)
 
 
 def control_token_ids(tokenizer) -> dict:

@@ -13,6 +13,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,7 +22,15 @@ from acomp.config import RunConfig, save_config
 from acomp.train import faults
 from acomp.train.badsteps import BadStepGuard
 from acomp.train.checkpoint import Checkpointer, export_hf, rng_state, set_rng_state
-from acomp.train.data import Batches, check_corpus_fits, ensure_corpus, open_corpus, train_loader, val_dataset
+from acomp.train.data import (
+    Batches,
+    Corpus,
+    check_corpus_fits,
+    ensure_corpus,
+    open_corpus,
+    train_loader,
+    val_dataset,
+)
 from acomp.train.distributed import Dist, all_reduce_mean, init_distributed
 from acomp.train.engine import (
     BatchPlan,
@@ -59,6 +68,45 @@ class Preempted(Exception):
         self.checkpoint = checkpoint
 
 
+@dataclass
+class Trainer:
+    """Everything a run trains with, as `build` made it: the one set-up that launchers/train.py and the
+    benchmarks share."""
+
+    cfg: RunConfig
+    dist: Dist
+    corpus: Corpus
+    plan: BatchPlan
+    engine: Any  # the DeepSpeed engine around the (peft-wrapped) AutoCompressor
+    batches: Batches
+    max_segment: int  # longest segment the model's positions allow (segment_position_budget)
+    flops: FlopModel
+    peak_flops: float | None  # per device, for MFU
+
+
+def build(cfg: RunConfig, dist: Dist) -> Trainer:
+    """Corpus, checks, model, DeepSpeed engine and training batches, in the order they must happen: bad input
+    fails first, naming the thing, before anything is built."""
+    ensure_corpus(cfg, dist.is_main)
+    corpus = open_corpus(cfg.data.path)
+    check_corpus(cfg, corpus)
+    base_config = base_model_config(cfg, corpus.tokenizer)
+    check_tokenizer(cfg, corpus, base_config.vocab_size)
+    plan = plan_batches(cfg, dist.world_size)
+    ds_config = resolve_ds_config(cfg, plan, dist.world_size, dist.device, base_config.hidden_size)
+    dtype = torch.bfloat16 if use_bf16(cfg, dist.device) else torch.float32
+    model = build_model(cfg, corpus.tokenizer, ds_config, dtype, corpus.vocab_size, dist.device)
+    model_config = unwrap(model).config
+    check_corpus_fits(corpus, model_config)
+    max_segment = segment_position_budget(model_config, cfg.compression)
+    check_segments(cfg, corpus.block_size, max_segment)
+    flops = FlopModel.of(model, cfg)
+    engine = build_engine(model, cfg, ds_config, dist)
+    batches = Batches(train_loader(cfg, corpus, plan.micro_batch_size))
+    peak = peak_flops_per_device(cfg.train.peak_tflops, dist.device)
+    return Trainer(cfg, dist, corpus, plan, engine, batches, max_segment, flops, peak)
+
+
 def run(cfg: RunConfig) -> Path:
     """Train an AutoCompressor as `cfg` says; returns the output directory (raises Preempted on a signal)."""
     dist = init_distributed(cfg.train.dist_timeout_s)
@@ -67,25 +115,9 @@ def run(cfg: RunConfig) -> Path:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
     seed_everything(cfg.train.seed)
-
-    # Model, data and engine.
-    ensure_corpus(cfg, dist.is_main)
-    corpus = open_corpus(cfg.data.path)
-    check_corpus(cfg, corpus)  # bad input fails here, naming the thing, before anything is built
-    check_tokenizer(cfg, corpus, base_model_config(cfg, corpus.tokenizer).vocab_size)
-    plan = plan_batches(cfg, dist.world_size)
-    hidden = base_model_config(cfg, corpus.tokenizer).hidden_size
-    ds_config = resolve_ds_config(cfg, plan, dist.world_size, dist.device, hidden)
-    dtype = torch.bfloat16 if use_bf16(cfg, dist.device) else torch.float32
-    model = build_model(cfg, corpus.tokenizer, ds_config, dtype, corpus_vocab=corpus.vocab_size)
-    model_config = unwrap(model).config
-    check_corpus_fits(corpus, model_config)
-    max_segment = segment_position_budget(model_config, cfg.compression)
-    check_segments(cfg, corpus.block_size, max_segment)
-    flops = FlopModel.of(model, cfg)
-    engine = build_engine(model, cfg, ds_config, dist)
+    trainer = build(cfg, dist)
+    engine, batches, corpus = trainer.engine, trainer.batches, trainer.corpus
     faults.install(engine.module, dist.rank)  # fault injection for tests/faults/; no-op unless asked for
-    batches = Batches(train_loader(cfg, corpus, plan.micro_batch_size))
 
     # Resume.
     checkpoints = Checkpointer(out / "checkpoints", cfg.train.keep_checkpoints, dist, corpus_identity(corpus))
@@ -105,7 +137,6 @@ def run(cfg: RunConfig) -> Path:
     preemption = PreemptionHandler(dist.device)
     guard = BadStepGuard(cfg.train.max_bad_steps, engine, checkpoints.latest)
     checkpoint_due = False  # a periodic checkpoint falling on a skipped step waits for the next good one
-    peak = peak_flops_per_device(cfg.train.peak_tflops, dist.device)
     saved_step = step if resume_from is not None else -1
     engine.train()
     try:
@@ -113,16 +144,16 @@ def run(cfg: RunConfig) -> Path:
             started = time.perf_counter()
             lr = engine.get_lr()[0]
             faults.begin_step(step + 1)
-            outputs = train_step(engine, batches, cfg, plan, max_segment, step, dist)
+            outputs = train_step(trainer, step)
             step += 1
             seconds = time.perf_counter() - started
 
-            record = step_record(step, outputs, lr, engine, cfg, plan, dist, flops, seconds, peak)
+            record = step_record(trainer, step, outputs, lr, seconds)
             tokens_seen += record["tokens"]
             record["tokens_seen"] = tokens_seen
             record.update(guard.check(step, record["loss"]))  # a non-finite loss: the update was skipped
             if cfg.train.eval_every and (step % cfg.train.eval_every == 0 or step == cfg.train.max_steps):
-                record.update(evaluate(engine, cfg, corpus, max_segment))
+                record.update(evaluate(trainer))
             log.log(record)
             guard.stop_if_exhausted()  # train.max_bad_steps in a row: stop, the last good checkpoint intact
 
@@ -147,18 +178,17 @@ def run(cfg: RunConfig) -> Path:
     return out
 
 
-def train_step(
-    engine, batches: Batches, cfg: RunConfig, plan: BatchPlan, max_segment: int, step: int, dist: Dist
-) -> StepOutputs:
+def train_step(trainer: Trainer, step: int) -> StepOutputs:
     """One optimizer step on this rank: per micro-batch, the substeps in order with the softprompt (and, in
     the variable-length mode, its presence bias) carried detached from one to the next."""
+    cfg, engine, batches, dist = trainer.cfg, trainer.engine, trainer.batches, trainer.dist
     outputs = StepOutputs()
-    for micro in range(plan.accumulation):
+    for micro in range(trainer.plan.accumulation):
         # One asynchronous copy per micro-batch (pinned by the loader on GPU hosts): copying each substep from
         # pageable memory would make the host wait for the previous substep's backward every time.
         input_ids = next(batches)["input_ids"].to(engine.device, non_blocking=True)
         rng = segment_generator(cfg.train.seed, step, micro, dist.rank)
-        substeps = split_substeps(input_ids, cfg.compression, max_segment, rng)
+        substeps = split_substeps(input_ids, cfg.compression, trainer.max_segment, rng)
         softprompt, bias, micro_losses = None, None, []
         for i, substep in enumerate(substeps):
             carry = i < len(substeps) - 1  # the last substep's summaries would go unused
@@ -231,19 +261,20 @@ def truncate_bptt(softprompt: torch.Tensor | None) -> torch.Tensor | None:
     return None if softprompt is None else softprompt.detach()
 
 
-def step_record(step, outputs: StepOutputs, lr, engine, cfg, plan, dist, flops, seconds, peak) -> dict:
+def step_record(trainer: Trainer, step: int, outputs: StepOutputs, lr: float, seconds: float) -> dict:
     """The metrics of one optimizer step, averaged over ranks (one collective)."""
+    cfg, dist, peak = trainer.cfg, trainer.dist, trainer.peak_flops
     losses, segments = outputs.losses, outputs.segments
     per_substep = torch.stack([torch.stack(m) for m in losses]).float().mean(dim=0).tolist()
-    micro = plan.micro_batch_size
+    micro = trainer.plan.micro_batch_size
     tokens = sum(sum(sum(sub) for sub in seq) for seq in segments) * micro
-    step_flops = sum(flops.per_sequence(seq) for seq in segments) * micro
+    step_flops = sum(trainer.flops.per_sequence(seq) for seq in segments) * micro
     lengths = summary_length_stats(outputs.summary_lengths, cfg.compression.compression_max_len)
     reduced = all_reduce_mean([*per_substep, tokens, step_flops, *lengths], dist.device)
     n = len(per_substep)
     per_substep, tokens, step_flops = reduced[:n], reduced[n], reduced[n + 1]
     world_tokens, world_flops = tokens * dist.world_size, step_flops * dist.world_size
-    grad_norm = engine.get_global_grad_norm()
+    grad_norm = trainer.engine.get_global_grad_norm()
     record = {
         "step": step,
         "loss": sum(per_substep) / len(per_substep),
@@ -275,9 +306,10 @@ def summary_length_stats(lengths: list[torch.Tensor], max_len: int) -> list[floa
     return [values.mean().item(), *(bins / values.numel()).tolist()]
 
 
-def evaluate(engine, cfg: RunConfig, corpus, max_segment: int) -> dict:
+def evaluate(trainer: Trainer) -> dict:
     """Held-out perplexity of the last segment, no context vs summary vectors (see acomp.train.evaluate)."""
-    lengths = eval_segment_lengths(cfg, corpus.block_size, max_segment)
+    cfg, engine, corpus = trainer.cfg, trainer.engine, trainer.corpus
+    lengths = eval_segment_lengths(cfg, corpus.block_size, trainer.max_segment)
     result = evaluate_summary_ppl(
         engine.module,
         val_dataset(cfg, corpus),
@@ -295,7 +327,7 @@ def evaluate(engine, cfg: RunConfig, corpus, max_segment: int) -> dict:
 def eval_segment_lengths(cfg: RunConfig, block_size: int, max_segment: int) -> list[int]:
     """The segments of one training sequence: fixed ones repeated per substep, else equal cuts."""
     c = cfg.compression
-    if not c.randomize_substeps:
+    if not c.randomize_segments:
         return list(c.segment_lengths) * c.training_substeps
     n = c.training_substeps * c.segments_per_substep
     length = min(block_size // n, max_segment)

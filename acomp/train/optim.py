@@ -8,6 +8,8 @@ import torch
 
 from acomp.config import OptimConfig
 
+SCHEDULES = ("linear", "cosine", "constant")  # after warmup; see lr_factor
+
 
 def build_optimizer(
     model: torch.nn.Module, cfg: OptimConfig, cpu_offload: bool = False

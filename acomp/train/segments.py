@@ -1,4 +1,4 @@
-"""Cut a batch of blocks into BPTT substeps and each substep into segments (paper section 3, spec 3.1-3.3).
+"""Cut a batch of blocks into BPTT substeps and each substep into segments (paper section 3).
 
 A block of L tokens becomes `training_substeps` contiguous, (nearly) equal slices. Each slice is one
 truncated-BPTT window: its `segments_per_substep` segments are compressed in one model call, so gradients
@@ -33,13 +33,14 @@ def split_substeps(
     generator: torch.Generator | None = None,
 ) -> list[Substep]:
     """A batch of blocks [B, L] -> the substeps of one training step, in order."""
-    if cfg.randomize_substeps:
-        slices = _equal_slices(input_ids, cfg.training_substeps)
+    if cfg.randomize_segments:
+        per = cfg.segments_per_substep
         return [
             Substep(
-                s, random_segment_lengths(s.shape[1], cfg.segments_per_substep, max_segment_length, generator)
+                s,
+                random_segment_lengths(s.shape[1], per, max_segment_length, generator, cfg.segment_multiple),
             )
-            for s in slices
+            for s in _equal_slices(input_ids, cfg.training_substeps)
         ]
     lengths = list(cfg.segment_lengths)
     need = sum(lengths) * cfg.training_substeps
@@ -68,23 +69,14 @@ def random_segment_lengths(
     generator: torch.Generator | None = None,
     multiple: int = 1,
 ) -> list[int]:
-    """`n` segment lengths summing to `length`, each in [min_len, max_segment_length] (spec 3.2).
+    """`n` segment lengths summing to `length`, each in [min_len, max_segment_length] (the original's rule).
 
     min_len = max(ceil((length - M) / (n - 1)), 2) guarantees no segment exceeds M; the n - 1 cut points
     are drawn without replacement, uniformly, from the `length - n * min_len` free tokens.
-    With `multiple` > 1 the same rule runs in units of `multiple` tokens (the last segment takes the
-    remainder), so only a few distinct segment shapes occur: attention kernels that plan per shape
-    (cudnn SDPA) then stop re-planning at every step.
+    With `multiple` > 1 the same rule runs on a grid of `multiple` tokens (every boundary is a multiple of
+    it; the last segment also takes the `length % multiple` tokens left over), so only a few distinct segment
+    shapes occur. A slice too short for the grid falls back to token granularity.
     """
-    if multiple > 1:
-        units, rest = divmod(length, multiple)
-        max_units = (max_segment_length - rest) // multiple
-        if units >= n and max_units >= 1:
-            lengths = random_segment_lengths(units, n, max_units, generator, 1)
-            lengths = [u * multiple for u in lengths]
-            lengths[-1] += rest
-            return lengths
-        # too short to quantise: fall back to token granularity
     if n == 1:
         if length > max_segment_length:
             raise ValueError(
@@ -92,16 +84,22 @@ def random_segment_lengths(
                 "raise compression.segments_per_substep or training_substeps"
             )
         return [length]
-    min_len = max(math.ceil((length - max_segment_length) / (n - 1)), 2)
-    free = length - n * min_len
+    units, rest = divmod(length, multiple)
+    max_units = (max_segment_length - rest) // multiple
+    min_units = max(math.ceil((units - max_units) / (n - 1)), math.ceil(2 / multiple))
+    free = units - n * min_units
     if free < n - 1:
+        if multiple > 1:
+            return random_segment_lengths(length, n, max_segment_length, generator)
         raise ValueError(
             f"cannot cut {length} tokens into {n} segments of at most {max_segment_length} tokens "
-            f"(each needs >= {min_len}); raise compression.training_substeps or segments_per_substep"
+            f"(each needs >= {min_units}); raise compression.training_substeps or segments_per_substep"
         )
     cuts = torch.multinomial(torch.ones(free), n - 1, replacement=False, generator=generator)
     points = [0, *sorted(cuts.tolist()), free]
-    return [b - a + min_len for a, b in zip(points[:-1], points[1:])]
+    lengths = [(b - a + min_units) * multiple for a, b in zip(points[:-1], points[1:])]
+    lengths[-1] += rest
+    return lengths
 
 
 def segment_position_budget(model_config, cfg: CompressionConfig) -> int:
