@@ -1,5 +1,6 @@
-"""benchmarks/train_throughput.py --smoke: the benchmark's real trainer path (DeepSpeed ZeRO-1/3, LoRA, the
-naive baseline) runs end to end on CPU and writes every field the GPU runs report."""
+"""The benchmarks' CPU smoke runs: train_throughput.py builds and steps the shipped recipes through the
+trainer's own set-up (ZeRO-1 and ZeRO-3 + LoRA, random and fixed boundaries) and writes every field the GPU
+runs report; the GPU-only scripts import and document their flags."""
 
 from __future__ import annotations
 
@@ -20,49 +21,36 @@ def test_train_throughput_smoke(tmp_path):
     out = tmp_path / "smoke.json"
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"}
     env.pop("RANK", None)
+    command = [sys.executable, "benchmarks/train_throughput.py", "--smoke", "--out", str(out)]
     proc = subprocess.run(
-        [sys.executable, "benchmarks/train_throughput.py", "--smoke", "--out", str(out)],
+        [*command, "--corpus-dir", str(tmp_path / "corpora")],
         cwd=REPO,
         env=env,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads(out.read_text())
-    meta = report["meta"]
     for key in ("date_utc", "command", "device", "torch", "transformers", "deepspeed", "world_size"):
-        assert key in meta, key
+        assert key in report["meta"], key
     rows = report["results"]
-    names = [r["name"] for r in rows]
-    assert names == [
-        "tiny naive",
-        "tiny naive (baselines.md)",
-        "tiny zero1 1x3",
-        "tiny zero3 1x3",
-        "tiny-lora naive",
-        "tiny-lora naive (baselines.md)",
-        "tiny-lora zero1 1x3",
-        "tiny-lora zero3 1x3",
+    assert [r["name"] for r in rows] == [
+        "tiny random",
+        "tiny fixed",
+        "tiny-lora-z3 random",
+        "tiny-lora-z3 fixed",
     ]
     for r in rows:
         assert r["status"] == "ok", (r["name"], r["status"])
-        for key in ("tokens_per_s", "step_time_s", "mfu", "mfu_palm", "tflops_per_gpu", "tokens_per_step"):
-            assert r[key] > 0, (r["name"], key)
-        assert "peak_mem_gib" in r and r["loss"] > 0
-        assert r["tokens_per_step"] == 2 * 3 * 32  # micro-batch 2 x 3 segments x 32 tokens
-        if r["mode"] == "acomp":
-            assert r["x_naive"] > 0 and r["x_naive_baselines"] > 0 and r["x_zero1"] > 0
-            assert r["flops_per_sequence"] > 0
-    lora = next(r for r in rows if r["name"] == "tiny-lora zero3 1x3")
-    assert lora["n_params_frozen"] > lora["n_params_trainable"] > 0
-    assert lora["zero_config"]["stage3_param_persistence_threshold"] == 2**62  # one rank: all persistent
-    naive = next(r for r in rows if r["name"] == "tiny naive")
-    assert naive["hf_grad_ckpt"] is False and naive["attn_implementation"] == "sdpa"
-    assert naive["sequence_len"] == 3 * 32
-    # spec/baselines.md's protocol: one segment per sequence, HF checkpointing, the same tokens per step
-    ref = next(r for r in rows if r["name"] == "tiny naive (baselines.md)")
-    assert ref["hf_grad_ckpt"] is True and ref["sequence_len"] == 32
+        assert r["tokens_per_s"] > 0 and r["first_tokens_per_s"] > 0 and r["loss"] > 0
+        assert r["tokens_per_step"] == 2 * 512  # global batch 2 x 512-token blocks
+        assert len(r["step_times_s"]) == 3
+    settings = {r["name"]: r["settings"] for r in rows}
+    assert settings["tiny random"]["compression"]["randomize_segments"] is True
+    assert settings["tiny fixed"]["compression"]["segment_lengths"] == [128, 128]  # 2 x 2 segments of a block
+    assert settings["tiny-lora-z3 random"]["lora"]["enabled"] is True  # the recipe's LoRA, as shipped
+    assert rows[0]["random_over_fixed"] > 0 and rows[2]["random_over_fixed"] > 0
     assert "tok/s" in proc.stdout  # the table
 
 
