@@ -42,11 +42,6 @@ class Corpus:
         return self.path / "tokenizer"
 
 
-# Remote data.path -> the cache directory the run's config names (data.cache_dir). ensure_corpus sees the
-# config and records it; open_corpus is called with the path alone.
-_CACHE_DIRS: dict[str, Path] = {}
-
-
 def cache_dir_for(path: str, cache_dir: str | None) -> Path:
     """The local cache of a remote corpus: data.cache_dir, else a stable per-URI directory under $TMPDIR."""
     from acomp.data import default_cache_dir
@@ -55,8 +50,8 @@ def cache_dir_for(path: str, cache_dir: str | None) -> Path:
 
 
 def ensure_corpus(cfg: RunConfig, is_main: bool) -> None:
-    """Build the corpus at data.path on rank 0 when it is missing and data.build_if_missing says how; for a
-    remote data.path, note where it is cached (it is fetched by open_corpus, on every rank)."""
+    """Build the corpus at data.path on rank 0 when it is missing and data.build_if_missing says how (a remote
+    data.path is fetched by open_corpus, on every rank)."""
     from acomp.data.dataset import is_remote
     from acomp.train.distributed import barrier
 
@@ -66,7 +61,6 @@ def ensure_corpus(cfg: RunConfig, is_main: bool) -> None:
                 f"data.build_if_missing cannot build into the remote data.path={cfg.data.path!r}: build the "
                 f"corpus locally and upload it (python -m acomp.data upload DIR {cfg.data.path})"
             )
-        _CACHE_DIRS[cfg.data.path] = cache_dir_for(cfg.data.path, cfg.data.cache_dir)
         return
     path = Path(cfg.data.path)
     if is_main and not (path / "manifest.json").is_file() and cfg.data.build_if_missing:
@@ -82,7 +76,7 @@ def ensure_corpus(cfg: RunConfig, is_main: bool) -> None:
 
 def open_corpus(path: str | Path, cache_dir: str | Path | None = None) -> Corpus:
     """The corpus at `path` with its tokenizer. A remote `path` has its manifest and tokenizer fetched into
-    `cache_dir` (default: the one ensure_corpus recorded for it, else a per-URI directory under $TMPDIR)."""
+    `cache_dir` (data.cache_dir; default: a per-URI directory under $TMPDIR)."""
     from transformers import AutoTokenizer
 
     from acomp.data import RemoteError, fetch_corpus, read_manifest
@@ -90,7 +84,7 @@ def open_corpus(path: str | Path, cache_dir: str | Path | None = None) -> Corpus
 
     uri = str(path) if is_remote(path) else None
     if uri is not None:
-        local = Path(cache_dir) if cache_dir is not None else _CACHE_DIRS.get(uri) or cache_dir_for(uri, None)
+        local = cache_dir_for(uri, cache_dir)
         try:
             manifest = fetch_corpus(uri, local)
         except (RemoteError, ValueError) as e:

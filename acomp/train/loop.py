@@ -88,7 +88,7 @@ def build(cfg: RunConfig, dist: Dist) -> Trainer:
     """Corpus, checks, model, DeepSpeed engine and training batches, in the order they must happen: bad input
     fails first, naming the thing, before anything is built."""
     ensure_corpus(cfg, dist.is_main)
-    corpus = open_corpus(cfg.data.path)
+    corpus = open_corpus(cfg.data.path, cfg.data.cache_dir)
     check_corpus(cfg, corpus)
     base_config = base_model_config(cfg, corpus.tokenizer)
     check_tokenizer(cfg, corpus, base_config.vocab_size)
