@@ -229,6 +229,7 @@ def run_row(cfg, args, dist) -> dict:
 
     seed_everything(cfg.train.seed)
     cuda = dist.device.type == "cuda"
+    before = torch.cuda.memory_allocated(dist.device) / 2**30 if cuda else None  # left by earlier rows
     started = time.perf_counter()
     trainer = build(cfg, dist)
     setup_s = time.perf_counter() - started
@@ -259,6 +260,7 @@ def run_row(cfg, args, dist) -> dict:
         "first_mfu": _mean_mfu(first),
         "mfu": statistics.median(r["mfu"] for r in steady) if steady[0]["mfu"] is not None else None,
         "peak_mem_gib": peak,
+        "mem_before_gib": before,
         "step_times_s": [round(r["step_time_s"], 4) for r in records],
         "loss": records[-1]["loss"],
         "tokens_per_step": records[-1]["tokens"],
