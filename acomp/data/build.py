@@ -32,8 +32,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm.auto import tqdm
 
+from ..progress import Progress
 from .blocks import SHARD_HASHES, BlockWriter, Counts, corpus_columns, normalize_compression, smallest_dtype
 from .encode import Encoder, serial_tokenizers
 from .manifest import FORMAT_VERSION, MANIFEST_NAME, check_consistency, corpus_id, write_manifest
@@ -112,8 +112,9 @@ def _fault_pause(encoder: Encoder, where: Path) -> None:
 def _write_all(plan: Plan, encoder: Encoder, sink: BlockWriter, progress: bool, where: Path) -> None:
     """Read every source in order, tokenize in parallel, and hand documents to the writer in order."""
     total = plan.limit_docs * len(plan.sources) if plan.limit_docs else None
-    bar = tqdm(total=total, unit="doc", desc="tokenize", disable=not progress, dynamic_ncols=True)
+    bar = Progress(total, "tokenize", "doc", enabled=progress)
     paused = False
+    done = 0  # documents handed to the writer since the last update
     try:
         for index, spec in enumerate(plan.sources):
             if spec.domain and sink.domain_done(spec.domain):
@@ -134,16 +135,16 @@ def _write_all(plan: Plan, encoder: Encoder, sink: BlockWriter, progress: bool, 
                             stop[0] = True
                             break
                         sink.add(index, item, next(ids_iter))
-                        bar.update(1)
+                        done += 1
                     if stop[0]:
                         break
-                    bar.set_postfix(
-                        blocks=sum(c.blocks for split in sink.counts.values() for c in split.values()),
-                        refresh=False,
-                    )
+                    blocks = sum(c.blocks for split in sink.counts.values() for c in split.values())
+                    bar.update(done, blocks=blocks)
+                    done = 0
             finally:
                 chunks.close()
     finally:
+        bar.update(done)
         bar.close()
 
 
@@ -156,7 +157,7 @@ def _source_records(plan: Plan, sink: BlockWriter, progress: bool) -> list[dict[
     """Per source: its spec and the files actually read, with size and sha256."""
     records = []
     paths = [Path(p) for files in sink.files.values() for p in files]
-    bar = tqdm(total=len(paths), unit="file", desc="checksum", disable=not progress or not paths)
+    bar = Progress(len(paths), "checksum", "file", enabled=progress and bool(paths))
     for index, spec in enumerate(plan.sources):
         root = plan.files(index).root
         files = []

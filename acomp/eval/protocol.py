@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from acomp.modeling.compressor import IGNORE_INDEX
+from acomp.progress import Progress
 
 NO_CONTEXT, SUMMARY, SUMMARY_VARIABLE, FULL_ATTENTION = (
     "no_context",
@@ -342,7 +343,8 @@ def evaluate(
     was_training = model.training
     model.eval()
     records: list[dict] = []
-    bar = _progress(len(mine), progress and rank == 0, world)
+    desc = "eval blocks" if world == 1 else f"eval blocks (rank 0 of {world})"
+    bar = Progress(len(mine), desc, "block", enabled=progress and rank == 0)
     try:
         for start in range(0, len(mine), cfg.batch_size):
             if deadline is not None and time.monotonic() > deadline:
@@ -359,11 +361,9 @@ def evaluate(
                 for rec, nll, tok, vec in zip(batch, s.nll, s.tokens, s.vectors):
                     rec["nll"][cond.name], rec["tokens"][cond.name], rec["vectors"][cond.name] = nll, tok, vec
             records += batch
-            if bar is not None:
-                bar.update(len(indices))
+            bar.update(len(indices))
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
         model.train(was_training)
     records = sorted(gather_records(records), key=lambda r: r["index"])
     if not records:
@@ -410,15 +410,6 @@ def aggregate(records: list[dict], conditions: list[Condition]) -> tuple[dict, d
     overall = {c.name: stat(records, c.name) for c in conditions}
     domains = {d: {c.name: stat(rows, c.name) for c in conditions} for d, rows in sorted(by_domain.items())}
     return overall, domains
-
-
-def _progress(total: int, enabled: bool, world: int):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    desc = "eval blocks" if world == 1 else f"eval blocks (rank 0 of {world})"
-    return tqdm(total=total, desc=desc, unit="block", dynamic_ncols=True)
 
 
 def gap_share(result: EvalResult, summary: str, full_attention: str, on: str = "loss") -> float:

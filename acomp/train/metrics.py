@@ -1,4 +1,4 @@
-"""Per-step metrics: FLOPs and MFU, memory, and the three sinks (metrics.jsonl, wandb, the progress bar).
+"""Per-step metrics: FLOPs and MFU, memory, and the sinks (metrics.jsonl, wandb, the console).
 
 MFU (model FLOPs utilisation) counts what the model must compute, not what we recompute
 (docs/PERFORMANCE.md derives it):
@@ -14,8 +14,7 @@ gradient, 2 for the weight gradient, which frozen weights (LoRA's base) do not n
 heads x head dim (the hidden size for most models). Attention has no weights: QK^T and AV cost 4 a FLOPs per
 causal pair in the forward and twice that in backward. Summary and softprompt positions are included,
 activation recomputation (per-segment checkpointing, the chunked loss) is not. With `causal=False` the
-attention term is 12 L a T^2, the PaLM convention of spec/baselines.md (reported as `mfu_palm` by the
-benchmark). Peak: `train.peak_tflops`, else looked up from the GPU name (bf16 dense: H100/H200 989, A100 312,
+attention term is 12 L a T^2, PaLM's convention (reported as `mfu_palm` by the benchmark). Peak: `train.peak_tflops`, else looked up from the GPU name (bf16 dense: H100/H200 989, A100 312,
 ...); on CPU MFU is not reported unless peak_tflops is set.
 """
 
@@ -23,11 +22,12 @@ from __future__ import annotations
 
 import json
 import resource
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from acomp.progress import Progress
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "GH200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
 
@@ -130,14 +130,23 @@ def memory_gib(device: torch.device) -> float:
 
 
 class MetricsLog:
-    """Rank 0 writes one JSON line per optimizer step to metrics.jsonl and mirrors it to wandb and tqdm."""
+    """Rank 0 writes one JSON line per optimizer step to metrics.jsonl and mirrors it to wandb and the
+    console: a line every `logging.log_every` steps, and (`logging.progress`) a progress bar on a terminal."""
 
     def __init__(self, output_dir: Path, cfg, is_main: bool, start_step: int, total_steps: int):
         self.is_main = is_main
         self.log_every = cfg.logging.log_every
         self.path = Path(output_dir) / "metrics.jsonl"
         self.wandb = None
-        self.bar = None
+        # every=0: off a terminal the per-step lines below are the progress (no second kind of line)
+        self.progress = Progress(
+            total_steps,
+            "train",
+            "step",
+            initial=start_step,
+            enabled=is_main and cfg.logging.progress,
+            every=0,
+        )
         if not is_main:
             return
         _truncate_after(self.path, start_step)  # a resumed run redoes the steps after its checkpoint
@@ -153,12 +162,6 @@ class MetricsLog:
                 config=cfg.to_dict(),
                 resume="allow",
             )
-        if cfg.logging.progress:
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(
-                total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True
-            )
 
     def log(self, record: dict) -> None:
         if not self.is_main:
@@ -167,9 +170,7 @@ class MetricsLog:
         self.file.flush()
         if self.wandb is not None:
             self.wandb.log(self._for_wandb(record), step=record["step"])
-        if self.bar is not None:
-            self.bar.update(1)
-            self.bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}", refresh=False)
+        self.progress.update(1, loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}")
         if record["step"] % self.log_every == 0 or "eval_summary_ppl" in record:
             self.write(_format(record))
 
@@ -187,18 +188,13 @@ class MetricsLog:
 
     def write(self, line: str) -> None:
         """Print a line without breaking the progress bar (rank 0 only)."""
-        if not self.is_main:
-            return
-        if self.bar is not None:
-            self.bar.write(line)
-        else:
-            print(line, flush=True)
+        if self.is_main:
+            self.progress.write(line)
 
     def close(self) -> None:
         if not self.is_main:
             return
-        if self.bar is not None:
-            self.bar.close()
+        self.progress.close()
         self.file.close()
         if self.wandb is not None:
             self.wandb.finish()
@@ -233,13 +229,3 @@ def _truncate_after(path: Path, step: int) -> None:
         except json.JSONDecodeError:
             continue
     path.write_text("".join(f"{line}\n" for line in keep))
-
-
-class StepTimer:
-    def __init__(self):
-        self.start = time.perf_counter()
-
-    def lap(self) -> float:
-        now = time.perf_counter()
-        elapsed, self.start = now - self.start, now
-        return elapsed
