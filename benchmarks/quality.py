@@ -14,8 +14,8 @@ No pretrained weights are reachable, so the base model is pretrained here too:
             compressed 1,024-token segments, and with full attention over the 1,024 plain tokens the
             2,048-token window leaves; the same for the base model (no context, full attention).
 
-Every training stage runs within a wall-clock budget (--minutes; acomp.train.budget sizes max_steps from
-the measured step time so the schedule still decays) and writes its checkpoints under .bench/quality/
+Every training stage runs within a wall-clock budget (--minutes; benchmarks/wallclock.py sizes max_steps
+from the measured step time so the schedule still decays) and writes its checkpoints under .bench/quality/
 (ignored by git), so stages chain across calls. `all` runs every stage in one process.
 
     python benchmarks/quality.py --stage all                     # one GPU, about 9 minutes
@@ -46,7 +46,7 @@ STAGES = ("data", "pretrain", "finetune", "eval")
 
 
 @dataclass
-class Plan:
+class QualitySettings:
     """Everything the benchmark does, in one place (the full preset; `smoke()` shrinks it)."""
 
     out: str = ".bench/quality"
@@ -102,7 +102,7 @@ class Plan:
     probe_steps: int = 3
 
     @classmethod
-    def tiny(cls) -> Plan:
+    def tiny(cls) -> QualitySettings:
         """The --smoke preset: the same stages on CPU with a tiny model and corpus."""
         return cls(
             out=".bench/quality-smoke",
@@ -153,23 +153,23 @@ class Plan:
 
 
 # -------------------------------------------------------------------------------------------- stages
-def stage_data(plan: Plan) -> dict:
+def stage_data(settings: QualitySettings) -> dict:
     """Build (or reuse) the corpus; returns its manifest."""
     from acomp.data import build_corpus
 
     t = time.monotonic()
     manifest = build_corpus(
-        list(plan.sources),
-        plan.root / "corpus",
-        train_tokenizer_vocab=plan.vocab,
-        tokenizer_train_chars=plan.tokenizer_train_chars,
-        block_size=plan.block_size,
-        max_tokens=plan.max_train_tokens,
-        val_tokens=plan.val_tokens,
-        val_fraction=plan.val_fraction,
-        limit_docs=plan.limit_docs,
-        num_workers=plan.num_workers,
-        progress=not plan.smoke,
+        list(settings.sources),
+        settings.root / "corpus",
+        train_tokenizer_vocab=settings.vocab,
+        tokenizer_train_chars=settings.tokenizer_train_chars,
+        block_size=settings.block_size,
+        max_tokens=settings.max_train_tokens,
+        val_tokens=settings.val_tokens,
+        val_fraction=settings.val_fraction,
+        limit_docs=settings.limit_docs,
+        num_workers=settings.num_workers,
+        progress=not settings.smoke,
     )
     splits = manifest["splits"]
     print(
@@ -180,7 +180,7 @@ def stage_data(plan: Plan) -> dict:
     return manifest
 
 
-def pretrain_config(plan: Plan):
+def pretrain_config(settings: QualitySettings):
     """Plain causal-LM pretraining of the base: summary_length 0, each block = block/window windows."""
     from acomp.config import config_from_dict
 
@@ -188,59 +188,59 @@ def pretrain_config(plan: Plan):
         {
             "model": {
                 "family": "llama",
-                "arch": {**plan.arch, "max_position_embeddings": plan.window},
+                "arch": {**settings.arch, "max_position_embeddings": settings.window},
             },
             "compression": {
                 "summary_length": 0,
                 "segment_gradient_checkpointing": False,
-                "training_substeps": plan.block_size // plan.window,
+                "training_substeps": settings.block_size // settings.window,
                 "segments_per_substep": 1,
                 "randomize_segments": False,
-                "segment_lengths": [plan.window],
+                "segment_lengths": [settings.window],
             },
             **_common(
-                plan,
+                settings,
                 "pretrain",
-                plan.pretrain_lr,
-                plan.pretrain_warmup,
-                plan.pretrain_batch,
-                plan.pretrain_micro,
+                settings.pretrain_lr,
+                settings.pretrain_warmup,
+                settings.pretrain_batch,
+                settings.pretrain_micro,
             ),
         }
     )
 
 
-def finetune_config(plan: Plan):
+def finetune_config(settings: QualitySettings):
     """The AutoCompressor fine-tuning of the base with the paper's recipe, scaled: random segments."""
     from acomp.config import config_from_dict
 
     return config_from_dict(
         {
-            "model": {"name_or_path": str(plan.root / "pretrain" / "final")},
+            "model": {"name_or_path": str(settings.root / "pretrain" / "final")},
             "compression": {
-                "summary_length": plan.summary_length,
+                "summary_length": settings.summary_length,
                 "accumulate_summary": True,
                 "segment_gradient_checkpointing": False,
-                "training_substeps": plan.substeps,
-                "segments_per_substep": plan.segments_per_substep,
+                "training_substeps": settings.substeps,
+                "segments_per_substep": settings.segments_per_substep,
                 "randomize_segments": True,
-                "segment_multiple": plan.segment_multiple,
+                "segment_multiple": settings.segment_multiple,
             },
             **_common(
-                plan,
+                settings,
                 "finetune",
-                plan.finetune_lr,
-                plan.finetune_warmup,
-                plan.finetune_batch,
-                plan.finetune_micro,
+                settings.finetune_lr,
+                settings.finetune_warmup,
+                settings.finetune_batch,
+                settings.finetune_micro,
             ),
         }
     )
 
 
-def _common(plan: Plan, stage: str, lr: float, warmup: int, batch: int, micro: int) -> dict:
+def _common(settings: QualitySettings, stage: str, lr: float, warmup: int, batch: int, micro: int) -> dict:
     return {
-        "data": {"path": str(plan.root / "corpus"), "shuffle": True},
+        "data": {"path": str(settings.root / "corpus"), "shuffle": True},
         "optim": {
             "lr": lr,
             "weight_decay": 0.1,
@@ -251,30 +251,30 @@ def _common(plan: Plan, stage: str, lr: float, warmup: int, batch: int, micro: i
             "grad_clip": 1.0,
         },
         "train": {
-            "output_dir": str(plan.root / stage),
-            "max_steps": plan.probe_steps,  # sized by acomp.train.budget
+            "output_dir": str(settings.root / stage),
+            "max_steps": settings.probe_steps,  # sized by wallclock.run_within
             "global_batch_size": batch,
             "micro_batch_size": micro,
             "seed": 0 if stage == "pretrain" else 1,  # another data order for fine-tuning
             "deepspeed": str(REPO / "ds_configs" / "zero1.json"),
-            "precision": plan.precision,
+            "precision": settings.precision,
             "checkpoint_every": 0,
             "keep_checkpoints": 1,
             "resume": "auto",
             "export_final": True,
             "eval_every": 0,
         },
-        "logging": {"wandb": "disabled", "log_every": 25, "progress": not plan.smoke},
+        "logging": {"wandb": "disabled", "log_every": 25, "progress": not settings.smoke},
     }
 
 
-def stage_train(plan: Plan, stage: str, minutes: float, force: bool) -> dict:
+def stage_train(settings: QualitySettings, stage: str, minutes: float, force: bool) -> dict:
     """pretrain or finetune within `minutes` (pretrain: corpus build included); skipped when done."""
-    from acomp.train.budget import run_within
+    from wallclock import run_within
 
-    out = plan.root / stage
+    out = settings.root / stage
     done = out / "stage.json"
-    base_done = plan.root / "pretrain" / "stage.json"
+    base_done = settings.root / "pretrain" / "stage.json"
     stale = (
         stage == "finetune"
         and done.is_file()
@@ -286,9 +286,9 @@ def stage_train(plan: Plan, stage: str, minutes: float, force: bool) -> dict:
         return json.loads(done.read_text())
     if stale:
         print("finetune: the pretrained base is newer than this fine-tuning; redoing it", flush=True)
-    if stage == "finetune" and not (plan.root / "pretrain" / "final" / "config.json").is_file():
+    if stage == "finetune" and not (settings.root / "pretrain" / "final" / "config.json").is_file():
         raise SystemExit(
-            f"finetune needs the pretrained base at {plan.root / 'pretrain' / 'final'}: run --stage pretrain first"
+            f"finetune needs the pretrained base at {settings.root / 'pretrain' / 'final'}: run --stage pretrain first"
         )
     if out.exists():
         print(f"{stage}: removing the incomplete run at {out}", flush=True)
@@ -296,10 +296,13 @@ def stage_train(plan: Plan, stage: str, minutes: float, force: bool) -> dict:
     started = time.monotonic()
     deadline = started + minutes * 60
     if stage == "pretrain":
-        stage_data(plan)
-    cfg = pretrain_config(plan) if stage == "pretrain" else finetune_config(plan)
+        stage_data(settings)
+    cfg = pretrain_config(settings) if stage == "pretrain" else finetune_config(settings)
     result = run_within(
-        cfg, deadline=deadline, probe_steps=plan.probe_steps, log=lambda m: print(f"{stage}: {m}", flush=True)
+        cfg,
+        deadline=deadline,
+        probe_steps=settings.probe_steps,
+        log=lambda m: print(f"{stage}: {m}", flush=True),
     )
     tokens = _tokens_seen(out / "metrics.jsonl")
     info = {
@@ -334,7 +337,7 @@ def _tokens_seen(metrics: Path) -> int:
     return last
 
 
-def stage_eval(plan: Plan, minutes: float) -> dict:
+def stage_eval(settings: QualitySettings, minutes: float) -> dict:
     """The protocol on held-out blocks for the AutoCompressor and for its base; writes the reports."""
     import torch
 
@@ -342,26 +345,27 @@ def stage_eval(plan: Plan, minutes: float) -> dict:
     from acomp.eval import CorpusBlocks, ProtocolConfig, evaluate, report
 
     for stage in ("pretrain", "finetune"):
-        if not (plan.root / stage / "final" / "config.json").is_file():
-            raise SystemExit(f"eval needs {plan.root / stage / 'final'}: run --stage {stage} first")
+        if not (settings.root / stage / "final" / "config.json").is_file():
+            raise SystemExit(f"eval needs {settings.root / stage / 'final'}: run --stage {stage} first")
     started = time.monotonic()
-    device = torch.device("cuda" if torch.cuda.is_available() and not plan.smoke else "cpu")
+    device = torch.device("cuda" if torch.cuda.is_available() and not settings.smoke else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     cfg = ProtocolConfig(
-        eval_segment=plan.eval_segment,
-        segment_length=plan.segment_length,
-        max_context_segments=plan.max_context_segments,
-        fa_window=plan.window,
-        batch_size=plan.eval_batch,
-        max_blocks=plan.eval_blocks,
+        eval_segment=settings.eval_segment,
+        segment_length=settings.segment_length,
+        max_context_segments=settings.max_context_segments,
+        fa_window=settings.window,
+        batch_size=settings.eval_batch,
+        max_blocks=settings.eval_blocks,
     )
-    blocks = CorpusBlocks(str(plan.root / "corpus"), "val")
+    blocks = CorpusBlocks(str(settings.root / "corpus"), "val")
     results = {}
     # The AutoCompressor gets 3/4 of the budget, its base (two conditions) the rest.
     for name, stage, share in (("autocompressor", "finetune", 0.75), ("base", "pretrain", 1.0)):
-        model = AutoCompressorModel.from_pretrained(str(plan.root / stage / "final"), dtype=dtype).to(device)
+        path = str(settings.root / stage / "final")
+        model = AutoCompressorModel.from_pretrained(path, dtype=dtype).to(device)
         deadline = started + share * minutes * 60
-        result = evaluate(model, blocks, cfg, device=device, progress=not plan.smoke, deadline=deadline)
+        result = evaluate(model, blocks, cfg, device=device, progress=not settings.smoke, deadline=deadline)
         if result.blocks < result.blocks_selected:
             print(
                 f"eval: {name} stopped at the deadline after {result.blocks} of {result.blocks_selected} blocks"
@@ -369,7 +373,7 @@ def stage_eval(plan: Plan, minutes: float) -> dict:
         results[name] = result
         del model
     ac = results["autocompressor"]
-    report.plot(ac, plan.root / "ppl_vs_context.png", title="AutoCompressor (quality benchmark)")
+    report.plot(ac, settings.root / "ppl_vs_context.png", title="AutoCompressor (quality benchmark)")
     print(report.markdown(ac, title="AutoCompressor, all conditions"), flush=True)
     return {"results": results, "seconds": time.monotonic() - started, "device": _device_name(device)}
 
@@ -426,7 +430,7 @@ def headline(ac, base, summary_length: int) -> dict:
     }
 
 
-def markdown_snippet(plan: Plan, info: dict, head: dict, ac, base) -> str:
+def markdown_snippet(settings: QualitySettings, info: dict, head: dict, ac, base) -> str:
     from acomp.eval import report
 
     nc = ac.overall["no_context"]
@@ -436,19 +440,19 @@ def markdown_snippet(plan: Plan, info: dict, head: dict, ac, base) -> str:
         "",
         f"Recorded {info['date']} on {info['device']}; {info['versions']}. Command: `{info['command']}`.",
         "",
-        f"Base: Llama-style, {info['params'] / 1e6:.0f}M parameters (d {plan.arch['hidden_size']}, "
-        f"{plan.arch['num_hidden_layers']} layers, {plan.arch['num_attention_heads']}/{plan.arch['num_key_value_heads']} "
-        f"query/KV heads, vocab {plan.vocab}), pretrained as a plain causal LM on {plan.window}-token windows "
+        f"Base: Llama-style, {info['params'] / 1e6:.0f}M parameters (d {settings.arch['hidden_size']}, "
+        f"{settings.arch['num_hidden_layers']} layers, {settings.arch['num_attention_heads']}/{settings.arch['num_key_value_heads']} "
+        f"query/KV heads, vocab {settings.vocab}), pretrained as a plain causal LM on {settings.window}-token windows "
         f"for {info['pretrain']['steps']} steps ({info['pretrain']['tokens'] / 1e6:.1f}M tokens, "
         f"{info['pretrain']['seconds'] / 60:.1f} min), then fine-tuned as an AutoCompressor "
-        f"({plan.summary_length} summary vectors per segment, {plan.block_size}-token blocks in {plan.substeps} "
-        f"substeps x {plan.segments_per_substep} random segments) for {info['finetune']['steps']} steps "
+        f"({settings.summary_length} summary vectors per segment, {settings.block_size}-token blocks in {settings.substeps} "
+        f"substeps x {settings.segments_per_substep} random segments) for {info['finetune']['steps']} steps "
         f"({info['finetune']['tokens'] / 1e6:.1f}M tokens, {info['finetune']['seconds'] / 60:.1f} min). "
         f"Corpus: this machine's stdlib and installed packages' sources, split by document; "
         f"{info['corpus']['train_tokens'] / 1e6:.1f}M training tokens.",
         "",
-        f"Held-out: {nc.blocks} blocks ({domains}); perplexity of each block's last {plan.eval_segment - 1} "
-        f"tokens (the final {plan.eval_segment}-token segment), {nc.tokens:,} target tokens, the same in every row.",
+        f"Held-out: {nc.blocks} blocks ({domains}); perplexity of each block's last {settings.eval_segment - 1} "
+        f"tokens (the final {settings.eval_segment}-token segment), {nc.tokens:,} target tokens, the same in every row.",
         "",
         "| context | context tokens | ppl | gap closed (loss) | gap closed (ppl) |",
         "|---|---:|---:|---:|---:|",
@@ -473,23 +477,23 @@ def markdown_snippet(plan: Plan, info: dict, head: dict, ac, base) -> str:
     return "\n".join(lines)
 
 
-def summarize(plan: Plan, evaluated: dict, command: str) -> dict:
+def summarize(settings: QualitySettings, evaluated: dict, command: str) -> dict:
     import torch
     import transformers
 
     from acomp.eval import report
 
     ac, base = evaluated["results"]["autocompressor"], evaluated["results"]["base"]
-    manifest = json.loads((plan.root / "corpus" / "manifest.json").read_text())
-    cfg = json.loads((plan.root / "finetune" / "final" / "config.json").read_text())
+    manifest = json.loads((settings.root / "corpus" / "manifest.json").read_text())
+    cfg = json.loads((settings.root / "finetune" / "final" / "config.json").read_text())
     info = {
         "date": time.strftime("%Y-%m-%d"),
         "device": evaluated["device"],
         "versions": f"Python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}",
         "command": command,
-        "params": _count_params(plan.root / "finetune" / "final"),
-        "pretrain": json.loads((plan.root / "pretrain" / "stage.json").read_text()),
-        "finetune": json.loads((plan.root / "finetune" / "stage.json").read_text()),
+        "params": _count_params(settings.root / "finetune" / "final"),
+        "pretrain": json.loads((settings.root / "pretrain" / "stage.json").read_text()),
+        "finetune": json.loads((settings.root / "finetune" / "stage.json").read_text()),
         "corpus": {
             "train_tokens": manifest["splits"]["train"]["tokens"],
             "val_blocks": manifest["splits"]["val"]["blocks"],
@@ -499,9 +503,9 @@ def summarize(plan: Plan, evaluated: dict, command: str) -> dict:
             k: cfg[k] for k in ("hidden_size", "num_hidden_layers", "vocab_size", "summary_length")
         },
     }
-    head = headline(ac, base, plan.summary_length)
+    head = headline(ac, base, settings.summary_length)
     data = {
-        "plan": asdict(plan),
+        "settings": asdict(settings),
         "info": info,
         "headline": head,
         "autocompressor": report.to_dict(ac),
@@ -510,12 +514,12 @@ def summarize(plan: Plan, evaluated: dict, command: str) -> dict:
     }
     for stage in ("pretrain", "finetune"):
         info[stage].pop("config", None)
-    (plan.root / "results.json").write_text(json.dumps(report.finite_json(data), indent=2) + "\n")
-    snippet = markdown_snippet(plan, info, head, ac, base)
-    (plan.root / "results.md").write_text(snippet)
+    (settings.root / "results.json").write_text(json.dumps(report.finite_json(data), indent=2) + "\n")
+    snippet = markdown_snippet(settings, info, head, ac, base)
+    (settings.root / "results.md").write_text(snippet)
     print(snippet, flush=True)
     print(
-        f"wrote {plan.root / 'results.json'}, {plan.root / 'results.md'}, {plan.root / 'ppl_vs_context.png'}"
+        f"wrote {settings.root / 'results.json'}, {settings.root / 'results.md'}, {settings.root / 'ppl_vs_context.png'}"
     )
     return data
 
@@ -581,36 +585,36 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
-    plan = Plan.tiny() if args.smoke else Plan()
+    settings = QualitySettings.tiny() if args.smoke else QualitySettings()
     if args.out:
-        plan.out = args.out
+        settings.out = args.out
     if args.eval_blocks:
-        plan.eval_blocks = args.eval_blocks
+        settings.eval_blocks = args.eval_blocks
     for stage in ("pretrain", "finetune", "eval"):
         value = getattr(args, f"{stage}_minutes")
         if value is not None:
-            setattr(plan, f"{stage}_minutes", value)
+            setattr(settings, f"{stage}_minutes", value)
     if args.minutes is not None:
         if args.stage in ("all", "data"):
             p.error(
                 "--minutes sets the budget of one training or eval stage; with --stage all use --pretrain-minutes etc."
             )
-        setattr(plan, f"{args.stage}_minutes", args.minutes)
+        setattr(settings, f"{args.stage}_minutes", args.minutes)
     import torch
 
     if not args.smoke and not torch.cuda.is_available():
         p.error("the full benchmark needs a GPU; use --smoke on a CPU machine")
-    plan.root.mkdir(parents=True, exist_ok=True)
+    settings.root.mkdir(parents=True, exist_ok=True)
     command = "python benchmarks/quality.py " + " ".join(argv if argv is not None else sys.argv[1:])
     stages = STAGES if args.stage == "all" else (args.stage,)
     for stage in stages:
         if stage == "data":
             if args.stage == "data":
-                stage_data(plan)
+                stage_data(settings)
         elif stage in ("pretrain", "finetune"):
-            stage_train(plan, stage, getattr(plan, f"{stage}_minutes"), args.force)
+            stage_train(settings, stage, getattr(settings, f"{stage}_minutes"), args.force)
         else:
-            summarize(plan, stage_eval(plan, plan.eval_minutes), command)
+            summarize(settings, stage_eval(settings, settings.eval_minutes), command)
     return 0
 
 

@@ -189,7 +189,7 @@ def row_config(name: str, args, boundaries: str, extra: list[str], corpora: Path
         sys.path.insert(0, str(REPO / "benchmarks"))
         import quality
 
-        plan = quality.Plan()
+        plan = quality.QualitySettings()
         stage = row.config.split(":")[1]
         cfg = (quality.pretrain_config if stage == "pretrain" else quality.finetune_config)(plan)
         cfg.model.name_or_path = None

@@ -33,14 +33,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from acomp.config import load_config
-    from acomp.train import evaluate_export, run
+    from acomp.train import heldout_ppl_of_export, run
 
     os.chdir(REPO)  # the config's relative paths (data/stdlib, runs/tiny) are relative to the repository
     cfg = load_config(args.config, args.overrides)
     out = run(cfg)
     segment = cfg.compression.segment_lengths[0]
     lengths = [segment] * (cfg.data.build_if_missing.get("block_size", 512) // segment)
-    result = evaluate_export(out / "final", cfg.data.path, lengths, max_blocks=args.eval_blocks)
+    result = heldout_ppl_of_export(out / "final", cfg.data.path, lengths, max_blocks=args.eval_blocks)
     (out / "demo_eval.json").write_text(json.dumps(result, indent=2))
     print(
         f"held-out last-segment perplexity over {result['blocks']} blocks ({result['tokens']} tokens): "

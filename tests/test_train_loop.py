@@ -10,7 +10,7 @@ from transformers import LlamaConfig, OPTConfig
 
 from acomp import LlamaAutoCompressorModel
 from acomp.config import CompressionConfig, OptimConfig
-from acomp.train import evaluate_summary_ppl, train_substep
+from acomp.train import heldout_ppl, train_substep
 from acomp.train.metrics import segment_flops, sequence_positions
 from acomp.train.optim import lr_factor
 from acomp.train.segments import (
@@ -170,10 +170,10 @@ def test_flops_count_summary_and_softprompt_positions():
 
 
 # -------------------------------------------------------------------------------------------- evaluation
-def test_evaluate_summary_ppl_scores_the_same_targets():
+def test_heldout_ppl_scores_the_same_targets():
     model = tiny_model().train()
     blocks = [torch.randint(3, 97, (40,), generator=torch.Generator().manual_seed(i)) for i in range(3)]
-    result = evaluate_summary_ppl(model, [{"input_ids": b} for b in blocks], [8, 8, 16])
+    result = heldout_ppl(model, [{"input_ids": b} for b in blocks], [8, 8, 16])
     assert result["blocks"] == 3 and result["tokens"] == 3 * 15
     # No-context reference by hand: the last 16 tokens alone, targets = tokens 2..16.
     nll = 0.0

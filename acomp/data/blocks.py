@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from .plan import SPLITS, Plan
+from .plan import SPLITS, BuildPlan
 from .sources import Document, SourceIssue
 
 SHARD_HASHES = ["sha1", "xxh64"]
@@ -78,7 +78,7 @@ class Counts:
 class BlockWriter:
     """Cuts each tokenized document into whole blocks and writes them to its split, within budget."""
 
-    def __init__(self, plan: Plan, writers: dict[str, Any]):
+    def __init__(self, plan: BuildPlan, writers: dict[str, Any]):
         self.plan = plan
         self.writers = writers
         self.counts: dict[str, dict[str, Counts]] = {s: {} for s in SPLITS}

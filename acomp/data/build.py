@@ -37,7 +37,7 @@ from ..progress import Progress
 from .blocks import SHARD_HASHES, BlockWriter, Counts, corpus_columns, normalize_compression, smallest_dtype
 from .encode import Encoder, serial_tokenizers
 from .manifest import FORMAT_VERSION, MANIFEST_NAME, check_consistency, corpus_id, write_manifest
-from .plan import SPLITS, Plan, make_plan
+from .plan import SPLITS, BuildPlan, make_plan
 from .recipe import Recipe, parse_count
 from .sources import Document, SourceIssue, source_fingerprint
 from .tokenizer import (
@@ -60,7 +60,7 @@ _CHUNK_DOCS = 256
 FAULT_PAUSE = "ACOMP_FAULT_BUILD_PAUSE_S"
 
 
-def _training_texts(plan: Plan, max_chars: int, seen: list[int]) -> Iterator[str]:
+def _training_texts(plan: BuildPlan, max_chars: int, seen: list[int]) -> Iterator[str]:
     """Train-split texts for tokenizer training: an equal character share per source, in reading order.
     ``seen`` counts [documents, characters] given."""
     share = max(1, max_chars // len(plan.sources))
@@ -109,7 +109,7 @@ def _fault_pause(encoder: Encoder, where: Path) -> None:
         time.sleep(seconds)
 
 
-def _write_all(plan: Plan, encoder: Encoder, sink: BlockWriter, progress: bool, where: Path) -> None:
+def _write_all(plan: BuildPlan, encoder: Encoder, sink: BlockWriter, progress: bool, where: Path) -> None:
     """Read every source in order, tokenize in parallel, and hand documents to the writer in order."""
     total = plan.limit_docs * len(plan.sources) if plan.limit_docs else None
     bar = Progress(total, "tokenize", "doc", enabled=progress)
@@ -153,7 +153,7 @@ def _sha256(path: Path) -> str:
         return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
-def _source_records(plan: Plan, sink: BlockWriter, progress: bool) -> list[dict[str, Any]]:
+def _source_records(plan: BuildPlan, sink: BlockWriter, progress: bool) -> list[dict[str, Any]]:
     """Per source: its spec and the files actually read, with size and sha256."""
     records = []
     paths = [Path(p) for files in sink.files.values() for p in files]
@@ -176,7 +176,7 @@ def _source_records(plan: Plan, sink: BlockWriter, progress: bool) -> list[dict[
     return records
 
 
-def _summaries(plan: Plan, sink: BlockWriter, shards: dict[str, int]) -> dict[str, Any]:
+def _summaries(plan: BuildPlan, sink: BlockWriter, shards: dict[str, int]) -> dict[str, Any]:
     splits: dict[str, Any] = {}
     for split in SPLITS:
         total = Counts()
@@ -191,7 +191,7 @@ def _summaries(plan: Plan, sink: BlockWriter, shards: dict[str, int]) -> dict[st
 
 
 def _fingerprint(
-    plan: Plan, tokenizer: str | None, options: dict[str, Any], read: list[list[dict]] | None
+    plan: BuildPlan, tokenizer: str | None, options: dict[str, Any], read: list[list[dict]] | None
 ) -> str:
     """Hash of the options, every source file's name and size, the sha256 of every file read (``read``: per
     source, the manifest's ``sources[i].files``) and the given tokenizer directory's file names and sizes:
@@ -209,7 +209,7 @@ def _fingerprint(
     return h.hexdigest()
 
 
-def _reread(plan: Plan, manifest: dict[str, Any]) -> list[list[dict]]:
+def _reread(plan: BuildPlan, manifest: dict[str, Any]) -> list[list[dict]]:
     """The manifest's record of the source files read, with each file's sha256 computed again now."""
     read = []
     for index, record in enumerate(manifest.get("sources") or []):
@@ -228,7 +228,7 @@ def _reread(plan: Plan, manifest: dict[str, Any]) -> list[list[dict]]:
 
 
 def _changed_inputs(
-    plan: Plan, tokenizer: str | None, options: dict[str, Any], manifest: dict[str, Any]
+    plan: BuildPlan, tokenizer: str | None, options: dict[str, Any], manifest: dict[str, Any]
 ) -> str | None:
     """Why the inputs differ from the manifest's record of them, None when they are the same (the options
     were found equal already)."""
@@ -266,7 +266,7 @@ def _damage(out: Path, manifest: dict[str, Any]) -> str | None:
 
 
 def _existing_corpus(
-    out: Path, plan: Plan, tokenizer: str | None, options: dict[str, Any], overwrite: bool
+    out: Path, plan: BuildPlan, tokenizer: str | None, options: dict[str, Any], overwrite: bool
 ) -> dict | None:
     """The manifest of an identical, intact corpus already at ``out`` (None: build); raise if ``out`` holds
     anything else. A damaged copy of the same corpus is rebuilt (logged)."""
@@ -460,7 +460,7 @@ def _write_error(err: OSError, build: BuildDir | None, out: Path) -> CorpusWrite
 
 
 def _obtain_tokenizer(
-    plan: Plan, tokenizer: str | None, vocab: int | None, max_chars: int, progress: bool
+    plan: BuildPlan, tokenizer: str | None, vocab: int | None, max_chars: int, progress: bool
 ) -> tuple[Any, dict[str, Any]]:
     """The given tokenizer, or a BPE trained on the training split; control tokens registered."""
     if vocab is not None:
@@ -491,7 +491,13 @@ def _obtain_tokenizer(
 
 
 def _write_splits(
-    plan: Plan, tok: Any, dtype: str, tmp: Path, options: dict[str, Any], num_workers: int, progress: bool
+    plan: BuildPlan,
+    tok: Any,
+    dtype: str,
+    tmp: Path,
+    options: dict[str, Any],
+    num_workers: int,
+    progress: bool,
 ) -> BlockWriter:
     """Tokenize every source and write the train/val MDS splits under ``tmp``."""
     from streaming import MDSWriter
@@ -521,7 +527,7 @@ def _write_splits(
 
 
 def _manifest(
-    plan: Plan,
+    plan: BuildPlan,
     tok: Any,
     tokenizer_info: dict,
     dtype: str,

@@ -1,6 +1,6 @@
-"""What goes where: the sources to read, train/val assignment and per-domain block budgets.
+"""What a corpus build reads and keeps: the sources, the train/val assignment and each domain's block budget.
 
-A :class:`Plan` is everything that decides a corpus' content. Documents go to train or val by a hash of
+A :class:`BuildPlan` is everything that decides a corpus' content. Documents go to train or val by a hash of
 their id (never by position), so the split is stable whatever the order of work or the number of workers.
 """
 
@@ -30,8 +30,8 @@ def split_of(doc_id: str, domain: str, seed: int, val_fraction: float) -> str:
 
 
 @dataclass
-class Budget:
-    """Blocks each split of a domain may still take (None = no cap)."""
+class DomainBudget:
+    """The most blocks each split of one domain may take (None = no cap); the manifest's `budget_blocks`."""
 
     train: int | None = None
     val: int | None = None
@@ -54,20 +54,20 @@ class Budget:
 
 
 @dataclass
-class Plan:
+class BuildPlan:
     """Everything that decides the corpus' content (and so its fingerprint)."""
 
     sources: list[SourceSpec]
     block_size: int
     val_fraction: float
     seed: int
-    budgets: dict[str, Budget] = field(default_factory=dict)
-    default_budget: Budget = field(default_factory=Budget)
+    budgets: dict[str, DomainBudget] = field(default_factory=dict)
+    default_budget: DomainBudget = field(default_factory=DomainBudget)
     limit_docs: int | None = None
     recipe: str | None = None
     _resolved: dict[int, SourceListing] = field(default_factory=dict, repr=False)
 
-    def budget(self, domain: str) -> Budget:
+    def budget(self, domain: str) -> DomainBudget:
         return self.budgets.get(domain, self.default_budget)
 
     def files(self, index: int) -> SourceListing:
@@ -113,8 +113,8 @@ def make_plan(
     val_fraction: float | None,
     val_tokens: int | str | None,
     seed: int | None,
-) -> tuple[Plan, Recipe | None]:
-    """Turn the user's options (and recipe, if any) into a :class:`Plan`, validating every value."""
+) -> tuple[BuildPlan, Recipe | None]:
+    """Turn the user's options (and recipe, if any) into a :class:`BuildPlan`, validating every value."""
     max_tok = parse_count(max_tokens, "max_tokens")
     val_tok = parse_count(val_tokens, "val_tokens")
     if limit_docs is not None and limit_docs < 1:
@@ -135,13 +135,13 @@ def make_plan(
     if not 0.0 <= vf <= 1.0:
         raise ValueError(f"val_fraction must be in [0, 1], got {vf}")
     sd = seed if seed is not None else (rec.seed if rec else 0)
-    plan = Plan(sources=[], block_size=bs, val_fraction=float(vf), seed=int(sd), limit_docs=limit_docs)
+    plan = BuildPlan(sources=[], block_size=bs, val_fraction=float(vf), seed=int(sd), limit_docs=limit_docs)
     if rec is not None:
         plan.recipe = rec.path or rec.name
         for d in rec.domains:
             match = d.match if d.match is not None else (d.name if d.domain_field else None)
             plan.sources.append(SourceSpec(d.source, d.name, d.text_field, d.domain_field, match, d.id_field))
-            plan.budgets[d.name] = Budget(
+            plan.budgets[d.name] = DomainBudget(
                 train=_cap(
                     _to_blocks(d.train_tokens, bs, f"recipe domain {d.name} train_tokens"),
                     _to_blocks(max_tok, bs, "max_tokens"),
@@ -159,7 +159,7 @@ def make_plan(
             raise ValueError("no source given")
         for p in paths:
             plan.sources.append(SourceSpec(str(p), domain, text_field, domain_field, None, id_field))
-        plan.default_budget = Budget(
+        plan.default_budget = DomainBudget(
             train=_to_blocks(max_tok, bs, "max_tokens"), val=_to_blocks(val_tok, bs, "val_tokens")
         )
     return plan, rec

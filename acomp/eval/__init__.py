@@ -4,15 +4,15 @@
 `report.markdown`, `report.plot` write it out. The CLI is launchers/eval.py (docs/EVALUATION.md).
 """
 
-from acomp.eval.blocks import CorpusBlocks
+from acomp.eval.corpus_blocks import CorpusBlocks
 from acomp.eval.protocol import (
     FULL_ATTENTION,
     NO_CONTEXT,
     SUMMARY,
     SUMMARY_VARIABLE,
     Condition,
+    ConditionPlan,
     EvalResult,
-    Plan,
     ProtocolConfig,
     Stat,
     evaluate,
@@ -28,9 +28,9 @@ __all__ = [
     "SUMMARY",
     "SUMMARY_VARIABLE",
     "Condition",
+    "ConditionPlan",
     "CorpusBlocks",
     "EvalResult",
-    "Plan",
     "ProtocolConfig",
     "Stat",
     "evaluate",

@@ -1,4 +1,4 @@
-"""The paper's language-modelling protocol (spec 6.1): perplexity of a block's final segment under each
+"""The paper's language-modelling protocol: perplexity of a block's final segment under each
 kind of context, all conditions scoring exactly the same target tokens.
 
 For a block of L tokens and an evaluation segment of E tokens, the targets are the block's last E - 1
@@ -99,7 +99,7 @@ class ProtocolConfig:
 
 
 @dataclass
-class Plan:
+class ConditionPlan:
     """The conditions to run, what they need from a block, and what the planner had to warn about."""
 
     conditions: list[Condition]
@@ -125,7 +125,7 @@ def summary_slots(model) -> int:
     return int(getattr(config, "summary_length", 0) or 0)
 
 
-def plan_conditions(model, cfg: ProtocolConfig, block_size: int) -> Plan:
+def plan_conditions(model, cfg: ProtocolConfig, block_size: int) -> ConditionPlan:
     """The conditions for `model` on blocks of `block_size` tokens, or a ValueError naming the bad value."""
     cfg.check()
     config = model.config
@@ -168,7 +168,7 @@ def plan_conditions(model, cfg: ProtocolConfig, block_size: int) -> Plan:
         )
     conditions += [Condition(FULL_ATTENTION, c) for c in fa_contexts]
     _check_positions(model, conditions, E, S, slots, max_pos, warnings)
-    return Plan(conditions, E, slots, window, warnings)
+    return ConditionPlan(conditions, E, slots, window, warnings)
 
 
 def _check_positions(model, conditions, E, S, slots, max_pos, warnings) -> None:
@@ -273,7 +273,7 @@ class Stat:
 
 @dataclass
 class EvalResult:
-    plan: Plan
+    plan: ConditionPlan
     config: ProtocolConfig
     overall: dict[str, Stat]  # condition name -> Stat
     domains: dict[str, dict[str, Stat]]  # domain -> condition name -> Stat

@@ -11,6 +11,7 @@ k predicts the first token of segment k+1 (exactly the original's objective).
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -491,20 +492,15 @@ def next_token_targets(labels: torch.Tensor, attention_mask: torch.Tensor) -> to
     return targets.masked_fill(pad, IGNORE_INDEX)
 
 
-class _gathered:
-    """deepspeed.zero.GatheredParameters for ZeRO-3 partitioned params; a no-op otherwise."""
+@contextlib.contextmanager
+def _gathered(params):
+    """Within the block, ZeRO-3 partitioned `params` are whole (deepspeed.zero.GatheredParameters; rank 0's
+    changes are kept); other parameters are left as they are."""
+    partitioned = [p for p in params if hasattr(p, "ds_id")]
+    if not partitioned:
+        yield
+        return
+    import deepspeed
 
-    def __init__(self, params):
-        self.params = [p for p in params if hasattr(p, "ds_id")]
-        self.ctx = None
-
-    def __enter__(self):
-        if self.params:
-            import deepspeed
-
-            self.ctx = deepspeed.zero.GatheredParameters(self.params, modifier_rank=0)
-            self.ctx.__enter__()
-
-    def __exit__(self, *exc):
-        if self.ctx is not None:
-            self.ctx.__exit__(*exc)
+    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=0):
+        yield

@@ -255,7 +255,9 @@ class _DynamicDecoder:
         else:
             self.bias = torch.cat([self.bias, self.bias.new_zeros(batch, 1, 1, 1)], dim=-1)
             mask = self.bias
-        logits = _decode(self.model, _forward_step, self.token, mask, self.position[:, None], self.cache)
+        logits = _next_logits(
+            self.model, _decode_forward, self.token, mask, self.position[:, None], self.cache
+        )
         self.position = self.position + 1
         self.token = self.choice(logits)
         return self.token
@@ -283,7 +285,7 @@ class _StaticDecoder:
         self.token = token.clone()
         self.position = position[:, None].clone()
         self.cache_position = torch.full((1,), prefill_len, dtype=torch.long, device=device)
-        self.forward = _step_function(model, options)
+        self.decode_forward = _decode_forward_for(model, options)
         self.greedy = not choice.sampling.do_sample  # sampling draws from its generator outside a graph
         self.use_graph = options.decoding == "cuda_graph"
         self.graph = self.logits = None
@@ -291,7 +293,7 @@ class _StaticDecoder:
     def advance(self) -> torch.Tensor:
         """Decode the last token; returns the buffer holding the next one."""
         if not self.use_graph:
-            logits = self._step()
+            logits = self._decode_step()
         else:
             if self.graph is None:
                 self._capture()
@@ -301,10 +303,11 @@ class _StaticDecoder:
             self.token.copy_(self.choice(logits))
         return self.token
 
-    def _step(self) -> torch.Tensor:
+    def _decode_step(self) -> torch.Tensor:
+        """One decode step on the buffers: the part a CUDA graph captures (logits [B, V])."""
         self.mask.index_fill_(-1, self.cache_position, 0.0)
         inputs = (self.token, self.mask, self.position, self.cache, self.cache_position)
-        logits = _decode(self.model, self.forward, *inputs, grouped=True)
+        logits = _next_logits(self.model, self.decode_forward, *inputs, grouped=True)
         self.position += 1
         self.cache_position += 1
         if self.greedy:
@@ -320,26 +323,26 @@ class _StaticDecoder:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            self._step()
+            self._decode_step()
         torch.cuda.current_stream().wait_stream(side)
         for tensor, value in zip(state, saved):
             tensor.copy_(value)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.logits = self._step()
+            self.logits = self._decode_step()
 
 
-def _decode(model, step, token, mask, position_ids, cache, cache_position=None, grouped=False):
-    """Next-token logits [B, V] of one decode step (`step`: `_forward_step` or a compiled one). `grouped`: the
+def _next_logits(model, forward, token, mask, position_ids, cache, cache_position=None, grouped=False):
+    """Next-token logits [B, V] of one decode step (`forward`: `_decode_forward` or a compiled one). `grouped`: the
     grouped-query decode attention, for the static key mask. The attention and SDPA settings are entered outside
     the step, since a compiled step compiles at the call."""
     config = model.config
     attention = decode_attention(config) if grouped else contextlib.nullcontext()
     with sdpa_context(config.sdpa_backend, token.device), attention:
-        return step(model, token, mask, position_ids, cache, cache_position)
+        return forward(model, token, mask, position_ids, cache, cache_position)
 
 
-def _forward_step(model, token, mask, position_ids, cache, cache_position):
+def _decode_forward(model, token, mask, position_ids, cache, cache_position):
     hidden = model.get_decoder()(
         inputs_embeds=model.get_input_embeddings()(token[:, None]),
         attention_mask=mask,
@@ -351,40 +354,40 @@ def _forward_step(model, token, mask, position_ids, cache, cache_position):
     return model.lm_head(hidden[:, -1])
 
 
-def _frozen_forward_step(model, token, mask, position_ids, cache, cache_position):
-    """`_forward_step` as a frame of its own: torch.compile keeps compiled graphs per code object, and the
+def _frozen_decode_forward(model, token, mask, position_ids, cache, cache_position):
+    """`_decode_forward` as a frame of its own: torch.compile keeps compiled graphs per code object, and the
     freezing setting is not among their guards, so frozen and plain compiled graphs must not share one."""
-    return _forward_step(model, token, mask, position_ids, cache, cache_position)
+    return _decode_forward(model, token, mask, position_ids, cache, cache_position)
 
 
 @functools.cache
-def _compiled(step):
-    """`step` under torch.compile, made once per process so its graphs outlive a call. Static shapes: the batch
+def _compiled(forward):
+    """`forward` under torch.compile, made once per process so its graphs outlive a call. Static shapes: the batch
     and the static cache's length are fixed within a call; each new pair compiles once, up to torch's
     recompile limit (`torch._dynamo.config.recompile_limit`), after which new shapes run eager."""
-    return torch.compile(step, dynamic=False)
+    return torch.compile(forward, dynamic=False)
 
 
 # The weights each model's frozen graphs were compiled from (`_weights_state`).
 _FROZEN_WEIGHTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _step_function(model, options: DecodeOptions):
+def _decode_forward_for(model, options: DecodeOptions):
     """The forward of a decode step as `options` ask for: eager, compiled, or compiled with frozen weights. A
     frozen graph holds copies of the weights taken when it compiled, and torch's guards check which tensors
     they came from, not their values: once a model's weights changed in place (an optimizer step,
     load_state_dict), torch.compiler.reset() drops every compiled graph of the process, and the step compiles
     again."""
     if not options.compile_step:
-        return _forward_step
+        return _decode_forward
     if not options.freeze_weights:
-        return _compiled(_forward_step)
+        return _compiled(_decode_forward)
     state = _weights_state(model)
     if _FROZEN_WEIGHTS.get(model, state) != state:
         torch.compiler.reset()
         _FROZEN_WEIGHTS.clear()
     _FROZEN_WEIGHTS[model] = state
-    return functools.partial(_call_frozen, _compiled(_frozen_forward_step))
+    return functools.partial(_call_frozen, _compiled(_frozen_decode_forward))
 
 
 def _call_frozen(compiled, *args):

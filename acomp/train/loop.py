@@ -42,7 +42,7 @@ from acomp.train.engine import (
     unwrap,
     use_bf16,
 )
-from acomp.train.evaluate import evaluate_summary_ppl
+from acomp.train.heldout import heldout_ppl
 from acomp.train.metrics import (
     FlopModel,
     MetricsLog,
@@ -153,7 +153,7 @@ def run(cfg: RunConfig) -> Path:
             record["tokens_seen"] = tokens_seen
             record.update(guard.check(step, record["loss"]))  # a non-finite loss: the update was skipped
             if cfg.train.eval_every and (step % cfg.train.eval_every == 0 or step == cfg.train.max_steps):
-                record.update(evaluate(trainer))
+                record.update(heldout_eval(trainer))
             log.log(record)
             guard.stop_if_exhausted()  # train.max_bad_steps in a row: stop, the last good checkpoint intact
 
@@ -306,11 +306,11 @@ def summary_length_stats(lengths: list[torch.Tensor], max_len: int) -> list[floa
     return [values.mean().item(), *(bins / values.numel()).tolist()]
 
 
-def evaluate(trainer: Trainer) -> dict:
-    """Held-out perplexity of the last segment, no context vs summary vectors (see acomp.train.evaluate)."""
+def heldout_eval(trainer: Trainer) -> dict:
+    """Held-out perplexity of the last segment, no context vs summary vectors (see acomp.train.heldout)."""
     cfg, engine, corpus = trainer.cfg, trainer.engine, trainer.corpus
     lengths = eval_segment_lengths(cfg, corpus.block_size, trainer.max_segment)
-    result = evaluate_summary_ppl(
+    result = heldout_ppl(
         engine.module,
         val_dataset(cfg, corpus),
         lengths,

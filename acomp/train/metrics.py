@@ -14,8 +14,8 @@ gradient, 2 for the weight gradient, which frozen weights (LoRA's base) do not n
 heads x head dim (the hidden size for most models). Attention has no weights: QK^T and AV cost 4 a FLOPs per
 causal pair in the forward and twice that in backward. Summary and softprompt positions are included,
 activation recomputation (per-segment checkpointing, the chunked loss) is not. With `causal=False` the
-attention term is 12 L a T^2, PaLM's convention (reported as `mfu_palm` by the benchmark). Peak: `train.peak_tflops`, else looked up from the GPU name (bf16 dense: H100/H200 989, A100 312,
-...); on CPU MFU is not reported unless peak_tflops is set.
+attention term is 12 L a T^2 (PaLM's convention: all pairs). Peak: `train.peak_tflops`, else looked up from
+the GPU name (bf16 dense: H100/H200 989, A100 312, ...); on CPU MFU is not reported unless peak_tflops is set.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
-"""Perplexity of a block's last segment with no context vs with the summary vectors of the segments before it.
+"""Held-out perplexity of a block's last segment with no context vs behind the summary vectors of the
+segments before it: the trainer's periodic evaluation and the demo's.
 
-The protocol of spec section 6.1 at training time, two of its conditions (acomp.eval.protocol scores them):
+Two conditions of the paper's protocol (acomp.eval.protocol scores them):
 "summary" compresses the earlier segments into summary vectors and scores the last one behind them;
 "no context" scores the last segment alone. Both score exactly the same targets (tokens 2..n of the last
 segment: its first token would be predicted from plain text in one case and from nothing in the other).
@@ -19,7 +20,7 @@ from acomp.train.distributed import all_reduce_sum
 
 
 @torch.no_grad()
-def evaluate_summary_ppl(
+def heldout_ppl(
     model: torch.nn.Module,
     data: Iterable,
     segment_lengths: list[int],
@@ -89,13 +90,13 @@ def _blocks(data: Iterable):
         yield ids.unsqueeze(0) if ids.dim() == 1 else ids
 
 
-def evaluate_export(
+def heldout_ppl_of_export(
     model_dir, data_path, segment_lengths: list[int], max_blocks: int = 64, split: str = "val"
 ) -> dict:
-    """evaluate_summary_ppl for an exported model (e.g. <output_dir>/final) on a corpus split, in order."""
+    """heldout_ppl for an exported model (e.g. <output_dir>/final) on a corpus split, in order."""
     from acomp import AutoCompressorModel
     from acomp.data import CorpusDataset
 
     model = AutoCompressorModel.from_pretrained(str(model_dir)).eval()
     blocks = CorpusDataset(str(data_path), split=split, shuffle=False, batch_size=1)
-    return evaluate_summary_ppl(model, blocks, segment_lengths, max_blocks=max_blocks)
+    return heldout_ppl(model, blocks, segment_lengths, max_blocks=max_blocks)

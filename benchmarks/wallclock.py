@@ -1,4 +1,5 @@
-"""Train within a wall-clock budget, with a learning-rate schedule that still decays to its end.
+"""Train within a wall-clock budget, with a learning-rate schedule that still decays to its end (the quality
+benchmark's training stages: benchmarks/quality.py).
 
 The schedule needs `train.max_steps` up front, but how many steps fit in N minutes depends on the machine.
 So the run is sized from the trainer's own step time:
@@ -31,8 +32,8 @@ from acomp.config import RunConfig
 
 
 @dataclass
-class BudgetedRun:
-    """What a budgeted run did: its output directory, steps, measured step time and set-up cost."""
+class WallclockRun:
+    """What a run within a wall-clock budget did: its output directory, steps, measured step time and set-up cost."""
 
     output_dir: Path
     steps: int
@@ -50,7 +51,7 @@ def run_within(
     deadline: float | None = None,
     probe_steps: int = 3,
     log=print,
-) -> BudgetedRun:
+) -> WallclockRun:
     """Train `cfg` for about `seconds` of wall time (set-up and export included), or until `deadline`
     (a time.monotonic() value); returns what it did.
 
@@ -106,7 +107,7 @@ def run_within(
         timer.cancel()
         signal.signal(signal.SIGUSR1, previous)
         _release_memory()
-    return BudgetedRun(out, steps, planned, step_s, setup_s, time.monotonic() - started, stopped)
+    return WallclockRun(out, steps, planned, step_s, setup_s, time.monotonic() - started, stopped)
 
 
 def step_times(metrics_path: Path) -> list[float]:

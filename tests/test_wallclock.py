@@ -1,13 +1,18 @@
-"""acomp.train.budget: the pieces of a wall-clock-budgeted run (the whole run: tests/test_quality_smoke.py)."""
+"""benchmarks/wallclock.py: the pieces of a run within a wall-clock budget (the whole run:
+tests/test_quality_smoke.py)."""
 
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import pytest
 
 from acomp.config import config_from_dict
-from acomp.train.budget import checkpoint_step, run_within, step_times
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from wallclock import checkpoint_step, run_within, step_times  # noqa: E402
 
 
 def test_step_times_take_the_last_record_of_each_step(tmp_path):
