@@ -1,7 +1,7 @@
 """Attention kernel selection: SDPA by default (cudnn first on Hopper), flash-attn 2 when asked for.
 
-Measured on H100 (shared/spec/baselines.md): SDPA's cudnn backend runs causal attention 1.6x faster
-than its default flash backend, so on capability >= 9.0 we put it first in torch's priority list.
+On Hopper (capability >= 9.0) SDPA's cudnn backend runs causal attention faster than its flash backend on a
+fixed shape, so `auto` puts it first in torch's priority list.
 
 Same kernel in forward and in activation-checkpoint recompute. A checkpointed segment runs its forward
 twice (once in the forward pass, once in backward), and torch.utils.checkpoint requires both runs to save
@@ -11,10 +11,8 @@ process (recent CUDA builds put cudnn first on Hopper/Blackwell then; when that 
 a `sdpa_kernel(..., set_priority=True)` block, the block's order is overwritten for the rest of it and
 the block's exit restores the pre-initialisation order). A segment whose forward ran under the rewritten
 order (cudnn) and whose recompute ran under ours (flash or efficient) saves tensors of other shapes (the
-logsumexp layouts differ). That matches the CheckpointError seen on an H100 with `sdpa_backend:
-flash/efficient` while `cudnn`/`auto` (whose order equals torch's cudnn-first one) worked; it is the one
-mechanism found in torch's dispatch code, not yet reproduced on a GPU. Two guards, so the choice depends
-only on the inputs:
+logsumexp layouts differ), and torch.utils.checkpoint raises CheckpointError. Two guards, so the choice
+depends only on the inputs:
 - each explicit backend enables just the kernels that follow it in *every* order torch may hold (cudnn:
   cudnn > flash > efficient, as torch's own Hopper order; flash: flash > efficient, cudnn disabled;
   efficient: efficient alone), with math as the last resort;
@@ -109,7 +107,7 @@ def grouped_decode_attention(module, query, key, value, attention_mask, dropout=
     grouped-query attention: there the query heads that share a KV head become query rows of that head, so
     keys and values are read once instead of being copied per query head. (transformers repeats K/V whenever
     a mask is given, since torch's fused kernels take `enable_gqa` only without one; for a static cache's
-    masked decode step that copy costs more than the attention: benchmarks/RESULTS.md.)"""
+    masked decode step that copy costs more than the attention.)"""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     batch, heads, q_len, dim = query.shape
@@ -140,7 +138,7 @@ def grouped_matmul_attention(rows, key, value, bias, scaling: float) -> torch.Te
     """Attention as two matmuls and a softmax in fp32 (scale, mask and softmax in fp32 on the matmul's bf16
     scores, as transformers' eager attention), for the compiled decode step: inductor fuses scale, mask and
     softmax and splits the long reduction over the cache, where the masked SDPA call runs one block per
-    (sequence, KV head); 1.3-1.4x faster at a 6K or 30K cache and batch >= 64 (benchmarks/RESULTS.md)."""
+    (sequence, KV head), each scanning the whole cache."""
     scores = torch.matmul(rows, key.transpose(-1, -2)).float() * scaling + bias
     return torch.matmul(scores.softmax(dim=-1).to(value.dtype), value)
 

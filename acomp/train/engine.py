@@ -89,11 +89,11 @@ def resolve_ds_config(
     zero = ds.setdefault("zero_optimization", {"stage": 0})
     # Persistent parameters stay gathered between uses. On one rank partitioning saves nothing (the partition
     # is the whole tensor) and re-gathering every module costs a copy and a hook round-trip, so there every
-    # parameter persists (spec/baselines.md: 15.8k vs 11.6k tokens/s on one H100); over ranks HF's rule (10 d).
-    # Buckets: HF's d^2 rule cuts Llama-1B's gradients into ~250 small buckets; with whole-layer fetches
-    # (mark_layers_as_zero3_units), 5e7-element buckets took ZeRO-3 on one H200 from 0.80x to 0.87x ZeRO-1, and
-    # prefetching 5e7 parameters ahead gave 90% scaling over 2 H200s (benchmarks/RESULTS.md). Prefetch stays
-    # at 0.9 d^2 on one rank, where nothing is gathered and a large prefetch only costs memory (+16 GiB).
+    # parameter persists; over ranks HF's rule (10 d).
+    # Buckets: HF's d^2 rule cuts Llama-1B's gradients into ~250 small buckets, so reduce buckets hold at least
+    # 5e7 elements, and over ranks 5e7 parameters are prefetched (about one layer ahead with whole-layer
+    # fetches, mark_layers_as_zero3_units). Prefetch stays at 0.9 d^2 on one rank, where nothing is gathered
+    # and a large prefetch only costs memory (docs/PERFORMANCE.md).
     persistence = 10 * hidden_size if world_size > 1 else 2**62
     prefetch = int(0.9 * hidden_size * hidden_size)
     if world_size > 1:
@@ -388,7 +388,7 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 def flop_params(model: torch.nn.Module) -> int:
     """Parameters that cost 2 FLOPs per token in the forward: everything but input embedding tables,
-    plus the LM head when it is tied to the input embeddings (spec/baselines.md counts N this way)."""
+    plus the LM head when it is tied to the input embeddings (N of the 6N-per-token convention)."""
     return sum(flop_param_split(model))
 
 

@@ -1,4 +1,4 @@
-"""AdamW and the warmup + decay learning-rate schedule (spec 3.5: HF defaults, linear decay to 0)."""
+"""AdamW and the learning-rate schedule: linear warmup, then linear or cosine decay (or constant)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ def build_optimizer(
     """AdamW over trainable parameters; no weight decay on biases, norms and the summary table.
 
     With ZeRO CPU offload DeepSpeed needs its own CPU Adam; otherwise torch's AdamW (fused on CUDA) avoids
-    DeepSpeed's FusedAdam JIT build (spec/baselines.md: it fails on the H100 image without a patched arch list).
+    DeepSpeed's FusedAdam JIT build (which fails on CUDA images whose arch list it does not know).
     """
     decay, no_decay = [], []
     for name, p in model.named_parameters():

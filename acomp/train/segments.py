@@ -103,7 +103,7 @@ def random_segment_lengths(
 
 
 def segment_position_budget(model_config, cfg: CompressionConfig) -> int:
-    """Longest segment whose positions fit the base model (the `M` of spec 3.2).
+    """Longest segment whose positions fit the base model (`M`, docs/TRAINING.md "Positions budget").
 
     OPT gives softprompt and summary tokens no positions, so a segment may use all of
     `max_position_embeddings`. RoPE families (Llama, Mistral, Qwen) number the whole
