@@ -71,3 +71,15 @@ def test_trainer_log_off_a_terminal_prints_a_line_every_log_every_steps_without_
     assert "\r" not in out + err and err == ""
     assert [line.split(" | ")[0] for line in out.splitlines()] == ["step 2", "step 4"]
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 5
+
+
+def test_corpus_build_into_a_log_file_prints_plain_lines(tmp_path, capfd):
+    from acomp.data import build_corpus
+
+    build_corpus(
+        "stdlib", tmp_path / "c", train_tokenizer_vocab=300, block_size=64, limit_docs=12, num_workers=1
+    )
+    out, err = capfd.readouterr()  # file descriptors: the tokenizers trainer writes from Rust
+    lines = (out + err).splitlines()
+    assert "\r" not in out + err and "" not in lines
+    assert any(line.startswith("tokenize: 12/12 doc (100%) in ") for line in lines)

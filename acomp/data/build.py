@@ -25,6 +25,7 @@ import hashlib
 import json
 import logging
 import os
+import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict
@@ -33,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from ..progress import Progress
+from ..progress import Progress, draws_bars
 from .blocks import SHARD_HASHES, BlockWriter, Counts, corpus_columns, normalize_compression, smallest_dtype
 from .encode import Encoder, serial_tokenizers
 from .manifest import FORMAT_VERSION, MANIFEST_NAME, check_consistency, corpus_id, write_manifest
@@ -465,7 +466,9 @@ def _obtain_tokenizer(
     """The given tokenizer, or a BPE trained on the training split; control tokens registered."""
     if vocab is not None:
         seen = [0, 0]
-        tok = train_bpe_tokenizer(_training_texts(plan, max_chars, seen), vocab, show_progress=progress)
+        # the tokenizers trainer draws its own bar: only where bars can be drawn (a log file gets blank lines)
+        bar = progress and draws_bars(sys.stderr)
+        tok = train_bpe_tokenizer(_training_texts(plan, max_chars, seen), vocab, show_progress=bar)
         if len(tok) < vocab:
             raise ValueError(
                 f"train_tokenizer_vocab={vocab}: the trained tokenizer has only {len(tok)} tokens, because the "
