@@ -238,7 +238,7 @@ def build_model(
 def training_sdpa_backend(cfg: RunConfig) -> str:
     """`model.sdpa_backend` for training. `auto` with random segment boundaries is flash: cudnn (auto's
     choice on Hopper) builds a plan for every new sequence length, and random boundaries make new lengths all
-    the time (benchmarks/RESULTS.md: 1.75x eager, 1.97x compiled on Llama-1B). The exported config keeps the
+    the time (benchmarks/RESULTS.md). The exported config keeps the
     configured value."""
     if cfg.model.sdpa_backend == "auto" and cfg.compression.randomize_segments:
         return "flash"
