@@ -184,14 +184,57 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     """YAML file (optional) + dotted `key=value` overrides -> a checked RunConfig."""
     raw: dict = {}
     if path is not None:
-        text = Path(path).read_text()
-        raw = yaml.safe_load(text) or {}
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(raw).__name__}")
+        raw = read_yaml(path)
     for item in overrides:
         key, value = parse_override(item)
         set_dotted(raw, key, value)
     return config_from_dict(raw)
+
+
+def read_yaml(path: str | Path) -> dict:
+    """The config file as a dict of sections; a key given twice in one mapping is an error (YAML readers keep
+    the last one silently, so a second `train:` section would drop the first)."""
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such config file") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from None
+    try:
+        raw = yaml.load(text, Loader=_UniqueKeyLoader) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {' '.join(str(e).split())}") from None
+    except _DuplicateKey as e:
+        raise ConfigError(f"{path}: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(raw).__name__}")
+    return raw
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key written twice in one mapping (`<<` merges may still override)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            try:
+                first = seen.setdefault(key, line)
+            except TypeError:  # an unhashable key: SafeLoader reports it
+                continue
+            if first != line:
+                raise _DuplicateKey(
+                    f"{key!r} is given twice in one mapping (lines {first} and {line}); only the last would "
+                    f"be read: merge them into one"
+                )
+        return super().construct_mapping(node, deep=deep)
 
 
 def parse_override(item: str) -> tuple[str, Any]:
@@ -379,12 +422,38 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(
             "set model.name_or_path (a pretrained model) or model.arch (a fresh model's config)"
         )
+    if cfg.model.name_or_path is None:
+        check_arch_keys(cfg.model.family, cfg.model.arch)
     if cfg.lora.enabled and cfg.lora.r <= 0:
         raise ConfigError(f"config key 'lora.r' must be > 0, got {cfg.lora.r}")
     if t.micro_batch_size > t.global_batch_size:
         raise ConfigError(
             f"train.micro_batch_size ({t.micro_batch_size}) > train.global_batch_size ({t.global_batch_size})"
         )
+
+
+def check_arch_keys(family: str, arch: dict) -> None:
+    """Every `model.arch` key must be a setting of the family's transformers config class: those classes take
+    any keyword and keep it as an attribute, so a misspelt key would be ignored and the model silently get
+    the default in its place."""
+    import inspect
+
+    from transformers import CONFIG_MAPPING
+
+    config_class = CONFIG_MAPPING[family]
+    known = {p for p in inspect.signature(config_class.__init__).parameters if p not in ("self", "kwargs")}
+    known |= set(
+        config_class().to_dict()
+    )  # PretrainedConfig's own keys (tie_word_embeddings, bos_token_id, ...)
+    known |= set(getattr(config_class, "attribute_map", {}))
+    for key in arch:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), sorted(known), n=1)
+            hint = f" (did you mean 'model.arch.{close[0]}'?)" if close else ""
+            raise ConfigError(
+                f"unknown config key 'model.arch.{key}': not a setting of {config_class.__name__} "
+                f"(model.family={family!r}){hint}"
+            )
 
 
 def _positive(*items: tuple[str, float]) -> None:
