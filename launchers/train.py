@@ -2,11 +2,13 @@
 
 Overrides use dotted keys (train.max_steps=20 data.path=DIR); docs/TRAINING.md lists them all.
 
-Exit status (docs/RELIABILITY.md): 0 done, or stopped by SIGTERM/SIGUSR1 after checkpointing (run the same
-command again to resume; `train.preempt_exit_code` changes this one, the SLURM templates use 75); 2 bad
-config or data, found before any training step; 3 stopped after `train.max_bad_steps` non-finite losses in
-a row; 1 anything else (a lost rank, a failed checkpoint write, a crash). Known failures print one line
-starting with "error:" (or "config error:", "data error:"), not a traceback.
+Exit status (docs/RELIABILITY.md): 0 done, or stopped by SIGTERM/SIGUSR1/SIGINT after checkpointing (run
+the same command again to resume; `train.preempt_exit_code` changes this one, the SLURM templates use 75);
+2 bad config or data, found before any training step (also: another run holds train.output_dir, no usable
+checkpoint to resume, the corpus changed under the run before its export); 3 stopped after
+`train.max_bad_steps` non-finite losses in a row; 130 a second Ctrl-C, or one during set-up (no
+checkpoint); 1 anything else (a lost rank, a failed checkpoint write, a crash). Known failures print one
+line starting with "error:" (or "config error:", "data error:"), not a traceback.
 """
 
 from __future__ import annotations
@@ -35,12 +37,15 @@ def main(argv: list[str] | None = None) -> int:
     from acomp.data import CorruptShardError
     from acomp.train import Preempted, run
     from acomp.train.badsteps import NonFiniteLossError
-    from acomp.train.checkpoint import CheckpointWriteError
+    from acomp.train.checkpoint import CheckpointWriteError, ResumeError
     from acomp.train.data import DataError
     from acomp.train.distributed import is_comm_error
+    from acomp.train.runlock import OutputDirBusyError
 
     try:
         out = run(cfg)
+    except (ResumeError, OutputDirBusyError) as e:
+        return fail("error", e, 2)
     except (DataError, CorruptShardError) as e:
         return fail("data error", e, 2)
     except ConfigError as e:
@@ -79,6 +84,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def interrupted() -> int:
+    """Ctrl-C during set-up, or a second one during training: nothing saved since the last checkpoint."""
+    print("interrupted (SIGINT): stopped without a checkpoint", file=sys.stderr, flush=True)
+    return 130
+
+
 def fail(kind: str, error, status: int) -> int:
     """One line naming what went wrong (prefixed with the rank when there are several), and the exit status."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -88,4 +99,7 @@ def fail(kind: str, error, status: int) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        sys.exit(interrupted())

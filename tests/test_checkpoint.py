@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -22,7 +23,13 @@ from test_train_helpers import (
 )
 
 from acomp.config import RunConfig
-from acomp.train.checkpoint import Checkpointer, merge_lora_state_dict
+from acomp.train.checkpoint import (
+    FILES_FILE,
+    CheckpointDamagedError,
+    Checkpointer,
+    ResumeError,
+    merge_lora_state_dict,
+)
 from acomp.train.distributed import Dist
 from acomp.train.preemption import EXIT_REQUEUE
 
@@ -37,10 +44,11 @@ class FakeEngine:
 
     def save_checkpoint(self, save_dir, tag, save_latest=False):
         os.makedirs(os.path.join(save_dir, tag), exist_ok=True)
-        with open(os.path.join(save_dir, tag, "model.pt"), "w") as f:
-            f.write("partial" if self.crash else "weights")
         if self.crash:
+            with open(os.path.join(save_dir, tag, "model.pt"), "w") as f:
+                f.write("partial")
             raise OSError("disk vanished mid-write")
+        torch.save({"weights": torch.zeros(2)}, os.path.join(save_dir, tag, "model.pt"))
 
     def load_checkpoint(self, load_dir, tag):
         return os.path.join(load_dir, tag), {}
@@ -60,13 +68,18 @@ def test_layout_latest_and_retention(tmp_path):
     assert (tmp_path / "checkpoints" / "latest").read_text() == "step_00000030"
     latest = ckpt.resolve("auto")
     assert latest.name == "step_00000030"
-    assert {p.name for p in latest.iterdir()} == {"model.pt", "trainer_state_rank0.pt", "config.yaml"}
+    assert {p.name for p in latest.iterdir()} == {
+        "model.pt",
+        "trainer_state_rank0.pt",
+        "config.yaml",
+        "files.json",
+    }
     assert ckpt.load(FakeEngine(), latest)["step"] == 30
     assert ckpt.resolve("never") is None
     assert ckpt.resolve(str(tmp_path)).name == "step_00000030"  # an output dir works too
     assert ckpt.resolve(str(latest / "..")).name == "step_00000030"
     assert ckpt.resolve(str(tmp_path / "checkpoints" / "step_00000020")).name == "step_00000020"
-    with pytest.raises(FileNotFoundError, match="not a checkpoint"):
+    with pytest.raises(ResumeError, match="no such directory"):
         ckpt.resolve(str(tmp_path / "nowhere"))
 
 
@@ -82,6 +95,48 @@ def test_crash_mid_write_keeps_previous_checkpoint(tmp_path):
     save(ckpt, 20)  # the next save clears the torn directory
     assert not (tmp_path / "checkpoints" / ".tmp-step_00000020").exists()
     assert ckpt.resolve("auto").name == "step_00000020"
+
+
+def test_a_damaged_checkpoint_is_named_set_aside_and_the_previous_one_used(tmp_path):
+    """files.json records every file's size; a truncated or missing file, or one that fails to load, makes
+    `auto` fall back to the newest intact checkpoint with a warning naming the file."""
+    root = tmp_path / "checkpoints"
+    ckpt = Checkpointer(root, keep=3, dist=DIST)
+    for step in (10, 20, 30):
+        save(ckpt, step)
+    listed = json.loads((root / "step_00000030" / FILES_FILE).read_text())["files"]
+    assert set(listed) == {"config.yaml", "model.pt", "trainer_state_rank0.pt"}
+    assert all(listed[name] == (root / "step_00000030" / name).stat().st_size for name in listed)
+    (root / "step_00000030" / "model.pt").write_text("w")
+    (root / "step_00000020" / "config.yaml").unlink()
+    warnings = []
+    assert ckpt.resolve("auto", report=warnings.append) == root / "step_00000010"
+    assert warnings == [
+        f"warning: checkpoint {root / 'step_00000030'} is damaged: {root / 'step_00000030' / 'model.pt'} is 1 "
+        f"bytes but was written with {listed['model.pt']} (truncated); set aside as damaged-step_00000030; "
+        "resuming from step_00000010 instead",
+        f"warning: checkpoint {root / 'step_00000020'} is damaged: {root / 'step_00000020' / 'config.yaml'} is "
+        "missing; set aside as damaged-step_00000020; resuming from step_00000010 instead",
+    ]
+    assert [p.name for p in ckpt.complete()] == ["step_00000010"]  # the damaged ones no longer count
+    save(ckpt, 20)  # the run goes on from step 10 and writes step 20 again
+    assert ckpt.resolve("auto") == root / "step_00000020"
+
+    # A file of the right size whose bytes changed: found when it fails to load, named, the previous one used.
+    state = root / "step_00000020" / "trainer_state_rank0.pt"
+    state.write_bytes(b"\0" * state.stat().st_size)
+    with pytest.raises(CheckpointDamagedError, match=f"{state} is corrupted") as failed:
+        ckpt.load(FakeEngine(), root / "step_00000020")
+    assert (
+        ckpt.fall_back(failed.value.path, failed.value.problem, report=warnings.append).name
+        == "step_00000010"
+    )
+    assert warnings[-1].endswith("set aside as damaged-step_00000020; resuming from step_00000010 instead")
+    save(ckpt, 10)  # already there and intact: kept
+    (root / "step_00000010" / "model.pt").write_text("")
+    with pytest.raises(ResumeError, match=r"no intact checkpoint in .*step_00000010/model.pt is 0 bytes"):
+        ckpt.resolve("auto")
+    assert (root / "step_00000010").is_dir()  # nothing set aside when there is nothing to fall back to
 
 
 def test_merge_lora_matches_peft():

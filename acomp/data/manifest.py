@@ -195,11 +195,18 @@ def corpus_identity(path: str | Path, manifest: dict[str, Any] | None = None) ->
     }
 
 
-def check_same_corpus(path: str | Path, recorded: dict[str, Any], *, since: str = "it was recorded") -> None:
+def check_same_corpus(
+    path: str | Path,
+    recorded: dict[str, Any],
+    *,
+    since: str = "it was recorded",
+    manifest: dict[str, Any] | None = None,
+) -> None:
     """Raise :class:`CorpusChangedError` naming the key and both values when the corpus at ``path`` is not
-    the one ``recorded`` (a :func:`corpus_identity`) describes. Keys a record lacks (written by an older
-    acomp) are not compared. A missing or unreadable corpus raises what :func:`read_manifest` raises."""
-    now = corpus_identity(path)
+    the one ``recorded`` (a :func:`corpus_identity`) describes (``manifest``: its manifest, if already read,
+    e.g. a remote corpus'). Keys a record lacks (written by an older acomp) are not compared. A missing or
+    unreadable corpus raises what :func:`read_manifest` raises."""
+    now = corpus_identity(path, manifest)
     for key in IDENTITY_KEYS:
         old, new = recorded.get(key), now.get(key)
         if old is not None and new != old:

@@ -7,14 +7,18 @@ Layout of `<output_dir>/checkpoints/`:
         mp_rank_00_model_states.pt, zero_pp_rank_*_optim_states.pt, ...   DeepSpeed: model, optimizer, scheduler
         trainer_state_rank<R>.pt   per rank: step, tokens seen, data-loader state, RNG states
         config.yaml                the resolved run config
-        corpus.json                which corpus it was trained on (tokenizer hash, block size, fingerprint)
+        corpus.json                which corpus it was trained on (acomp.data.manifest.corpus_identity)
+        files.json                 every other file of the checkpoint with its size, written last
     .tmp-step_00000200/         a checkpoint being written (ignored, removed by the next save)
     .trash-step_00000050/       an old checkpoint being deleted (ignored, removed by the next save)
+    damaged-step_00000300/      a checkpoint found damaged when resuming, set aside (ignored, kept to inspect)
 
 A checkpoint is written under `.tmp-<tag>` and renamed to `<tag>` by rank 0 only after every rank has
 finished writing, then `latest` is replaced atomically; old checkpoints are renamed away before they are
 deleted. So a crash at any point leaves every `step_*` directory complete and `latest` pointing at one, and
 a failed write (disk full, quota) raises CheckpointWriteError with the previous checkpoint untouched.
+Damage after the fact (a truncated copy, a deleted file) is found by comparing the files with files.json
+before resuming, and resume=auto falls back to the newest intact checkpoint, naming the bad file.
 Needs a filesystem shared by all ranks.
 """
 
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -30,16 +35,23 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from acomp.config import RunConfig, save_config
+from acomp.config import ConfigError, RunConfig, save_config
 from acomp.train import faults
 from acomp.train.distributed import Dist, barrier, broadcast_object, is_comm_error
 
 TAG_RE = re.compile(r"^step_(\d{8})$")
 CORPUS_FILE = "corpus.json"
+FILES_FILE = "files.json"
+DAMAGED_PREFIX = "damaged-"
 
 
 class CheckpointWriteError(OSError):
     """Writing a checkpoint failed (disk full, quota, I/O error); the previous checkpoint is intact."""
+
+
+class ResumeError(ConfigError):
+    """The checkpoint to resume from cannot be used (no checkpoint there, damaged, or another model's); the
+    message names it and, where there is one, the checkpoint to use instead. Raised before any step."""
 
 
 def tag_for(step: int) -> str:
@@ -70,36 +82,110 @@ class Checkpointer:
         done = [p for p in self.complete() if (p / "trainer_state_rank0.pt").is_file()]
         return done[-1] if done else None
 
-    def resolve(self, resume: str) -> Path | None:
-        """`train.resume` -> the checkpoint directory to load, or None to start fresh."""
+    def resolve(self, resume: str, report=print) -> Path | None:
+        """`train.resume` -> the checkpoint directory to load, or None to start fresh (raises ResumeError).
+
+        `auto` and an output or checkpoints directory give the newest intact checkpoint there: each newer
+        damaged one is reported through `report`, naming its bad file (and, in this run's own directory,
+        renamed to `damaged-<tag>` so that it is neither chosen nor counted again). A checkpoint directory
+        given by name must be intact itself. Decided on rank 0 and broadcast, so all ranks load the same one.
+        """
+        problem, found = None, None
+        if self.dist.is_main:
+            try:
+                found = self._resolve(resume, report)
+            except ResumeError as e:
+                problem = str(e)
+        problem, found = broadcast_object((problem, found))
+        if problem is not None:
+            raise ResumeError(problem)
+        return found
+
+    def _resolve(self, resume: str, report) -> Path | None:
         if resume == "never":
             return None
         if resume == "auto":
-            return self.latest()
+            return self._newest_intact(self.root, resume, report, own=True)
         path = Path(resume)
+        if not path.is_dir():
+            raise ResumeError(f"train.resume={resume!r}: no such directory")
         if (path / "latest").is_file() or (path / "checkpoints").is_dir():  # an output or checkpoints dir
             root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-            found = Checkpointer(root, self.keep, self.dist).latest()
+            found = self._newest_intact(root, resume, report, own=root.resolve() == self.root.resolve())
             if found is None:
-                raise FileNotFoundError(f"train.resume={resume!r}: no complete checkpoint in {root}")
+                raise ResumeError(f"train.resume={resume!r}: no complete checkpoint in {root}")
             return found
-        if not (path / "trainer_state_rank0.pt").is_file():
-            raise FileNotFoundError(
-                f"train.resume={resume!r} is not a checkpoint directory (no trainer_state)"
+        if not (path / "trainer_state_rank0.pt").is_file() and not (path / FILES_FILE).is_file():
+            raise ResumeError(
+                f"train.resume={resume!r} is not a checkpoint directory (no trainer_state_rank0.pt; give a "
+                f"checkpoints/step_* directory, a run's output_dir, or auto)"
             )
+        problem = damage(path)
+        if problem is not None:
+            older = [
+                p for p in Checkpointer(path.parent, self.keep, self.dist).complete() if p.name < path.name
+            ]
+            instead = next((p for p in reversed(older) if damage(p) is None), None)
+            hint = f"; resume from {instead} instead (train.resume={instead})" if instead else ""
+            raise ResumeError(f"train.resume={resume!r}: the checkpoint is damaged: {problem}{hint}")
         return path
+
+    def _newest_intact(self, root: Path, resume: str, report, own: bool) -> Path | None:
+        candidates = Checkpointer(root, self.keep, self.dist).complete()
+        damaged, found = [], None
+        for path in reversed(candidates):
+            problem = damage(path)
+            if problem is None:
+                found = path
+                break
+            damaged.append((path, problem))
+        if damaged and found is None:
+            raise ResumeError(
+                f"train.resume={resume}: no intact checkpoint in {root}: {damaged[0][1]}"
+                + (f" (and {len(damaged) - 1} older damaged)" if len(damaged) > 1 else "")
+                + "; restore one, or start over with train.resume=never"
+            )
+        for bad, problem in damaged:
+            self._report_damaged(bad, problem, found, report, own)
+        return found
+
+    def fall_back(self, bad: Path, problem: str, report=print) -> Path:
+        """`bad` (in this run's directory) failed to load: set it aside and return the newest intact
+        checkpoint older than it; ResumeError (nothing set aside) when there is none."""
+        older = [p for p in self.complete() if p.name < bad.name]
+        found = next((p for p in reversed(older) if damage(p) is None), None)
+        if found is None:
+            raise ResumeError(
+                f"checkpoint {bad} is damaged: {problem}; no older checkpoint is intact: restore one, or start "
+                f"over with train.resume=never"
+            )
+        self._report_damaged(bad, problem, found, report, own=True)
+        for skipped in [p for p in older if p.name > found.name]:  # damaged too (by their sizes)
+            self._report_damaged(skipped, damage(skipped), found, report, own=True)
+        return found
+
+    def _report_damaged(self, bad: Path, problem: str, using: Path, report, own: bool) -> None:
+        moved = ""
+        if own:  # out of the step_* namespace: neither chosen nor counted by prune() again
+            aside = bad.with_name(DAMAGED_PREFIX + bad.name)
+            shutil.rmtree(aside, ignore_errors=True)
+            os.rename(bad, aside)
+            moved = f"; set aside as {aside.name}"
+        report(f"warning: checkpoint {bad} is damaged: {problem}{moved}; resuming from {using.name} instead")
 
     # ------------------------------------------------------------------------------------- saving
     def save(self, engine, step: int, trainer_state: dict, cfg: RunConfig) -> Path:
         """Write the checkpoint of `step` atomically on all ranks; returns its directory."""
         tag = tag_for(step)
         final = self.root / tag
-        exists = broadcast_object(final.is_dir() if self.dist.is_main else None)
+        exists = broadcast_object(final.is_dir() and damage(final) is None if self.dist.is_main else None)
         if exists:
             return final  # this exact step is already saved (e.g. a signal right after resuming)
         tmp_tag = f".tmp-{tag}"
         if self.dist.is_main:
             self.root.mkdir(parents=True, exist_ok=True)
+            if final.is_dir():  # a damaged copy of this step (resume=PATH skipped it): replaced below
+                os.rename(final, self.root / f".trash-{tag}")
             for stale in [*self.root.glob(".tmp-step_*"), *self.root.glob(".trash-step_*")]:
                 shutil.rmtree(stale, ignore_errors=True)
         barrier()
@@ -122,6 +208,7 @@ class Checkpointer:
         barrier()
         if self.dist.is_main:
             try:
+                _write_file_list(tmp)  # every rank's files are there now: their sizes, for damage()
                 _fsync_tree(tmp)  # the data reaches the disk before the rename makes it "complete"
                 os.rename(tmp, final)
                 _write_atomic(self.root / "latest", tag)
@@ -160,15 +247,82 @@ class Checkpointer:
 
     # ------------------------------------------------------------------------------------ loading
     def load(self, engine, path: Path) -> dict:
-        """Restore DeepSpeed state (model, optimizer, scheduler) and return this rank's trainer state."""
-        loaded, _ = engine.load_checkpoint(str(path.parent), tag=path.name)
-        if loaded is None:
-            raise RuntimeError(f"DeepSpeed could not load the checkpoint in {path}")
-        own = path / f"trainer_state_rank{self.dist.rank}.pt"
-        state = torch.load(own if own.is_file() else path / "trainer_state_rank0.pt", weights_only=False)
+        """Restore DeepSpeed state (model, optimizer, scheduler) and return this rank's trainer state.
+
+        A file that cannot be read despite the right size (bytes changed in place) raises
+        CheckpointDamagedError naming it; a checkpoint of another model shape raises ResumeError."""
+        try:
+            loaded, _ = engine.load_checkpoint(str(path.parent), tag=path.name)
+            if loaded is None:
+                raise RuntimeError(f"DeepSpeed found no checkpoint to load in {path}")
+            own = path / f"trainer_state_rank{self.dist.rank}.pt"
+            state = torch.load(own if own.is_file() else path / "trainer_state_rank0.pt", weights_only=False)
+        except (RuntimeError, OSError, EOFError, ValueError, KeyError, pickle.UnpicklingError) as e:
+            if is_comm_error(e):
+                raise
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            bad = unreadable_file(path)
+            if bad is not None:
+                raise CheckpointDamagedError(path, f"{bad} is corrupted ({first})") from None
+            raise ResumeError(
+                f"cannot load checkpoint {path} into this model ({type(e).__name__}: {first[:300]}); was it "
+                f"written by a run of another model or world size? Start a new run with train.resume=never"
+            ) from None
         if not own.is_file():
             state["rng"] = None  # a new rank (world size changed): keep its fresh seed
         return state
+
+
+class CheckpointDamagedError(ResumeError):
+    """A checkpoint file failed to load (its bytes changed although its size did not)."""
+
+    def __init__(self, path: Path, problem: str):
+        super().__init__(f"checkpoint {path} is damaged: {problem}")
+        self.path, self.problem = path, problem
+
+
+def damage(path: Path) -> str | None:
+    """Why the checkpoint at `path` cannot be used, naming the file, or None when every file listed in its
+    files.json is there with the size it was written with (a cheap check: sizes, no hashing). A checkpoint
+    written before files.json existed only needs its trainer state."""
+    listing = Path(path) / FILES_FILE
+    if not listing.is_file():
+        state = Path(path) / "trainer_state_rank0.pt"
+        return None if state.is_file() else f"{state} is missing"
+    try:
+        files = json.loads(listing.read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"{listing} is unreadable ({type(e).__name__}: {e})"
+    for name, size in files.items():
+        file = Path(path) / name
+        try:
+            found = file.stat().st_size
+        except OSError:
+            return f"{file} is missing"
+        if found != size:
+            how = "truncated" if found < size else "overwritten"
+            return f"{file} is {found} bytes but was written with {size} ({how})"
+    return None
+
+
+def unreadable_file(path: Path) -> Path | None:
+    """The first file of a checkpoint whose zip records fail their CRC32 (torch.save writes zip archives;
+    torch.load checks no checksums, so it may load changed bytes without a word), or None."""
+    import zipfile
+
+    for file in sorted(Path(path).rglob("*.pt")):
+        try:
+            with zipfile.ZipFile(file) as archive:
+                if archive.testzip() is not None:
+                    return file
+        except (OSError, zipfile.BadZipFile, EOFError, RuntimeError):
+            return file
+    return None
+
+
+def _write_file_list(root: Path) -> None:
+    files = {str(p.relative_to(root)): p.stat().st_size for p in sorted(root.rglob("*")) if p.is_file()}
+    (root / FILES_FILE).write_text(json.dumps({"files": files}, indent=1) + "\n")
 
 
 def _write_atomic(path: Path, text: str) -> None:

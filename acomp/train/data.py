@@ -100,6 +100,8 @@ def open_corpus(path: str | Path, cache_dir: str | Path | None = None) -> Corpus
         except (OSError, ValueError) as e:
             raise DataError(f"data.path={str(local)!r}: {e}") from None
     where = uri or str(local)
+    if not (local / "tokenizer").is_dir():  # else transformers reads the path as a malformed hub repo id
+        raise DataError(f"data.path={where!r}: its tokenizer/ directory is missing (rebuild the corpus)")
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(local / "tokenizer"))
     except (OSError, ValueError) as e:

@@ -46,6 +46,8 @@ def init_distributed(timeout_s: int = 1800) -> Dist:
     else:
         device = torch.device("cpu")
     if not dist.is_initialized():
+        if device.type == "cpu":
+            skip_cpu_shm_op()
         deepspeed.init_distributed(
             dist_backend="nccl" if device.type == "cuda" else "gloo",
             auto_mpi_discovery=False,
@@ -54,6 +56,15 @@ def init_distributed(timeout_s: int = 1800) -> Dist:
             world_size=world,
         )
     return Dist(rank=rank, world_size=world, local_rank=local_rank, device=device)
+
+
+def skip_cpu_shm_op() -> None:
+    """On CPU, DeepSpeed JIT-builds a shared-memory all-reduce op when it creates the process group (a C++
+    build of tens of seconds the first time on a machine, before the rendezvous). Only DeepSpeed's inference
+    all-reduce uses it, never training: marking it unavailable skips the build."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def free_port() -> int:

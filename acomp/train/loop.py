@@ -18,20 +18,27 @@ from typing import Any
 import numpy as np
 import torch
 
-from acomp.config import RunConfig, save_config
+from acomp.config import ConfigError, RunConfig, save_config
 from acomp.train import faults
 from acomp.train.badsteps import BadStepGuard
-from acomp.train.checkpoint import Checkpointer, export_hf, rng_state, set_rng_state
+from acomp.train.checkpoint import (
+    CheckpointDamagedError,
+    Checkpointer,
+    export_hf,
+    rng_state,
+    set_rng_state,
+)
 from acomp.train.data import (
     Batches,
     Corpus,
+    DataError,
     check_corpus_fits,
     ensure_corpus,
     open_corpus,
     train_loader,
     val_dataset,
 )
-from acomp.train.distributed import Dist, all_reduce_mean, init_distributed
+from acomp.train.distributed import Dist, all_reduce_mean, broadcast_object, init_distributed
 from acomp.train.engine import (
     BatchPlan,
     base_model_config,
@@ -51,13 +58,20 @@ from acomp.train.metrics import (
 )
 from acomp.train.preemption import PreemptionHandler
 from acomp.train.preflight import (
+    changed_settings,
     check_corpus,
+    check_corpus_unchanged,
+    check_model_source,
+    check_resume_config,
     check_resumed_corpus,
     check_segments,
     check_tokenizer,
     corpus_identity,
+    model_source_error,
+    position_budget,
 )
-from acomp.train.segments import Substep, segment_generator, segment_position_budget, split_substeps
+from acomp.train.runlock import output_dir_lock
+from acomp.train.segments import Substep, segment_generator, split_substeps
 
 
 class Preempted(Exception):
@@ -87,19 +101,24 @@ class Trainer:
 def build(cfg: RunConfig, dist: Dist) -> Trainer:
     """Corpus, checks, model, DeepSpeed engine and training batches, in the order they must happen: bad input
     fails first, naming the thing, before anything is built."""
+    check_model_source(cfg)
     ensure_corpus(cfg, dist.is_main)
     corpus = open_corpus(cfg.data.path, cfg.data.cache_dir)
     check_corpus(cfg, corpus)
-    base_config = base_model_config(cfg, corpus.tokenizer)
+    try:
+        base_config = base_model_config(cfg, corpus.tokenizer)
+    except ConfigError:
+        raise
+    except (OSError, ValueError) as e:  # transformers: no such directory or hub model, unreadable config
+        raise model_source_error(cfg.model.name_or_path, e) from None
     check_tokenizer(cfg, corpus, base_config.vocab_size)
+    max_segment = position_budget(cfg, base_config)
+    check_segments(cfg, corpus.block_size, max_segment)
     plan = plan_batches(cfg, dist.world_size)
     ds_config = resolve_ds_config(cfg, plan, dist.world_size, dist.device, base_config.hidden_size)
     dtype = torch.bfloat16 if use_bf16(cfg, dist.device) else torch.float32
     model = build_model(cfg, corpus.tokenizer, ds_config, dtype, corpus.vocab_size, dist.device)
-    model_config = unwrap(model).config
-    check_corpus_fits(corpus, model_config)
-    max_segment = segment_position_budget(model_config, cfg.compression)
-    check_segments(cfg, corpus.block_size, max_segment)
+    check_corpus_fits(corpus, unwrap(model).config)
     flops = FlopModel.of(model, cfg)
     engine = build_engine(model, cfg, ds_config, dist)
     batches = Batches(train_loader(cfg, corpus, plan.micro_batch_size))
@@ -107,26 +126,43 @@ def build(cfg: RunConfig, dist: Dist) -> Trainer:
     return Trainer(cfg, dist, corpus, plan, engine, batches, max_segment, flops, peak)
 
 
+# Collective timeout during set-up: ranks reach their first collectives after uneven one-off work.
+SETUP_TIMEOUT_S = 600
+
+
 def run(cfg: RunConfig) -> Path:
-    """Train an AutoCompressor as `cfg` says; returns the output directory (raises Preempted on a signal)."""
-    dist = init_distributed(cfg.train.dist_timeout_s)
+    """Train an AutoCompressor as `cfg` says; returns the output directory (raises Preempted on a signal).
+
+    Set-up (rendezvous, model and data loading, one-off builds) runs under a collective timeout of at least
+    SETUP_TIMEOUT_S; the training steps under `train.dist_timeout_s`."""
+    dist = init_distributed(max(cfg.train.dist_timeout_s, SETUP_TIMEOUT_S))
     out = Path(cfg.train.output_dir)
-    if dist.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
+    with output_dir_lock(out, dist):  # one run per output directory (OutputDirBusyError)
+        return _run(cfg, dist, out)
+
+
+def _run(cfg: RunConfig, dist: Dist, out: Path) -> Path:
+    # What to resume, and whether it fits this config: decided before anything is built.
+    checkpoints = Checkpointer(out / "checkpoints", cfg.train.keep_checkpoints, dist)
+    resume_from = checkpoints.resolve(cfg.train.resume, report=say)
+    if resume_from is not None:
+        check_resume_config(cfg, resume_from)
     seed_everything(cfg.train.seed)
     trainer = build(cfg, dist)
     engine, batches, corpus = trainer.engine, trainer.batches, trainer.corpus
+    started_on = corpus_identity(corpus)  # checked again before export
+    checkpoints.corpus = started_on
+    if resume_from is not None:
+        check_resumed_corpus(resume_from, corpus)
+    if dist.is_main:
+        save_config(cfg, out / "config.yaml")  # only now: a refused run leaves the directory as it was
     faults.install(engine.module, dist.rank)  # fault injection for tests/faults/; no-op unless asked for
 
     # Resume.
-    checkpoints = Checkpointer(out / "checkpoints", cfg.train.keep_checkpoints, dist, corpus_identity(corpus))
     step, tokens_seen = 0, 0
-    resume_from = checkpoints.resolve(cfg.train.resume)
     seed_everything(cfg.train.seed + dist.rank)  # per-rank randomness (dropout) from here on
     if resume_from is not None:
-        check_resumed_corpus(resume_from, corpus)
-        state = checkpoints.load(engine, resume_from)
+        resume_from, state = restore(trainer, checkpoints, resume_from)
         step, tokens_seen = state["step"], state["tokens_seen"]
         batches.load_state_dict(state["data"])
         set_rng_state(state["rng"])
@@ -134,10 +170,14 @@ def run(cfg: RunConfig) -> Path:
     log = MetricsLog(out, cfg, dist.is_main, step, cfg.train.max_steps)
     if resume_from is not None:
         log.write(f"resumed from {resume_from} at step {step}")
+        changes = changed_settings(cfg, resume_from, RESUME_APPLIED_KEYS)
+        if changes:
+            log.write(f"changed since that checkpoint, applied from step {step + 1} on: {', '.join(changes)}")
     preemption = PreemptionHandler(dist.device)
     guard = BadStepGuard(cfg.train.max_bad_steps, engine, checkpoints.latest)
     checkpoint_due = False  # a periodic checkpoint falling on a skipped step waits for the next good one
     saved_step = step if resume_from is not None else -1
+    set_collective_timeout(cfg.train.dist_timeout_s)
     engine.train()
     try:
         while step < cfg.train.max_steps:
@@ -170,12 +210,96 @@ def run(cfg: RunConfig) -> Path:
         if saved_step != step:
             checkpoints.save(engine, step, trainer_state(step, tokens_seen, batches), cfg)
         if cfg.train.export_final:
+            check_corpus_before_export(trainer, started_on, checkpoints)
             final = export_hf(engine, cfg, out / "final", dist, corpus.tokenizer_dir)
             log.write(f"exported HF weights to {final}")
     finally:
         preemption.restore()
         log.close()
     return out
+
+
+def say(line: str) -> None:
+    print(line, flush=True)
+
+
+def set_collective_timeout(seconds: int) -> None:
+    """From here on a collective that waits longer than `seconds` for another rank fails (a hung rank)."""
+    import datetime
+
+    import torch.distributed as tdist
+
+    if tdist.is_initialized():
+        tdist.set_timeout(datetime.timedelta(seconds=seconds))
+
+
+# Settings a resumed run takes from its config rather than from the checkpoint (the optimizer and schedule
+# keep their own copies of them): a change is applied from the resumed step on, and logged.
+RESUME_APPLIED_KEYS = (
+    "optim.lr",
+    "optim.schedule",
+    "optim.warmup_steps",
+    "optim.min_lr_ratio",
+    "optim.weight_decay",
+    "optim.betas",
+    "optim.eps",
+    "optim.grad_clip",
+    "train.max_steps",
+)
+# What the optimizer's param groups carry besides the parameters and the scheduled lr.
+OPTIMIZER_GROUP_KEYS = ("betas", "eps", "weight_decay", "initial_lr")
+
+
+def restore(trainer: Trainer, checkpoints: Checkpointer, path: Path) -> tuple[Path, dict]:
+    """Load checkpoint `path` into the engine and return (the checkpoint loaded, this rank's trainer state).
+
+    The optimizer and schedule settings stay those of this run's config (RESUME_APPLIED_KEYS): a checkpoint
+    restores its own lr, betas, eps, weight decay and base lr with the optimizer's state, so they are put back
+    from the freshly built optimizer and the lr recomputed for the resumed step, exactly as an uninterrupted
+    run with this config computes it. With one rank and `train.resume=auto`, a checkpoint whose file fails to
+    load is set aside and the next older intact one loaded (DeepSpeed then restores every part again)."""
+    engine, cfg = trainer.engine, trainer.cfg
+    scheduler = engine.lr_scheduler
+    fresh = [{k: g[k] for k in OPTIMIZER_GROUP_KEYS if k in g} for g in scheduler.optimizer.param_groups]
+    base_lrs = list(scheduler.base_lrs)
+    while True:
+        try:
+            state = checkpoints.load(engine, path)
+            break
+        except CheckpointDamagedError as e:
+            if trainer.dist.world_size > 1 or cfg.train.resume != "auto":
+                raise
+            path = checkpoints.fall_back(e.path, e.problem, report=say)
+            check_resumed_corpus(path, trainer.corpus)
+    groups = scheduler.optimizer.param_groups  # new dicts: load_state_dict replaced them
+    for group, settings in zip(groups, fresh):
+        group.update(settings)
+    scheduler.base_lrs = base_lrs
+    lrs = [base * factor(scheduler.last_epoch) for base, factor in zip(base_lrs, scheduler.lr_lambdas)]
+    for group, lr in zip(groups, lrs):
+        group["lr"] = lr
+    scheduler._last_lr = lrs
+    return path, state
+
+
+def check_corpus_before_export(trainer: Trainer, started_on: dict, checkpoints: Checkpointer) -> None:
+    """Refuse to export when data.path no longer holds the corpus the run started on: `final/` would pair
+    the new corpus' tokenizer with weights trained on the old ids. Rank 0 checks; every rank gets the
+    verdict (export_hf is collective)."""
+    problem = None
+    if trainer.dist.is_main:
+        try:
+            check_corpus_unchanged(trainer.corpus, started_on)
+        except DataError as e:
+            problem = (
+                f"{e}; not exporting {Path(trainer.cfg.train.output_dir) / 'final'}: its tokenizer would not "
+                f"be the one the weights were trained with. The checkpoints are kept (newest: "
+                f"{checkpoints.latest()}): put the run's corpus back at data.path and run the same command "
+                f"again to export"
+            )
+    problem = broadcast_object(problem)
+    if problem is not None:
+        raise DataError(problem)
 
 
 def train_step(trainer: Trainer, step: int) -> StepOutputs:

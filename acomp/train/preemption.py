@@ -1,8 +1,9 @@
-"""SIGTERM / SIGUSR1 -> checkpoint at the end of the current step, then exit (status 0, or
+"""SIGTERM / SIGUSR1 / SIGINT -> checkpoint at the end of the current step, then exit (status 0, or
 `train.preempt_exit_code`: the SLURM templates ask for EXIT_REQUEUE and requeue the job on it).
 
 SLURM sends SIGUSR1 a configurable time before the limit (the sbatch templates ask for it) and SIGTERM on
-preemption or scancel. The handler only records the signal; the loop asks `requested()` once per step,
+preemption or scancel; Ctrl-C sends SIGINT, and a second Ctrl-C stops at once without a checkpoint
+(KeyboardInterrupt). The handler only records the signal; the loop asks `requested()` once per step,
 which agrees across ranks (a signal seen by any rank stops them all after the same step). The handler is
 installed when the training loop starts; a signal during set-up ends the process as usual (nothing to save).
 """
@@ -21,7 +22,7 @@ EXIT_REQUEUE = 75
 
 
 class PreemptionHandler:
-    def __init__(self, device: torch.device, signals=(signal.SIGTERM, signal.SIGUSR1)):
+    def __init__(self, device: torch.device, signals=(signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)):
         self.device = device
         self.received: int | None = None
         self._previous = {}
@@ -31,6 +32,8 @@ class PreemptionHandler:
     def _handle(self, signum, frame) -> None:
         if self.received is None:
             self.received = signum
+        elif signum == signal.SIGINT:
+            raise KeyboardInterrupt  # Ctrl-C again: do not wait for the checkpoint
 
     def requested(self) -> bool:
         """True on every rank once any rank has received a signal (one tiny collective per call)."""

@@ -69,6 +69,18 @@ CASES = {
         "config error",
         "unknown config key 'train.max_stpes' (did you mean 'train.max_steps'?)",
     ),
+    "misspelt_model_arch_key": (
+        lambda p: ["model.arch.hidden_sise=64"],
+        "config error",
+        "unknown config key 'model.arch.hidden_sise': not a setting of LlamaConfig (model.family='llama') (did "
+        "you mean 'model.arch.hidden_size'?)",
+    ),
+    "summary_beyond_positions": (
+        lambda p: ["compression.summary_length=100"],
+        "config error",
+        "compression.summary_length=100 (compression_mode=fixed, 2 substeps x 2 segments) does not fit the "
+        "model: max_position_embeddings=256 leaves no room",
+    ),
     "wrong_config_type": (
         lambda p: ["train.max_steps=many"],
         "config error",
@@ -151,7 +163,16 @@ def test_resuming_on_another_corpus_is_refused(corpus, tmp_path):
     checkpoint = tmp_path / "step_00000004"
     checkpoint.mkdir()
     check_resumed_corpus(checkpoint, opened)  # an older checkpoint without corpus.json: nothing to compare
-    for key, value in (("tokenizer_sha256", "0" * 64), ("block_size", 256), ("fingerprint", "f" * 64)):
+    older = {k: v for k, v in corpus_identity(opened).items() if k != "corpus_id"}
+    (checkpoint / CORPUS_FILE).write_text(json.dumps(older))
+    check_resumed_corpus(checkpoint, opened)  # written before corpus_id was recorded: the rest is compared
+    changed = (
+        ("tokenizer_sha256", "0" * 64),
+        ("block_size", 256),
+        ("fingerprint", "f" * 64),
+        ("corpus_id", "c"),
+    )
+    for key, value in changed:
         saved = {**corpus_identity(opened), key: value}
         (checkpoint / CORPUS_FILE).write_text(json.dumps(saved))
         with pytest.raises(DataError, match=f"has another .* than the corpus checkpoint .* {key}"):
