@@ -13,7 +13,10 @@ are saved unless `--padded`). The file stores the vectors (fp32) and what is nee
 they belong to, the lengths, and the text that follows the compressed part (the default prompt). `answer`
 loads the model named there (or --model), checks the vectors fit it, and calls
 `model.generate(prompt_ids, softprompt=...)`; `--compare` also generates without them.
-Runs on CPU with the demo's model (`make demo` writes runs/tiny/final) or any AutoCompressor.
+Runs on CPU with the demo's model (`make demo` writes runs/tiny/final) or any AutoCompressor (a plain base
+model loads too, with a warning: its summary tokens are untrained).
+Exit status: 0 done; 2 bad input, one `error:` line naming it (a missing file, a model that cannot be loaded,
+vectors of another model, a prompt that does not fit the model's positions).
 """
 
 from __future__ import annotations
@@ -29,6 +32,10 @@ if str(REPO) not in sys.path:
 FORMAT = 2  # 2 adds the positions of compacted vectors; files of format 1 still load
 
 
+class UsageError(Exception):
+    """Bad input (a missing file, a model that cannot be loaded, a prompt too long): one line, exit 2."""
+
+
 def default_document() -> str:
     from acomp.data import stdlib_root
 
@@ -41,12 +48,28 @@ def load(model_path: str):
     from transformers import AutoTokenizer
 
     from acomp import AutoCompressorModel
+    from acomp.train.preflight import missing_model_dir, short_reason
 
+    if missing_model_dir(model_path):
+        raise UsageError(f"--model {model_path}: no such model directory")
     dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    model = AutoCompressorModel.from_pretrained(model_path, dtype=dtype).eval()
+    try:
+        model, info = AutoCompressorModel.from_pretrained(model_path, dtype=dtype, output_loading_info=True)
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+    except (OSError, ValueError) as e:
+        raise UsageError(
+            f"--model {model_path}: cannot load the model and its tokenizer ({short_reason(e)})"
+        ) from None
+    if model.config.summary_length and "embed_summary.weight" in info["missing_keys"]:
+        print(
+            f"warning: {model_path} has no trained summary table (embed_summary.weight; a plain base model?): "
+            "its summary vectors come from untrained summary tokens and carry little of the document",
+            file=sys.stderr,
+        )
+    model.eval()
     if torch.cuda.is_available():
         model = model.cuda()
-    return model, AutoTokenizer.from_pretrained(model_path)
+    return model, tokenizer
 
 
 def positions_budget(model, segment: int) -> int:
@@ -62,16 +85,18 @@ def positions_budget(model, segment: int) -> int:
 def compress(args) -> int:
     import torch
 
+    if not Path(args.document).is_file():
+        raise UsageError(f"--document {args.document}: no such file")
     model, tok = load(args.model)
     if model.config.summary_length == 0:
-        raise SystemExit(f"{args.model} has summary_length 0: it cannot compress")
+        raise UsageError(f"{args.model} has summary_length 0: it cannot compress")
     text = Path(args.document).read_text(encoding="utf-8", errors="replace")
     ids = tok(text, add_special_tokens=False, return_tensors="pt").input_ids
     segment = args.segment_length or min(2048, model.config.max_position_embeddings // 4)
     wanted = args.segments
     fit = min(wanted, ids.shape[1] // segment - 1, positions_budget(model, segment))
     if fit < 1:
-        raise SystemExit(
+        raise UsageError(
             f"{args.document} has {ids.shape[1]} tokens: too short for one {segment}-token segment plus a prompt "
             "(lower --segment-length)"
         )
@@ -111,32 +136,38 @@ def answer(args) -> int:
 
     from acomp import Softprompt
 
-    record = torch.load(args.summary, map_location="cpu", weights_only=False)
+    if not Path(args.summary).is_file():
+        raise UsageError(f"--summary {args.summary}: no such file (write one with `compress --out`)")
+    try:
+        record = torch.load(args.summary, map_location="cpu", weights_only=False)
+    except Exception:  # not a torch file at all: the check below names it
+        record = None
     if not isinstance(record, dict) or record.get("format") not in (1, FORMAT):
-        raise SystemExit(f"{args.summary} is not a summary file written by `compress` (format 1 or {FORMAT})")
+        raise UsageError(f"{args.summary} is not a summary file written by `compress` (format 1 or {FORMAT})")
     model_path = args.model or record["model"]
     model, tok = load(model_path)
     if model.config.hidden_size != record["hidden_size"]:
-        raise SystemExit(
+        raise UsageError(
             f"the summary vectors are {record['hidden_size']} wide but {model_path} has hidden_size "
             f"{model.config.hidden_size}: they belong to {record['model']}"
         )
     prompt = record["continuation"] if args.prompt is None else args.prompt
     prompt_ids = tok(prompt, add_special_tokens=False, return_tensors="pt").input_ids.to(model.device)
     if prompt_ids.shape[1] == 0:
-        raise SystemExit("the prompt is empty")
+        raise UsageError("the prompt is empty")
     summary = Softprompt(
         record["softprompt"],
         record["softprompt_bias"],
         record.get("softprompt_positions"),
         record.get("softprompt_span"),
     ).to(model.device)
+    check_positions(model, model_path, summary, prompt_ids.shape[1], args.max_new_tokens)
     if args.decoding == "cuda_graph" and model.device.type != "cuda":
-        raise SystemExit(f"--decoding cuda_graph needs a CUDA GPU; the model is on {model.device}")
+        raise UsageError(f"--decoding cuda_graph needs a CUDA GPU; the model is on {model.device}")
     if args.compile_step and args.decoding == "dynamic":
-        raise SystemExit("--compile-step needs --decoding static or cuda_graph")
+        raise UsageError("--compile-step needs --decoding static or cuda_graph")
     if args.freeze_weights and not args.compile_step:
-        raise SystemExit("--freeze-weights needs --compile-step")
+        raise UsageError("--freeze-weights needs --compile-step")
     options = dict(
         max_new_tokens=args.max_new_tokens,
         do_sample=args.sample,
@@ -159,6 +190,19 @@ def answer(args) -> int:
         plain = model.generate(prompt_ids, **options)
         print(f"without:              {tok.decode(plain[0, prompt_ids.shape[1] :])!r}")
     return 0
+
+
+def check_positions(model, model_path: str, summary, prompt_tokens: int, new_tokens: int) -> None:
+    """Prompt, generated tokens and (RoPE families) the summary vectors' positions must fit the model's
+    positions: beyond them a RoPE model runs on positions it never saw and an OPT model has no embedding."""
+    taken = summary.span if model.position_rule.softprompt_consumes_positions else 0
+    limit = model.config.max_position_embeddings
+    if taken + prompt_tokens + new_tokens > limit:
+        raise UsageError(
+            f"the prompt has {prompt_tokens} tokens: with {taken} summary positions and --max-new-tokens "
+            f"{new_tokens} that is {taken + prompt_tokens + new_tokens} positions, more than the {limit} of "
+            f"{model_path}; shorten the prompt (compress a long text with `compress` instead)"
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -229,10 +273,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "compress":
-        args.document = args.document or default_document()
-        return compress(args)
-    return answer(args)
+    try:
+        if args.command == "compress":
+            args.document = args.document or default_document()
+            return compress(args)
+        return answer(args)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ plain context as the model's window allows. Per domain and overall, with token c
 
 Writes OUT/results.json, OUT/results.md and OUT/ppl_vs_context.png (docs/EVALUATION.md). Ranks split the
 blocks; per-block results are gathered and summed exactly, so any number of ranks gives the same numbers.
-Exit status: 0 done, 2 bad arguments (the message names the value).
+Exit status: 0 done, 2 bad arguments or input (a missing model or corpus, a split the corpus lacks: one
+`error:` line naming it, before the model is loaded where possible), 1 anything else.
 """
 
 from __future__ import annotations
@@ -119,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         cfg.check()
+        check_inputs(args.model, args.data, args.split)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -179,6 +181,29 @@ def init_process_group():
     return (dist.get_rank() if dist.is_initialized() else 0), device
 
 
+def check_inputs(model: str, data: str, split: str) -> None:
+    """Before anything is loaded: a local --model exists, a local --data is a corpus with that split
+    (ValueError naming the argument; remote corpora and hub models are checked when they are read)."""
+    from acomp.data import read_manifest
+    from acomp.data.dataset import is_remote
+    from acomp.train.preflight import missing_model_dir
+
+    if missing_model_dir(model):
+        raise ValueError(f"--model {model}: no such model directory")
+    if is_remote(data):
+        return
+    if not Path(data).is_dir():
+        raise ValueError(
+            f"--data {data}: no such corpus directory (build one with preprocess/build_corpus.py)"
+        )
+    try:
+        splits = read_manifest(data)["splits"]
+    except OSError as e:
+        raise ValueError(f"--data {data}: {e}") from None
+    if split not in splits:
+        raise ValueError(f"--split {split}: the corpus at {data} has the splits {', '.join(sorted(splits))}")
+
+
 def load_model(name: str, dtype: str, attn: str, device):
     import torch
 
@@ -186,9 +211,14 @@ def load_model(name: str, dtype: str, attn: str, device):
 
     if dtype == "auto":
         dtype = "bfloat16" if device.type == "cuda" else "float32"
-    model, info = AutoCompressorModel.from_pretrained(
-        name, dtype=getattr(torch, dtype), attn_implementation=attn, output_loading_info=True
-    )
+    from acomp.train.preflight import short_reason
+
+    try:
+        model, info = AutoCompressorModel.from_pretrained(
+            name, dtype=getattr(torch, dtype), attn_implementation=attn, output_loading_info=True
+        )
+    except (OSError, ValueError) as e:  # transformers: not a model directory, not on the hub, unreadable
+        raise ValueError(f"--model {name}: cannot load it ({short_reason(e)})") from None
     if model.config.summary_length and "embed_summary.weight" in info["missing_keys"]:
         print(
             f"warning: {name} has no trained summary table (embed_summary.weight): its summary conditions "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 from pathlib import Path
 
 import pytest
@@ -90,12 +91,23 @@ def test_compress_to_a_file_then_answer_from_it(tmp_path, tokenizer, capsys):
     )
     assert with_line in capsys.readouterr().out.splitlines()
     if not torch.cuda.is_available():
-        with pytest.raises(SystemExit, match="cuda_graph needs a CUDA GPU; the model is on cpu"):
-            example.main(["answer", "--summary", str(summary), "--decoding", "cuda_graph"])
-    with pytest.raises(SystemExit, match="--compile-step needs --decoding static or cuda_graph"):
-        example.main(["answer", "--summary", str(summary), "--compile-step"])
-    with pytest.raises(SystemExit, match="--freeze-weights needs --compile-step"):
-        example.main(["answer", "--summary", str(summary), "--decoding", "static", "--freeze-weights"])
+        refused = ["answer", "--summary", str(summary), "--decoding", "cuda_graph"]
+        assert (
+            refusal(example, refused, capsys) == "--decoding cuda_graph needs a CUDA GPU; the model is on cpu"
+        )
+    refused = ["answer", "--summary", str(summary), "--compile-step"]
+    assert refusal(example, refused, capsys) == "--compile-step needs --decoding static or cuda_graph"
+    refused = ["answer", "--summary", str(summary), "--decoding", "static", "--freeze-weights"]
+    assert refusal(example, refused, capsys) == "--freeze-weights needs --compile-step"
+
+
+def refusal(example, args: list[str], capsys) -> str:
+    """The one `error:` line (exit status 2) of a refused command, without its prefix."""
+    capsys.readouterr()
+    assert example.main(args) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, lines
+    return lines[0][len("error: ") :]
 
 
 def test_a_variable_length_model_saves_only_the_vectors_it_keeps(tmp_path, tokenizer, capsys):
@@ -121,7 +133,7 @@ def test_a_variable_length_model_saves_only_the_vectors_it_keeps(tmp_path, token
     assert lines[0] == lines[1]
 
 
-def test_answer_refuses_vectors_of_another_model(tmp_path, tokenizer):
+def test_answer_refuses_vectors_of_another_model(tmp_path, tokenizer, capsys):
     example = _example()
     _save_model(tmp_path / "small", tokenizer)
     _save_model(tmp_path / "wide", tokenizer, hidden=64)
@@ -129,5 +141,5 @@ def test_answer_refuses_vectors_of_another_model(tmp_path, tokenizer):
     example.main(
         ["compress", "--model", str(tmp_path / "small"), "--out", str(summary), "--segment-length", "32"]
     )
-    with pytest.raises(SystemExit, match="32 wide but .* has hidden_size 64"):
-        example.main(["answer", "--summary", str(summary), "--model", str(tmp_path / "wide")])
+    line = refusal(example, ["answer", "--summary", str(summary), "--model", str(tmp_path / "wide")], capsys)
+    assert re.fullmatch(r"the summary vectors are 32 wide but .* has hidden_size 64: they belong to .*", line)

@@ -1,0 +1,186 @@
+"""Messy input to the launchers and the example, in-process (the trainer's launcher cases are in
+test_fault_input.py): each gives one line naming the thing, exit status 2, before a model is loaded where
+the input allows it."""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+
+import pytest
+from test_train_helpers import REPO
+
+from acomp.config import ConfigError, config_from_dict, load_config
+
+TINY = REPO / "configs" / "tiny.yaml"
+
+
+def load_module(path):
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def refusal(main, args: list[str], capsys) -> str:
+    """The one `error: ` line of a command that exits 2."""
+    capsys.readouterr()
+    assert main(args) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, lines
+    return lines[0][len("error: ") :]
+
+
+# ------------------------------------------------------------------------------------------ run config
+def test_a_misspelt_model_arch_key_is_refused_with_the_close_key():
+    with pytest.raises(ConfigError) as e:
+        load_config(TINY, ["model.arch.hidden_sise=64"])
+    assert str(e.value) == (
+        "unknown config key 'model.arch.hidden_sise': not a setting of LlamaConfig (model.family='llama') "
+        "(did you mean 'model.arch.hidden_size'?)"
+    )
+    with pytest.raises(ConfigError, match=r"'model.arch.ffn_dim': not a setting of LlamaConfig"):
+        load_config(TINY, ["model.arch.ffn_dim=64"])  # an OPT key on a Llama model
+    opt = {"family": "opt", "arch": {"ffn_dim": 64, "word_embed_proj_dim": 32, "tie_word_embeddings": True}}
+    assert config_from_dict({"model": opt}).model.arch["ffn_dim"] == 64  # keys of the family's config class
+
+
+def test_a_section_given_twice_in_a_yaml_file_is_refused(tmp_path):
+    text = TINY.read_text() + "\ntrain:\n  max_steps: 5\n"
+    (tmp_path / "twice.yaml").write_text(text)
+    first = 1 + next(i for i, line in enumerate(text.splitlines()) if line == "train:")
+    second = len(text.splitlines()) - 1
+    with pytest.raises(ConfigError) as e:
+        load_config(tmp_path / "twice.yaml")
+    assert str(e.value) == (
+        f"{tmp_path / 'twice.yaml'}: 'train' is given twice in one mapping (lines {first} and {second}); only "
+        f"the last would be read: merge them into one"
+    )
+    (tmp_path / "broken.yaml").write_text("train:\n  max_steps: [1\n")
+    with pytest.raises(ConfigError, match=r"broken.yaml is not valid YAML: "):
+        load_config(tmp_path / "broken.yaml")
+    with pytest.raises(ConfigError, match=r"cannot read config file .*: Is a directory"):
+        load_config(tmp_path)
+
+
+def test_summary_vectors_beyond_the_positions_are_a_config_error():
+    """Checked on the model's config before the model is built (acomp.train.loop.build)."""
+    from transformers import LlamaConfig
+
+    from acomp.train.preflight import check_segments, position_budget
+
+    cfg = load_config(TINY, ["compression.summary_length=200"])
+    base = LlamaConfig(**cfg.model.arch)
+    with pytest.raises(ConfigError) as e:
+        position_budget(cfg, base)
+    assert str(e.value) == (
+        "compression.summary_length=200 (compression_mode=fixed, 2 substeps x 2 segments) does not fit the "
+        "model: max_position_embeddings=512 leaves no room for segments after 4 summaries of 200 positions "
+        "each; lower compression.summary_length or the number of segments"
+    )
+    cfg = load_config(TINY, ["compression.summary_length=100"])  # room for 112 per segment, not 128
+    with pytest.raises(
+        ConfigError, match=r"segment_lengths=\[128, 128\] has a segment of 128 tokens, but the"
+    ):
+        check_segments(cfg, 512, position_budget(cfg, base))
+
+
+def test_a_missing_model_or_tokenizer_is_named(corpus, tmp_path):
+    from acomp.train.data import DataError, open_corpus
+    from acomp.train.preflight import check_model_source, model_source_error
+
+    cfg = load_config(TINY, [f"model.name_or_path={tmp_path / 'nothing'}"])
+    with pytest.raises(
+        ConfigError, match=f"^model.name_or_path='{tmp_path}/nothing': no such model directory$"
+    ):
+        check_model_source(cfg)
+    check_model_source(load_config(TINY, ["model.name_or_path=org/model"]))  # a hub id: transformers decides
+    error = model_source_error("org/model", OSError("org/model is not a local folder\nmore"))
+    assert str(error) == (
+        "model.name_or_path='org/model': neither a local model directory nor a model on the Hugging Face hub "
+        "(org/model is not a local folder)"
+    )
+    copy = tmp_path / "corpus"
+    shutil.copytree(corpus, copy)
+    shutil.rmtree(copy / "tokenizer")
+    with pytest.raises(DataError, match=f"^data.path='{copy}': its tokenizer/ directory is missing"):
+        open_corpus(copy)
+
+
+# ------------------------------------------------------------------------------------------ launchers/eval.py
+def test_eval_names_a_missing_model_or_corpus_and_exits_2(corpus, tmp_path, capsys):
+    main = load_module(REPO / "launchers" / "eval.py").main
+    args = ["--out", str(tmp_path / "eval"), "--eval-segment", "32"]
+    line = refusal(main, ["--model", str(tmp_path / "none"), "--data", str(corpus), *args], capsys)
+    assert line == f"--model {tmp_path / 'none'}: no such model directory"
+    (tmp_path / "model").mkdir()
+    line = refusal(main, ["--model", str(tmp_path / "model"), "--data", str(tmp_path / "x"), *args], capsys)
+    assert (
+        line
+        == f"--data {tmp_path / 'x'}: no such corpus directory (build one with preprocess/build_corpus.py)"
+    )
+    line = refusal(
+        main, ["--model", str(tmp_path / "model"), "--data", str(corpus), "--split", "test", *args], capsys
+    )
+    assert line == f"--split test: the corpus at {corpus} has the splits train, val"
+    line = refusal(main, ["--model", str(tmp_path / "model"), "--data", str(corpus), *args], capsys)
+    assert (
+        line == f"--model {tmp_path / 'model'}: cannot load it (Unrecognized model in {tmp_path / 'model'})"
+    )
+
+
+# ------------------------------------------------------------------------------ examples/compressed_generation.py
+@pytest.fixture(scope="module")
+def models(corpus, tmp_path_factory):
+    """A tiny AutoCompressor and a plain Llama (no summary table), each with the corpus tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from acomp import LlamaAutoCompressorModel
+
+    root = tmp_path_factory.mktemp("models")
+    tok = AutoTokenizer.from_pretrained(corpus / "tokenizer")
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        eos_token_id=tok.eos_token_id,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(root / "plain")
+    config.summary_length = 4
+    LlamaAutoCompressorModel(config).save_pretrained(root / "ac")
+    for name in ("plain", "ac"):
+        tok.save_pretrained(root / name)
+    return root
+
+
+def test_the_example_names_missing_files_a_plain_model_and_a_prompt_too_long(models, tmp_path, capsys):
+    main = load_module(REPO / "examples" / "compressed_generation.py").main
+    out = ["--out", str(tmp_path / "s.pt"), "--segment-length", "32"]
+    line = refusal(main, ["compress", "--model", str(tmp_path / "none"), *out], capsys)
+    assert line == f"--model {tmp_path / 'none'}: no such model directory"
+    line = refusal(
+        main, ["compress", "--model", str(models / "ac"), "--document", "/no/such.txt", *out], capsys
+    )
+    assert line == "--document /no/such.txt: no such file"
+    line = refusal(main, ["answer", "--summary", str(tmp_path / "none.pt")], capsys)
+    assert line == f"--summary {tmp_path / 'none.pt'}: no such file (write one with `compress --out`)"
+
+    capsys.readouterr()
+    assert main(["compress", "--model", str(models / "plain"), *out]) == 0  # works, but says what it is
+    err = capsys.readouterr().err
+    assert (
+        f"warning: {models / 'plain'} has no trained summary table (embed_summary.weight; a plain base" in err
+    )
+
+    long_prompt = "x = 1\n" * 400
+    line = refusal(main, ["answer", "--summary", str(tmp_path / "s.pt"), "--prompt", long_prompt], capsys)
+    assert line.startswith("the prompt has ") and line.endswith(
+        f"positions, more than the 256 of {models / 'plain'}; shorten the prompt (compress a long text with "
+        "`compress` instead)"
+    )
