@@ -101,12 +101,13 @@ def allocation_from_env(env: dict | None = None) -> Allocation:
 
 
 def gpus_per_node(env: dict) -> int:
-    """GPUs per node from GPUS_PER_NODE, SLURM_GPUS_ON_NODE, SLURM_GPUS_PER_NODE ('h100:8') or tasks per node."""
+    """GPUs per node from GPUS_PER_NODE, SLURM_GPUS_ON_NODE, SLURM_GPUS_PER_NODE ('h100:8') or tasks per node
+    (a CPU-only allocation, `--gpus-per-node=0`: one rank per task)."""
     for key in ("GPUS_PER_NODE", "SLURM_GPUS_ON_NODE", "SLURM_GPUS_PER_NODE", "SLURM_NTASKS_PER_NODE"):
         value = env.get(key)
         if value:
             digits = re.findall(r"\d+", value.split("(")[0])
-            if digits:
+            if digits and int(digits[-1]) > 0:
                 return int(digits[-1])
     return 1
 
