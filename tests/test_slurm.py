@@ -35,6 +35,8 @@ def test_allocation_from_env():
     assert alloc.world_size == 8
     with pytest.raises(SystemExit, match="SLURM_NNODES=3"):
         allocation_from_env({"SLURM_JOB_NODELIST": "n[1-2]", "SLURM_NNODES": "3"})
+    cpu_only = {"SLURM_JOB_NODELIST": "n1", "SLURM_GPUS_PER_NODE": "0", "SLURM_NTASKS_PER_NODE": "2"}
+    assert allocation_from_env(cpu_only).gpus_per_node == 2  # --gpus-per-node=0: one rank per task
 
 
 def dry_run(template: str, tmp_path, launcher: str = "srun", extra=()):
