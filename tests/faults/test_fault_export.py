@@ -27,6 +27,8 @@ from acomp.train import faults
 
 pytestmark = pytest.mark.slow
 
+SWAP_WINDOW_S = 10  # the pause in which the test swaps the corpus (two renames, prepared beforehand)
+
 
 @pytest.fixture(scope="module")
 def other_corpus(corpus, tmp_path_factory):
@@ -56,7 +58,7 @@ def test_a_corpus_replaced_during_the_run_is_not_exported(corpus, other_corpus, 
     config = write_config(tmp_path / "run.yaml", cfg)
     # The only checkpoint is the final one, before the export: it pauses there while the corpus is swapped
     # the way build_corpus --overwrite swaps it (one rename over the old directory; here two renames).
-    ranks = start(config, [], tmp_path / "logs", env={faults.CHECKPOINT_SLEEP: "5"})
+    ranks = start(config, [], tmp_path / "logs", env={faults.CHECKPOINT_SLEEP: str(SWAP_WINDOW_S)})
     wait_until(lambda: "pausing" in ranks[0].output(), ranks, 240, "the final checkpoint")
     os.rename(data, tmp_path / "corpus.old")
     os.rename(replacement, data)

@@ -27,6 +27,7 @@ from test_train_helpers import REPO, free_port, losses, train_env, write_config
 pytestmark = pytest.mark.slow
 
 JOB_BOUND_S = 300  # each wait below: a job start, the trainer's set-up and a few tiny steps take ~30 s
+ENDED = ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE")
 
 
 @pytest.fixture(scope="module")
@@ -42,24 +43,21 @@ def cluster(tmp_path_factory):
     started.stop()
 
 
-def wait_for(predicate, what: str, cluster, job: str, job_log) -> None:
+def wait_for(predicate, what: str, cluster, job: str, job_log, ended=ENDED) -> None:
     """Poll until `predicate()`; fail with the job's and the daemons' logs after JOB_BOUND_S, or at once if
-    the job ended otherwise (any final state but COMPLETED, which the last wait is for)."""
+    the job reached one of the `ended` states first."""
     deadline = time.monotonic() + JOB_BOUND_S
     problem = f"timed out after {JOB_BOUND_S}s waiting for {what}"
     while time.monotonic() < deadline:
         if predicate():
             return
         state = cluster.job(job).get("JobState")
-        if state in ENDED:
+        if state in ended:
             problem = f"job {job} ended {state} while waiting for {what}"
             break
         time.sleep(0.5)
     text = job_log.read_text(errors="replace")[-4000:] if job_log.is_file() else "(no job log)"
     raise AssertionError(f"{problem}\n--- job log\n{text}\n{cluster.logs()}")
-
-
-ENDED = ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE")
 
 
 def test_sbatch_checkpoints_on_usr1_requeues_and_resumes_exactly(cluster, corpus, reference, tmp_path):
@@ -88,9 +86,11 @@ def test_sbatch_checkpoints_on_usr1_requeues_and_resumes_exactly(cluster, corpus
     )
     job = submitted.stdout.strip().split(";")[0]
     try:
-        wait_for(lambda: metric_steps(out) >= 3, "step 3", cluster, job, job_log)
+        before_the_end = (*ENDED, "COMPLETED")  # a job that finished unsignalled outran the test
+        wait_for(lambda: metric_steps(out) >= 3, "step 3", cluster, job, job_log, before_the_end)
         cluster.command("scancel", "--signal=USR1", "--batch", job)
-        wait_for(lambda: cluster.job(job).get("Restarts") == "1", "the requeue", cluster, job, job_log)
+        requeued = lambda: cluster.job(job).get("Restarts") == "1"  # noqa: E731
+        wait_for(requeued, "the requeue", cluster, job, job_log, before_the_end)
         done = lambda: cluster.job(job).get("JobState") == "COMPLETED"  # noqa: E731
         wait_for(done, "the requeued job", cluster, job, job_log)
     finally:
