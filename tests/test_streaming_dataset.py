@@ -283,3 +283,22 @@ def test_ids_match_the_stored_blocks(corpus):
     ds = CorpusDataset(corpus, "val", shuffle=False, batch_size=1)
     raw = super(CorpusDataset, ds).get_item(0)
     assert np.array_equal(ds[0]["input_ids"].numpy(), raw["input_ids"].astype(np.int64))
+
+
+def test_many_datasets_in_one_process_keep_file_descriptors_bounded(corpus, monkeypatch):
+    """streaming probes every existing shared-memory prefix when a dataset starts; the probe handles must close
+    (before the fix: ~4,900 descriptors after 30 datasets, each in its own temp dir as a test session has)."""
+    import os
+    import tempfile
+
+    def open_fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    start = open_fds()
+    for _ in range(30):
+        monkeypatch.setattr(tempfile, "tempdir", tempfile.mkdtemp())
+        dataset = CorpusDataset(str(corpus), split="val", shuffle=False, batch_size=1)
+        assert dataset[0]["input_ids"].shape == (BLOCK,)
+        del dataset
+        gc.collect()
+    assert open_fds() - start < 30 * 20  # streaming keeps ~12 per dataset it created until exit: linear

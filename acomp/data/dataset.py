@@ -28,6 +28,27 @@ from streaming import StreamingDataLoader, StreamingDataset
 from .manifest import check_manifest, read_manifest
 from .remote import fetch_corpus
 
+
+def _close_probed_shared_memory() -> None:
+    """mosaicml-streaming (0.13) looks for a free shared-memory prefix for each new dataset by attaching to the
+    segments of the existing prefixes, through handles whose exit hook keeps them open until the process ends.
+    A process that makes many datasets (an evaluation every N steps, a test session) then leaks file
+    descriptors quadratically and fails with "Too many open files". A handle that only attaches to a segment
+    (create=False) owns nothing to clean up: without the exit hook it closes when dropped."""
+    from streaming.base.shared import SharedMemory, prefix
+
+    if prefix.SharedMemory is not SharedMemory:
+        return  # already done (or streaming changed how it probes)
+
+    class AttachOnlyClosesWhenDropped(SharedMemory):
+        def __init__(self, name=None, create=None, size=0, auto_cleanup=True):
+            super().__init__(name, create, size, auto_cleanup=auto_cleanup and create is not False)
+
+    prefix.SharedMemory = AttachOnlyClosesWhenDropped
+
+
+_close_probed_shared_memory()
+
 # none: no checks; size: shard sizes up front (local corpora) and each shard's hash when first read (default);
 # hash: every shard's hash up front as well (local corpora; reads the whole corpus before the first step).
 VERIFY_LEVELS = ("none", "size", "hash")

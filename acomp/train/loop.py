@@ -96,6 +96,7 @@ class Trainer:
     max_segment: int  # longest segment the model's positions allow (segment_position_budget)
     flops: FlopModel
     peak_flops: float | None  # per device, for MFU
+    val_data: Any = None  # the held-out split, opened at the first evaluation and kept for the next ones
 
 
 def build(cfg: RunConfig, dist: Dist) -> Trainer:
@@ -434,9 +435,11 @@ def heldout_eval(trainer: Trainer) -> dict:
     """Held-out perplexity of the last segment, no context vs summary vectors (see acomp.train.heldout)."""
     cfg, engine, corpus = trainer.cfg, trainer.engine, trainer.corpus
     lengths = eval_segment_lengths(cfg, corpus.block_size, trainer.max_segment)
+    if trainer.val_data is None:  # one dataset per run: each holds shared memory until the process exits
+        trainer.val_data = val_dataset(cfg, corpus)
     result = heldout_ppl(
         engine.module,
-        val_dataset(cfg, corpus),
+        trainer.val_data,
         lengths,
         max_blocks=cfg.train.eval_blocks,
         device=engine.device,
