@@ -164,7 +164,7 @@ def run(
                 first[f"first_call_summary_s_{mode}"] = first_summary
         if check_tokens:
             # bf16 kernels differ between modes, and a random-init model's logits are nearly tied: expect an
-            # early flip here; exact equality of the modes is tested in fp32 (tests/test_modeling.py).
+            # early flip here; exact equality of the modes is tested in fp32 (tests/modeling/test_modeling.py).
             check_tokens = False
             if "static" not in outputs:
                 outputs["static"] = model.generate(

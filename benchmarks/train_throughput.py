@@ -17,7 +17,7 @@ GPU host (wheels carried in .whl/; benchmarks/gpu-setup.sh):
     python benchmarks/train_throughput.py --rows llama-1b-z1 llama-1b-z3 --out $OUT/train.json
     python benchmarks/train_throughput.py --rows opt-2.7b-30k --steps 8 --first-steps 3 --out $OUT/30k.json
 
-CPU smoke test (tiny shapes, about a minute; tests/test_bench_smoke.py runs it):
+CPU smoke test (tiny shapes, about a minute; tests/benchmarks/test_bench_smoke.py runs it):
 
     DS_ACCELERATOR=cpu python benchmarks/train_throughput.py --smoke --out .bench/smoke.json
 """

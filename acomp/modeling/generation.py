@@ -3,7 +3,7 @@
 The softprompt and the prompt are encoded once (the prefill, through transformers' DynamicCache, so a long
 context keeps the fast causal kernels); then each new token is decoded against the cache. Positions follow the
 model's position rule, so the cached run matches a full forward over [softprompt ; prompt ; generated] token
-for token. Decoding modes, all giving the same tokens (tests/test_modeling.py):
+for token. Decoding modes, all giving the same tokens (tests/modeling/test_modeling.py):
 
 - `dynamic` (the default, any device): the DynamicCache grows by one column per step.
 - `static`: the prefill's keys/values are copied into a StaticCache of the final length, and one fixed-shape

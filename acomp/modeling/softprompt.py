@@ -60,7 +60,7 @@ class Softprompt:
     def compact(self) -> Softprompt:
         """Only the present vectors of each sample, in order, padded to the batch's longest: a bias remains only
         where samples differ (their padding) or presence is soft; one sample, or equal hard lengths, has none.
-        Gives the logits and tokens of the masked softprompt (tests/test_variable.py)."""
+        Gives the logits and tokens of the masked softprompt (tests/modeling/test_variable.py)."""
         if self.bias is None:
             return self
         present = ~is_absent(self.bias)

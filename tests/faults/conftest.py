@@ -1,20 +1,14 @@
 """The fault-injection suite (docs/RELIABILITY.md): real training processes, 1 and 2 ranks, gloo, CPU.
 
-Shares the trainer tests' helpers (tests/test_train_helpers.py) and tiny corpus; the uninterrupted reference
+Shares the trainer tests' helpers (tests/support/runs.py) and tiny corpus; the uninterrupted reference
 run that the kill and signal tests compare against is trained once per session.
 """
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: test_train_helpers
-
 from fault_helpers import REFERENCE_STEPS, reference_config  # noqa: E402
-from test_train_helpers import launch, losses, tiny_corpus, write_config  # noqa: E402
+from runs import launch, losses, tiny_corpus, write_config  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from test_train_helpers import REPO, free_port, tiny_config, train_env
+from runs import REPO, free_port, tiny_config, train_env
 
 REFERENCE_STEPS = 10
 CHECKPOINT_EVERY = 2

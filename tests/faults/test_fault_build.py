@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 from fault_helpers import assert_no_traceback
-from test_train_helpers import REPO, train_env
+from runs import REPO, train_env
 
 from acomp.data import build_corpus, read_manifest
 from acomp.data.manifest import CorpusChangedError, check_same_corpus, corpus_identity

@@ -21,7 +21,7 @@ from fault_helpers import (
     tails,
     wait_until,
 )
-from test_train_helpers import write_config
+from runs import write_config
 
 from acomp.train import faults
 

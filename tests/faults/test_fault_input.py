@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from fault_helpers import assert_no_traceback, error_lines, reference_config
-from test_train_helpers import launch, write_config
+from runs import launch, write_config
 
 pytestmark = pytest.mark.slow
 

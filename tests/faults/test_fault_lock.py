@@ -25,7 +25,7 @@ from fault_helpers import (
     tails,
     wait_until,
 )
-from test_train_helpers import launch, write_config
+from runs import launch, write_config
 
 from acomp.train.preemption import PreemptionHandler
 

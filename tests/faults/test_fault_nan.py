@@ -18,7 +18,7 @@ from fault_helpers import (
     start,
     tails,
 )
-from test_train_helpers import write_config
+from runs import write_config
 
 from acomp.train import faults
 

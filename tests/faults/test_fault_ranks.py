@@ -22,7 +22,7 @@ from fault_helpers import (
     tails,
     wait_until,
 )
-from test_train_helpers import launch, losses, write_config
+from runs import launch, losses, write_config
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,4 @@
-"""Training from a corpus in an S3-compatible store (tests/s3_server.py: moto on 127.0.0.1, authenticated),
+"""Training from a corpus in an S3-compatible store (tests/support/s3_server.py: moto on 127.0.0.1, authenticated),
 through the real launcher: a SIGKILLed run resumes from its checkpoint and reproduces the uninterrupted local
 run bitwise, reading its shards from the cache (the remote shards are deleted before it resumes); two ranks
 share one remote corpus and one cache; refused credentials stop the run with one line, exit 2."""
@@ -18,8 +18,8 @@ from fault_helpers import (
     start,
     wait_until,
 )
+from runs import launch, losses, write_config
 from s3_server import BUCKET
-from test_train_helpers import launch, losses, write_config
 
 from acomp.data import upload_corpus
 from acomp.data.remote import CACHE_MARK

@@ -21,7 +21,7 @@ from fault_helpers import (
     records,
     reference_config,
 )
-from test_train_helpers import launch, losses, write_config
+from runs import launch, losses, write_config
 
 from acomp.config import OptimConfig
 from acomp.train.checkpoint import FILES_FILE, Checkpointer, ResumeError

@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 from fault_helpers import assert_no_traceback, error_lines, metric_steps, reference_config
-from test_train_helpers import launch, write_config
+from runs import launch, write_config
 
 from acomp.data import verify_shards
 

@@ -19,14 +19,14 @@ from fault_helpers import (
     tails,
     wait_until,
 )
-from test_train_helpers import launch, losses, write_config
+from runs import launch, losses, write_config
 
 pytestmark = pytest.mark.slow
 
 # Signal -> exit: the rest of the current step (~0.2 s here) + a checkpoint (~1 s); generous for loaded CI.
 EXIT_BOUND_S = 60
 # 2 ranks (ZeRO-3, one sequence each) vs the 1-rank reference (two sequences): only the order of fp32
-# reductions differs (tests/test_train_distributed.py measures ~4e-8).
+# reductions differs (tests/train/test_train_distributed.py measures ~4e-8).
 TWO_RANK_RTOL = 1e-5
 
 

@@ -1,4 +1,4 @@
-"""The README's `sbatch slurm/train_llama.sbatch` on a real one-node SLURM cluster (tests/slurm_cluster.py),
+"""The README's `sbatch slurm/train_llama.sbatch` on a real one-node SLURM cluster (tests/support/slurm_cluster.py),
 with the tiny config on CPU: the job trains; `scancel --signal=USR1 --batch` (what `--signal=B:USR1@600`
 sends before the time limit) makes it checkpoint, exit 75 and requeue; the requeued job resumes from that
 checkpoint and finishes with the losses of an uninterrupted run.
@@ -21,8 +21,8 @@ from fault_helpers import (
     records,
     reference_config,
 )
+from runs import REPO, free_port, losses, train_env, write_config
 from slurm_cluster import ClusterUnavailable, start_cluster, unavailable
-from test_train_helpers import REPO, free_port, losses, train_env, write_config
 
 pytestmark = pytest.mark.slow
 

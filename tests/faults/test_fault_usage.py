@@ -8,7 +8,7 @@ import importlib.util
 import shutil
 
 import pytest
-from test_train_helpers import REPO
+from runs import REPO
 
 from acomp.config import ConfigError, config_from_dict, load_config
 

@@ -14,7 +14,7 @@ from acomp import LlamaAutoCompressorModel
 from acomp.data import stdlib_root
 from acomp.data.tokenizer import train_bpe_tokenizer
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _example():

@@ -59,3 +59,23 @@ def tiny_model(family: str, seed: int = 0, **fields):
 def random_ids(batch: int, length: int, seed: int = 1) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, VOCAB, (batch, length), generator=g)
+
+
+class PlainEngine:
+    """What train_substep needs from a DeepSpeed engine, on a plain module. `target_last_segment` makes the
+    loss the last segment's only, so any gradient reaching earlier tokens went through summary vectors."""
+
+    def __init__(self, model, target_last_segment=False):
+        self.model, self.device, self.target_last = model, torch.device("cpu"), target_last_segment
+
+    def __call__(self, *args, **kwargs):
+        out = self.model(*args, **kwargs)
+        if self.target_last:
+            out.loss = out.segment_nll[:, -1].sum() / out.segment_tokens[:, -1].sum()
+        return out
+
+    def backward(self, loss):
+        loss.backward()
+
+    def step(self):
+        pass

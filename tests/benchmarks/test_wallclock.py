@@ -1,5 +1,5 @@
 """benchmarks/wallclock.py: the pieces of a run within a wall-clock budget (the whole run:
-tests/test_quality_smoke.py)."""
+tests/benchmarks/test_quality_smoke.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 
 from acomp.config import config_from_dict
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 from wallclock import checkpoint_step, run_within, step_times  # noqa: E402
 
 

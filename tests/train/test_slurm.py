@@ -12,7 +12,7 @@ import pytest
 
 from acomp.train.slurm import allocation_from_env, expand_hostlist
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_expand_hostlist():

@@ -10,7 +10,7 @@ import time
 
 import pytest
 import torch
-from test_train_helpers import (
+from runs import (
     REPO,
     launch,
     losses,

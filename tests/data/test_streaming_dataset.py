@@ -15,7 +15,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from data_fixtures import BLOCK, VOCAB, run_ranks, sample_keys, stdlib_corpus
+from corpora import BLOCK, VOCAB, run_ranks, sample_keys, stdlib_corpus
 
 from acomp.data import (
     CorpusDataset,

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from modeling_utils import random_ids, tiny_model
+from tiny_models import random_ids, tiny_model
 from transformers import LlamaForCausalLM
 
 from acomp.eval import (
@@ -29,7 +29,7 @@ from acomp.eval import (
     select_blocks,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 E, S = 16, 16
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from modeling_utils import FAMILIES, MODEL_CLASS, VOCAB, random_ids, tiny_config, tiny_model
+from tiny_models import FAMILIES, MODEL_CLASS, VOCAB, random_ids, tiny_config, tiny_model
 from transformers import AutoModelForCausalLM
 
 from acomp import AutoCompressorModel

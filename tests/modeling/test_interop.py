@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 
 import torch
-from modeling_utils import random_ids, tiny_model
+from tiny_models import random_ids, tiny_model
 
 from acomp import AutoCompressorModel, LlamaAutoCompressorModel, OPTAutoCompressorModel
 

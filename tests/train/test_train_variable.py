@@ -6,9 +6,8 @@ import json
 
 import pytest
 import torch
-from modeling_utils import random_ids, tiny_model
-from test_train_helpers import launch, read_metrics, tiny_config, tiny_corpus, write_config
-from test_train_loop import PlainEngine
+from runs import launch, read_metrics, tiny_config, tiny_corpus, write_config
+from tiny_models import PlainEngine, random_ids, tiny_model
 
 from acomp.train import train_substep
 from acomp.train.loop import summary_length_stats

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_train_helpers import REPO, launch, losses, tiny_config, tiny_corpus, write_config
+from runs import REPO, launch, losses, tiny_config, tiny_corpus, write_config
 
 pytestmark = pytest.mark.slow
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from modeling_utils import MODEL_CLASS, VOCAB, random_ids, tiny_config, tiny_model
+from tiny_models import MODEL_CLASS, VOCAB, random_ids, tiny_config, tiny_model
 
 import acomp.modeling.compressor as compressor
 from acomp import Softprompt

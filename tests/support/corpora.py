@@ -2,7 +2,7 @@
 
 Building is the slow part (tokenizer training, a few seconds), so each distinct corpus is built once per
 pytest process and reused by both test modules (pytest would build a fixture imported into two modules
-twice). Also runnable as a script: ``python tests/data_fixtures.py rank CORPUS SPLIT OUT.json`` is one rank of
+twice). Also runnable as a script: ``python tests/support/corpora.py rank CORPUS SPLIT OUT.json`` is one rank of
 the multi-rank tests (RANK/WORLD_SIZE/... come from the environment).
 """
 
@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 BLOCK = 512
 VOCAB = 2048
 LIMIT_DOCS = 300

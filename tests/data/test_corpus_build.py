@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zstandard
-from data_fixtures import BLOCK, LIMIT_DOCS, REPO, VOCAB, read_split, stdlib_corpus, tree_hashes
+from corpora import BLOCK, LIMIT_DOCS, REPO, VOCAB, read_split, stdlib_corpus, tree_hashes
 from transformers import AutoTokenizer
 
 from acomp.data import (

@@ -1,4 +1,4 @@
-"""Remote corpora over the S3 protocol, against a local authenticated server (tests/s3_server.py): upload,
+"""Remote corpora over the S3 protocol, against a local authenticated server (tests/support/s3_server.py): upload,
 fetching into a cache, reading, and the errors a user meets first. In-process; training end to end from
 s3:// (SIGKILL and resume, two ranks, the launcher's error line) is tests/faults/test_fault_remote.py.
 
@@ -13,8 +13,8 @@ import time
 
 import pytest
 import torch
+from runs import tiny_corpus
 from s3_server import BUCKET, free_port
-from test_train_helpers import tiny_corpus
 
 from acomp.data import (
     CorpusDataset,
@@ -320,7 +320,7 @@ def test_build_corpus_with_an_s3_out_builds_then_uploads(env, corpus, tmp_path, 
     is up to date and uploads nothing."""
     import importlib.util
 
-    from test_train_helpers import REPO
+    from runs import REPO
 
     spec = importlib.util.spec_from_file_location("build_corpus_cli", REPO / "preprocess" / "build_corpus.py")
     cli = importlib.util.module_from_spec(spec)

@@ -8,7 +8,7 @@ import itertools
 
 import pytest
 import torch
-from modeling_utils import random_ids, tiny_model
+from tiny_models import random_ids, tiny_model
 from torch._dynamo.utils import counters
 from torch.nn.attention import SDPBackend
 
@@ -263,7 +263,7 @@ def test_compiled_layers_give_the_eager_loss_and_gradients(dynamic, graphs):
 def test_compiled_layers_under_zero3_train_as_eager_layers(tmp_path_factory, tmp_path):
     """ZeRO-3 gathers and releases each layer's weights in hooks around its (compiled) forward: the trainer
     with random segment boundaries gives the eager run's losses, step by step."""
-    from test_train_helpers import launch, losses, tiny_config, tiny_corpus, write_config
+    from runs import launch, losses, tiny_config, tiny_corpus, write_config
 
     corpus = tiny_corpus(tmp_path_factory)
     random = {"randomize_segments": True, "segment_lengths": []}

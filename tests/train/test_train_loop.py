@@ -6,9 +6,9 @@ import math
 
 import pytest
 import torch
+from tiny_models import VOCAB, PlainEngine, tiny_model
 from transformers import LlamaConfig, OPTConfig
 
-from acomp import LlamaAutoCompressorModel
 from acomp.config import CompressionConfig, OptimConfig
 from acomp.train import heldout_ppl, train_substep
 from acomp.train.metrics import segment_flops, sequence_positions
@@ -20,21 +20,6 @@ from acomp.train.segments import (
     segment_position_budget,
     split_substeps,
 )
-
-
-def tiny_model(summary_length: int = 3) -> LlamaAutoCompressorModel:
-    config = LlamaConfig(
-        vocab_size=97,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=256,
-        eos_token_id=2,
-    )
-    config.summary_length = summary_length
-    torch.manual_seed(0)
-    return LlamaAutoCompressorModel(config)
 
 
 # ------------------------------------------------------------------------------------------ segmentation
@@ -88,26 +73,6 @@ def test_position_budget():
 
 
 # ----------------------------------------------------------------------------------------- truncated BPTT
-class PlainEngine:
-    """What train_substep needs from a DeepSpeed engine, on a plain module. `target_last_segment` makes the
-    loss the last segment's only, so any gradient reaching earlier tokens went through summary vectors."""
-
-    def __init__(self, model, target_last_segment=False):
-        self.model, self.device, self.target_last = model, torch.device("cpu"), target_last_segment
-
-    def __call__(self, *args, **kwargs):
-        out = self.model(*args, **kwargs)
-        if self.target_last:
-            out.loss = out.segment_nll[:, -1].sum() / out.segment_tokens[:, -1].sum()
-        return out
-
-    def backward(self, loss):
-        loss.backward()
-
-    def step(self):
-        pass
-
-
 def capture_input_embeddings(model):
     """Every forward's input embeddings, with .grad kept (the model embeds a whole call at once)."""
     seen = []
@@ -121,10 +86,10 @@ def capture_input_embeddings(model):
 
 
 def test_bptt_gradients_flow_within_a_substep_and_stop_between_substeps():
-    model = tiny_model().train()
+    model = tiny_model("llama").train()
     engine = PlainEngine(model, target_last_segment=True)
     embeds = capture_input_embeddings(model)
-    ids = torch.randint(3, 97, (2, 32), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(3, VOCAB, (2, 32), generator=torch.Generator().manual_seed(0))
     first, second = Substep(ids[:, :16], [8, 8]), Substep(ids[:, 16:], [8, 8])
 
     softprompt = train_substep(engine, first, None, carry=True).softprompt
@@ -171,8 +136,8 @@ def test_flops_count_summary_and_softprompt_positions():
 
 # -------------------------------------------------------------------------------------------- evaluation
 def test_heldout_ppl_scores_the_same_targets():
-    model = tiny_model().train()
-    blocks = [torch.randint(3, 97, (40,), generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    model = tiny_model("llama").train()
+    blocks = [torch.randint(3, VOCAB, (40,), generator=torch.Generator().manual_seed(i)) for i in range(3)]
     result = heldout_ppl(model, [{"input_ids": b} for b in blocks], [8, 8, 16])
     assert result["blocks"] == 3 and result["tokens"] == 3 * 15
     # No-context reference by hand: the last 16 tokens alone, targets = tokens 2..16.
