@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from acomp.config import ConfigError, RunConfig, save_config
+from acomp.data.workdir import free_space
 from acomp.train import faults
 from acomp.train.distributed import Dist, barrier, broadcast_object, is_comm_error
 
@@ -228,7 +229,7 @@ class Checkpointer:
         )
         return CheckpointWriteError(
             f"could not write checkpoint {tag} under {self.root} (rank {self.dist.rank}): {error} "
-            f"({_free_space(self.root)}; disk full, quota or I/O error?); {kept}"
+            f"({free_space(self.root)}; disk full, quota or I/O error?); {kept}"
         )
 
     def prune(self) -> None:
@@ -332,20 +333,6 @@ def _write_atomic(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-
-
-def _free_space(path: Path) -> str:
-    """What may have stopped a write: free space there, and a file size limit (`ulimit -f`) if one is set."""
-    import resource
-
-    try:
-        found = f"{shutil.disk_usage(path).free / 2**20:.0f} MiB free there"
-    except OSError:
-        found = "free space unknown"
-    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
-    if limit != resource.RLIM_INFINITY:
-        found += f", file size limit {limit} bytes (ulimit -f)"
-    return found
 
 
 def _fsync_tree(root: Path) -> None:
