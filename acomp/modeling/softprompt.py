@@ -76,6 +76,11 @@ class Softprompt:
             bias = None
         return Softprompt(vectors, bias, self.slot_positions().gather(1, order), self.span)
 
+    def detach(self) -> Softprompt:
+        """The same softprompt with no gradient path back to the call that made it (truncated BPTT)."""
+        bias = None if self.bias is None else self.bias.detach()
+        return Softprompt(self.vectors.detach(), bias, self.positions, self.span)
+
     def to(self, device) -> Softprompt:
         """The same softprompt on `device`."""
         bias, positions = (None if t is None else t.to(device) for t in (self.bias, self.positions))

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from acomp.config import ConfigError, RunConfig, save_config
+from acomp.modeling.softprompt import Softprompt
 from acomp.train import faults
 from acomp.train.badsteps import BadStepGuard
 from acomp.train.checkpoint import (
@@ -304,8 +305,8 @@ def check_corpus_before_export(trainer: Trainer, started_on: dict, checkpoints: 
 
 
 def train_step(trainer: Trainer, step: int) -> StepOutputs:
-    """One optimizer step on this rank: per micro-batch, the substeps in order with the softprompt (and, in
-    the variable-length mode, its presence bias) carried detached from one to the next."""
+    """One optimizer step on this rank: per micro-batch, the substeps in order with the softprompt carried
+    detached from one to the next."""
     cfg, engine, batches, dist = trainer.cfg, trainer.engine, trainer.batches, trainer.dist
     outputs = StepOutputs()
     for micro in range(trainer.plan.accumulation):
@@ -314,11 +315,11 @@ def train_step(trainer: Trainer, step: int) -> StepOutputs:
         input_ids = next(batches)["input_ids"].to(engine.device, non_blocking=True)
         rng = segment_generator(cfg.train.seed, step, micro, dist.rank)
         substeps = split_substeps(input_ids, cfg.compression, trainer.max_segment, rng)
-        softprompt, bias, micro_losses = None, None, []
+        softprompt, micro_losses = None, []
         for i, substep in enumerate(substeps):
             carry = i < len(substeps) - 1  # the last substep's summaries would go unused
-            result = train_substep(engine, substep, softprompt, carry, softprompt_bias=bias)
-            softprompt, bias = result.softprompt, result.softprompt_bias
+            result = train_substep(engine, substep, softprompt, carry)
+            softprompt = result.softprompt
             micro_losses.append(result.loss)
             if result.summary_lengths is not None:
                 outputs.summary_lengths.append(result.summary_lengths.flatten())
@@ -340,23 +341,16 @@ class StepOutputs:
 @dataclass
 class SubstepOutput:
     loss: torch.Tensor  # detached
-    softprompt: torch.Tensor | None  # detached: the next window's softprompt (None when not carried)
-    softprompt_bias: torch.Tensor | None  # detached presence bias of that softprompt (variable mode)
+    softprompt: Softprompt | None  # detached: the next window's summary vectors (None when not carried)
     summary_lengths: torch.Tensor | None  # [B, compressing segments], detached (variable mode)
 
 
-def train_substep(
-    engine,
-    substep: Substep,
-    softprompt: torch.Tensor | None,
-    carry: bool,
-    softprompt_bias: torch.Tensor | None = None,
-) -> SubstepOutput:
+def train_substep(engine, substep: Substep, softprompt: Softprompt | None, carry: bool) -> SubstepOutput:
     """Forward + backward of one BPTT window; returns its loss and what the next window needs.
 
-    Gradients flow through the summaries of this window's segments (one model call); the returned
-    softprompt and its presence bias are detached (truncated BPTT), so later windows send no gradient back
-    into this one.
+    Gradients flow through the summaries of this window's segments (one model call); the returned softprompt
+    (summary vectors and, in the variable-length mode, their presence bias) is detached (truncated BPTT), so
+    later windows send no gradient back into this one.
     """
     input_ids = substep.input_ids.to(engine.device)
     out = engine(
@@ -364,23 +358,20 @@ def train_substep(
         labels=input_ids,
         segment_lengths=substep.segment_lengths,
         softprompt=softprompt,
-        softprompt_bias=softprompt_bias,
         output_softprompt=carry,
         return_logits=False,
     )
     engine.backward(out.loss)  # DeepSpeed divides by its accumulation count (micro-batches x substeps)
     engine.step()  # the optimizer update happens only at the accumulation boundary
     lengths = getattr(out, "summary_lengths", None)
-    bias = getattr(out, "softprompt_bias", None)
     return SubstepOutput(
         loss=out.loss.detach(),
-        softprompt=truncate_bptt(out.softprompt) if carry else None,
-        softprompt_bias=bias.detach() if carry and bias is not None else None,
+        softprompt=truncate_bptt(out.summary) if carry else None,
         summary_lengths=None if lengths is None else lengths.detach(),
     )
 
 
-def truncate_bptt(softprompt: torch.Tensor | None) -> torch.Tensor | None:
+def truncate_bptt(softprompt: Softprompt | None) -> Softprompt | None:
     """The softprompt as the next substep sees it: same values, no gradient path back (None when the
     model does not compress: summary_length 0, e.g. plain causal-LM pretraining)."""
     return None if softprompt is None else softprompt.detach()

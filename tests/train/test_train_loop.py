@@ -96,7 +96,7 @@ def test_bptt_gradients_flow_within_a_substep_and_stop_between_substeps():
     # Within substep 1: the loss of its segment 2 reached segment 1's tokens (only through the summaries).
     grad_first = embeds[0].grad.clone()
     assert grad_first[:, :8].abs().sum() > 0
-    assert softprompt.shape == (2, 6, 32) and not softprompt.requires_grad
+    assert softprompt.vectors.shape == (2, 6, 32) and not softprompt.vectors.requires_grad
 
     train_substep(engine, second, softprompt, carry=False)
     # Substep 2's loss sent nothing back into substep 1 (its graph and gradients are untouched)...

@@ -22,8 +22,9 @@ def test_presence_bias_is_carried_detached_to_the_next_substep():
     ids = random_ids(2, 24)
     first = train_substep(engine, Substep(ids[:, :12], [6, 6]), None, carry=True)
     # Two compressing segments of MAX_LEN slots each (the <sum> position is not a summary vector).
-    assert first.softprompt.shape[:2] == (2, 2 * MAX_LEN) and not first.softprompt.requires_grad
-    assert first.softprompt_bias.shape == (2, 2 * MAX_LEN) and not first.softprompt_bias.requires_grad
+    carried = first.softprompt
+    assert carried.vectors.shape[:2] == (2, 2 * MAX_LEN) and not carried.vectors.requires_grad
+    assert carried.bias.shape == (2, 2 * MAX_LEN) and not carried.bias.requires_grad
     assert first.summary_lengths.shape == (2, 2)
     assert ((first.summary_lengths >= 1) & (first.summary_lengths <= MAX_LEN)).all()
 
@@ -31,19 +32,13 @@ def test_presence_bias_is_carried_detached_to_the_next_substep():
     forward = model.forward
 
     def spy(*args, **kwargs):
-        seen["bias"] = kwargs.get("softprompt_bias")
+        seen["softprompt"] = kwargs.get("softprompt")
         return forward(*args, **kwargs)
 
     model.forward = spy
-    last = train_substep(
-        engine,
-        Substep(ids[:, 12:], [6, 6]),
-        first.softprompt,
-        carry=False,
-        softprompt_bias=first.softprompt_bias,
-    )
-    assert torch.equal(seen["bias"], first.softprompt_bias)
-    assert last.softprompt is None and last.softprompt_bias is None
+    last = train_substep(engine, Substep(ids[:, 12:], [6, 6]), carried, carry=False)
+    assert torch.equal(seen["softprompt"].bias, carried.bias)
+    assert last.softprompt is None
     # The last substep's final segment does not compress: one length per sample.
     assert last.summary_lengths.shape == (2, 1)
 
