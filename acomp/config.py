@@ -115,7 +115,7 @@ class TrainConfig:
     deepspeed: str = "ds_configs/zero2.json"  # DeepSpeed JSON; its "auto" values are filled from this config
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
     # ZeRO-3 only: gather each decoder layer's weights in one go (DeepSpeed leaf modules) instead of one
-    # all-gather and hook pair per linear (benchmarks/RESULTS.md: 0.58x -> 0.80x ZeRO-1 on one H200).
+    # all-gather and hook pair per linear: fewer, larger collectives and far fewer hooks per step.
     zero3_whole_layers: bool = True
     checkpoint_every: int = 1000  # steps; 0 = only on signal and at the end
     keep_checkpoints: int = 2  # the last K checkpoints are kept

@@ -2,12 +2,12 @@
 
 Overrides use dotted keys (train.max_steps=20 data.path=DIR); docs/TRAINING.md lists them all.
 
-Exit status (docs/RELIABILITY.md): 0 done, or stopped by SIGTERM/SIGUSR1/SIGINT after checkpointing (run
-the same command again to resume; `train.preempt_exit_code` changes this one, the SLURM templates use 75);
-2 bad config or data, found before any training step (also: another run holds train.output_dir, no usable
+Exit status (docs/RELIABILITY.md): 0 done, or stopped by SIGTERM/SIGUSR1 after checkpointing (run the same
+command again to resume; `train.preempt_exit_code` changes this one, the SLURM templates use 75); 2 bad
+config or data, found before any training step (also: another run holds train.output_dir, no usable
 checkpoint to resume, the corpus changed under the run before its export); 3 stopped after
-`train.max_bad_steps` non-finite losses in a row; 130 a second Ctrl-C, or one during set-up (no
-checkpoint); 1 anything else (a lost rank, a failed checkpoint write, a crash). Known failures print one
+`train.max_bad_steps` non-finite losses in a row; 130 Ctrl-C (after a checkpoint; a second Ctrl-C, or one
+during set-up, without one); 1 anything else (a lost rank, a failed checkpoint write, a crash). Known failures print one
 line starting with "error:" (or "config error:", "data error:"), not a traceback.
 """
 
@@ -52,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
         return fail("config error", e, 2)
     except Preempted as e:
         print(str(e), file=sys.stderr)
-        return cfg.train.preempt_exit_code
+        # Ctrl-C means stop: 130, as for any interrupted command (75 would make the SLURM templates requeue).
+        return 130 if e.signal_name == "SIGINT" else cfg.train.preempt_exit_code
     except NonFiniteLossError as e:
         return fail("error", e, 3)
     except CheckpointWriteError as e:

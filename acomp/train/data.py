@@ -120,12 +120,14 @@ def check_corpus_fits(corpus: Corpus, model_config) -> None:
 
 
 def _dataset(cfg: RunConfig, corpus: Corpus, split: str, **options):
-    """A CorpusDataset of `split`; a remote corpus is read through its cache without fetching the manifest
-    again (open_corpus did, once per run)."""
+    """A CorpusDataset of `split`, with the manifest open_corpus read and checked once per run (a remote
+    corpus is read through its cache)."""
     from acomp.data import CorpusDataset
 
     if corpus.uri is None:
-        return CorpusDataset(str(corpus.path), split=split, verify=cfg.data.verify, **options)
+        return CorpusDataset(
+            str(corpus.path), split=split, manifest=corpus.manifest, verify=cfg.data.verify, **options
+        )
     try:
         return CorpusDataset(
             corpus.uri,

@@ -76,11 +76,11 @@ from acomp.train.segments import Substep, segment_generator, split_substeps
 
 
 class Preempted(Exception):
-    """The run stopped on SIGTERM/SIGUSR1 after saving a checkpoint; run it again to resume."""
+    """The run stopped on SIGTERM/SIGUSR1/SIGINT after saving a checkpoint; run it again to resume."""
 
     def __init__(self, checkpoint: Path, signal_name: str):
         super().__init__(f"stopped by {signal_name}; checkpoint saved at {checkpoint}")
-        self.checkpoint = checkpoint
+        self.checkpoint, self.signal_name = checkpoint, signal_name
 
 
 @dataclass
@@ -272,6 +272,7 @@ def restore(trainer: Trainer, checkpoints: Checkpointer, path: Path) -> tuple[Pa
             if trainer.dist.world_size > 1 or cfg.train.resume != "auto":
                 raise
             path = checkpoints.fall_back(e.path, e.problem, report=say)
+            check_resume_config(cfg, path)
             check_resumed_corpus(path, trainer.corpus)
     groups = scheduler.optimizer.param_groups  # new dicts: load_state_dict replaced them
     for group, settings in zip(groups, fresh):

@@ -1,5 +1,6 @@
 """SIGTERM / SIGUSR1 / SIGINT -> checkpoint at the end of the current step, then exit (status 0, or
-`train.preempt_exit_code`: the SLURM templates ask for EXIT_REQUEUE and requeue the job on it).
+`train.preempt_exit_code`: the SLURM templates ask for EXIT_REQUEUE and requeue the job on it; SIGINT, a user's
+Ctrl-C, always 130).
 
 SLURM sends SIGUSR1 a configurable time before the limit (the sbatch templates ask for it) and SIGTERM on
 preemption or scancel; Ctrl-C sends SIGINT, and a second Ctrl-C stops at once without a checkpoint

@@ -57,9 +57,9 @@ def check_corpus(cfg: RunConfig, corpus: Corpus) -> None:
 
 
 def missing_model_dir(name: str) -> bool:
-    """True when `name` can only mean a local directory (it is not of a hub id's form `org/name`) and there
-    is none: transformers would report it as a malformed hub repo id."""
-    looks_local = name.startswith(("/", ".", "~")) or name.endswith("/") or name.count("/") != 1
+    """True when `name` can only mean a local directory (it is not of a hub id's form, `name` or `org/name`)
+    and there is none: transformers would report it as a malformed hub repo id."""
+    looks_local = name.startswith(("/", ".", "~")) or name.endswith("/") or name.count("/") > 1
     return looks_local and not Path(name).exists()
 
 

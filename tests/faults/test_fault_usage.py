@@ -94,7 +94,8 @@ def test_a_missing_model_or_tokenizer_is_named(corpus, tmp_path):
         ConfigError, match=f"^model.name_or_path='{tmp_path}/nothing': no such model directory$"
     ):
         check_model_source(cfg)
-    check_model_source(load_config(TINY, ["model.name_or_path=org/model"]))  # a hub id: transformers decides
+    for hub_id in ("org/model", "gpt2"):  # hub ids, with or without an organisation: transformers decides
+        check_model_source(load_config(TINY, [f"model.name_or_path={hub_id}"]))
     error = model_source_error("org/model", OSError("org/model is not a local folder\nmore"))
     assert str(error) == (
         "model.name_or_path='org/model': neither a local model directory nor a model on the Hugging Face hub "
