@@ -12,11 +12,12 @@ import gc
 import hashlib
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+
+from acomp.train.distributed import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 BLOCK = 512
@@ -68,12 +69,6 @@ def read_split(corpus: Path, split: str) -> list[dict[str, Any]]:
 def sample_keys(batch: dict[str, Any]) -> list[tuple[str, int]]:
     """(doc_id, block_index) of each sample of a collated batch: a sample's identity."""
     return list(zip(batch["doc_id"], batch["block_index"].tolist()))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_ranks(corpus: Path, split: str, out_dir: Path, world_size: int = 2, **options: Any) -> list[dict]:

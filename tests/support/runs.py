@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import yaml
+
+from acomp.train.distributed import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 _built: dict[str, Path] = {}
@@ -83,12 +84,6 @@ def tiny_config(corpus: Path, output_dir: Path, **sections) -> dict:
 def write_config(path: Path, cfg: dict) -> Path:
     path.write_text(yaml.safe_dump(cfg))
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def train_command(config: Path, overrides: list[str] = (), nproc: int = 1) -> list[str]:

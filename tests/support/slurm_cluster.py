@@ -17,6 +17,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from acomp.train.distributed import free_port
+
 DAEMONS = ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "scontrol", "scancel", "srun")
 # How long a requeued job waits before it may start again (AuthInfo cred_expire; slurm's default, 120 s, would
 # dominate the test), and how often the scheduler looks at pending jobs (default 60 s).
@@ -40,12 +42,6 @@ def unavailable() -> str | None:
 
 def _which(name: str) -> str:
     return shutil.which(name) or str(Path("/usr/sbin", name))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -104,8 +100,8 @@ ClusterName=acomptest
 SlurmctldHost={node}(127.0.0.1)
 SlurmUser=root
 SlurmdUser=root
-SlurmctldPort={_free_port()}
-SlurmdPort={_free_port()}
+SlurmctldPort={free_port()}
+SlurmdPort={free_port()}
 AuthType=auth/munge
 CredType=cred/munge
 AuthInfo=socket={root}/munge/munge.socket,cred_expire={REQUEUE_WAIT_S}
