@@ -1,7 +1,8 @@
 """The README's `sbatch slurm/train_llama.sbatch` on a real one-node SLURM cluster (tests/support/slurm_cluster.py),
 with the tiny config on CPU: the job trains; `scancel --signal=USR1 --batch` (what `--signal=B:USR1@600`
 sends before the time limit) makes it checkpoint, exit 75 and requeue; the requeued job resumes from that
-checkpoint and finishes with the losses of an uninterrupted run.
+checkpoint and finishes with the losses of an uninterrupted run. The trainer is held (SIGSTOP) from step 3
+until the signal is pending on it, so a slow signal path cannot let the job finish unsignalled.
 
 Needs root and Debian's slurm-wlm (.ci/run installs it); skipped with the reason otherwise.
 """
@@ -10,8 +11,10 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from fault_helpers import (
@@ -60,6 +63,31 @@ def wait_for(predicate, what: str, cluster, job: str, job_log, ended=ENDED) -> N
     raise AssertionError(f"{problem}\n--- job log\n{text}\n{cluster.logs()}")
 
 
+def trainer_pids(config: Path) -> list[int]:
+    """The trainer processes srun started for `config` (not srun itself: its argv[0] is srun)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:  # not a process, or it exited
+            continue
+        words = [a.decode(errors="replace") for a in argv]
+        if words[0] == sys.executable and str(config) in words and any(w.endswith("train.py") for w in words):
+            pids.append(int(proc.name))
+    return pids
+
+
+def usr1_pending(pid: int) -> bool:
+    """Whether SIGUSR1 waits on the (stopped) process, per thread or process-wide (/proc/PID/status)."""
+    bit = 1 << (signal.SIGUSR1 - 1)
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError:
+        return False
+    masks = [int(line.split()[1], 16) for line in lines if line.startswith(("SigPnd:", "ShdPnd:"))]
+    return any(mask & bit for mask in masks)
+
+
 def test_sbatch_checkpoints_on_usr1_requeues_and_resumes_exactly(cluster, corpus, reference, tmp_path):
     out = tmp_path / "run"
     config = write_config(tmp_path / "run.yaml", reference_config(corpus, out, checkpoint_every=0))
@@ -88,7 +116,20 @@ def test_sbatch_checkpoints_on_usr1_requeues_and_resumes_exactly(cluster, corpus
     try:
         before_the_end = (*ENDED, "COMPLETED")  # a job that finished unsignalled outran the test
         wait_for(lambda: metric_steps(out) >= 3, "step 3", cluster, job, job_log, before_the_end)
-        cluster.command("scancel", "--signal=USR1", "--batch", job)
+        held = trainer_pids(config)
+        assert held, "no trainer process found for the job"
+        for pid in held:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            cluster.command("scancel", "--signal=USR1", "--batch", job)
+            pending = lambda: any(usr1_pending(pid) for pid in held)  # noqa: E731
+            wait_for(pending, "USR1 to reach the held trainer", cluster, job, job_log, before_the_end)
+        finally:
+            for pid in held:
+                try:
+                    os.kill(pid, signal.SIGCONT)
+                except ProcessLookupError:
+                    pass
         requeued = lambda: cluster.job(job).get("Restarts") == "1"  # noqa: E731
         wait_for(requeued, "the requeue", cluster, job, job_log, before_the_end)
         done = lambda: cluster.job(job).get("JobState") == "COMPLETED"  # noqa: E731
