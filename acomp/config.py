@@ -36,9 +36,9 @@ class ModelConfig(KernelFields):
     family: str = "llama"  # fresh init only: a key of acomp.modeling.MODEL_CLASSES
     arch: dict = field(default_factory=dict)  # fresh init only: transformers config kwargs (hidden_size, ...)
     attn_implementation: str = "sdpa"  # passed to transformers: sdpa | eager | flash_attention_2
-    # Copy the EOS embedding into every summary row after loading: "auto" = only when the loaded checkpoint
-    # has no `embed_summary.weight` (a base model), "always", "never".
-    init_summary_from_eos: str = "auto"
+    # When to initialise the summary table after loading (how: compression.summary_init): "auto" = only when
+    # the loaded checkpoint has no `embed_summary.weight` (a base model), "always", "never".
+    init_summary: str = "auto"
     # torch.compile each decoder layer (regional compilation; the sequence dimension is dynamic when segment
     # boundaries are random), with every ZeRO stage; null = on GPUs, not on CPU (docs/PERFORMANCE.md).
     compile_layers: bool | None = None
@@ -156,14 +156,17 @@ class RunConfig:
 
 
 # Renamed keys: the old name is still read, with a message saying the new one.
-RENAMED_KEYS = {"compression.randomize_substeps": "compression.randomize_segments"}
+RENAMED_KEYS = {
+    "compression.randomize_substeps": "compression.randomize_segments",
+    "model.init_summary_from_eos": "model.init_summary",
+}
 
 
 def choices() -> dict[str, tuple[str, ...]]:
     """The allowed values of every key that takes one of a few names, read from where each list lives."""
     from acomp.data.dataset import VERIFY_LEVELS
     from acomp.modeling.attention import ATTN_IMPLEMENTATIONS
-    from acomp.modeling.config import COMPRESSION_MODES, SDPA_BACKENDS
+    from acomp.modeling.config import COMPRESSION_MODES, SDPA_BACKENDS, SUMMARY_INITS
     from acomp.modeling.models import MODEL_CLASSES
     from acomp.train.optim import SCHEDULES
 
@@ -171,8 +174,9 @@ def choices() -> dict[str, tuple[str, ...]]:
         "model.family": tuple(MODEL_CLASSES),
         "model.attn_implementation": ATTN_IMPLEMENTATIONS,
         "model.sdpa_backend": SDPA_BACKENDS,
-        "model.init_summary_from_eos": ("auto", "always", "never"),
+        "model.init_summary": ("auto", "always", "never"),
         "compression.compression_mode": COMPRESSION_MODES,
+        "compression.summary_init": SUMMARY_INITS,
         "optim.schedule": SCHEDULES,
         "train.precision": ("auto", "bf16", "fp32"),
         "data.verify": tuple(VERIFY_LEVELS),

@@ -155,13 +155,14 @@ def test_launcher_reports_a_bad_key_before_building_anything():
 
 def test_a_renamed_key_is_read_under_its_new_name_with_a_message(capsys):
     raw = {
-        "model": {"name_or_path": "x"},
+        "model": {"name_or_path": "x", "init_summary_from_eos": "never"},
         "compression": {"randomize_substeps": False, "segment_lengths": [8, 8]},
     }
     cfg = config_from_dict(raw)
-    assert cfg.compression.randomize_segments is False
-    message = "'compression.randomize_substeps' is now called 'compression.randomize_segments'"
-    assert message in capsys.readouterr().err
+    assert cfg.compression.randomize_segments is False and cfg.model.init_summary == "never"
+    err = capsys.readouterr().err
+    assert "'compression.randomize_substeps' is now called 'compression.randomize_segments'" in err
+    assert "'model.init_summary_from_eos' is now called 'model.init_summary'" in err
     raw["compression"]["randomize_segments"] = True
     with pytest.raises(
         ConfigError, match="randomize_substeps' and 'compression.randomize_segments' are the same"

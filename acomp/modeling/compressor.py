@@ -22,7 +22,7 @@ from transformers import AutoConfig
 from transformers.utils import ModelOutput
 
 from .attention import resolve_attn_implementation, sdpa_context
-from .config import apply_compression_fields
+from .config import apply_compression_fields, init_std
 from .generation import generate
 from .positions import PositionRule
 from .softprompt import Softprompt, as_softprompt, attention_bias
@@ -172,9 +172,10 @@ class AutoCompressorMixin:
 
     @torch.no_grad()
     def init_summary_embeddings(self) -> None:
-        """Copy the EOS token's input embedding into every summary-token row (the paper's init).
+        """Initialise a new summary table as `config.summary_init` says: every row the EOS token's input
+        embedding (the paper's init), or N(0, the base's init std) rows.
 
-        Must run after the base weights are loaded (the original ran it before, so the copy was lost);
+        Must run after the base weights are loaded (the original copied EOS before, so the copy was lost);
         `from_pretrained` calls it when the checkpoint has no `embed_summary.weight`. Works on
         ZeRO-3 partitioned parameters by gathering them first.
         """
@@ -184,6 +185,10 @@ class AutoCompressorMixin:
         target = self.embed_summary.weight
         if source.device.type == "meta" or target.device.type == "meta":
             return  # weights not materialised yet; from_pretrained comes back here after loading
+        if self.config.summary_init == "normal":
+            with _gathered([target]):
+                target.normal_(0.0, init_std(self.config))
+            return
         eos = self.config.eos_token_id
         if isinstance(eos, (list, tuple)):
             eos = eos[0] if eos else None

@@ -15,6 +15,7 @@ from typing import Any
 from .attention import SDPA_BACKENDS
 
 COMPRESSION_MODES = ("fixed", "variable")
+SUMMARY_INITS = ("eos", "normal")
 
 
 @dataclass
@@ -24,6 +25,9 @@ class CompressionFields:
     summary_length: int = 50  # summary tokens (= summary vectors) per segment, kappa in the paper; 0 = off
     accumulate_summary: bool = True  # softprompt of segment k = summaries of all segments < k (else the last)
     segment_gradient_checkpointing: bool = True  # recompute each segment but the last of a call in backward
+    # A new summary table (no embed_summary.weight in the checkpoint): eos = every row the EOS embedding
+    # (the paper) | normal = rows drawn from N(0, the base's init std) (what the original ran in effect).
+    summary_init: str = "eos"
     # Variable-length compression (docs/VARIABLE_LENGTH.md).
     compression_mode: str = "fixed"  # fixed | variable
     compression_max_len: int = 8  # compression slots per segment (variable mode)
@@ -55,6 +59,15 @@ def config_fields(obj) -> dict[str, Any]:
     return {name: getattr(obj, name) for name in COMPRESSION_DEFAULTS if hasattr(obj, name)}
 
 
+def init_std(config) -> float:
+    """The base model's weight-init std: `initializer_range` (Llama family) or `init_std` (OPT)."""
+    for key in ("initializer_range", "init_std"):
+        value = getattr(config, key, None)
+        if value is not None:
+            return float(value)
+    return 0.02
+
+
 def apply_compression_fields(config, **overrides):
     """Fill in missing compression fields with defaults, apply overrides, and validate. Returns config."""
     unknown = sorted(k for k in overrides if k not in COMPRESSION_DEFAULTS)
@@ -77,6 +90,8 @@ def validate_compression_fields(config) -> None:
         raise ValueError(
             f"compression_mode must be one of {COMPRESSION_MODES}, got {config.compression_mode!r}"
         )
+    if config.summary_init not in SUMMARY_INITS:
+        raise ValueError(f"summary_init must be one of {SUMMARY_INITS}, got {config.summary_init!r}")
     if config.sdpa_backend not in SDPA_BACKENDS:
         raise ValueError(f"sdpa_backend must be one of {SDPA_BACKENDS}, got {config.sdpa_backend!r}")
     c = config.loss_chunk_size

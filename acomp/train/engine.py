@@ -218,7 +218,7 @@ def build_model(
             **fields,
         )
         missing_summary = "embed_summary.weight" in info["missing_keys"]
-    policy = cfg.model.init_summary_from_eos
+    policy = cfg.model.init_summary
     if policy == "always" or (policy == "auto" and missing_summary):
         model.init_summary_embeddings()  # gathers ZeRO-3 partitions itself
     new_tokens = resize_for_corpus(model, corpus_vocab)

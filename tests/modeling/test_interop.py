@@ -24,7 +24,7 @@ def write_released_layout(model, directory, architectures, transformers_version,
     # The released configs carry only these three compression keys.
     for key in ("compression_mode", "compression_max_len", "compression_lambda", "compression_alpha"):
         config.pop(key, None)
-    for key in ("compress_stop_threshold", "sdpa_backend"):
+    for key in ("compress_stop_threshold", "sdpa_backend", "summary_init"):
         config.pop(key, None)
     config.update(
         architectures=architectures,

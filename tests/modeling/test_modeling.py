@@ -342,6 +342,28 @@ def test_base_checkpoint_gets_summary_rows_from_eos_after_loading(tmp_path):
         assert torch.equal(row, eos_row)
 
 
+def test_normal_summary_init_draws_distinct_rows_at_the_base_init_std(tmp_path):
+    """summary_init='normal': a new table gets N(0, initializer_range) rows (OPT: init_std), not EOS copies;
+    a checkpoint that has its table loads it unchanged, whatever summary_init says."""
+    for family, std_key in (("llama", "initializer_range"), ("opt", "init_std")):
+        config = tiny_config(family)
+        setattr(config, std_key, 0.5)
+        base = AutoModelForCausalLM.from_config(config)
+        base.save_pretrained(tmp_path / family)
+        torch.manual_seed(0)
+        model = AutoCompressorModel.from_pretrained(
+            tmp_path / family, summary_length=50, summary_init="normal"
+        )
+        rows = model.embed_summary.weight.detach()
+        assert model.config.summary_init == "normal"
+        assert rows.std().item() == pytest.approx(0.5, rel=0.1), family
+        assert rows.mean().abs().item() < 0.05
+        assert torch.cdist(rows, rows).add(torch.eye(50) * 1e9).min() > 0.1  # distinct rows
+        model.save_pretrained(tmp_path / f"{family}-ac")
+        again = AutoCompressorModel.from_pretrained(tmp_path / f"{family}-ac", summary_init="eos")
+        assert torch.equal(again.embed_summary.weight, model.embed_summary.weight)
+
+
 def test_clear_errors_on_bad_input():
     model = tiny_model("llama")
     ids = random_ids(1, 10)
@@ -351,6 +373,8 @@ def test_clear_errors_on_bad_input():
         model(ids, softprompt=torch.zeros(1, 3, 16))
     with pytest.raises(ValueError, match="summary_length must be an integer >= 0, got -1"):
         MODEL_CLASS["llama"](tiny_config("llama", summary_length=-1))
+    with pytest.raises(ValueError, match="summary_init must be one of \\('eos', 'normal'\\), got 'zeros'"):
+        MODEL_CLASS["llama"](tiny_config("llama", summary_init="zeros"))
     with pytest.raises(ValueError, match="no AutoCompressor for model_type 'gpt2'"):
         from acomp.modeling import autocompressor_class
 
