@@ -309,11 +309,11 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
         if dataclasses.is_dataclass(hint):
             kwargs[name] = _build(hint, raw[name], prefix=f"{prefix}{name}.")
         else:
-            kwargs[name] = _coerce(raw[name], hint, f"{prefix}{name}")
+            kwargs[name] = coerce(raw[name], hint, f"{prefix}{name}")
     return cls(**kwargs)
 
 
-def _coerce(value: Any, hint: Any, key: str) -> Any:
+def coerce(value: Any, hint: Any, key: str) -> Any:
     """Check `value` against the annotation; accept ints for floats and numeric strings like '1e-3'."""
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
@@ -325,14 +325,14 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             if arg is type(None):
                 continue
             try:
-                return _coerce(value, arg, key)
+                return coerce(value, arg, key)
             except ConfigError as e:
                 errors.append(str(e))
         raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
     if origin is list:
         if not isinstance(value, list | tuple):
             raise ConfigError(f"config key {key!r} must be a list, got {type(value).__name__}: {value!r}")
-        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)] if args else list(value)
+        return [coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)] if args else list(value)
     if hint is dict or origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"config key {key!r} must be a mapping, got {type(value).__name__}: {value!r}")

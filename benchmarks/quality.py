@@ -24,6 +24,17 @@ from the measured step time so the schedule still decays) and writes its checkpo
 
 Writes .bench/quality/results.json, results.md (the snippet for benchmarks/RESULTS.md) and
 ppl_vs_context.png.
+
+Ablations: `--set KEY=VALUE` changes a setting for every run; each `--arm NAME:KEY=VALUE,...` runs the stages
+again with settings changed (under .bench/quality/arms/NAME/; the corpus and held-out blocks are always
+shared, the base too unless the arm changes a pretraining setting), then ablation.md / ablation.json compare
+the headline run with every arm, and frontier.png plots perplexity against summary vectors per segment when
+the arms vary the summary length or the mode. Done stages are skipped, so arms can be added call by call:
+
+    python benchmarks/quality.py --stage finetune --arm init-normal:summary_init=normal \\
+        --arm k25:summary_length=25 --arm from-scratch:finetune_from=scratch,finetune_minutes=7.5
+    VAR="compression.compression_mode=variable,compression.compression_max_len=50"
+    python benchmarks/quality.py --stage all --arm "var-0.1:$VAR,compression.compression_lambda=0.1"
 """
 
 from __future__ import annotations
@@ -35,7 +46,7 @@ import platform
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,6 +54,16 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 STAGES = ("data", "pretrain", "finetune", "eval")
+# Settings that decide the corpus (shared by every arm: the same held-out targets) and the pretrained base
+# (an arm that changes one of these pretrains its own base).
+CORPUS_FIELDS = (
+    "sources", "vocab", "block_size", "tokenizer_train_chars", "max_train_tokens", "val_tokens", "val_fraction",
+    "limit_docs",
+)  # fmt: skip
+PRETRAIN_FIELDS = (
+    *CORPUS_FIELDS, "window", "arch", "precision", "pretrain_lr", "pretrain_warmup", "pretrain_batch",
+    "pretrain_micro", "pretrain_minutes", "probe_steps",
+)  # fmt: skip
 
 
 @dataclass
@@ -51,6 +72,9 @@ class QualitySettings:
 
     out: str = ".bench/quality"
     smoke: bool = False
+    arm: str = ""  # an ablation arm (its files under <out>/arms/NAME); "" = the headline run
+    own_base: bool = False  # the arm changed a pretraining setting, so it pretrains its own base
+    changes: dict = field(default_factory=dict)  # the arm's KEY=VALUE changes, as given
     # corpus
     sources: tuple[str, ...] = ("stdlib", "site-packages")
     vocab: int = 16384
@@ -81,14 +105,18 @@ class QualitySettings:
     pretrain_batch: int = 16  # blocks per step (x 6,144 tokens)
     pretrain_micro: int = 8
     # fine-tuning as an AutoCompressor
+    finetune_from: str = "base"  # base = the pretrained base | scratch = the AC objective from the start
     summary_length: int = 50
+    summary_init: str = "eos"  # compression.summary_init: eos | normal
     substeps: int = 3
     segments_per_substep: int = 2
     segment_multiple: int = 64
     finetune_lr: float = 5e-4
+    finetune_schedule: str = "cosine"
     finetune_warmup: int = 20
     finetune_batch: int = 16
     finetune_micro: int = 8
+    compression: dict = field(default_factory=dict)  # more compression.* keys (e.g. the variable mode)
     # evaluation
     eval_segment: int = 1024
     segment_length: int = 1024
@@ -151,6 +179,56 @@ class QualitySettings:
         path = Path(self.out)
         return path if path.is_absolute() else REPO / path
 
+    @property
+    def arm_root(self) -> Path:
+        return self.root / "arms" / self.arm if self.arm else self.root
+
+    def stage_dir(self, stage: str) -> Path:
+        """The corpus and (unless the arm pretrains its own) the base are shared; the rest is per arm."""
+        if stage == "corpus" or (stage == "pretrain" and not self.own_base):
+            return self.root / stage
+        return self.arm_root / stage
+
+    def changed(self, changes: dict[str, str], arm: str = "") -> QualitySettings:
+        """A copy with KEY=VALUE changes (YAML values; `arch.NAME` and `compression.NAME` set one entry);
+        with `arm`, the copy is that ablation arm. ValueError names a bad key, value or arm."""
+        import typing
+
+        from acomp.config import ConfigError, coerce, parse_override
+
+        if arm and not arm.replace("-", "").replace("_", "").replace(".", "").isalnum():
+            raise ValueError(f"arm name {arm!r}: use letters, digits, '-', '_' and '.'")
+        new = replace(self, arch=dict(self.arch), compression=dict(self.compression))
+        if arm:
+            new.arm, new.changes = arm, dict(changes)
+        hints = typing.get_type_hints(QualitySettings)
+        names = set(hints) - {"out", "smoke", "arm", "own_base", "changes"}
+        for key, text in changes.items():
+            _, value = parse_override(f"{key}={text}")
+            group, _, entry = key.partition(".")
+            if entry and group in ("arch", "compression"):
+                getattr(new, group)[entry] = value
+                continue
+            if key not in names:
+                raise ValueError(
+                    f"unknown setting {key!r}; known: {', '.join(sorted(names))}, arch.*, compression.*"
+                )
+            try:
+                setattr(new, key, coerce(value, hints[key], key))
+            except ConfigError as e:
+                raise ValueError(f"setting {key}={text!r}: {e}") from None
+        if new.finetune_from not in ("base", "scratch"):
+            raise ValueError(f"finetune_from must be base or scratch, got {new.finetune_from!r}")
+        if arm:
+            moved = [f for f in CORPUS_FIELDS if getattr(new, f) != getattr(self, f)]
+            if moved:
+                raise ValueError(
+                    f"arm {arm!r} changes {', '.join(moved)}: every arm keeps the corpus and its held-out "
+                    "blocks (use --set to change them for all)"
+                )
+            new.own_base = any(getattr(new, f) != getattr(self, f) for f in PRETRAIN_FIELDS)
+        return new
+
 
 # -------------------------------------------------------------------------------------------- stages
 def stage_data(settings: QualitySettings) -> dict:
@@ -160,7 +238,7 @@ def stage_data(settings: QualitySettings) -> dict:
     t = time.monotonic()
     manifest = build_corpus(
         list(settings.sources),
-        settings.root / "corpus",
+        settings.stage_dir("corpus"),
         train_tokenizer_vocab=settings.vocab,
         tokenizer_train_chars=settings.tokenizer_train_chars,
         block_size=settings.block_size,
@@ -205,26 +283,34 @@ def pretrain_config(settings: QualitySettings):
                 settings.pretrain_warmup,
                 settings.pretrain_batch,
                 settings.pretrain_micro,
+                "cosine",
             ),
         }
     )
 
 
 def finetune_config(settings: QualitySettings):
-    """The AutoCompressor fine-tuning of the base with the paper's recipe, scaled: random segments."""
+    """The AutoCompressor fine-tuning of the base with the paper's recipe, scaled: random segments (with
+    finetune_from=scratch, the same objective from a random init instead of the base)."""
     from acomp.config import config_from_dict
 
+    if settings.finetune_from == "base":
+        model = {"name_or_path": str(settings.stage_dir("pretrain") / "final")}
+    else:
+        model = {"family": "llama", "arch": {**settings.arch, "max_position_embeddings": settings.window}}
     return config_from_dict(
         {
-            "model": {"name_or_path": str(settings.root / "pretrain" / "final")},
+            "model": model,
             "compression": {
                 "summary_length": settings.summary_length,
+                "summary_init": settings.summary_init,
                 "accumulate_summary": True,
                 "segment_gradient_checkpointing": False,
                 "training_substeps": settings.substeps,
                 "segments_per_substep": settings.segments_per_substep,
                 "randomize_segments": True,
                 "segment_multiple": settings.segment_multiple,
+                **settings.compression,
             },
             **_common(
                 settings,
@@ -233,25 +319,28 @@ def finetune_config(settings: QualitySettings):
                 settings.finetune_warmup,
                 settings.finetune_batch,
                 settings.finetune_micro,
+                settings.finetune_schedule,
             ),
         }
     )
 
 
-def _common(settings: QualitySettings, stage: str, lr: float, warmup: int, batch: int, micro: int) -> dict:
+def _common(
+    settings: QualitySettings, stage: str, lr: float, warmup: int, batch: int, micro: int, schedule: str
+) -> dict:
     return {
-        "data": {"path": str(settings.root / "corpus"), "shuffle": True},
+        "data": {"path": str(settings.stage_dir("corpus")), "shuffle": True},
         "optim": {
             "lr": lr,
             "weight_decay": 0.1,
             "betas": [0.9, 0.95],
             "warmup_steps": warmup,
-            "schedule": "cosine",
+            "schedule": schedule,
             "min_lr_ratio": 0.1,
             "grad_clip": 1.0,
         },
         "train": {
-            "output_dir": str(settings.root / stage),
+            "output_dir": str(settings.stage_dir(stage)),
             "max_steps": settings.probe_steps,  # sized by wallclock.run_within
             "global_batch_size": batch,
             "micro_batch_size": micro,
@@ -272,11 +361,14 @@ def stage_train(settings: QualitySettings, stage: str, minutes: float, force: bo
     """pretrain or finetune within `minutes` (pretrain: corpus build included); skipped when done."""
     from wallclock import run_within
 
-    out = settings.root / stage
+    out = settings.stage_dir(stage)
     done = out / "stage.json"
-    base_done = settings.root / "pretrain" / "stage.json"
+    base = settings.stage_dir("pretrain")
+    base_done = base / "stage.json"
+    from_base = settings.finetune_from == "base"
     stale = (
         stage == "finetune"
+        and from_base
         and done.is_file()
         and base_done.is_file()
         and base_done.stat().st_mtime > done.stat().st_mtime
@@ -286,16 +378,16 @@ def stage_train(settings: QualitySettings, stage: str, minutes: float, force: bo
         return json.loads(done.read_text())
     if stale:
         print("finetune: the pretrained base is newer than this fine-tuning; redoing it", flush=True)
-    if stage == "finetune" and not (settings.root / "pretrain" / "final" / "config.json").is_file():
+    if stage == "finetune" and from_base and not (base / "final" / "config.json").is_file():
         raise SystemExit(
-            f"finetune needs the pretrained base at {settings.root / 'pretrain' / 'final'}: run --stage pretrain first"
+            f"finetune needs the pretrained base at {base / 'final'}: run --stage pretrain first"
         )
     if out.exists():
         print(f"{stage}: removing the incomplete run at {out}", flush=True)
         shutil.rmtree(out)
     started = time.monotonic()
     deadline = started + minutes * 60
-    if stage == "pretrain":
+    if stage == "pretrain" or not from_base:
         stage_data(settings)
     cfg = pretrain_config(settings) if stage == "pretrain" else finetune_config(settings)
     result = run_within(
@@ -338,15 +430,19 @@ def _tokens_seen(metrics: Path) -> int:
 
 
 def stage_eval(settings: QualitySettings, minutes: float) -> dict:
-    """The protocol on held-out blocks for the AutoCompressor and for its base; writes the reports."""
+    """The protocol on held-out blocks for the AutoCompressor and for its base (an arm that shares the
+    headline run's base skips it: those rows are the headline's); writes the reports."""
     import torch
 
     from acomp import AutoCompressorModel
     from acomp.eval import CorpusBlocks, ProtocolConfig, evaluate, report
 
-    for stage in ("pretrain", "finetune"):
-        if not (settings.root / stage / "final" / "config.json").is_file():
-            raise SystemExit(f"eval needs {settings.root / stage / 'final'}: run --stage {stage} first")
+    models = [("autocompressor", settings.stage_dir("finetune"))]
+    if settings.finetune_from == "base" and (settings.own_base or not settings.arm):
+        models.append(("base", settings.stage_dir("pretrain")))
+    for _, path in models:
+        if not (path / "final" / "config.json").is_file():
+            raise SystemExit(f"eval needs {path / 'final'}: run --stage {path.name} first")
     started = time.monotonic()
     device = torch.device("cuda" if torch.cuda.is_available() and not settings.smoke else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -358,12 +454,11 @@ def stage_eval(settings: QualitySettings, minutes: float) -> dict:
         batch_size=settings.eval_batch,
         max_blocks=settings.eval_blocks,
     )
-    blocks = CorpusBlocks(str(settings.root / "corpus"), "val")
+    blocks = CorpusBlocks(str(settings.stage_dir("corpus")), "val")
     results = {}
-    # The AutoCompressor gets 3/4 of the budget, its base (two conditions) the rest.
-    for name, stage, share in (("autocompressor", "finetune", 0.75), ("base", "pretrain", 1.0)):
-        path = str(settings.root / stage / "final")
-        model = AutoCompressorModel.from_pretrained(path, dtype=dtype).to(device)
+    # The AutoCompressor gets 3/4 of the budget when its base (two conditions) is evaluated too.
+    for (name, path), share in zip(models, (0.75 if len(models) == 2 else 1.0, 1.0)):
+        model = AutoCompressorModel.from_pretrained(str(path / "final"), dtype=dtype).to(device)
         deadline = started + share * minutes * 60
         result = evaluate(model, blocks, cfg, device=device, progress=not settings.smoke, deadline=deadline)
         if result.blocks < result.blocks_selected:
@@ -373,28 +468,32 @@ def stage_eval(settings: QualitySettings, minutes: float) -> dict:
         results[name] = result
         del model
     ac = results["autocompressor"]
-    report.plot(ac, settings.root / "ppl_vs_context.png", title="AutoCompressor (quality benchmark)")
+    report.plot(ac, settings.arm_root / "ppl_vs_context.png", title="AutoCompressor (quality benchmark)")
     print(report.markdown(ac, title="AutoCompressor, all conditions"), flush=True)
     return {"results": results, "seconds": time.monotonic() - started, "device": _device_name(device)}
 
 
 # ------------------------------------------------------------------------------------------- summary
 def headline(ac, base, summary_length: int) -> dict:
-    """The numbers RESULTS.md records: ppl with no context, behind 1..3 segments' summary vectors and with
-    full attention, and the share of the no-context -> FA gap each summary condition closes."""
-    from acomp.eval import FULL_ATTENTION, NO_CONTEXT, SUMMARY, gap_share
+    """The numbers RESULTS.md records: ppl with no context, behind 1..3 segments' summary vectors (every
+    slot; a variable-length model also where it stops) and with full attention, and the share of the
+    no-context -> FA gap each condition closes. `base` (the pretrained model) may be None."""
+    from acomp.eval import FULL_ATTENTION, NO_CONTEXT, SUMMARY, SUMMARY_VARIABLE, gap_share
 
     fa = max(
         (c for c in ac.conditions if c.kind == FULL_ATTENTION), key=lambda c: c.context_tokens, default=None
     )
     rows = [{"condition": "no context", "context_tokens": 0, "summary_vectors": 0, "name": NO_CONTEXT}]
     for c in ac.conditions:
-        if c.kind == SUMMARY:
+        if c.kind in (SUMMARY, SUMMARY_VARIABLE):
+            vectors = ac.overall[c.name].summary_vectors
+            label = "summary vectors" if c.kind == SUMMARY else "summary vectors (variable length)"
             rows.append(
                 {
-                    "condition": f"{round(ac.overall[c.name].summary_vectors)} summary vectors",
+                    "condition": f"{vectors:.0f} {label}" if c.kind == SUMMARY else f"{vectors:.1f} {label}",
                     "context_tokens": c.context_tokens,
-                    "summary_vectors": ac.overall[c.name].summary_vectors,
+                    "summary_vectors": vectors,
+                    "segments": len(c.context_segments),
                     "name": c.name,
                 }
             )
@@ -420,7 +519,7 @@ def headline(ac, base, summary_length: int) -> dict:
             "ppl": base.overall[c.name].ppl,
             "loss": base.overall[c.name].loss,
         }
-        for c in base.conditions
+        for c in (base.conditions if base is not None else ())
     ]
     return {
         "rows": rows,
@@ -435,19 +534,29 @@ def markdown_snippet(settings: QualitySettings, info: dict, head: dict, ac, base
 
     nc = ac.overall["no_context"]
     domains = ", ".join(f"{d} {s['no_context'].blocks} blocks" for d, s in ac.domains.items())
+    pre, fine = info["pretrain"], info["finetune"]
+    if pre is not None:
+        training = (
+            f"pretrained as a plain causal LM on {settings.window}-token windows for {pre['steps']} steps "
+            f"({pre['tokens'] / 1e6:.1f}M tokens, {pre['seconds'] / 60:.1f} min), then fine-tuned as an AutoCompressor"
+        )
+    else:
+        training = "trained from a random init as an AutoCompressor"
+    title = "Quality: the paper's central result at small scale"
+    if settings.arm:
+        changes = ", ".join(f"{k}={v}" for k, v in settings.changes.items())
+        title = f"Quality, ablation arm `{settings.arm}` ({changes})"
     lines = [
-        "## Quality: the paper's central result at small scale",
+        f"## {title}",
         "",
         f"Recorded {info['date']} on {info['device']}; {info['versions']}. Command: `{info['command']}`.",
         "",
         f"Base: Llama-style, {info['params'] / 1e6:.0f}M parameters (d {settings.arch['hidden_size']}, "
         f"{settings.arch['num_hidden_layers']} layers, {settings.arch['num_attention_heads']}/{settings.arch['num_key_value_heads']} "
-        f"query/KV heads, vocab {settings.vocab}), pretrained as a plain causal LM on {settings.window}-token windows "
-        f"for {info['pretrain']['steps']} steps ({info['pretrain']['tokens'] / 1e6:.1f}M tokens, "
-        f"{info['pretrain']['seconds'] / 60:.1f} min), then fine-tuned as an AutoCompressor "
+        f"query/KV heads, vocab {settings.vocab}), {training} "
         f"({settings.summary_length} summary vectors per segment, {settings.block_size}-token blocks in {settings.substeps} "
-        f"substeps x {settings.segments_per_substep} random segments) for {info['finetune']['steps']} steps "
-        f"({info['finetune']['tokens'] / 1e6:.1f}M tokens, {info['finetune']['seconds'] / 60:.1f} min). "
+        f"substeps x {settings.segments_per_substep} random segments) for {fine['steps']} steps "
+        f"({fine['tokens'] / 1e6:.1f}M tokens, {fine['seconds'] / 60:.1f} min). "
         f"Corpus: this machine's stdlib and installed packages' sources, split by document; "
         f"{info['corpus']['train_tokens'] / 1e6:.1f}M training tokens.",
         "",
@@ -483,17 +592,19 @@ def summarize(settings: QualitySettings, evaluated: dict, command: str) -> dict:
 
     from acomp.eval import report
 
-    ac, base = evaluated["results"]["autocompressor"], evaluated["results"]["base"]
-    manifest = json.loads((settings.root / "corpus" / "manifest.json").read_text())
-    cfg = json.loads((settings.root / "finetune" / "final" / "config.json").read_text())
+    ac, base = evaluated["results"]["autocompressor"], evaluated["results"].get("base")
+    finetuned = settings.stage_dir("finetune")
+    pretrained = settings.stage_dir("pretrain") / "stage.json"
+    manifest = json.loads((settings.stage_dir("corpus") / "manifest.json").read_text())
+    cfg = json.loads((finetuned / "final" / "config.json").read_text())
     info = {
         "date": time.strftime("%Y-%m-%d"),
         "device": evaluated["device"],
         "versions": f"Python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}",
         "command": command,
-        "params": _count_params(settings.root / "finetune" / "final"),
-        "pretrain": json.loads((settings.root / "pretrain" / "stage.json").read_text()),
-        "finetune": json.loads((settings.root / "finetune" / "stage.json").read_text()),
+        "params": _count_params(finetuned / "final"),
+        "pretrain": json.loads(pretrained.read_text()) if settings.finetune_from == "base" else None,
+        "finetune": json.loads((finetuned / "stage.json").read_text()),
         "corpus": {
             "train_tokens": manifest["splits"]["train"]["tokens"],
             "val_blocks": manifest["splits"]["val"]["blocks"],
@@ -509,18 +620,18 @@ def summarize(settings: QualitySettings, evaluated: dict, command: str) -> dict:
         "info": info,
         "headline": head,
         "autocompressor": report.to_dict(ac),
-        "base": report.to_dict(base),
+        "base": None if base is None else report.to_dict(base),
         "eval_seconds": evaluated["seconds"],
     }
     for stage in ("pretrain", "finetune"):
-        info[stage].pop("config", None)
-    (settings.root / "results.json").write_text(json.dumps(report.finite_json(data), indent=2) + "\n")
+        if info[stage] is not None:
+            info[stage].pop("config", None)
+    out = settings.arm_root
+    (out / "results.json").write_text(json.dumps(report.finite_json(data), indent=2) + "\n")
     snippet = markdown_snippet(settings, info, head, ac, base)
-    (settings.root / "results.md").write_text(snippet)
+    (out / "results.md").write_text(snippet)
     print(snippet, flush=True)
-    print(
-        f"wrote {settings.root / 'results.json'}, {settings.root / 'results.md'}, {settings.root / 'ppl_vs_context.png'}"
-    )
+    print(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'ppl_vs_context.png'}")
     return data
 
 
@@ -546,6 +657,106 @@ def _device_name(device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"CPU ({os.cpu_count()} cores)"
+
+
+# ---------------------------------------------------------------------------------------------- arms
+def arm_row(settings: QualitySettings) -> dict:
+    """One ablation-table row from a run's results.json: the summary condition over one compressed segment
+    and over the most (a variable-length model: where it stops), each with its share of the gap closed."""
+    data = json.loads((settings.arm_root / "results.json").read_text())
+    rows = {row["name"]: row for row in data["headline"]["rows"]}
+    variable = any(name.startswith("summary_variable_") for name in rows)
+    kind = "summary_variable" if variable else "summary"
+    summaries = sorted((r for n, r in rows.items() if n.startswith(f"{kind}_")), key=lambda r: r["segments"])
+    fa = rows.get(data["headline"]["fa"] or "")
+    first, last = summaries[0], summaries[-1]
+    fine = data["info"]["finetune"]
+    return {
+        "arm": settings.arm or "default",
+        "changes": settings.changes,
+        "mode": "variable" if variable else "fixed",
+        "finetune_steps": fine["steps"],
+        "finetune_tokens": fine["tokens"],
+        "vectors_per_segment": last["summary_vectors"] / last["segments"],
+        "segments": last["segments"],
+        "ppl_no_context": rows["no_context"]["ppl"],
+        "ppl_one_segment": first["ppl"],
+        "ppl_all_segments": last["ppl"],
+        "ppl_full_attention": None if fa is None else fa["ppl"],
+        "gap_one_segment": first.get("gap_closed_loss"),
+        "gap_all_segments": last.get("gap_closed_loss"),
+    }
+
+
+def write_ablation(runs: list[QualitySettings]) -> None:
+    """ablation.md / ablation.json over the headline run and its arms, and frontier.png (ppl behind the
+    most segments vs summary vectors per segment, fixed and variable) when the arms vary the length."""
+    table = [arm_row(s) for s in runs if (s.arm_root / "results.json").is_file()]
+    root = runs[0].root
+    (root / "ablation.json").write_text(json.dumps(table, indent=2) + "\n")
+    pct = lambda x: "-" if x is None else f"{x:.1%}"  # noqa: E731
+    ppl = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
+    k = table[0]["segments"] if table else 0
+    lines = [
+        f"| arm | changes | fine-tune steps (tokens) | vectors / segment | ppl: no context | ppl: 1 segment | "
+        f"ppl: {k} segments | ppl: full attention | gap closed: 1 segment | gap closed: {k} segments |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in table:
+        changes = ", ".join(f"{key}={value}" for key, value in r["changes"].items()) or "(defaults)"
+        lines.append(
+            f"| {r['arm']} | {changes} | {r['finetune_steps']} ({r['finetune_tokens'] / 1e6:.1f}M) | "
+            f"{r['vectors_per_segment']:.1f}{' (variable)' if r['mode'] == 'variable' else ''} | "
+            f"{ppl(r['ppl_no_context'])} | {ppl(r['ppl_one_segment'])} | {ppl(r['ppl_all_segments'])} | "
+            f"{ppl(r['ppl_full_attention'])} | {pct(r['gap_one_segment'])} | {pct(r['gap_all_segments'])} |"
+        )
+    (root / "ablation.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines), flush=True)
+    lengths = {(r["mode"], round(r["vectors_per_segment"], 1)) for r in table}
+    if len(lengths) > 1:
+        plot_frontier(table, root / "frontier.png")
+    print(f"wrote {root / 'ablation.md'}, {root / 'ablation.json'}", flush=True)
+
+
+def plot_frontier(table: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for mode, marker in (("fixed", "o"), ("variable", "s")):
+        rows = sorted((r for r in table if r["mode"] == mode), key=lambda r: r["vectors_per_segment"])
+        if not rows:
+            continue
+        xs, ys = [r["vectors_per_segment"] for r in rows], [r["ppl_all_segments"] for r in rows]
+        ax.plot(xs, ys, marker=marker, label=mode)
+        for r, x, y in zip(rows, xs, ys):
+            ax.annotate(r["arm"], (x, y), fontsize=7)
+    ax.axhline(table[0]["ppl_no_context"], color="gray", linestyle="--", label="no context")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("summary vectors per segment (mean)")
+    ax.set_ylabel(f"held-out ppl behind {table[0]['segments']} compressed segments")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def parse_changes(items: list[str], what: str) -> dict[str, str]:
+    changes = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"{what} {item!r}: expected KEY=VALUE")
+        changes[key.strip()] = value.strip()
+    return changes
+
+
+def evaluated_already(settings: QualitySettings) -> bool:
+    results = settings.arm_root / "results.json"
+    trained = settings.stage_dir("finetune") / "stage.json"
+    return results.is_file() and trained.is_file() and results.stat().st_mtime > trained.stat().st_mtime
 
 
 # ----------------------------------------------------------------------------------------------- CLI
@@ -579,13 +790,32 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--smoke", action="store_true", help="tiny model and corpus on CPU: every stage in under 2 minutes"
     )
-    p.add_argument("--force", action="store_true", help="redo training stages that are already done")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="change a setting for every run (a QualitySettings field, arch.NAME or compression.NAME; YAML value)",
+    )
+    p.add_argument(
+        "--arm",
+        action="append",
+        default=[],
+        metavar="NAME:KEY=VALUE,...",
+        help="an ablation arm: the stages again with these settings changed (files under <out>/arms/NAME; the "
+        "corpus and, unless a pretraining setting changes, the base are shared); writes ablation.md",
+    )
+    p.add_argument("--force", action="store_true", help="redo the chosen stages even when they are done")
     args = p.parse_args(argv)
 
     if args.smoke:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
     settings = QualitySettings.tiny() if args.smoke else QualitySettings()
+    try:
+        settings = settings.changed(parse_changes(args.set, "--set"))
+    except ValueError as e:
+        p.error(str(e))
     if args.out:
         settings.out = args.out
     if args.eval_blocks:
@@ -600,6 +830,15 @@ def main(argv: list[str] | None = None) -> int:
                 "--minutes sets the budget of one training or eval stage; with --stage all use --pretrain-minutes etc."
             )
         setattr(settings, f"{args.stage}_minutes", args.minutes)
+    runs = [settings]
+    for spec in args.arm:
+        name, _, items = spec.partition(":")
+        try:
+            runs.append(settings.changed(parse_changes(items.split(","), f"--arm {name}"), arm=name))
+        except ValueError as e:
+            p.error(str(e))
+    if len({run.arm for run in runs}) < len(runs):
+        p.error("two --arm options have the same name")
     import torch
 
     if not args.smoke and not torch.cuda.is_available():
@@ -611,10 +850,18 @@ def main(argv: list[str] | None = None) -> int:
         if stage == "data":
             if args.stage == "data":
                 stage_data(settings)
-        elif stage in ("pretrain", "finetune"):
-            stage_train(settings, stage, getattr(settings, f"{stage}_minutes"), args.force)
-        else:
-            summarize(settings, stage_eval(settings, settings.eval_minutes), command)
+            continue
+        for run in runs:
+            if stage == "pretrain" and (run.finetune_from == "scratch" or (run.arm and not run.own_base)):
+                continue  # no base, or the headline run's
+            if stage in ("pretrain", "finetune"):
+                stage_train(run, stage, getattr(run, f"{stage}_minutes"), args.force)
+            elif evaluated_already(run) and not args.force:
+                print(f"eval: done already ({run.arm_root / 'results.json'}); --force to redo", flush=True)
+            else:
+                summarize(run, stage_eval(run, run.eval_minutes), command)
+        if stage == "eval" and len(runs) > 1:
+            write_ablation(runs)
     return 0
 
 

@@ -14,8 +14,10 @@ Also: the no-context perplexity of the base (same targets). Writes results.json,
 PNG plot (perplexity vs mean summary vectors per segment, one line per mode) to --out.
 
     python benchmarks/variable_study.py --preset cpu               # the embedded corpus on this CPU
-    source benchmarks/gpu-setup.sh && python benchmarks/variable_study.py --preset gpu   # one H100
     python benchmarks/variable_study.py --smoke                    # seconds: plumbing only
+
+On a GPU, the frontier runs on the quality benchmark's base, corpus and protocol instead (1,024-token
+segments): variable-length arms of `benchmarks/quality.py --arm` (its docstring shows one).
 """
 
 from __future__ import annotations
@@ -35,7 +37,6 @@ PRESETS = {
     # name: model arch, steps, batch, eval blocks
     "smoke": {"arch": (64, 2, 4), "base_steps": 4, "steps": 4, "batch": 4, "eval_blocks": 4},
     "cpu": {"arch": (128, 2, 4), "base_steps": 300, "steps": 300, "batch": 8, "eval_blocks": 256},
-    "gpu": {"arch": (384, 4, 6), "base_steps": 500, "steps": 400, "batch": 32, "eval_blocks": 512},
 }
 FIXED = [2, 4, 8, 16]
 LAMBDAS = [0.0, 0.1, 0.3, 1.0, 4.0]  # the step from 16 vectors to 1 lies between 0.1 and 0.3 (RESULTS.md)
@@ -199,8 +200,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.smoke:
         args.preset = "smoke"
-    if args.preset != "gpu":
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.chdir(REPO)
     args.out.mkdir(parents=True, exist_ok=True)
     if not (args.data / "manifest.json").exists():

@@ -1,5 +1,6 @@
 """benchmarks/quality.py --smoke: every stage (corpus, budgeted pretraining and fine-tuning, the evaluation
-protocol, the reports) at toy scale on CPU, as the GPU run does them at full scale."""
+protocol, the reports) at toy scale on CPU, as the GPU run does them at full scale; an ablation arm (a
+variable-length one: the frontier's) shares the corpus and base and lands in the ablation table."""
 
 from __future__ import annotations
 
@@ -9,13 +10,21 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "benchmarks"))
+VARIABLE_ARM = (
+    "var:compression.compression_mode=variable,compression.compression_max_len=4,"
+    "compression.compression_lambda=0.1,finetune_lr=1e-3"
+)
 
 
 def test_quality_smoke_runs_every_stage(tmp_path):
     out = tmp_path / "quality"
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, str(REPO / "benchmarks" / "quality.py"), "--smoke", "--out", str(out)]
+    cmd += ["--arm", VARIABLE_ARM]
     proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
 
@@ -40,3 +49,44 @@ def test_quality_smoke_runs_every_stage(tmp_path):
     assert data["info"]["model_config"]["summary_length"] == 4
     assert (out / "ppl_vs_context.png").read_bytes()[:4] == b"\x89PNG"
     assert "| 8 summary vectors | 128 |" in (out / "results.md").read_text()
+
+    # The arm: its own fine-tuning from the shared base (no second corpus or pretraining), its own report.
+    assert sorted(p.name for p in (out / "arms" / "var").iterdir()) == [
+        "finetune", "ppl_vs_context.png", "results.json", "results.md"
+    ]  # fmt: skip
+    arm = json.loads((out / "arms" / "var" / "results.json").read_text())
+    assert arm["base"] is None  # the base rows are the headline run's
+    arm_rows = {row["name"]: row for row in arm["headline"]["rows"]}
+    assert {"summary_variable_1", "summary_variable_3"} <= set(arm_rows)
+    assert 0 < arm_rows["summary_variable_3"]["summary_vectors"] <= 12
+    assert arm["settings"]["finetune_lr"] == 1e-3 and arm["settings"]["own_base"] is False
+    finetuned = json.loads((out / "arms" / "var" / "finetune" / "final" / "config.json").read_text())
+    assert finetuned["compression_mode"] == "variable" and finetuned["compression_lambda"] == 0.1
+    table = json.loads((out / "ablation.json").read_text())
+    assert [(r["arm"], r["mode"]) for r in table] == [("default", "fixed"), ("var", "variable")]
+    assert table[0]["ppl_all_segments"] == rows["summary_3"]["ppl"]
+    assert table[1]["ppl_all_segments"] == arm_rows["summary_variable_3"]["ppl"]
+    assert "| var | compression.compression_mode=variable" in (out / "ablation.md").read_text()
+    assert (out / "frontier.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_settings_changes_and_arms_are_checked():
+    from quality import QualitySettings
+
+    default = QualitySettings()
+    arm = default.changed({"summary_init": "normal", "arch.hidden_size": "512", "finetune_lr": "1"}, arm="a")
+    assert (arm.summary_init, arm.arch["hidden_size"], arm.finetune_lr) == ("normal", 512, 1.0)
+    assert default.arch["hidden_size"] == 768  # a copy
+    assert arm.own_base  # the width changes the base: the arm pretrains its own
+    assert arm.stage_dir("pretrain") == default.root / "arms" / "a" / "pretrain"
+    same_base = default.changed({"finetune_minutes": "2"}, arm="b")
+    assert not same_base.own_base and same_base.stage_dir("pretrain") == default.stage_dir("pretrain")
+    assert same_base.stage_dir("corpus") == default.stage_dir("corpus")
+    with pytest.raises(ValueError, match="unknown setting 'finetune_rate'"):
+        default.changed({"finetune_rate": "1e-3"})
+    with pytest.raises(ValueError, match="setting substeps=.two.: config key .substeps. must be an integer"):
+        default.changed({"substeps": "two"})
+    with pytest.raises(ValueError, match="arm 'c' changes vocab: every arm keeps the corpus"):
+        default.changed({"vocab": "8000"}, arm="c")
+    with pytest.raises(ValueError, match="finetune_from must be base or scratch"):
+        default.changed({"finetune_from": "lm"})
