@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import warnings
 import weakref
 from dataclasses import dataclass
 
@@ -143,6 +144,7 @@ def generate(
     softprompt = as_softprompt(softprompt, softprompt_bias, batch, embed.weight)
     if softprompt is None:
         softprompt = Softprompt(embed.weight.new_zeros(batch, 0, embed.embedding_dim))
+    _check_positions(model, softprompt, attention_mask, max_new_tokens)
     cache, logits = _prefill(model, input_ids, attention_mask, softprompt)
     if max_new_tokens == 0:
         return input_ids
@@ -163,6 +165,28 @@ def generate(
     while len(tokens) < max_new_tokens and not choice.all_finished():
         tokens.append(decoder.advance().clone())
     return torch.cat([input_ids, torch.stack(tokens, dim=1)], dim=1)
+
+
+def _check_positions(model, softprompt: Softprompt, attention_mask: torch.Tensor, max_new_tokens: int) -> None:
+    """Learned position embeddings (OPT) end at max_position_embeddings: past them the lookup fails deep in
+    the model (on a GPU, as a device-side assert), so say so first. RoPE families run on, at positions they
+    never trained on: a warning."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    rule = model.position_rule
+    if not limit:
+        return
+    taken = softprompt.span if rule.softprompt_consumes_positions else 0
+    prompt = int(attention_mask.sum(dim=1).max()) if attention_mask.numel() else 0
+    needed = taken + prompt + max_new_tokens
+    if needed <= limit:
+        return
+    message = (
+        f"the longest prompt ({prompt} tokens){f' behind {taken} summary positions' if taken else ''} plus "
+        f"max_new_tokens={max_new_tokens} needs {needed} positions; the model has {limit}"
+    )
+    if rule.learned_table:
+        raise ValueError(message + " (max_position_embeddings): shorten the prompt or compress it")
+    warnings.warn(message + ": positions beyond were never trained on", stacklevel=3)
 
 
 def _removed_arguments(removed: dict) -> str:

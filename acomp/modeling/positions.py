@@ -21,6 +21,7 @@ class PositionRule:
 
     name = "base"
     softprompt_consumes_positions: bool
+    learned_table: bool  # positions index a learned table that ends at max_position_embeddings
 
     def segment(
         self,
@@ -57,8 +58,10 @@ class PositionRule:
 class RotaryPositions(PositionRule):
     name = "rope"
     softprompt_consumes_positions = True
+    learned_table = False
 
 
 class OPTPositions(PositionRule):
     name = "opt"
     softprompt_consumes_positions = False
+    learned_table = True

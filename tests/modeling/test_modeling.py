@@ -299,6 +299,26 @@ def test_generate_rejects_bad_options_with_the_reason():
         model.generate(prompt, beams=2)
 
 
+def test_generate_past_the_position_table_is_an_error_for_opt_and_a_warning_for_rope():
+    """OPT's learned positions end at max_position_embeddings (128 here): one token more is refused before any
+    work (pads take no positions); a RoPE model (256 positions, summary vectors counted) generates, warned."""
+    opt = tiny_model("opt")
+    prompt = torch.cat([torch.zeros(1, 5, dtype=torch.long), random_ids(1, 100)], dim=1)
+    mask = (torch.arange(105) >= 5).long()[None]
+    assert opt.generate(prompt, attention_mask=mask, max_new_tokens=28, eos_token_id=[]).shape == (1, 133)
+    with pytest.raises(
+        ValueError, match=r"longest prompt \(100 tokens\) plus max_new_tokens=29 needs 129 positions; "
+    ):
+        opt.generate(prompt, attention_mask=mask, max_new_tokens=29)
+    llama = tiny_model("llama")
+    summary = llama.compress_context(random_ids(1, 20), segment_lengths=[10, 10]).summary
+    with pytest.warns(
+        UserWarning, match=r"\(240 tokens\) behind 6 summary positions plus max_new_tokens=11 needs 257"
+    ):
+        out = llama.generate(random_ids(1, 240), softprompt=summary, max_new_tokens=11, eos_token_id=[])
+    assert out.shape == (1, 251)
+
+
 def test_generate_stops_at_eos_and_pads():
     model = tiny_model("llama")
     prompt = random_ids(1, 4)
