@@ -17,7 +17,12 @@ GPU host (wheels carried in .whl/; benchmarks/gpu-setup.sh):
     python benchmarks/train_throughput.py --rows llama-1b-z1 llama-1b-z3 --out $OUT/train.json
     python benchmarks/train_throughput.py --rows opt-2.7b-30k --steps 8 --first-steps 3 --out $OUT/30k.json
 
-CPU smoke test (tiny shapes, about a minute; tests/benchmarks/test_bench_smoke.py runs it):
+Several GPUs of one host (one process per GPU; each row's global batch is multiplied by the GPU count, so
+every GPU does the work it does alone and tokens/s / (GPUs x one GPU's tokens/s) is the scaling efficiency):
+
+    torchrun --nproc_per_node 2 benchmarks/train_throughput.py --rows llama-1b-z1 llama-1b-z3 --boundaries random
+
+CPU smoke test (tiny shapes, about a minute; tests/benchmarks/test_bench_smoke.py runs it, on 1 and 2 ranks):
 
     DS_ACCELERATOR=cpu python benchmarks/train_throughput.py --smoke --out .bench/smoke.json
 """
@@ -178,10 +183,13 @@ def random_corpus(root: Path, vocab_size: int, block_size: int, blocks: int) -> 
 
 
 # ------------------------------------------------------------------------------------------------ rows
-def row_config(name: str, args, boundaries: str, extra: list[str], corpora: Path):
+def row_config(name: str, args, boundaries: str, extra: list[str], corpora: Path, dist):
     """The run config of one row: the recipe's config, the model swapped for a random-init one of its shape,
-    random-token data of its block size, and (fixed rows) equal segments instead of random ones."""
+    random-token data of its block size, and (fixed rows) equal segments instead of random ones. On several
+    GPUs the global batch is the row's times the GPU count (the same work per GPU: weak scaling, so tokens/s
+    over GPUs x one GPU's tokens/s is the scaling efficiency)."""
     from acomp.config import load_config
+    from acomp.train.distributed import barrier
 
     row = ROWS[name]
     overrides = [*row.overrides, *args.set, *extra]
@@ -211,7 +219,11 @@ def row_config(name: str, args, boundaries: str, extra: list[str], corpora: Path
         per_substep = block // c.training_substeps
         c.randomize_segments = False
         c.segment_lengths = [per_substep // c.segments_per_substep] * c.segments_per_substep
+    t.global_batch_size *= dist.world_size
     blocks = max(8, t.global_batch_size * 2)
+    if dist.is_main:
+        random_corpus(corpora, vocab, block, blocks)
+    barrier()  # the other ranks read what rank 0 built
     cfg.data.path = str(random_corpus(corpora, vocab, block, blocks))
     cfg.data.build_if_missing = {}
     t.output_dir = str(corpora / "unused-output")
@@ -383,7 +395,7 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         result = dict(row)
         try:
-            cfg = row_config(row["row"], args, row["boundaries"], row["extra"], corpora)
+            cfg = row_config(row["row"], args, row["boundaries"], row["extra"], corpora, dist)
             result["settings"] = {k: v for k, v in cfg.to_dict().items() if k != "data"}
             result.update(run_row(cfg, args, dist))
         except Exception as e:  # one failing row must not stop the others

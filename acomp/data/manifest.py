@@ -206,14 +206,23 @@ def check_same_corpus(
     the one ``recorded`` (a :func:`corpus_identity`) describes (``manifest``: its manifest, if already read,
     e.g. a remote corpus'). Keys a record lacks (written by an older acomp) are not compared. A missing or
     unreadable corpus raises what :func:`read_manifest` raises."""
-    now = corpus_identity(path, manifest)
+    difference = identity_difference(recorded, corpus_identity(path, manifest))
+    if difference is not None:
+        key, old, new = difference
+        raise CorpusChangedError(
+            f"the corpus at {path} changed since {since}: its {key} is now {new!r}, was {old!r} "
+            f"(rebuilt with --overwrite, or replaced?)"
+        )
+
+
+def identity_difference(recorded: dict[str, Any], now: dict[str, Any]) -> tuple[str, Any, Any] | None:
+    """The first identity key whose recorded value differs from `now`'s, as (key, recorded, now); None when
+    they agree. Keys a record lacks (written by an older acomp) are not compared."""
     for key in IDENTITY_KEYS:
         old, new = recorded.get(key), now.get(key)
         if old is not None and new != old:
-            raise CorpusChangedError(
-                f"the corpus at {path} changed since {since}: its {key} is now {new!r}, was {old!r} "
-                f"(rebuilt with --overwrite, or replaced?)"
-            )
+            return key, old, new
+    return None
 
 
 def check_manifest(

@@ -168,27 +168,20 @@ def corpus_identity(corpus: Corpus) -> dict:
 def check_resumed_corpus(checkpoint: Path, corpus: Corpus) -> None:
     """Resuming restores the model and the data-loader position: both belong to the checkpoint's corpus.
     Keys a checkpoint's corpus.json lacks (written by an older acomp, e.g. corpus_id) are not compared."""
+    from acomp.data.manifest import identity_difference
     from acomp.train.checkpoint import Checkpointer
 
     saved = Checkpointer.corpus_of(checkpoint)
     if saved is None:
         return  # written before checkpoints recorded their corpus
-    now = corpus_identity(corpus)
-    for key, what in (
-        ("tokenizer_sha256", "tokenizer"),
-        ("block_size", "block size"),
-        ("fingerprint", "content (fingerprint)"),
-        ("corpus_id", "token ids (corpus_id)"),
-    ):
-        if key == "corpus_id" and saved.get(key) is None:
-            continue
-        if saved.get(key) != now.get(key):
-            raise DataError(
-                f"data.path={corpus.source!r} has another {what} than the corpus checkpoint {checkpoint} "
-                f"was trained on ({saved.get('path')}): {key} {now.get(key)!r} != {saved.get(key)!r}. Resume "
-                f"with that corpus, or start a new run from the exported weights (model.name_or_path) with "
-                f"train.resume=never"
-            )
+    difference = identity_difference(saved, corpus_identity(corpus))
+    if difference is not None:
+        key, old, new = difference
+        raise DataError(
+            f"data.path={corpus.source!r} is another corpus than the one checkpoint {checkpoint} was trained "
+            f"on ({saved.get('path')}): {key} {new!r} != {old!r}. Resume with that corpus, or start a new run "
+            f"from the exported weights (model.name_or_path) with train.resume=never"
+        )
 
 
 def check_corpus_unchanged(corpus: Corpus, recorded: dict) -> None:

@@ -54,6 +54,44 @@ def test_train_throughput_smoke(tmp_path):
     assert "tok/s" in proc.stdout  # the table
 
 
+def test_train_throughput_on_two_ranks_doubles_the_global_batch(tmp_path):
+    """Under torchrun (2 CPU ranks, gloo) as on a multi-GPU host: rank 0 builds the corpus, every rank steps,
+    the global batch is the row's times the rank count (weak scaling) and tokens/s counts both ranks."""
+    from runs import free_port, train_env
+
+    out = tmp_path / "smoke2.json"
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={free_port()}",
+    ]
+    command += [
+        "benchmarks/train_throughput.py",
+        "--smoke",
+        "--rows",
+        "tiny-lora-z3:random",
+        "--out",
+        str(out),
+    ]
+    proc = subprocess.run(
+        [*command, "--corpus-dir", str(tmp_path / "corpora")],
+        cwd=REPO,
+        env={**train_env(), "PYTHONUNBUFFERED": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["meta"]["world_size"] == 2
+    (row,) = report["results"]
+    assert row["status"] == "ok", row["status"]
+    assert row["settings"]["train"]["global_batch_size"] == 4  # 2 per rank, as on one
+    assert row["tokens_per_step"] == 4 * 512 and row["tokens_per_s"] > 0
+
+
 def test_inference_benchmark_smoke(tmp_path):
     """benchmarks/inference.py --smoke: the GPU benchmark's code path (compress, generate from the summary vectors
     and after the full context in each mode, the report) on CPU with a tiny model; --help documents the flags."""

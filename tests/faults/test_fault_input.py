@@ -175,7 +175,7 @@ def test_resuming_on_another_corpus_is_refused(corpus, tmp_path):
     for key, value in changed:
         saved = {**corpus_identity(opened), key: value}
         (checkpoint / CORPUS_FILE).write_text(json.dumps(saved))
-        with pytest.raises(DataError, match=f"has another .* than the corpus checkpoint .* {key}"):
+        with pytest.raises(DataError, match=f"is another corpus than the one checkpoint .* {key}"):
             check_resumed_corpus(checkpoint, opened)
     (checkpoint / CORPUS_FILE).write_text(json.dumps(corpus_identity(opened)))
     check_resumed_corpus(checkpoint, opened)
