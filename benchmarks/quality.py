@@ -116,6 +116,9 @@ class QualitySettings:
     finetune_warmup: int = 20
     finetune_batch: int = 16
     finetune_micro: int = 8
+    # DeepSpeed JSON of the fine-tuning (relative to the repository or absolute; pretraining: zero1.json), e.g.
+    # one with "data_types": {"grad_accum_dtype": "fp32"}: gradients accumulated in fp32 rather than bf16
+    finetune_deepspeed: str = "ds_configs/zero1.json"
     compression: dict = field(default_factory=dict)  # more compression.* keys (e.g. the variable mode)
     # evaluation
     eval_segment: int = 1024
@@ -345,7 +348,9 @@ def _common(
             "global_batch_size": batch,
             "micro_batch_size": micro,
             "seed": 0 if stage == "pretrain" else 1,  # another data order for fine-tuning
-            "deepspeed": str(REPO / "ds_configs" / "zero1.json"),
+            "deepspeed": str(
+                REPO / (settings.finetune_deepspeed if stage == "finetune" else "ds_configs/zero1.json")
+            ),
             "precision": settings.precision,
             "checkpoint_every": 0,
             "keep_checkpoints": 1,
