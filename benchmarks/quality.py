@@ -68,7 +68,7 @@ PRETRAIN_FIELDS = (
 
 @dataclass
 class QualitySettings:
-    """Everything the benchmark does, in one place (the full preset; `smoke()` shrinks it)."""
+    """Everything the benchmark does, in one place (the full preset; `tiny()` shrinks it)."""
 
     out: str = ".bench/quality"
     smoke: bool = False
