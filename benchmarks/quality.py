@@ -392,8 +392,8 @@ def stage_train(settings: QualitySettings, stage: str, minutes: float, force: bo
         shutil.rmtree(out)
     started = time.monotonic()
     deadline = started + minutes * 60
-    if stage == "pretrain" or not from_base:
-        stage_data(settings)
+    if stage == "pretrain" or not (settings.stage_dir("corpus") / "manifest.json").is_file():
+        stage_data(settings)  # a fine-tuning from scratch reads the headline run's corpus as it is
     cfg = pretrain_config(settings) if stage == "pretrain" else finetune_config(settings)
     result = run_within(
         cfg,

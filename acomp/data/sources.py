@@ -32,6 +32,7 @@ import io
 import json
 import os
 import stat
+import sys
 import sysconfig
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -121,15 +122,17 @@ def stdlib_root() -> Path:
 
 def site_packages_files() -> list[tuple[str, Path]]:
     """(name inside its site directory, absolute path) of every installed distribution's ``.py`` file,
-    sorted by name. A name present in several site directories is taken from the first on ``sys.path``
-    (the one ``import`` would load); files under the stdlib, outside the site directory (``../bin``) or
-    missing on disk are skipped, and so are development checkouts on the path (a directory with a
-    pyproject.toml, setup.py or setup.cfg: an editable project is not an installed package)."""
+    sorted by name. Installed means in the interpreter's site directories, not anywhere on ``sys.path``:
+    importing setuptools puts its ``_vendor`` directory (with dist-infos) on the path, and the listing must
+    not change within a process. A name present in several site directories is taken from the first (the
+    one ``import`` would load); files under the stdlib, outside the site directory (``../bin``) or missing
+    on disk are skipped, and so are development checkouts (a directory with a pyproject.toml, setup.py or
+    setup.cfg: an editable project is not an installed package)."""
     from importlib import metadata
 
     stdlib = stdlib_root().resolve()
     found: dict[str, Path] = {}
-    for dist in metadata.distributions():
+    for dist in metadata.distributions(path=site_directories()):
         base = Path(dist.locate_file("")).resolve()
         if base == stdlib or stdlib in base.parents or _is_checkout(base):
             continue
@@ -141,6 +144,19 @@ def site_packages_files() -> list[tuple[str, Path]]:
             if name not in found and path.is_file():
                 found[name] = path
     return sorted(found.items())
+
+
+def site_directories() -> list[str]:
+    """The interpreter's site-packages directories (a virtual environment's own), user site included, in
+    sys.path order."""
+    import site
+
+    dirs = [*getattr(site, "getsitepackages", lambda: [])()]
+    user = site.getusersitepackages() if site.ENABLE_USER_SITE else None
+    if user and Path(user).is_dir():
+        dirs.append(user)
+    rank = {entry: i for i, entry in enumerate(sys.path)}
+    return sorted(dict.fromkeys(dirs), key=lambda d: rank.get(d, len(rank)))
 
 
 def _is_checkout(path: Path) -> bool:
