@@ -167,7 +167,9 @@ def generate(
     return torch.cat([input_ids, torch.stack(tokens, dim=1)], dim=1)
 
 
-def _check_positions(model, softprompt: Softprompt, attention_mask: torch.Tensor, max_new_tokens: int) -> None:
+def _check_positions(
+    model, softprompt: Softprompt, attention_mask: torch.Tensor, max_new_tokens: int
+) -> None:
     """Learned position embeddings (OPT) end at max_position_embeddings: past them the lookup fails deep in
     the model (on a GPU, as a device-side assert), so say so first. RoPE families run on, at positions they
     never trained on: a warning."""

@@ -25,7 +25,9 @@ def test_site_packages_lists_installed_sources_by_their_import_path():
     assert docs[0].text == Path(docs[0].path).read_text(encoding="utf-8", errors="replace")
 
 
-def test_the_listing_does_not_change_when_a_package_puts_its_vendored_dists_on_sys_path(tmp_path, monkeypatch):
+def test_the_listing_does_not_change_when_a_package_puts_its_vendored_dists_on_sys_path(
+    tmp_path, monkeypatch
+):
     """Importing setuptools puts setuptools/_vendor (dist-infos of its vendored packages) on sys.path; a
     corpus built from `site-packages` earlier in the same process must still match (it read as 'the
     source files changed' when the quality benchmark built its corpus again after training)."""
