@@ -58,7 +58,7 @@ def test_quality_smoke_runs_every_stage(tmp_path):
     assert arm["base"] is None  # the base rows are the headline run's
     arm_rows = {row["name"]: row for row in arm["headline"]["rows"]}
     assert {"summary_variable_1", "summary_variable_3"} <= set(arm_rows)
-    assert 0 < arm_rows["summary_variable_3"]["summary_vectors"] <= 12
+    assert 0 <= arm_rows["summary_variable_3"]["summary_vectors"] <= 12  # where the model stopped: 3 x 0..4
     assert arm["settings"]["finetune_lr"] == 1e-3 and arm["settings"]["own_base"] is False
     finetuned = json.loads((out / "arms" / "var" / "finetune" / "final" / "config.json").read_text())
     assert finetuned["compression_mode"] == "variable" and finetuned["compression_lambda"] == 0.1
