@@ -5,6 +5,8 @@ once per process. When none is set every hook is a no-op that costs one attribut
     ACOMP_FAULT_NAN_RANK=1               ...on this rank only (default: every rank)
     ACOMP_FAULT_CHECKPOINT_SLEEP_S=30    every checkpoint write pauses this long after DeepSpeed's files and
                                          before the trainer state: a window to kill a half-written checkpoint
+    ACOMP_FAULT_STEP_SLEEP_S=1           every optimizer step starts with a pause this long: a run that a test
+                                         can watch and signal mid-way however fast its steps are
 
 The NaN is injected by multiplying the model's loss, inside the forward, so the backward sees it exactly as
 it would see a real overflow (every gradient becomes NaN). Never set these outside tests.
@@ -18,6 +20,7 @@ import time
 NAN_STEPS = "ACOMP_FAULT_NAN_STEPS"
 NAN_RANK = "ACOMP_FAULT_NAN_RANK"
 CHECKPOINT_SLEEP = "ACOMP_FAULT_CHECKPOINT_SLEEP_S"
+STEP_SLEEP = "ACOMP_FAULT_STEP_SLEEP_S"
 
 
 def parse_steps(text: str) -> frozenset[int]:
@@ -38,6 +41,7 @@ class _Faults:
         rank = env.get(NAN_RANK, "")
         self.nan_rank = int(rank) if rank.strip() else None
         self.checkpoint_sleep = float(env.get(CHECKPOINT_SLEEP, "0") or 0)
+        self.step_sleep = float(env.get(STEP_SLEEP, "0") or 0)
         self.step = 0
 
 
@@ -60,6 +64,8 @@ def install(module, rank: int) -> None:
 def begin_step(step: int) -> None:
     """The loop is about to compute optimizer step `step` (1-based)."""
     _active.step = step
+    if _active.step_sleep > 0:
+        time.sleep(_active.step_sleep)
 
 
 def checkpoint_pause() -> None:

@@ -1,8 +1,10 @@
 """The README's `sbatch slurm/train_llama.sbatch` on a real one-node SLURM cluster (tests/support/slurm_cluster.py),
 with the tiny config on CPU: the job trains; `scancel --signal=USR1 --batch` (what `--signal=B:USR1@600`
 sends before the time limit) makes it checkpoint, exit 75 and requeue; the requeued job resumes from that
-checkpoint and finishes with the losses of an uninterrupted run. The trainer is held (SIGSTOP) from step 3
-until the signal is pending on it, so a slow signal path cannot let the job finish unsignalled.
+checkpoint and finishes with the losses of an uninterrupted run. Each step starts with a 1 s pause (fault
+injection: the tiny steps take ~0.06 s, so a poll could miss the run's whole middle), and the trainer is held
+(SIGSTOP) from step 3 until the signal is pending on it, so a slow signal path cannot let the job finish
+unsignalled either.
 
 Needs root and Debian's slurm-wlm (.ci/run installs it); skipped with the reason otherwise.
 """
@@ -98,6 +100,7 @@ def test_sbatch_checkpoints_on_usr1_requeues_and_resumes_exactly(cluster, corpus
         PYTHON=sys.executable,
         LOG_DIR=str(tmp_path / "logs"),
         MASTER_PORT=str(free_port()),
+        ACOMP_FAULT_STEP_SLEEP_S="1",
     )
     job_log = tmp_path / "job.out"
     submitted = cluster.command(
