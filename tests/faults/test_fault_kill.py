@@ -139,7 +139,8 @@ def test_sigkill_at_random_points_resumes_exactly(corpus, reference, tmp_path):
     config = write_config(tmp_path / "run.yaml", reference_config(corpus, out))
     context = f"(ACOMP_FAULT_SEED={seed})"
 
-    ranks = start(config, [], tmp_path / "logs1")
+    # Steps paused 0.2 s: the tiny steps (~0.06 s) would let a slow poll miss run 1's end.
+    ranks = start(config, [], tmp_path / "logs1", env={faults.STEP_SLEEP: "0.2"})
     after = rng.randint(1, REFERENCE_STEPS - 4)  # leaves run 2 a checkpoint to write
     wait_until(lambda: metric_steps(out) >= after, ranks, 240, f"step {after} {context}")
     time.sleep(rng.uniform(0, 0.3))  # anywhere in the next steps, checkpoint writes included

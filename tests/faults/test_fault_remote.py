@@ -23,6 +23,7 @@ from s3_server import BUCKET
 
 from acomp.data import upload_corpus
 from acomp.data.remote import CACHE_MARK
+from acomp.train import faults
 
 pytestmark = pytest.mark.slow
 
@@ -39,7 +40,7 @@ def test_sigkill_and_resume_from_s3_reproduce_the_local_run(s3, corpus, referenc
     config = write_config(tmp_path / "run.yaml", reference_config(corpus, out))
     overrides = [f"data.path={uri}", f"data.cache_dir={cache}"]
 
-    ranks = start(config, overrides, tmp_path / "logs1")
+    ranks = start(config, overrides, tmp_path / "logs1", env={faults.STEP_SLEEP: "0.2"})  # killed mid-run
     wait_until(lambda: latest(out) is not None and metric_steps(out) >= 3, ranks, 240, "a checkpoint")
     ranks[0].proc.kill()
     finish(ranks, 30)
