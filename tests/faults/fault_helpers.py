@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from runs import REPO, free_port, tiny_config, train_env
+from runs import REPO, free_port, rank_env, tiny_config, train_env
 
 REFERENCE_STEPS = 10
 CHECKPOINT_EVERY = 2
@@ -53,22 +53,13 @@ def start(
     port = free_port()
     ranks = []
     for rank in range(nproc):
-        rank_env = dict(base)
-        if nproc > 1:
-            rank_env.update(
-                RANK=str(rank),
-                WORLD_SIZE=str(nproc),
-                LOCAL_RANK=str(rank),
-                LOCAL_WORLD_SIZE=str(nproc),
-                MASTER_ADDR="127.0.0.1",
-                MASTER_PORT=str(port),
-            )
+        proc_env = {**base, **rank_env(rank, nproc, port)} if nproc > 1 else base
         log = log_dir / f"rank{rank}.log"
         with open(log, "w") as out:
             proc = subprocess.Popen(
                 [sys.executable, LAUNCHER, "--config", str(config), *overrides],
                 cwd=REPO,
-                env=rank_env,
+                env=proc_env,
                 stdout=out,
                 stderr=subprocess.STDOUT,
             )

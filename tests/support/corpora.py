@@ -17,6 +17,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from runs import rank_env
+
 from acomp.train.distributed import free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -76,17 +78,8 @@ def run_ranks(corpus: Path, split: str, out_dir: Path, world_size: int = 2, **op
     port = free_port()
     procs = []
     for rank in range(world_size):
-        env = dict(os.environ)
-        env.update(
-            RANK=str(rank),
-            WORLD_SIZE=str(world_size),
-            LOCAL_RANK=str(rank),
-            LOCAL_WORLD_SIZE=str(world_size),
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(port),
-            PYTHONPATH=str(REPO),
-            TOKENIZERS_PARALLELISM="false",
-        )
+        env = {**os.environ, **rank_env(rank, world_size, port)}
+        env.update(PYTHONPATH=str(REPO), TOKENIZERS_PARALLELISM="false")
         out = out_dir / f"rank{rank}.json"
         cmd = [sys.executable, __file__, "rank", str(corpus), split, str(out), json.dumps(options)]
         procs.append((subprocess.Popen(cmd, env=env, cwd=REPO, stderr=subprocess.PIPE, text=True), out))

@@ -103,6 +103,18 @@ def train_command(config: Path, overrides: list[str] = (), nproc: int = 1) -> li
     ]
 
 
+def rank_env(rank: int, world_size: int, port: int) -> dict[str, str]:
+    """The variables torchrun would set for one rank of a one-host group at 127.0.0.1:`port`."""
+    return {
+        "RANK": str(rank),
+        "WORLD_SIZE": str(world_size),
+        "LOCAL_RANK": str(rank),
+        "LOCAL_WORLD_SIZE": str(world_size),
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+    }
+
+
 def train_env() -> dict:
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", WANDB_MODE="disabled")
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
