@@ -130,7 +130,7 @@ class QualitySettings:
     pretrain_minutes: float = 4.5
     finetune_minutes: float = 3.0
     eval_minutes: float = 1.0
-    probe_steps: int = 3
+    probe_steps: int = 12  # steps run before max_steps is sized (<= the warmups): compiling settles in them
 
     @classmethod
     def tiny(cls) -> QualitySettings:
@@ -810,6 +810,13 @@ def main(argv: list[str] | None = None) -> int:
         help="an ablation arm: the stages again with these settings changed (files under <out>/arms/NAME; the "
         "corpus and, unless a pretraining setting changes, the base are shared); writes ablation.md",
     )
+    p.add_argument(
+        "--only",
+        default=None,
+        metavar="NAME",
+        help="run the stages for one of the runs only (an arm's NAME, or 'headline'): several processes, one "
+        "per run, can then share a GPU; the last eval without --only writes ablation.md",
+    )
     p.add_argument("--force", action="store_true", help="redo the chosen stages even when they are done")
     args = p.parse_args(argv)
 
@@ -844,6 +851,12 @@ def main(argv: list[str] | None = None) -> int:
             p.error(str(e))
     if len({run.arm for run in runs}) < len(runs):
         p.error("two --arm options have the same name")
+    selected = runs
+    if args.only is not None:
+        selected = [run for run in runs if (run.arm or "headline") == args.only]
+        if not selected:
+            names = ", ".join(run.arm or "headline" for run in runs)
+            p.error(f"--only {args.only}: no such run (runs: {names})")
     import torch
 
     if not args.smoke and not torch.cuda.is_available():
@@ -856,7 +869,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.stage == "data":
                 stage_data(settings)
             continue
-        for run in runs:
+        for run in selected:
             if stage == "pretrain" and (run.finetune_from == "scratch" or (run.arm and not run.own_base)):
                 continue  # no base, or the headline run's
             if stage in ("pretrain", "finetune"):
@@ -865,7 +878,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"eval: done already ({run.arm_root / 'results.json'}); --force to redo", flush=True)
             else:
                 summarize(run, stage_eval(run, run.eval_minutes), command)
-        if stage == "eval" and len(runs) > 1:
+        if stage == "eval" and len(runs) > 1 and args.only is None:
             write_ablation(runs)
     return 0
 

@@ -6,8 +6,9 @@ So the run is sized from the trainer's own step time:
 
 1. probe: `run(cfg)` for `probe_steps` steps (all inside the warmup, where the schedule does not depend on
    max_steps), checkpointed, not exported;
-2. read the step time (median of the probe's steps after the first) from metrics.jsonl, and the set-up
-   cost (probe wall time minus its steps);
+2. read the step time from metrics.jsonl (the median of the probe's second half: its first steps compile,
+   and with random segment lengths recompile for new shapes) and the set-up cost (the rest of the probe's
+   wall time, compilation included: the resume builds and compiles again);
 3. resume with max_steps = what fits in the rest of the budget after one more set-up and the export.
 
 Safety net: a timer sends this process SIGUSR1 at the deadline; the trainer then checkpoints after its
@@ -80,8 +81,7 @@ def run_within(
         raise RuntimeError(
             f"{out / 'metrics.jsonl'} has {len(times)} step records after a {probe_steps}-step probe"
         )
-    step_s = statistics.median(times[1:probe_steps])
-    setup_s = max(0.0, probed - sum(times[:probe_steps]))
+    step_s, setup_s = probe_costs(times[:probe_steps], probed)
     left = deadline - time.monotonic() - setup_s  # the resume costs about what the probe's set-up did
     planned = probe_steps + max(0, math.floor(left / step_s))
     log(
@@ -108,6 +108,16 @@ def run_within(
         signal.signal(signal.SIGUSR1, previous)
         _release_memory()
     return WallclockRun(out, steps, planned, step_s, setup_s, time.monotonic() - started, stopped)
+
+
+def probe_costs(times: list[float], probe_seconds: float) -> tuple[float, float]:
+    """(seconds per step, set-up seconds) of a probe from its step times and wall time.
+
+    The steady step time is the median of the second half of the steps, so compiling and recompiling early
+    does not shrink the plan; whatever the probe spent beyond that many steady steps counts as set-up.
+    """
+    step_s = statistics.median(times[len(times) // 2 :])
+    return step_s, max(0.0, probe_seconds - step_s * len(times))
 
 
 def step_times(metrics_path: Path) -> list[float]:

@@ -12,7 +12,7 @@ import pytest
 from acomp.config import config_from_dict
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-from wallclock import checkpoint_step, run_within, step_times  # noqa: E402
+from wallclock import checkpoint_step, probe_costs, run_within, step_times  # noqa: E402
 
 
 def test_step_times_take_the_last_record_of_each_step(tmp_path):
@@ -37,3 +37,13 @@ def test_checkpoint_step_and_argument_checks(tmp_path):
         run_within(cfg, 60, probe_steps=3)
     with pytest.raises(ValueError, match="exactly one of seconds and deadline"):
         run_within(cfg, 60, deadline=1.0, probe_steps=2)
+
+
+def test_the_probe_plans_from_its_steady_steps_and_counts_compiling_as_set_up():
+    # steps 1-3 compile and recompile (random segment lengths): they must not set the step time
+    times = [30.0, 6.0, 5.0, 0.5, 0.6, 0.5, 0.5, 0.6, 0.5, 0.5]
+    step_s, setup_s = probe_costs(times, probe_seconds=60.0)
+    assert step_s == 0.5
+    assert setup_s == pytest.approx(60.0 - 10 * 0.5)  # engine build + the compile excess
+    assert probe_costs([4.0, 1.0], probe_seconds=3.0) == (1.0, 1.0)
+    assert probe_costs([1.0, 1.0], probe_seconds=1.5)[1] == 0.0
