@@ -226,12 +226,14 @@ def say(line: str) -> None:
 
 
 def set_collective_timeout(seconds: int) -> None:
-    """From here on a collective that waits longer than `seconds` for another rank fails (a hung rank)."""
+    """From here on a collective that waits longer than `seconds` for another rank fails (a hung rank).
+
+    torch before 2.12 cannot change a live group's timeout: there the set-up timeout stays in force."""
     import datetime
 
     import torch.distributed as tdist
 
-    if tdist.is_initialized():
+    if tdist.is_initialized() and hasattr(tdist, "set_timeout"):
         tdist.set_timeout(datetime.timedelta(seconds=seconds))
 
 
