@@ -228,7 +228,7 @@ def say(line: str) -> None:
 def set_collective_timeout(seconds: int) -> None:
     """From here on a collective that waits longer than `seconds` for another rank fails (a hung rank).
 
-    torch before 2.12 cannot change a live group's timeout: there the set-up timeout stays in force."""
+    A torch without distributed.set_timeout (the GPU image's 2.11) keeps the set-up timeout instead."""
     import datetime
 
     import torch.distributed as tdist
