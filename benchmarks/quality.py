@@ -769,6 +769,41 @@ def evaluated_already(settings: QualitySettings) -> bool:
     return results.is_file() and trained.is_file() and results.stat().st_mtime > trained.stat().st_mtime
 
 
+def run_parallel(runs: list[QualitySettings], stage: str, argv: list[str]) -> None:
+    """`stage` for every run at once, one process each (`--only NAME`) sharing the device, so arms get the same
+    wall-clock budget side by side; each process writes <run dir>/<stage>.log."""
+    import subprocess
+
+    command = [sys.executable, str(Path(__file__).resolve()), *(a for a in argv if a != "--parallel")]
+    # This process's own one-rank group (from pretraining) set these; each child makes its own, on a free port.
+    group = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    env = {key: value for key, value in os.environ.items() if key not in group}
+    procs = []
+    for run in runs:
+        name = run.arm or "headline"
+        run.arm_root.mkdir(parents=True, exist_ok=True)
+        log = run.arm_root / f"{stage}.log"
+        with open(log, "w") as f:
+            child = subprocess.Popen(
+                [*command, "--stage", stage, "--only", name], env=env, stdout=f, stderr=subprocess.STDOUT
+            )
+        procs.append((name, log, child))
+    print(
+        f"{stage}: {len(procs)} runs at once; logs: {', '.join(str(log) for _, log, _ in procs)}", flush=True
+    )
+    failed = []
+    for name, log, child in procs:
+        if child.wait() != 0:
+            failed.append(f"{name} (exit {child.returncode}, see {log})")
+            continue
+        lines = [
+            line for line in log.read_text().splitlines() if line.startswith(f"{stage}:") or "wrote" in line
+        ]
+        print(f"{name}: {lines[-1] if lines else 'done'}", flush=True)
+    if failed:
+        raise SystemExit(f"{stage} failed for {', '.join(failed)}")
+
+
 # ----------------------------------------------------------------------------------------------- CLI
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -822,6 +857,12 @@ def main(argv: list[str] | None = None) -> int:
         help="run the stages for one of the runs only (an arm's NAME, or 'headline'): several processes, one "
         "per run, can then share a GPU; the last eval without --only writes ablation.md",
     )
+    p.add_argument(
+        "--parallel",
+        action="store_true",
+        help="fine-tune and evaluate the headline run and its arms at the same time, one process each on the "
+        "same GPU (logs: <run dir>/<stage>.log); pretraining stays sequential",
+    )
     p.add_argument("--force", action="store_true", help="redo the chosen stages even when they are done")
     args = p.parse_args(argv)
 
@@ -856,6 +897,8 @@ def main(argv: list[str] | None = None) -> int:
             p.error(str(e))
     if len({run.arm for run in runs}) < len(runs):
         p.error("two --arm options have the same name")
+    if args.parallel and args.only is not None:
+        p.error("--parallel runs every run, one process each; --only picks one: give one of them")
     selected = runs
     if args.only is not None:
         selected = [run for run in runs if (run.arm or "headline") == args.only]
@@ -874,7 +917,12 @@ def main(argv: list[str] | None = None) -> int:
             if args.stage == "data":
                 stage_data(settings)
             continue
-        for run in selected:
+        parallel = args.parallel and stage in ("finetune", "eval") and len(selected) > 1
+        if parallel:
+            if not (settings.stage_dir("corpus") / "manifest.json").is_file():
+                stage_data(settings)  # once, before the processes that read it
+            run_parallel(selected, stage, argv if argv is not None else sys.argv[1:])
+        for run in () if parallel else selected:
             if stage == "pretrain" and (run.finetune_from == "scratch" or (run.arm and not run.own_base)):
                 continue  # no base, or the headline run's
             if stage in ("pretrain", "finetune"):

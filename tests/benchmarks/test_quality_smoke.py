@@ -90,3 +90,21 @@ def test_settings_changes_and_arms_are_checked():
         default.changed({"vocab": "8000"}, arm="c")
     with pytest.raises(ValueError, match="finetune_from must be base or scratch"):
         default.changed({"finetune_from": "lm"})
+
+
+def test_parallel_arms_train_and_evaluate_side_by_side(tmp_path):
+    """--parallel: one process per run for fine-tuning and evaluation (the corpus and base built once, before
+    them); each run's log is kept, and the ablation table covers every run."""
+    out = tmp_path / "quality"
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, str(REPO / "benchmarks" / "quality.py"), "--smoke", "--out", str(out), "--parallel"]
+    cmd += ["--arm", "k2:summary_length=2"]
+    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
+    assert "finetune: 2 runs at once" in proc.stdout and "eval: 2 runs at once" in proc.stdout
+    for root in (out, out / "arms" / "k2"):
+        assert "exported HF weights" in (root / "finetune.log").read_text()
+        assert (root / "results.json").is_file() and (root / "eval.log").is_file()
+    assert not (out / "arms" / "k2" / "pretrain").exists()  # the headline's base, shared
+    table = json.loads((out / "ablation.json").read_text())
+    assert [(r["arm"], r["vectors_per_segment"]) for r in table] == [("default", 4.0), ("k2", 2.0)]
