@@ -35,6 +35,8 @@ the arms vary the summary length or the mode. Done stages are skipped, so arms c
         --arm k25:summary_length=25 --arm from-scratch:finetune_from=scratch,finetune_minutes=7.5
     VAR="compression.compression_mode=variable,compression.compression_max_len=50"
     python benchmarks/quality.py --stage all --arm "var-0.1:$VAR,compression.compression_lambda=0.1"
+
+`--parallel` fine-tunes and evaluates the runs side by side, one process each on the same GPU.
 """
 
 from __future__ import annotations
