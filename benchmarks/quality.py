@@ -776,10 +776,11 @@ def run_parallel(runs: list[QualitySettings], stage: str, argv: list[str]) -> No
     wall-clock budget side by side; each process writes <run dir>/<stage>.log."""
     import subprocess
 
+    from acomp.train.distributed import RANK_VARIABLES
+
     command = [sys.executable, str(Path(__file__).resolve()), *(a for a in argv if a != "--parallel")]
-    # This process's own one-rank group (from pretraining) set these; each child makes its own, on a free port.
-    group = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-    env = {key: value for key, value in os.environ.items() if key not in group}
+    # This process's own one-rank group (from pretraining) set them; each child makes its own, on a free port.
+    env = {key: value for key, value in os.environ.items() if key not in RANK_VARIABLES}
     procs = []
     for run in runs:
         name = run.arm or "headline"

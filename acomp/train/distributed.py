@@ -14,6 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
+# What a launcher sets for each rank; a process that spawns its own trainers must not pass its own on.
+RANK_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
 
 @dataclass
 class Dist:

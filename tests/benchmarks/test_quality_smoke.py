@@ -97,7 +97,14 @@ def test_parallel_arms_train_and_evaluate_side_by_side(tmp_path):
     them); each run's log is kept, and the ablation table covers every run."""
     out = tmp_path / "quality"
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, str(REPO / "benchmarks" / "quality.py"), "--smoke", "--out", str(out), "--parallel"]
+    cmd = [
+        sys.executable,
+        str(REPO / "benchmarks" / "quality.py"),
+        "--smoke",
+        "--out",
+        str(out),
+        "--parallel",
+    ]
     cmd += ["--arm", "k2:summary_length=2"]
     proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from acomp.train.distributed import free_port
+from acomp.train.distributed import RANK_VARIABLES, free_port
 
 REPO = Path(__file__).resolve().parents[2]
 _built: dict[str, Path] = {}
@@ -117,9 +117,7 @@ def rank_env(rank: int, world_size: int, port: int) -> dict[str, str]:
 
 def train_env() -> dict:
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", WANDB_MODE="disabled")
-    for key in rank_env(
-        0, 1, 0
-    ):  # a rank's variables from the caller's environment would mislead the launcher
+    for key in RANK_VARIABLES:  # a rank's variables from the caller's environment would mislead the launcher
         env.pop(key, None)
     return env
 
