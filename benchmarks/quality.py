@@ -186,6 +186,11 @@ class QualitySettings:
         return path if path.is_absolute() else REPO / path
 
     @property
+    def name(self) -> str:
+        """What --only calls this run: the arm's name, or `headline`."""
+        return self.arm or "headline"
+
+    @property
     def arm_root(self) -> Path:
         return self.root / "arms" / self.arm if self.arm else self.root
 
@@ -783,7 +788,7 @@ def run_parallel(runs: list[QualitySettings], stage: str, argv: list[str]) -> No
     env = {key: value for key, value in os.environ.items() if key not in RANK_VARIABLES}
     procs = []
     for run in runs:
-        name = run.arm or "headline"
+        name = run.name
         run.arm_root.mkdir(parents=True, exist_ok=True)
         log = run.arm_root / f"{stage}.log"
         with open(log, "w") as f:
@@ -904,9 +909,9 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--parallel runs every run, one process each; --only picks one: give one of them")
     selected = runs
     if args.only is not None:
-        selected = [run for run in runs if (run.arm or "headline") == args.only]
+        selected = [run for run in runs if run.name == args.only]
         if not selected:
-            names = ", ".join(run.arm or "headline" for run in runs)
+            names = ", ".join(run.name for run in runs)
             p.error(f"--only {args.only}: no such run (runs: {names})")
     import torch
 
