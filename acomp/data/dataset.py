@@ -53,6 +53,7 @@ _close_probed_shared_memory()
 # hash: every shard's hash up front as well (local corpora; reads the whole corpus before the first step).
 VERIFY_LEVELS = ("none", "size", "hash")
 HASH_CHUNK = 1 << 22
+SHM_PREFIX_ATTEMPTS = 5  # CorpusDataset._init_streaming
 
 
 class CorruptShardError(RuntimeError):
@@ -206,7 +207,7 @@ class CorpusDataset(StreamingDataset):
         if remote is None:
             verify_shards(local / split, verify)
 
-        super().__init__(
+        self._init_streaming(
             remote=remote,
             local=str(local),
             split=split,
@@ -235,6 +236,27 @@ class CorpusDataset(StreamingDataset):
             set(range(len(self.shards))) if verify == "hash" and remote is None else set()
         )
         self._check_columns(local / split)
+
+    def _init_streaming(self, **kwargs) -> None:
+        """StreamingDataset.__init__, again if another process on this host took our shared-memory prefix.
+
+        streaming (0.13) picks the lowest free prefix, then creates its segment: two jobs starting at the same
+        moment (arms run side by side, two single-GPU jobs on one node) can pick the same one, and the second
+        create fails with FileExistsError. A one-process group scans again; the ranks of a larger one must
+        agree on their prefix, so there the error stands."""
+        import random
+        import time
+
+        import torch.distributed as tdist
+
+        alone = not (tdist.is_available() and tdist.is_initialized()) or tdist.get_world_size() == 1
+        for attempt in range(SHM_PREFIX_ATTEMPTS):
+            try:
+                return super().__init__(**kwargs)
+            except FileExistsError:
+                if not alone or attempt == SHM_PREFIX_ATTEMPTS - 1:
+                    raise
+                time.sleep(random.uniform(0.05, 0.5))
 
     def _check_columns(self, split_dir: Path) -> None:
         index = _read_index(split_dir)

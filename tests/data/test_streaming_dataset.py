@@ -302,3 +302,27 @@ def test_many_datasets_in_one_process_keep_file_descriptors_bounded(corpus, monk
         del dataset
         gc.collect()
     assert open_fds() - start < 30 * 20  # streaming keeps ~12 per dataset it created until exit: linear
+
+
+def test_a_prefix_taken_by_another_job_between_scan_and_create_is_scanned_again(corpus, monkeypatch):
+    """Two jobs started at once can both find prefix P free; the one that creates second must take another
+    (before the fix: FileExistsError out of the dataset, as a parallel quality arm hit it)."""
+    from streaming.base.shared import prefix
+
+    real_scan = prefix._check_and_find_retrying
+    other_job = []
+
+    def scan_then_lose_the_race(*args, **kwargs):
+        found = real_scan(*args, **kwargs)
+        if not other_job:  # the other job registers the same prefix right after our scan
+            name = prefix._get_path(found, prefix.LOCALS)
+            other_job.append((found, prefix.SharedMemory(name, True, 64)))
+        return found
+
+    monkeypatch.setattr(prefix, "_check_and_find_retrying", scan_then_lose_the_race)
+    ds = CorpusDataset(corpus, "val", shuffle=False, batch_size=1)
+    ((taken, segment),) = other_job
+    assert ds._shm_prefix_int != taken
+    assert ds[0]["input_ids"].shape == (BLOCK,)
+    del ds
+    segment.cleanup()
