@@ -57,6 +57,7 @@ if str(REPO) not in sys.path:
 
 STAGES = ("data", "pretrain", "finetune", "eval")
 PAPER_SEGMENTS = 3  # the paper's headline: 150 vectors = 3 compressed segments of 50
+PROFILE_COLUMNS = ("length_loss_spearman", "kv_bytes_per_sample", "decode_ms_per_token")  # ablation.md's last
 # Settings that decide the corpus (shared by every arm: the same held-out targets) and the pretrained base
 # (an arm that changes one of these pretrains its own base).
 CORPUS_FIELDS = (
@@ -65,7 +66,7 @@ CORPUS_FIELDS = (
 )  # fmt: skip
 PRETRAIN_FIELDS = (
     *CORPUS_FIELDS, "window", "arch", "precision", "pretrain_lr", "pretrain_warmup", "pretrain_batch",
-    "pretrain_micro", "pretrain_minutes", "probe_steps",
+    "pretrain_micro", "pretrain_minutes", "pretrain_steps", "probe_steps",
 )  # fmt: skip
 
 
@@ -134,6 +135,10 @@ class QualitySettings:
     finetune_minutes: float = 3.0
     eval_minutes: float = 1.0
     probe_steps: int = 12  # steps run before max_steps is sized (<= the warmups): compiling settles in them
+    # Fixed step counts instead of sizing from the budget (which then only stops a late run): arms that share
+    # a GPU (--parallel) train on the same tokens however their speeds differ (e.g. fixed vs variable length).
+    pretrain_steps: int | None = None
+    finetune_steps: int | None = None
 
     @classmethod
     def tiny(cls) -> QualitySettings:
@@ -407,6 +412,7 @@ def stage_train(settings: QualitySettings, stage: str, minutes: float, force: bo
         cfg,
         deadline=deadline,
         probe_steps=settings.probe_steps,
+        steps=getattr(settings, f"{stage}_steps"),
         log=lambda m: print(f"{stage}: {m}", flush=True),
     )
     tokens = _tokens_seen(out / "metrics.jsonl")
@@ -446,6 +452,7 @@ def stage_eval(settings: QualitySettings, minutes: float) -> dict:
     """The protocol on held-out blocks for the AutoCompressor and for its base (an arm that shares the
     headline run's base skips it: those rows are the headline's); writes the reports."""
     import torch
+    from summary_profile import profile
 
     from acomp import AutoCompressorModel
     from acomp.eval import CorpusBlocks, ProtocolConfig, evaluate, report
@@ -479,11 +486,30 @@ def stage_eval(settings: QualitySettings, minutes: float) -> dict:
                 f"eval: {name} stopped at the deadline after {result.blocks} of {result.blocks_selected} blocks"
             )
         results[name] = result
+        if name == "autocompressor":
+            profiled = profile(model, blocks, profile_config(settings), device)
         del model
     ac = results["autocompressor"]
     report.plot(ac, settings.arm_root / "ppl_vs_context.png", title="AutoCompressor (quality benchmark)")
     print(report.markdown(ac, title="AutoCompressor, all conditions"), flush=True)
-    return {"results": results, "seconds": time.monotonic() - started, "device": _device_name(device)}
+    return {
+        "results": results,
+        "profile": profiled,
+        "seconds": time.monotonic() - started,
+        "device": _device_name(device),
+    }
+
+
+def profile_config(settings: QualitySettings):
+    """The summary profile of the eval stage: the paper's 3 compressed segments before the scored one."""
+    from summary_profile import ProfileConfig
+
+    return ProfileConfig(
+        segment=settings.segment_length,
+        segments=PAPER_SEGMENTS,
+        max_blocks=min(64, settings.eval_blocks),
+        batch=settings.eval_batch,
+    )
 
 
 # ------------------------------------------------------------------------------------------- summary
@@ -542,7 +568,7 @@ def headline(ac, base, summary_length: int) -> dict:
     }
 
 
-def markdown_snippet(settings: QualitySettings, info: dict, head: dict, ac, base) -> str:
+def markdown_snippet(settings: QualitySettings, info: dict, head: dict, ac, base, prof: dict) -> str:
     from acomp.eval import report
 
     nc = ac.overall["no_context"]
@@ -594,9 +620,23 @@ def markdown_snippet(settings: QualitySettings, info: dict, head: dict, ac, base
         "(log-perplexity; the headline) and on perplexity, all from the AutoCompressor's own weights. The base "
         "rows are the pretrained model before fine-tuning, for reference.",
         "",
+        profile_line(prof),
+        "",
         report.markdown(ac, title="All conditions, per domain"),
     ]
     return "\n".join(lines)
+
+
+def profile_line(prof: dict) -> str:
+    corr = prof["length_loss_spearman"]
+    return (
+        f"Summary profile ({prof['blocks']} blocks x {prof['segments']} segments of {prof['segment']} tokens): "
+        f"{prof['mean_vectors_per_segment']:.1f} vectors kept per segment; rank correlation of vectors kept with the "
+        f"segment's no-context loss: {'- (fixed length)' if corr is None else f'{corr:.2f}'}; greedy decoding of "
+        f"{prof['new_tokens']} tokens behind them, batch {prof['decode_batch']}: {prof['decode_ms_per_token']:.2f} "
+        f"ms/token, KV cache {prof['kv_bytes_per_sample'] / 2**20:.2f} MiB per sample "
+        f"({prof['cache_summary_slots']} summary slots + {prof['prompt_tokens']} prompt + {prof['new_tokens']} new tokens)."
+    )
 
 
 def summarize(settings: QualitySettings, evaluated: dict, command: str) -> dict:
@@ -634,6 +674,7 @@ def summarize(settings: QualitySettings, evaluated: dict, command: str) -> dict:
         "headline": head,
         "autocompressor": report.to_dict(ac),
         "base": None if base is None else report.to_dict(base),
+        "summary_profile": evaluated["profile"],
         "eval_seconds": evaluated["seconds"],
     }
     for stage in ("pretrain", "finetune"):
@@ -641,7 +682,7 @@ def summarize(settings: QualitySettings, evaluated: dict, command: str) -> dict:
             info[stage].pop("config", None)
     out = settings.arm_root
     (out / "results.json").write_text(json.dumps(report.finite_json(data), indent=2) + "\n")
-    snippet = markdown_snippet(settings, info, head, ac, base)
+    snippet = markdown_snippet(settings, info, head, ac, base, evaluated["profile"])
     (out / "results.md").write_text(snippet)
     print(snippet, flush=True)
     print(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'ppl_vs_context.png'}")
@@ -685,6 +726,7 @@ def arm_row(settings: QualitySettings) -> dict:
     first, last = summaries[0], summaries[-1]
     paper = next((r for r in summaries if r["segments"] == PAPER_SEGMENTS), last)
     fine = data["info"]["finetune"]
+    prof = data.get("summary_profile") or {}  # absent from results.json written before the profile existed
     return {
         "arm": settings.arm or "default",
         "changes": settings.changes,
@@ -700,6 +742,7 @@ def arm_row(settings: QualitySettings) -> dict:
         "gap_one_segment": first.get("gap_closed_loss"),
         "gap_all_segments": last.get("gap_closed_loss"),
         "gap_paper_segments": paper.get("gap_closed_loss"),
+        **{key: prof.get(key) for key in PROFILE_COLUMNS},
     }
 
 
@@ -709,23 +752,29 @@ def write_ablation(runs: list[QualitySettings]) -> None:
     table = [arm_row(s) for s in runs if (s.arm_root / "results.json").is_file()]
     root = runs[0].root
     (root / "ablation.json").write_text(json.dumps(table, indent=2) + "\n")
-    pct = lambda x: "-" if x is None else f"{x:.1%}"  # noqa: E731
-    ppl = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
     k = table[0]["segments"] if table else 0
     lines = [
         f"| arm | changes | fine-tune steps (tokens) | vectors / segment | ppl: no context | ppl: 1 segment | "
         f"ppl: {k} segments | ppl: full attention | gap closed: 1 segment | gap closed: {PAPER_SEGMENTS} segments | "
-        f"gap closed: {k} segments |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"gap closed: {k} segments | corr(kept, loss) | KV MiB / sample | decode ms / token |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in table:
         changes = ", ".join(f"{key}={value}" for key, value in r["changes"].items()) or "(defaults)"
+        kv = r["kv_bytes_per_sample"]
+        cells = [
+            *(_num(r[key], ".3f") for key in ("ppl_no_context", "ppl_one_segment", "ppl_all_segments")),
+            _num(r["ppl_full_attention"], ".3f"),
+            *(_num(r[key], ".1%") for key in ("gap_one_segment", "gap_paper_segments", "gap_all_segments")),
+            _num(r["length_loss_spearman"], ".2f"),
+            _num(None if kv is None else kv / 2**20, ".2f"),
+            _num(r["decode_ms_per_token"], ".2f"),
+        ]
         lines.append(
             f"| {r['arm']} | {changes} | {r['finetune_steps']} ({r['finetune_tokens'] / 1e6:.1f}M) | "
             f"{r['vectors_per_segment']:.1f}{' (variable)' if r['mode'] == 'variable' else ''} | "
-            f"{ppl(r['ppl_no_context'])} | {ppl(r['ppl_one_segment'])} | {ppl(r['ppl_all_segments'])} | "
-            f"{ppl(r['ppl_full_attention'])} | {pct(r['gap_one_segment'])} | {pct(r['gap_paper_segments'])} | "
-            f"{pct(r['gap_all_segments'])} |"
+            + " | ".join(cells)
+            + " |"
         )
     (root / "ablation.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines), flush=True)
@@ -733,6 +782,10 @@ def write_ablation(runs: list[QualitySettings]) -> None:
     if len(lengths) > 1:
         plot_frontier(table, root / "frontier.png")
     print(f"wrote {root / 'ablation.md'}, {root / 'ablation.json'}", flush=True)
+
+
+def _num(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
 
 
 def plot_frontier(table: list[dict], path: Path) -> None:

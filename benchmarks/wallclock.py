@@ -51,12 +51,15 @@ def run_within(
     *,
     deadline: float | None = None,
     probe_steps: int = 3,
+    steps: int | None = None,
     log=print,
 ) -> WallclockRun:
     """Train `cfg` for about `seconds` of wall time (set-up and export included), or until `deadline`
     (a time.monotonic() value); returns what it did.
 
     `cfg.train.max_steps` is ignored (sized here); `cfg.optim.warmup_steps` must be >= `probe_steps`.
+    `steps` fixes max_steps instead (no probe; the deadline still stops the run): runs that share a device
+    then train on the same tokens whatever their speed.
     """
     if (seconds is None) == (deadline is None):
         raise ValueError("give exactly one of seconds and deadline")
@@ -69,25 +72,22 @@ def run_within(
             f"optim.warmup_steps={cfg.optim.warmup_steps} must be >= probe_steps={probe_steps}: the probe's "
             "learning rates must not depend on max_steps, which is only known after it"
         )
+    if steps is not None and steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
     started = time.monotonic()
     deadline = started + seconds if deadline is None else deadline
     out = Path(cfg.train.output_dir)
-    probe = _with_train(cfg, max_steps=probe_steps, export_final=False, checkpoint_every=0, eval_every=0)
-    run(probe)
-    _release_memory()
-    probed = time.monotonic() - started
-    times = step_times(out / "metrics.jsonl")
-    if len(times) < probe_steps:
-        raise RuntimeError(
-            f"{out / 'metrics.jsonl'} has {len(times)} step records after a {probe_steps}-step probe"
+    if steps is None:
+        step_s, setup_s = _probe(cfg, out, probe_steps, started, run)
+        left = deadline - time.monotonic() - setup_s  # the resume costs about what the probe's set-up did
+        planned = probe_steps + max(0, math.floor(left / step_s))
+        log(
+            f"budget: {step_s:.3f} s/step, set-up {setup_s:.1f} s, {left:.0f} s left -> max_steps={planned} "
+            f"(probe {probe_steps})"
         )
-    step_s, setup_s = probe_costs(times[:probe_steps], probed)
-    left = deadline - time.monotonic() - setup_s  # the resume costs about what the probe's set-up did
-    planned = probe_steps + max(0, math.floor(left / step_s))
-    log(
-        f"budget: {step_s:.3f} s/step, set-up {setup_s:.1f} s, {left:.0f} s left -> max_steps={planned} "
-        f"(probe {probe_steps})"
-    )
+    else:
+        planned, setup_s = steps, 0.0
+        log(f"budget: max_steps={planned} as given, {deadline - time.monotonic():.0f} s to the deadline")
     timer = threading.Timer(max(0.0, deadline - time.monotonic() - setup_s / 2), _interrupt)
     previous = signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # a late timer must not kill us outside run()
     stopped = False
@@ -95,19 +95,34 @@ def run_within(
         timer.start()
         try:
             run(_with_train(cfg, max_steps=planned))
-            steps = planned
+            done = planned
         except Preempted as e:
             timer.cancel()
             stopped = True
-            steps = checkpoint_step(e.checkpoint)
-            log(f"budget: deadline reached at step {steps} of {planned}; exporting that checkpoint")
+            done = checkpoint_step(e.checkpoint)
+            log(f"budget: deadline reached at step {done} of {planned}; exporting that checkpoint")
             _release_memory()
-            run(_with_train(cfg, max_steps=steps))
+            run(_with_train(cfg, max_steps=done))
     finally:
         timer.cancel()
         signal.signal(signal.SIGUSR1, previous)
         _release_memory()
-    return WallclockRun(out, steps, planned, step_s, setup_s, time.monotonic() - started, stopped)
+    if steps is not None:  # no probe: the run's own steady step time, and the rest as set-up
+        step_s, setup_s = probe_costs(step_times(out / "metrics.jsonl"), time.monotonic() - started)
+    return WallclockRun(out, done, planned, step_s, setup_s, time.monotonic() - started, stopped)
+
+
+def _probe(cfg: RunConfig, out: Path, probe_steps: int, started: float, run) -> tuple[float, float]:
+    """Run the first `probe_steps` steps (checkpointed, not exported); their (seconds per step, set-up)."""
+    run(_with_train(cfg, max_steps=probe_steps, export_final=False, checkpoint_every=0, eval_every=0))
+    _release_memory()
+    probed = time.monotonic() - started
+    times = step_times(out / "metrics.jsonl")
+    if len(times) < probe_steps:
+        raise RuntimeError(
+            f"{out / 'metrics.jsonl'} has {len(times)} step records after a {probe_steps}-step probe"
+        )
+    return probe_costs(times[:probe_steps], probed)
 
 
 def probe_costs(times: list[float], probe_seconds: float) -> tuple[float, float]:

@@ -49,6 +49,13 @@ def test_quality_smoke_runs_every_stage(tmp_path):
     assert data["info"]["model_config"]["summary_length"] == 4
     assert (out / "ppl_vs_context.png").read_bytes()[:4] == b"\x89PNG"
     assert "| 8 summary vectors | 128 |" in (out / "results.md").read_text()
+    profile = data["summary_profile"]  # the 3 segments before the scored one, fixed length: no correlation
+    assert (profile["segments"], profile["mean_vectors_per_segment"], profile["cache_summary_slots"]) == (
+        3,
+        4.0,
+        12,
+    )
+    assert profile["length_loss_spearman"] is None and len(profile["pairs"]) == 3 * profile["blocks"]
 
     # The arm: its own fine-tuning from the shared base (no second corpus or pretraining), its own report.
     assert sorted(p.name for p in (out / "arms" / "var").iterdir()) == [
@@ -66,6 +73,7 @@ def test_quality_smoke_runs_every_stage(tmp_path):
     assert [(r["arm"], r["mode"]) for r in table] == [("default", "fixed"), ("var", "variable")]
     assert table[0]["ppl_all_segments"] == rows["summary_3"]["ppl"]
     assert table[1]["ppl_all_segments"] == arm_rows["summary_variable_3"]["ppl"]
+    assert table[1]["kv_bytes_per_sample"] == arm["summary_profile"]["kv_bytes_per_sample"]
     assert "| var | compression.compression_mode=variable" in (out / "ablation.md").read_text()
     assert (out / "frontier.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -79,8 +87,10 @@ def test_settings_changes_and_arms_are_checked():
     assert default.arch["hidden_size"] == 768  # a copy
     assert arm.own_base  # the width changes the base: the arm pretrains its own
     assert arm.stage_dir("pretrain") == default.root / "arms" / "a" / "pretrain"
-    same_base = default.changed({"finetune_minutes": "2"}, arm="b")
+    same_base = default.changed({"finetune_minutes": "2", "finetune_steps": "40"}, arm="b")
     assert not same_base.own_base and same_base.stage_dir("pretrain") == default.stage_dir("pretrain")
+    assert (same_base.finetune_steps, default.finetune_steps) == (40, None)
+    assert default.changed({"pretrain_steps": "500"}, arm="c").own_base  # a longer base is another base
     assert same_base.stage_dir("corpus") == default.stage_dir("corpus")
     with pytest.raises(ValueError, match="unknown setting 'finetune_rate'"):
         default.changed({"finetune_rate": "1e-3"})

@@ -47,3 +47,34 @@ def test_the_probe_plans_from_its_steady_steps_and_counts_compiling_as_set_up():
     assert setup_s == pytest.approx(60.0 - 10 * 0.5)  # engine build + the compile excess
     assert probe_costs([4.0, 1.0], probe_seconds=3.0) == (1.0, 1.0)
     assert probe_costs([1.0, 1.0], probe_seconds=1.5)[1] == 0.0
+
+
+def test_fixed_steps_skip_the_probe_and_report_the_runs_own_step_time(tmp_path, monkeypatch):
+    import acomp.train
+
+    calls = []
+
+    def fake_run(cfg):  # the trainer: one metrics record per step, the first one compiling
+        calls.append(cfg.train.max_steps)
+        with open(tmp_path / "metrics.jsonl", "a") as f:
+            for step in range(1, cfg.train.max_steps + 1):
+                f.write(json.dumps({"step": step, "step_time_s": 5.0 if step == 1 else 0.25}) + "\n")
+
+    monkeypatch.setattr(acomp.train, "run", fake_run)
+    cfg = config_from_dict(
+        {
+            "model": {"arch": {"hidden_size": 32}},
+            "optim": {"warmup_steps": 3},
+            "train": {"output_dir": str(tmp_path)},
+        }
+    )
+    done = run_within(cfg, 600, probe_steps=3, steps=7, log=lambda m: None)
+    assert calls == [7]  # no probe: every run of a set trains the same steps, however fast it is
+    assert (done.steps, done.planned_steps, done.step_seconds, done.stopped_at_deadline) == (
+        7,
+        7,
+        0.25,
+        False,
+    )
+    with pytest.raises(ValueError, match="steps must be >= 1, got 0"):
+        run_within(cfg, 600, probe_steps=3, steps=0)

@@ -1,0 +1,147 @@
+"""What a trained AutoCompressor's summaries follow and cost: for compressed held-out segments, how many
+vectors each kept against how hard its text was; and the KV-cache bytes and decode time of generating behind
+the kept vectors (compacted: absent slots dropped).
+
+For a variable-length model the question is whether learned lengths follow content: a segment the model
+predicts badly without context (high no-context loss) carries more information, so it should keep more
+vectors. A fixed-length model keeps the same number everywhere (no correlation to report), which makes it the
+reference for the cost side. benchmarks/quality.py's eval stage runs this on the trained AutoCompressor and
+stores it as `summary_profile` in results.json (and ablation.md's last columns).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+
+@dataclass
+class ProfileConfig:
+    segment: int = 1024  # tokens per compressed segment (the eval protocol's S)
+    segments: int = 3  # compressed segments per block (3 x 50 = the paper's 150 vectors)
+    max_blocks: int = 64  # held-out blocks profiled, spread over the split
+    batch: int = 8  # blocks per forward, and the decode batch
+    prompt_tokens: int = 32  # decode: the prompt after the summaries (the block's final tokens' start)
+    new_tokens: int = 128  # decode: greedy tokens generated, timed after one warm-up call
+
+
+def kv_bytes_per_token(model) -> int:
+    """Bytes one cached position costs: K and V of every layer in the model's dtype."""
+    c = model.config
+    heads = c.num_attention_heads
+    kv_heads = getattr(c, "num_key_value_heads", None) or heads
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
+    element = next(model.parameters()).element_size()
+    return 2 * c.num_hidden_layers * kv_heads * head_dim * element
+
+
+def ranks(values: list[float]) -> list[float]:
+    """Average ranks (ties share the mean of their positions), as Spearman's correlation needs."""
+    order = sorted(range(len(values)), key=values.__getitem__)
+    out = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            out[order[k]] = (i + j) / 2
+        i = j + 1
+    return out
+
+
+def pearson(xs: list[float], ys: list[float]) -> float | None:
+    """Pearson's r; None when either side is constant (a fixed-length model's lengths)."""
+    n = len(xs)
+    mx, my = sum(xs) / n, sum(ys) / n
+    sxy = sum((x - mx) * (y - my) for x, y in zip(xs, ys))
+    sxx = sum((x - mx) ** 2 for x in xs)
+    syy = sum((y - my) ** 2 for y in ys)
+    return None if sxx == 0 or syy == 0 else sxy / math.sqrt(sxx * syy)
+
+
+def spearman(xs: list[float], ys: list[float]) -> float | None:
+    return pearson(ranks(xs), ranks(ys))
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def profile(model, blocks, cfg: ProfileConfig, device: torch.device | str | None = None) -> dict:
+    """Profile `model` on `blocks` (CorpusBlocks or a sequence of token tensors / {"input_ids": ...} dicts),
+    each at least `segments x segment + prompt_tokens` tokens long: the last such span of each block is read
+    as `segments` compressed segments followed by the prompt (so with the eval protocol's sizes, the segments
+    just before its scored segment)."""
+    from acomp.eval.protocol import select_blocks
+
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    span = cfg.segments * cfg.segment
+    chosen = select_blocks(len(blocks), cfg.max_blocks)
+    was_training = model.training
+    model.eval()
+    lengths: list[float] = []
+    losses: list[float] = []
+    decode = {}
+    try:
+        for start in range(0, len(chosen), cfg.batch):
+            rows = []
+            for i in chosen[start : start + cfg.batch]:
+                item = blocks[i]
+                ids = torch.as_tensor(item["input_ids"] if isinstance(item, dict) else item)
+                rows.append(ids[-(span + cfg.prompt_tokens) :])
+            ids = torch.stack(rows).to(device)
+            if ids.shape[1] < span + cfg.prompt_tokens:
+                raise ValueError(
+                    f"blocks of {ids.shape[1]} tokens are shorter than {cfg.segments} x {cfg.segment} + "
+                    f"{cfg.prompt_tokens} prompt tokens"
+                )
+            context, prompt = ids[:, :span], ids[:, span : span + cfg.prompt_tokens]
+            memory = model.compress_context(context, segment_lengths=[cfg.segment] * cfg.segments)
+            if memory.summary_lengths is not None:
+                kept = memory.summary_lengths.float()  # [B, segments]
+            else:
+                kept = torch.full((ids.shape[0], cfg.segments), memory.softprompt.shape[1] / cfg.segments)
+            for j in range(cfg.segments):
+                text = context[:, j * cfg.segment : (j + 1) * cfg.segment]
+                out = model(text, labels=text, return_logits=False)
+                nll = out.segment_nll.sum(dim=1) / out.segment_tokens.sum(dim=1)  # no-context loss per block
+                losses += nll.double().tolist()
+                lengths += kept[:, j].double().tolist()
+            if not decode:
+                decode = _decode(model, prompt, memory.summary.compact(), cfg, device)
+    finally:
+        model.train(was_training)
+    return {
+        **asdict(cfg),
+        "blocks": len(chosen),
+        "mean_vectors_per_segment": sum(lengths) / len(lengths),
+        "length_loss_pearson": pearson(lengths, losses),
+        "length_loss_spearman": spearman(lengths, losses),
+        **decode,
+        "pairs": [[length, loss] for length, loss in zip(lengths, losses)],  # (vectors kept, no-context loss)
+    }
+
+
+def _decode(model, prompt: torch.Tensor, summary, cfg: ProfileConfig, device: torch.device) -> dict:
+    """Greedy decode behind the compacted summaries: its time per token (after a warm-up call) and the KV
+    cache it holds at the end (the summaries' slots, padded to the batch's longest, + prompt + new tokens)."""
+    gen = {"max_new_tokens": cfg.new_tokens, "eos_token_id": []}  # exactly new_tokens: equal work per model
+    model.generate(prompt, softprompt=summary, **gen)
+    _sync(device)
+    t = time.perf_counter()
+    model.generate(prompt, softprompt=summary, **gen)
+    _sync(device)
+    seconds = time.perf_counter() - t
+    cached = summary.length + cfg.prompt_tokens + cfg.new_tokens
+    return {
+        "decode_batch": prompt.shape[0],
+        "decode_ms_per_token": 1000 * seconds / cfg.new_tokens,
+        "cache_summary_slots": summary.length,
+        "kv_bytes_per_sample": kv_bytes_per_token(model) * cached,
+    }
