@@ -36,6 +36,7 @@ import gc
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -135,6 +136,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="environment for the run")
     p.add_argument("--corpus-dir", default=None, help="where the random-token corpora are built (reused)")
     p.add_argument("--budget-s", type=float, default=0, help="start no new row after this many seconds")
+    p.add_argument(
+        "--profile-steps",
+        type=int,
+        default=0,
+        help="after the timed steps, N more under torch.profiler: the top ops by device (CPU: host) time go to "
+        "<out>.<row>.profile.txt (not in the timings)",
+    )
     p.add_argument("--smoke", action="store_true", help="tiny CPU run (DS_ACCELERATOR=cpu)")
     p.add_argument("--out", default=".bench/train_throughput.json")
     args = p.parse_args(argv)
@@ -228,7 +236,7 @@ def row_config(name: str, args, boundaries: str, extra: list[str], corpora: Path
     cfg.data.build_if_missing = {}
     t.output_dir = str(corpora / "unused-output")
     t.eval_every = 0
-    t.max_steps = max(t.max_steps, args.steps)
+    t.max_steps = max(t.max_steps, args.steps + args.profile_steps)
     cfg.logging.progress = False
     return cfg
 
@@ -260,6 +268,9 @@ def run_row(cfg, args, dist) -> dict:
                 torch.cuda.synchronize(dist.device)
             records.append(step_record(trainer, step + 1, outputs, lr, time.perf_counter() - t0))
         peak = torch.cuda.max_memory_allocated(dist.device) / 2**30 if cuda else None
+        profiled = (
+            profile_steps(trainer, args.steps, args.profile_steps, cuda) if args.profile_steps else None
+        )
     finally:
         release(trainer)
     first = records[: args.first_steps]
@@ -276,7 +287,26 @@ def run_row(cfg, args, dist) -> dict:
         "step_times_s": [round(r["step_time_s"], 4) for r in records],
         "loss": records[-1]["loss"],
         "tokens_per_step": records[-1]["tokens"],
+        "profile": profiled,
     }
+
+
+def profile_steps(trainer, first: int, steps: int, cuda: bool) -> str:
+    """`steps` more training steps under torch.profiler; the table of the ops that took the most device
+    time (host time on CPU), where a row's time goes."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from acomp.train.loop import train_step
+
+    activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
+    with profile(activities=activities) as prof:
+        for step in range(first, first + steps):
+            train_step(trainer, step)
+        if cuda:
+            torch.cuda.synchronize()
+    sort = "self_device_time_total" if cuda else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=sort, row_limit=30, max_name_column_width=60)
 
 
 def _mean_mfu(records: list[dict]) -> float | None:
@@ -402,6 +432,12 @@ def main(argv=None) -> int:
             oom = "out of memory" in str(e).lower()
             result["status"] = "OOM" if oom else f"error: {type(e).__name__}: {str(e)[:400]}"
         result["wall_s"] = time.perf_counter() - t0
+        table = result.pop("profile", None)
+        if table and dist.is_main:
+            path = out.with_name(f"{out.stem}.{re.sub(r'[^A-Za-z0-9.-]+', '_', row['name'])}.profile.txt")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(table)
+            result["profile_file"] = str(path)
         results.append(result)
         add_ratios(results)
         if dist.is_main:

@@ -21,7 +21,15 @@ def test_train_throughput_smoke(tmp_path):
     out = tmp_path / "smoke.json"
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"}
     env.pop("RANK", None)
-    command = [sys.executable, "benchmarks/train_throughput.py", "--smoke", "--out", str(out)]
+    command = [
+        sys.executable,
+        "benchmarks/train_throughput.py",
+        "--smoke",
+        "--out",
+        str(out),
+        "--profile-steps",
+        "1",
+    ]
     proc = subprocess.run(
         [*command, "--corpus-dir", str(tmp_path / "corpora")],
         cwd=REPO,
@@ -45,7 +53,9 @@ def test_train_throughput_smoke(tmp_path):
         assert r["status"] == "ok", (r["name"], r["status"])
         assert r["tokens_per_s"] > 0 and r["first_tokens_per_s"] > 0 and r["loss"] > 0
         assert r["tokens_per_step"] == 2 * 512  # global batch 2 x 512-token blocks
-        assert len(r["step_times_s"]) == 3
+        assert len(r["step_times_s"]) == 3  # the profiled step comes after, untimed
+        assert "Self CPU" in Path(r["profile_file"]).read_text()  # the profiler's table, one file per row
+    assert rows[1]["profile_file"] == str(tmp_path / "smoke.tiny_fixed.profile.txt")
     settings = {r["name"]: r["settings"] for r in rows}
     assert settings["tiny random"]["compression"]["randomize_segments"] is True
     assert settings["tiny fixed"]["compression"]["segment_lengths"] == [128, 128]  # 2 x 2 segments of a block
