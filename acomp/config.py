@@ -165,7 +165,7 @@ RENAMED_KEYS = {
 def choices() -> dict[str, tuple[str, ...]]:
     """The allowed values of every key that takes one of a few names, read from where each list lives."""
     from acomp.data.dataset import VERIFY_LEVELS
-    from acomp.modeling.attention import ATTN_IMPLEMENTATIONS
+    from acomp.modeling.attention import ATTN_IMPLEMENTATIONS, PRESENCE_ATTENTION
     from acomp.modeling.config import COMPRESSION_MODES, SDPA_BACKENDS, SUMMARY_INITS
     from acomp.modeling.models import MODEL_CLASSES
     from acomp.train.optim import SCHEDULES
@@ -174,6 +174,7 @@ def choices() -> dict[str, tuple[str, ...]]:
         "model.family": tuple(MODEL_CLASSES),
         "model.attn_implementation": ATTN_IMPLEMENTATIONS,
         "model.sdpa_backend": SDPA_BACKENDS,
+        "model.presence_attention": PRESENCE_ATTENTION,
         "model.init_summary": ("auto", "always", "never"),
         "compression.compression_mode": COMPRESSION_MODES,
         "compression.summary_init": SUMMARY_INITS,
@@ -396,6 +397,11 @@ def validate(cfg: RunConfig) -> None:
         ("data.num_workers", cfg.data.num_workers),
         ("model.loss_chunk_size", cfg.model.loss_chunk_size),
     )
+    if cfg.model.presence_attention == "folded" and cfg.model.attn_implementation != "sdpa":
+        raise ConfigError(
+            "config key 'model.presence_attention' folded needs model.attn_implementation sdpa, got "
+            f"{cfg.model.attn_implementation!r}"
+        )
     if not 0 <= t.preempt_exit_code <= 255:
         raise ConfigError(
             f"config key 'train.preempt_exit_code' must be in [0, 255], got {t.preempt_exit_code}"

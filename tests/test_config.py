@@ -56,6 +56,10 @@ def test_overrides_parse_and_apply(tmp_path):
         ("compression.segment_lengths=[128,x]", r"'compression.segment_lengths\[1\]' must be an integer"),
         ("train.precision=fp16", r"'train.precision' must be one of auto, bf16, fp32; got 'fp16'"),
         ("logging.wandb=cloud", r"'logging.wandb' must be one of"),
+        (
+            "model.presence_attention=fused",
+            r"'model.presence_attention' must be one of mask, folded; got 'fused'",
+        ),
         ("train.max_steps=0", r"'train.max_steps' must be > 0"),
         ("optim.lr=0", r"'optim.lr' must be > 0"),
         (
@@ -69,6 +73,14 @@ def test_overrides_parse_and_apply(tmp_path):
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(REPO / "configs" / "tiny.yaml", [override])
+
+
+def test_folded_presence_attention_needs_sdpa():
+    overrides = ["model.presence_attention=folded", "model.attn_implementation=eager"]
+    with pytest.raises(
+        ConfigError, match="'model.presence_attention' folded needs model.attn_implementation sdpa"
+    ):
+        load_config(REPO / "configs" / "tiny.yaml", overrides)
 
 
 def test_defaults_need_a_model():

@@ -99,7 +99,61 @@ def settle_torch_sdpa_priority(device: torch.device) -> None:
 
 
 GROUPED_DECODE = "acomp_grouped_decode"
+FOLDED_KEY_BIAS = "acomp_folded_key_bias"
+PRESENCE_ATTENTION = ("mask", "folded")  # how a variable-length softprompt's presence bias reaches attention
+_FOLD_WIDTH = 8  # extra head dimensions of the folded bias (one used; fused kernels want multiples of 8)
+_FOLD_FLOOR = -1.0e4  # exp() of it is 0 in fp32, and a row whose keys are all absent stays finite
 _REGISTERED: set[str] = set()
+
+
+def folded_key_bias_attention(
+    module, query, key, value, attention_mask, dropout=0.0, scaling=None, key_bias=None, **kwargs
+):
+    """Causal SDPA with an additive bias per key, `key_bias` [B, L] (0 = present, very negative = absent):
+    the bias rides in one extra head dimension, q' = [q, 1/scale], k' = [k, bias], so that
+    scale * q'.k' = scale * q.k + bias and the causal flash / cudnn kernels run it, where a 4D float mask
+    would need a kernel that reads (and in backward writes) a [B, heads, L, L] bias. Its gradient arrives
+    through dK'. The caller passes no mask with `key_bias`, so `attention_mask` is the decoder's own causal
+    one (OPT builds it, Llama passes None) and is_causal stands for it. Without `key_bias`, transformers' SDPA
+    attention."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if key_bias is None:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    batch, heads, length, dim = query.shape
+    kv_heads = key.shape[1]
+    scale = dim**-0.5 if scaling is None else scaling
+    pad = (0, _FOLD_WIDTH - 1)
+    unit = query.new_full((batch, heads, length, 1), 1.0 / scale)
+    q = torch.nn.functional.pad(torch.cat([query, unit], dim=-1), pad)
+    bias = key_bias.clamp(min=_FOLD_FLOOR).to(key.dtype)[:, None, :, None].expand(batch, kv_heads, length, 1)
+    k = torch.nn.functional.pad(torch.cat([key, bias], dim=-1), pad)
+    v = torch.nn.functional.pad(value, (0, _FOLD_WIDTH))
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, dropout_p=dropout, is_causal=True, scale=scale, enable_gqa=kv_heads != heads
+    )
+    return out[..., :dim].transpose(1, 2).contiguous(), None
+
+
+@contextlib.contextmanager
+def folded_key_bias(config):
+    """Within the block, a model that uses transformers' SDPA attention runs `folded_key_bias_attention`."""
+    if config._attn_implementation != "sdpa":
+        raise ValueError(
+            f"presence_attention='folded' needs attn_implementation 'sdpa', not {config._attn_implementation!r}"
+        )
+    if FOLDED_KEY_BIAS not in _REGISTERED:  # once per process
+        from transformers import AttentionInterface
+
+        AttentionInterface.register(FOLDED_KEY_BIAS, folded_key_bias_attention)
+        _REGISTERED.add(FOLDED_KEY_BIAS)
+    config._attn_implementation = FOLDED_KEY_BIAS
+    try:
+        yield
+    finally:
+        config._attn_implementation = "sdpa"
 
 
 def grouped_decode_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):

@@ -21,11 +21,11 @@ from torch.utils.checkpoint import checkpoint
 from transformers import AutoConfig
 from transformers.utils import ModelOutput
 
-from .attention import resolve_attn_implementation, sdpa_context
+from .attention import folded_key_bias, resolve_attn_implementation, sdpa_context
 from .config import apply_compression_fields, init_std
 from .generation import generate
 from .positions import PositionRule
-from .softprompt import Softprompt, as_softprompt, attention_bias
+from .softprompt import Softprompt, as_softprompt, attention_bias, key_bias
 from .variable import (
     hard_lengths,
     hard_presence_bias,
@@ -113,6 +113,14 @@ class AutoCompressorMixin:
         if self.variable_length and config._attn_implementation == "flash_attention_2":
             raise ValueError(
                 "compression_mode='variable' needs an additive attention bias: use 'sdpa' or 'eager'"
+            )
+        if (
+            self.variable_length
+            and config.presence_attention == "folded"
+            and config._attn_implementation != "sdpa"
+        ):
+            raise ValueError(
+                f"presence_attention='folded' needs attn_implementation 'sdpa', not {config._attn_implementation!r}"
             )
         width = self.get_input_embeddings().embedding_dim
         self.embed_summary = nn.Embedding(self.num_summary_slots, width)
@@ -353,14 +361,19 @@ class AutoCompressorMixin:
         parts = [p for p in (softprompt.vectors, text_embeds, tail_embeds) if p is not None]
         embeds = torch.cat(parts, dim=1)
         positions = self.position_rule.segment(softprompt.span, text_mask, num_tail, softprompt.positions)
+        folded = softprompt.bias is not None and self.config.presence_attention == "folded"
+        extra = {}
         if softprompt.bias is None:
             ones = text_mask.new_ones
             mask = torch.cat([ones(batch, soft_len), text_mask, ones(batch, num_tail)], dim=1)
+        elif folded:  # the same bias on the keys, through the causal kernels (attention.py)
+            mask, extra = None, {"key_bias": key_bias(softprompt.bias, text_mask, num_tail, torch.float32)}
         else:
             mask = attention_bias(softprompt.bias, text_mask, num_tail, embeds.dtype)
-        with sdpa_context(self.config.sdpa_backend, embeds.device):
+        attention = folded_key_bias(self.config) if folded else contextlib.nullcontext()
+        with sdpa_context(self.config.sdpa_backend, embeds.device), attention:
             hidden = self.get_decoder()(
-                inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False
+                inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False, **extra
             ).last_hidden_state
         text_hidden = hidden[:, soft_len : soft_len + n]
         summary = stop_prob = stop_logits = None

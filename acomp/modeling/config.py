@@ -12,7 +12,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from .attention import SDPA_BACKENDS
+from .attention import PRESENCE_ATTENTION, SDPA_BACKENDS
 
 COMPRESSION_MODES = ("fixed", "variable")
 SUMMARY_INITS = ("eos", "normal")
@@ -46,6 +46,9 @@ class KernelFields:
     # The loss runs the LM head + cross-entropy over at most this many tokens at a time (each chunk
     # checkpointed), so [tokens, vocab] logits are never kept for backward; 0 = all tokens at once.
     loss_chunk_size: int = 4096
+    # Variable-length mode, SDPA: how the softprompt's presence bias reaches attention. mask = a 4D additive
+    # mask (SDPA's efficient / math kernels) | folded = one extra key dimension, so causal flash / cudnn run it.
+    presence_attention: str = "mask"
 
 
 COMPRESSION_DEFAULTS: dict[str, Any] = {
@@ -94,6 +97,10 @@ def validate_compression_fields(config) -> None:
         raise ValueError(f"summary_init must be one of {SUMMARY_INITS}, got {config.summary_init!r}")
     if config.sdpa_backend not in SDPA_BACKENDS:
         raise ValueError(f"sdpa_backend must be one of {SDPA_BACKENDS}, got {config.sdpa_backend!r}")
+    if config.presence_attention not in PRESENCE_ATTENTION:
+        raise ValueError(
+            f"presence_attention must be one of {PRESENCE_ATTENTION}, got {config.presence_attention!r}"
+        )
     c = config.loss_chunk_size
     if not isinstance(c, int) or isinstance(c, bool) or c < 0:
         raise ValueError(f"loss_chunk_size must be an integer >= 0 (0 = no chunking), got {c!r}")

@@ -154,14 +154,11 @@ def key_bias(softprompt_bias, text_mask, num_tail: int, dtype) -> torch.Tensor:
 
 
 def attention_bias(softprompt_bias, text_mask, num_tail: int, dtype) -> torch.Tensor:
-    """4D additive mask [B, 1, L, L] for [softprompt ; text ; tail]: causal, and `key_bias` on the keys.
-    Each query always sees itself, so no row is empty."""
-    batch = text_mask.shape[0]
+    """4D additive mask [B, 1, L, L] for [softprompt ; text ; tail]: causal, and `key_bias` on the keys, for
+    every query, a key's own included (so `presence_attention: folded`, which can only bias keys, computes
+    the same). A query whose keys are all absent keeps a finite row (the absent bias is finite)."""
     absent = absent_bias(dtype)
     keys = key_bias(softprompt_bias, text_mask, num_tail, dtype)
     length = keys.shape[1]
     causal = torch.ones(length, length, dtype=torch.bool, device=text_mask.device).tril()
-    bias = torch.where(causal, keys[:, None, None, :], absent)
-    return bias.diagonal_scatter(
-        torch.zeros(batch, 1, length, dtype=dtype, device=bias.device), dim1=2, dim2=3
-    )
+    return torch.where(causal, keys[:, None, None, :], absent)

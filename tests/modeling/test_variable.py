@@ -11,6 +11,7 @@ from acomp import Softprompt
 from acomp.modeling.variable import soft_presence
 
 MAX_LEN = 4
+PRESENCE = ("mask", "folded")
 
 
 def variable_model(family="llama", seed=0, **fields):
@@ -285,3 +286,39 @@ def test_a_fixed_mode_summary_is_left_as_it_is():
     assert out.summary.bias is None and out.softprompt_bias is None
     assert out.summary.compact() is out.summary
     assert torch.equal(out.summary.vectors, model.compress(random_ids(2, 12), segment_lengths=[6, 6]))
+
+
+@pytest.mark.parametrize("family", ["llama", "opt", "qwen2"])
+def test_folded_presence_attention_equals_the_mask_with_gradients(family):
+    """`presence_attention: folded` (the presence bias as an extra key dimension, causal kernels) computes what
+    the 4D mask does: logits, lengths, loss with its penalty, and every gradient, under soft stopping and
+    left padding."""
+    models = [
+        variable_model(family, presence_attention=kind, compression_lambda=0.5).train() for kind in PRESENCE
+    ]
+    row = torch.randn(models[0].config.hidden_size, generator=torch.Generator().manual_seed(3))
+    for model in models:  # the same <eoc> row in both, one that stops the loop softly after 1-3 vectors
+        with torch.no_grad():
+            model.get_output_embeddings().weight[model.config.eoc_token_id] = row
+    ids = random_ids(2, 18)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # the first sample is left-padded
+    outs = [m(ids, attention_mask=mask, labels=ids, segment_lengths=[6, 6, 6]) for m in models]
+    lengths = outs[0].summary_lengths
+    assert ((lengths > 1.2) & (lengths < MAX_LEN - 0.2)).any()  # soft presence, not all 1s or all slots
+    for out in outs:
+        out.loss.backward()
+    mask_out, folded_out = outs
+    torch.testing.assert_close(folded_out.logits, mask_out.logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(folded_out.summary_lengths, mask_out.summary_lengths)
+    torch.testing.assert_close(folded_out.loss, mask_out.loss)
+    for (name, p), q in zip(models[0].named_parameters(), models[1].parameters()):
+        assert p.grad is not None, name
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_folded_presence_attention_needs_sdpa():
+    config = tiny_config("llama", compression_mode="variable", presence_attention="folded")
+    config._attn_implementation = "eager"
+    with pytest.raises(ValueError, match="presence_attention='folded' needs attn_implementation 'sdpa'"):
+        MODEL_CLASS["llama"](config)
