@@ -139,11 +139,7 @@ def folded_key_bias_attention(
 
 @contextlib.contextmanager
 def folded_key_bias(config):
-    """Within the block, a model that uses transformers' SDPA attention runs `folded_key_bias_attention`."""
-    if config._attn_implementation != "sdpa":
-        raise ValueError(
-            f"presence_attention='folded' needs attn_implementation 'sdpa', not {config._attn_implementation!r}"
-        )
+    """Within the block the model runs `folded_key_bias_attention` (SDPA models only: the model checks that)."""
     if FOLDED_KEY_BIAS not in _REGISTERED:  # once per process
         from transformers import AttentionInterface
 
