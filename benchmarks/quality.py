@@ -632,7 +632,7 @@ def profile_line(prof: dict) -> str:
     return (
         f"Summary profile ({prof['blocks']} blocks x {prof['segments']} segments of {prof['segment']} tokens): "
         f"{prof['mean_vectors_per_segment']:.1f} vectors kept per segment; rank correlation of vectors kept with the "
-        f"segment's no-context loss: {'- (fixed length)' if corr is None else f'{corr:.2f}'}; greedy decoding of "
+        f"segment's no-context loss: {'- (the same number everywhere)' if corr is None else f'{corr:.2f}'}; greedy decoding of "
         f"{prof['new_tokens']} tokens behind them, batch {prof['decode_batch']}: {prof['decode_ms_per_token']:.2f} "
         f"ms/token, KV cache {prof['kv_bytes_per_sample'] / 2**20:.2f} MiB per sample "
         f"({prof['cache_summary_slots']} summary slots + {prof['prompt_tokens']} prompt + {prof['new_tokens']} new tokens)."
