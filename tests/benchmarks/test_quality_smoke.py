@@ -104,7 +104,8 @@ def test_settings_changes_and_arms_are_checked():
 
 def test_parallel_arms_train_and_evaluate_side_by_side(tmp_path):
     """--parallel: one process per run for fine-tuning and evaluation (the corpus and base built once, before
-    them); each run's log is kept, and the ablation table covers every run."""
+    them); each run's log is kept, and the ablation table covers every run. With finetune_steps every run
+    trains those steps, however the two processes share the CPU."""
     out = tmp_path / "quality"
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(REPO)}
     cmd = [
@@ -115,8 +116,8 @@ def test_parallel_arms_train_and_evaluate_side_by_side(tmp_path):
         str(out),
         "--parallel",
     ]
-    cmd += ["--arm", "k2:summary_length=2"]
-    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    cmd += ["--arm", "k2:summary_length=2", "--set", "finetune_steps=4", "--finetune-minutes", "4"]
+    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
     assert "finetune: 2 runs at once" in proc.stdout and "eval: 2 runs at once" in proc.stdout
     for root in (out, out / "arms" / "k2"):
@@ -124,4 +125,7 @@ def test_parallel_arms_train_and_evaluate_side_by_side(tmp_path):
         assert (root / "results.json").is_file() and (root / "eval.log").is_file()
     assert not (out / "arms" / "k2" / "pretrain").exists()  # the headline's base, shared
     table = json.loads((out / "ablation.json").read_text())
-    assert [(r["arm"], r["vectors_per_segment"]) for r in table] == [("default", 4.0), ("k2", 2.0)]
+    assert [(r["arm"], r["vectors_per_segment"], r["finetune_steps"]) for r in table] == [
+        ("default", 4.0, 4),
+        ("k2", 2.0, 4),
+    ]
