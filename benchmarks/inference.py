@@ -25,6 +25,7 @@ import sys
 import time
 
 import torch
+from summary_profile import kv_bytes_per_token
 from transformers import LlamaConfig
 
 from acomp import LlamaAutoCompressorModel
@@ -103,9 +104,7 @@ def first_difference(a: torch.Tensor, b: torch.Tensor) -> int:
 
 
 def kv_bytes(model, batch: int, tokens: int) -> int:
-    c = model.config
-    head_dim = c.hidden_size // c.num_attention_heads
-    return 2 * c.num_hidden_layers * batch * tokens * c.num_key_value_heads * head_dim * 2  # K and V, bf16
+    return kv_bytes_per_token(model) * batch * tokens
 
 
 @torch.no_grad()

@@ -11,7 +11,7 @@ stores it as `summary_profile` in results.json (and ablation.md's last columns).
 
 from __future__ import annotations
 
-import math
+import statistics
 import time
 from dataclasses import asdict, dataclass
 
@@ -55,12 +55,9 @@ def ranks(values: list[float]) -> list[float]:
 
 def pearson(xs: list[float], ys: list[float]) -> float | None:
     """Pearson's r; None when either side is constant (a fixed-length model's lengths)."""
-    n = len(xs)
-    mx, my = sum(xs) / n, sum(ys) / n
-    sxy = sum((x - mx) * (y - my) for x, y in zip(xs, ys))
-    sxx = sum((x - mx) ** 2 for x in xs)
-    syy = sum((y - my) ** 2 for y in ys)
-    return None if sxx == 0 or syy == 0 else sxy / math.sqrt(sxx * syy)
+    if len(set(xs)) < 2 or len(set(ys)) < 2:
+        return None
+    return statistics.correlation(xs, ys)
 
 
 def spearman(xs: list[float], ys: list[float]) -> float | None:
@@ -78,7 +75,7 @@ def profile(model, blocks, cfg: ProfileConfig, device: torch.device | str | None
     each at least `segments x segment + prompt_tokens` tokens long: the last such span of each block is read
     as `segments` compressed segments followed by the prompt (so with the eval protocol's sizes, the segments
     just before its scored segment)."""
-    from acomp.eval.protocol import select_blocks
+    from acomp.eval.protocol import _item, select_blocks
 
     device = torch.device(device) if device is not None else next(model.parameters()).device
     span = cfg.segments * cfg.segment
@@ -90,11 +87,9 @@ def profile(model, blocks, cfg: ProfileConfig, device: torch.device | str | None
     decode = {}
     try:
         for start in range(0, len(chosen), cfg.batch):
-            rows = []
-            for i in chosen[start : start + cfg.batch]:
-                item = blocks[i]
-                ids = torch.as_tensor(item["input_ids"] if isinstance(item, dict) else item)
-                rows.append(ids[-(span + cfg.prompt_tokens) :])
+            rows = [
+                _item(blocks, i)[0][-(span + cfg.prompt_tokens) :] for i in chosen[start : start + cfg.batch]
+            ]
             ids = torch.stack(rows).to(device)
             if ids.shape[1] < span + cfg.prompt_tokens:
                 raise ValueError(
