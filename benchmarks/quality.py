@@ -46,6 +46,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -415,7 +416,7 @@ def stage_train(settings: QualitySettings, stage: str, minutes: float, force: bo
         steps=getattr(settings, f"{stage}_steps"),
         log=lambda m: print(f"{stage}: {m}", flush=True),
     )
-    tokens = _tokens_seen(out / "metrics.jsonl")
+    tokens, median_rate = _throughput(out / "metrics.jsonl")
     info = {
         "stage": stage,
         "minutes_budget": minutes,
@@ -427,6 +428,7 @@ def stage_train(settings: QualitySettings, stage: str, minutes: float, force: bo
         "stopped_at_deadline": result.stopped_at_deadline,
         "tokens": tokens,
         "tokens_per_s": tokens / (result.steps * result.step_seconds) if result.steps else None,
+        "median_tokens_per_s": median_rate,  # the trainer's per-step figure, over every step
         "config": asdict(cfg),
     }
     done.write_text(json.dumps(info, indent=2) + "\n")
@@ -438,14 +440,19 @@ def stage_train(settings: QualitySettings, stage: str, minutes: float, force: bo
     return info
 
 
-def _tokens_seen(metrics: Path) -> int:
-    last = 0
+def _throughput(metrics: Path) -> tuple[int, float | None]:
+    """(tokens seen, median of the per-step tokens_per_s) of a trainer's metrics.jsonl (the last record of a
+    step wins: a resumed run logs the steps after its checkpoint again)."""
+    last, rates = 0, {}
     for line in metrics.read_text().splitlines():
         try:
-            last = max(last, int(json.loads(line).get("tokens_seen", 0)))
+            record = json.loads(line)
+            last = max(last, int(record.get("tokens_seen", 0)))
+            if "step" in record and "tokens_per_s" in record:
+                rates[int(record["step"])] = float(record["tokens_per_s"])
         except (json.JSONDecodeError, TypeError, ValueError):
             continue
-    return last
+    return last, statistics.median(rates.values()) if rates else None
 
 
 def stage_eval(settings: QualitySettings, minutes: float) -> dict:

@@ -46,6 +46,7 @@ def test_quality_smoke_runs_every_stage(tmp_path):
     for stage in ("pretrain", "finetune"):
         info = json.loads((out / stage / "stage.json").read_text())
         assert info["steps"] >= 2 and (out / stage / "final" / "model.safetensors").is_file()
+        assert info["median_tokens_per_s"] > 0  # the trainer's per-step tokens/s, over every step
     assert data["info"]["model_config"]["summary_length"] == 4
     assert (out / "ppl_vs_context.png").read_bytes()[:4] == b"\x89PNG"
     assert "| 8 summary vectors | 128 |" in (out / "results.md").read_text()
