@@ -58,7 +58,7 @@ def test_overrides_parse_and_apply(tmp_path):
         ("logging.wandb=cloud", r"'logging.wandb' must be one of"),
         (
             "model.presence_attention=fused",
-            r"'model.presence_attention' must be one of mask, folded; got 'fused'",
+            r"'model.presence_attention' must be one of auto, mask, folded; got 'fused'",
         ),
         ("train.max_steps=0", r"'train.max_steps' must be > 0"),
         ("optim.lr=0", r"'optim.lr' must be > 0"),

@@ -100,7 +100,7 @@ def settle_torch_sdpa_priority(device: torch.device) -> None:
 
 GROUPED_DECODE = "acomp_grouped_decode"
 FOLDED_KEY_BIAS = "acomp_folded_key_bias"
-PRESENCE_ATTENTION = ("mask", "folded")  # how a variable-length softprompt's presence bias reaches attention
+PRESENCE_ATTENTION = ("auto", "mask", "folded")  # how a variable-length softprompt's presence bias reaches attention
 _FOLD_WIDTH = 8  # extra head dimensions of the folded bias (one used; fused kernels want multiples of 8)
 _FOLD_FLOOR = -1.0e4  # exp() of it is 0 in fp32, and a row whose keys are all absent stays finite
 _REGISTERED: set[str] = set()
@@ -135,6 +135,13 @@ def folded_key_bias_attention(
         q, k, v, dropout_p=dropout, is_causal=True, scale=scale, enable_gqa=kv_heads != heads
     )
     return out[..., :dim].transpose(1, 2).contiguous(), None
+
+
+def folds_presence(config) -> bool:
+    """Whether the presence bias rides folded into the keys: `folded`, or `auto` on an SDPA model (the causal
+    flash / cudnn kernels beat the 4D mask's kernel; eager attention takes the mask)."""
+    choice = config.presence_attention
+    return choice == "folded" or (choice == "auto" and config._attn_implementation == "sdpa")
 
 
 @contextlib.contextmanager

@@ -21,7 +21,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers import AutoConfig
 from transformers.utils import ModelOutput
 
-from .attention import folded_key_bias, resolve_attn_implementation, sdpa_context
+from .attention import folded_key_bias, folds_presence, resolve_attn_implementation, sdpa_context
 from .config import apply_compression_fields, init_std
 from .generation import generate
 from .positions import PositionRule
@@ -361,7 +361,7 @@ class AutoCompressorMixin:
         parts = [p for p in (softprompt.vectors, text_embeds, tail_embeds) if p is not None]
         embeds = torch.cat(parts, dim=1)
         positions = self.position_rule.segment(softprompt.span, text_mask, num_tail, softprompt.positions)
-        folded = softprompt.bias is not None and self.config.presence_attention == "folded"
+        folded = softprompt.bias is not None and folds_presence(self.config)
         extra = {}
         if softprompt.bias is None:
             ones = text_mask.new_ones

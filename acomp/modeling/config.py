@@ -46,9 +46,10 @@ class KernelFields:
     # The loss runs the LM head + cross-entropy over at most this many tokens at a time (each chunk
     # checkpointed), so [tokens, vocab] logits are never kept for backward; 0 = all tokens at once.
     loss_chunk_size: int = 4096
-    # Variable-length mode, SDPA: how the softprompt's presence bias reaches attention. mask = a 4D additive
-    # mask (SDPA's efficient / math kernels) | folded = one extra key dimension, so causal flash / cudnn run it.
-    presence_attention: str = "mask"
+    # Variable-length mode: how the softprompt's presence bias reaches attention. mask = a 4D additive mask
+    # (SDPA's efficient / math kernels, or eager) | folded = one extra key dimension, so causal flash / cudnn
+    # run it (SDPA only) | auto = folded under SDPA, else mask.
+    presence_attention: str = "auto"
 
 
 COMPRESSION_DEFAULTS: dict[str, Any] = {

@@ -8,6 +8,7 @@ from tiny_models import MODEL_CLASS, VOCAB, random_ids, tiny_config, tiny_model
 
 import acomp.modeling.compressor as compressor
 from acomp import Softprompt
+from acomp.modeling.attention import folds_presence
 from acomp.modeling.variable import soft_presence
 
 MAX_LEN = 4
@@ -315,6 +316,16 @@ def test_folded_presence_attention_equals_the_mask_with_gradients(family):
     for (name, p), q in zip(models[0].named_parameters(), models[1].parameters()):
         assert p.grad is not None, name
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_auto_presence_attention_folds_under_sdpa_and_masks_under_eager():
+    model = variable_model()
+    assert model.config.presence_attention == "auto" and model.config._attn_implementation == "sdpa"
+    assert folds_presence(model.config)
+    config = tiny_config("llama", compression_mode="variable")
+    config._attn_implementation = "eager"
+    model = MODEL_CLASS["llama"](config)  # no error: auto takes the 4D mask where SDPA is not used
+    assert not folds_presence(model.config)
 
 
 def test_folded_presence_attention_needs_sdpa():
