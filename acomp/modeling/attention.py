@@ -100,7 +100,8 @@ def settle_torch_sdpa_priority(device: torch.device) -> None:
 
 GROUPED_DECODE = "acomp_grouped_decode"
 FOLDED_KEY_BIAS = "acomp_folded_key_bias"
-PRESENCE_ATTENTION = ("auto", "mask", "folded")  # how a variable-length softprompt's presence bias reaches attention
+# How a variable-length softprompt's presence bias reaches attention (folds_presence).
+PRESENCE_ATTENTION = ("auto", "mask", "folded")
 _FOLD_WIDTH = 8  # extra head dimensions of the folded bias (one used; fused kernels want multiples of 8)
 _FOLD_FLOOR = -1.0e4  # exp() of it is 0 in fp32, and a row whose keys are all absent stays finite
 _REGISTERED: set[str] = set()
