@@ -455,10 +455,18 @@ def _throughput(metrics: Path) -> tuple[int, float | None]:
     return last, statistics.median(rates.values()) if rates else None
 
 
-def stage_eval(settings: QualitySettings, minutes: float) -> dict:
-    """The protocol on held-out blocks for the AutoCompressor and for its base (an arm that shares the
-    headline run's base skips it: those rows are the headline's); writes the reports."""
+def eval_device(settings: QualitySettings):
+    """The device and dtype models are evaluated in: the GPU in bf16, or the CPU (smoke) in fp32."""
     import torch
+
+    device = torch.device("cuda" if torch.cuda.is_available() and not settings.smoke else "cpu")
+    return device, torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def stage_eval(settings: QualitySettings, minutes: float, time_decode: bool = True) -> dict:
+    """The protocol on held-out blocks for the AutoCompressor and for its base (an arm that shares the
+    headline run's base skips it: those rows are the headline's), then its summary profile (the decode
+    untimed on a shared device: `time_decode_alone`)."""
     from summary_profile import profile
 
     from acomp import AutoCompressorModel
@@ -471,8 +479,7 @@ def stage_eval(settings: QualitySettings, minutes: float) -> dict:
         if not (path / "final" / "config.json").is_file():
             raise SystemExit(f"eval needs {path / 'final'}: run --stage {path.name} first")
     started = time.monotonic()
-    device = torch.device("cuda" if torch.cuda.is_available() and not settings.smoke else "cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    device, dtype = eval_device(settings)
     cfg = ProtocolConfig(
         eval_segment=settings.eval_segment,
         segment_length=settings.segment_length,
@@ -494,7 +501,7 @@ def stage_eval(settings: QualitySettings, minutes: float) -> dict:
             )
         results[name] = result
         if name == "autocompressor":
-            profiled = profile(model, blocks, profile_config(settings), device)
+            profiled = profile(model, blocks, profile_config(settings), device, time_decode=time_decode)
         del model
     ac = results["autocompressor"]
     report.plot(ac, settings.arm_root / "ppl_vs_context.png", title="AutoCompressor (quality benchmark)")
@@ -505,6 +512,34 @@ def stage_eval(settings: QualitySettings, minutes: float) -> dict:
         "seconds": time.monotonic() - started,
         "device": _device_name(device),
     }
+
+
+def time_decode_alone(settings: QualitySettings) -> None:
+    """Time the decode of a run profiled on a shared device (--parallel), now that it has the device alone, and
+    write the time into its results.json and results.md."""
+    from summary_profile import decode_ms_per_token
+
+    from acomp import AutoCompressorModel
+    from acomp.eval import CorpusBlocks
+
+    results = settings.arm_root / "results.json"
+    data = json.loads(results.read_text())
+    prof = data.get("summary_profile")  # absent from results.json written before the profile existed
+    if prof is None or prof["decode_ms_per_token"] is not None:
+        return
+    device, dtype = eval_device(settings)
+    path = settings.stage_dir("finetune") / "final"
+    model = AutoCompressorModel.from_pretrained(str(path), dtype=dtype).to(device)
+    blocks = CorpusBlocks(str(settings.stage_dir("corpus")), "val")
+    prof["decode_ms_per_token"] = decode_ms_per_token(model, blocks, profile_config(settings), device)
+    results.write_text(json.dumps(data, indent=2) + "\n")
+    snippet = settings.arm_root / "results.md"
+    lines = [
+        profile_line(prof) if line.startswith(PROFILE_LINE) else line
+        for line in snippet.read_text().split("\n")
+    ]
+    snippet.write_text("\n".join(lines))
+    print(f"{settings.name}: decode timed alone: {prof['decode_ms_per_token']:.2f} ms/token", flush=True)
 
 
 def profile_config(settings: QualitySettings):
@@ -634,14 +669,17 @@ def markdown_snippet(settings: QualitySettings, info: dict, head: dict, ac, base
     return "\n".join(lines)
 
 
+PROFILE_LINE = "Summary profile ("
+
+
 def profile_line(prof: dict) -> str:
-    corr = prof["length_loss_spearman"]
+    corr, ms = prof["length_loss_spearman"], prof["decode_ms_per_token"]
     return (
-        f"Summary profile ({prof['blocks']} blocks x {prof['segments']} segments of {prof['segment']} tokens): "
+        f"{PROFILE_LINE}{prof['blocks']} blocks x {prof['segments']} segments of {prof['segment']} tokens): "
         f"{prof['mean_vectors_per_segment']:.1f} vectors kept per segment; rank correlation of vectors kept with the "
         f"segment's no-context loss: {'- (the same number everywhere)' if corr is None else f'{corr:.2f}'}; greedy decoding of "
-        f"{prof['new_tokens']} tokens behind them, batch {prof['decode_batch']}: {prof['decode_ms_per_token']:.2f} "
-        f"ms/token, KV cache {prof['kv_bytes_per_sample'] / 2**20:.2f} MiB per sample "
+        f"{prof['new_tokens']} tokens behind them, batch {prof['decode_batch']}: "
+        f"{'not timed (a shared device)' if ms is None else f'{ms:.2f} ms/token'}, KV cache {prof['kv_bytes_per_sample'] / 2**20:.2f} MiB per sample "
         f"({prof['cache_summary_slots']} summary slots + {prof['prompt_tokens']} prompt + {prof['new_tokens']} new tokens)."
     )
 
@@ -844,6 +882,8 @@ def run_parallel(runs: list[QualitySettings], stage: str, argv: list[str]) -> No
     from acomp.train.distributed import RANK_VARIABLES
 
     command = [sys.executable, str(Path(__file__).resolve()), *(a for a in argv if a != "--parallel")]
+    if stage == "eval":
+        command.append("--shared-device")  # the parent times each decode alone afterwards
     # This process's own one-rank group (from pretraining) set them; each child makes its own, on a free port.
     env = {key: value for key, value in os.environ.items() if key not in RANK_VARIABLES}
     procs = []
@@ -932,6 +972,12 @@ def main(argv: list[str] | None = None) -> int:
         "same GPU (logs: <run dir>/<stage>.log); pretraining stays sequential",
     )
     p.add_argument("--force", action="store_true", help="redo the chosen stages even when they are done")
+    p.add_argument(
+        "--shared-device",
+        action="store_true",
+        help="eval: other processes use the GPU too (--parallel's own processes), so the summary profile's "
+        "decode is not timed; an eval without it times each run's decode alone",
+    )
     args = p.parse_args(argv)
 
     if args.smoke:
@@ -998,7 +1044,10 @@ def main(argv: list[str] | None = None) -> int:
             elif evaluated_already(run) and not args.force:
                 print(f"eval: done already ({run.arm_root / 'results.json'}); --force to redo", flush=True)
             else:
-                summarize(run, stage_eval(run, run.eval_minutes), command)
+                summarize(run, stage_eval(run, run.eval_minutes, not args.shared_device), command)
+        if stage == "eval" and not args.shared_device:
+            for run in selected:
+                time_decode_alone(run)
         if stage == "eval" and len(runs) > 1 and args.only is None:
             write_ablation(runs)
     return 0

@@ -11,6 +11,7 @@ stores it as `summary_profile` in results.json (and ablation.md's last columns).
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -69,39 +70,54 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _spans(blocks, cfg: ProfileConfig, device: torch.device):
+    """Batch by batch, each chosen block's last `segments x segment + prompt_tokens` tokens, split into the
+    context to compress and the prompt after it."""
+    from acomp.eval.protocol import _item, select_blocks
+
+    span = cfg.segments * cfg.segment
+    chosen = select_blocks(len(blocks), cfg.max_blocks)
+    for start in range(0, len(chosen), cfg.batch):
+        rows = [_item(blocks, i)[0][-(span + cfg.prompt_tokens) :] for i in chosen[start : start + cfg.batch]]
+        ids = torch.stack(rows).to(device)
+        if ids.shape[1] < span + cfg.prompt_tokens:
+            raise ValueError(
+                f"blocks of {ids.shape[1]} tokens are shorter than {cfg.segments} x {cfg.segment} + "
+                f"{cfg.prompt_tokens} prompt tokens"
+            )
+        yield ids[:, :span], ids[:, span : span + cfg.prompt_tokens]
+
+
+@contextlib.contextmanager
+def _eval_mode(model):
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
 @torch.no_grad()
-def profile(model, blocks, cfg: ProfileConfig, device: torch.device | str | None = None) -> dict:
+def profile(
+    model, blocks, cfg: ProfileConfig, device: torch.device | str | None = None, time_decode: bool = True
+) -> dict:
     """Profile `model` on `blocks` (CorpusBlocks or a sequence of token tensors / {"input_ids": ...} dicts),
     each at least `segments x segment + prompt_tokens` tokens long: the last such span of each block is read
     as `segments` compressed segments followed by the prompt (so with the eval protocol's sizes, the segments
-    just before its scored segment)."""
-    from acomp.eval.protocol import _item, select_blocks
-
+    just before its scored segment). `time_decode=False` (the device is shared with other work, so a time
+    would mean nothing) leaves `decode_ms_per_token` None: `decode_ms_per_token()` measures it later."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    span = cfg.segments * cfg.segment
-    chosen = select_blocks(len(blocks), cfg.max_blocks)
-    was_training = model.training
-    model.eval()
     lengths: list[float] = []
     losses: list[float] = []
     decode = {}
-    try:
-        for start in range(0, len(chosen), cfg.batch):
-            rows = [
-                _item(blocks, i)[0][-(span + cfg.prompt_tokens) :] for i in chosen[start : start + cfg.batch]
-            ]
-            ids = torch.stack(rows).to(device)
-            if ids.shape[1] < span + cfg.prompt_tokens:
-                raise ValueError(
-                    f"blocks of {ids.shape[1]} tokens are shorter than {cfg.segments} x {cfg.segment} + "
-                    f"{cfg.prompt_tokens} prompt tokens"
-                )
-            context, prompt = ids[:, :span], ids[:, span : span + cfg.prompt_tokens]
+    with _eval_mode(model):
+        for context, prompt in _spans(blocks, cfg, device):
             memory = model.compress_context(context, segment_lengths=[cfg.segment] * cfg.segments)
             if memory.summary_lengths is not None:
                 kept = memory.summary_lengths.float()  # [B, segments]
             else:
-                kept = torch.full((ids.shape[0], cfg.segments), memory.softprompt.shape[1] / cfg.segments)
+                kept = torch.full((context.shape[0], cfg.segments), memory.softprompt.shape[1] / cfg.segments)
             for j in range(cfg.segments):
                 text = context[:, j * cfg.segment : (j + 1) * cfg.segment]
                 out = model(text, labels=text, return_logits=False)
@@ -109,12 +125,10 @@ def profile(model, blocks, cfg: ProfileConfig, device: torch.device | str | None
                 losses += nll.double().tolist()
                 lengths += kept[:, j].double().tolist()
             if not decode:
-                decode = _decode(model, prompt, memory.summary.compact(), cfg, device)
-    finally:
-        model.train(was_training)
+                decode = _decode(model, prompt, memory.summary.compact(), cfg, device, time_decode)
     return {
         **asdict(cfg),
-        "blocks": len(chosen),
+        "blocks": len(lengths) // cfg.segments,
         "mean_vectors_per_segment": sum(lengths) / len(lengths),
         "length_loss_pearson": pearson(lengths, losses),
         "length_loss_spearman": spearman(lengths, losses),
@@ -123,20 +137,38 @@ def profile(model, blocks, cfg: ProfileConfig, device: torch.device | str | None
     }
 
 
-def _decode(model, prompt: torch.Tensor, summary, cfg: ProfileConfig, device: torch.device) -> dict:
-    """Greedy decode behind the compacted summaries: its time per token (after a warm-up call) and the KV
-    cache it holds at the end (the summaries' slots, padded to the batch's longest, + prompt + new tokens)."""
-    gen = {"max_new_tokens": cfg.new_tokens, "eos_token_id": []}  # exactly new_tokens: equal work per model
-    model.generate(prompt, softprompt=summary, **gen)
-    _sync(device)
-    t = time.perf_counter()
-    model.generate(prompt, softprompt=summary, **gen)
-    _sync(device)
-    seconds = time.perf_counter() - t
+@torch.no_grad()
+def decode_ms_per_token(model, blocks, cfg: ProfileConfig, device: torch.device | str | None = None) -> float:
+    """`profile`'s decode time alone (its first batch), for a model profiled while the device was shared."""
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    with _eval_mode(model):
+        context, prompt = next(_spans(blocks, cfg, device))
+        memory = model.compress_context(context, segment_lengths=[cfg.segment] * cfg.segments)
+        return _decode(model, prompt, memory.summary.compact(), cfg, device, True)["decode_ms_per_token"]
+
+
+def _decode(
+    model, prompt: torch.Tensor, summary, cfg: ProfileConfig, device: torch.device, timed: bool
+) -> dict:
+    """Greedy decode behind the compacted summaries: its time per token (after a warm-up call; None when not
+    `timed`) and the KV cache it holds at the end (the summaries' slots, padded to the batch's longest, +
+    prompt + new tokens)."""
+    ms = None
+    if timed:
+        gen = {
+            "max_new_tokens": cfg.new_tokens,
+            "eos_token_id": [],
+        }  # exactly new_tokens: equal work per model
+        model.generate(prompt, softprompt=summary, **gen)
+        _sync(device)
+        t = time.perf_counter()
+        model.generate(prompt, softprompt=summary, **gen)
+        _sync(device)
+        ms = 1000 * (time.perf_counter() - t) / cfg.new_tokens
     cached = summary.length + cfg.prompt_tokens + cfg.new_tokens
     return {
         "decode_batch": prompt.shape[0],
-        "decode_ms_per_token": 1000 * seconds / cfg.new_tokens,
+        "decode_ms_per_token": ms,
         "cache_summary_slots": summary.length,
         "kv_bytes_per_sample": kv_bytes_per_token(model) * cached,
     }

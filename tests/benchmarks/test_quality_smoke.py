@@ -124,9 +124,13 @@ def test_parallel_arms_train_and_evaluate_side_by_side(tmp_path):
     for root in (out, out / "arms" / "k2"):
         assert "exported HF weights" in (root / "finetune.log").read_text()
         assert (root / "results.json").is_file() and (root / "eval.log").is_file()
+        # The side-by-side evals leave the decode untimed; the parent then times each alone.
+        assert "not timed (a shared device)" in (root / "eval.log").read_text()
+        assert "ms/token" in (root / "results.md").read_text()
     assert not (out / "arms" / "k2" / "pretrain").exists()  # the headline's base, shared
     table = json.loads((out / "ablation.json").read_text())
     assert [(r["arm"], r["vectors_per_segment"], r["finetune_steps"]) for r in table] == [
         ("default", 4.0, 4),
         ("k2", 2.0, 4),
     ]
+    assert all(r["decode_ms_per_token"] > 0 for r in table)

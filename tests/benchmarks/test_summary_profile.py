@@ -13,7 +13,15 @@ from tiny_models import random_ids, tiny_model
 import acomp.modeling.compressor as compressor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-from summary_profile import ProfileConfig, kv_bytes_per_token, pearson, profile, ranks, spearman  # noqa: E402
+from summary_profile import (  # noqa: E402
+    ProfileConfig,
+    decode_ms_per_token,
+    kv_bytes_per_token,
+    pearson,
+    profile,
+    ranks,
+    spearman,
+)
 
 MAX_LEN = 4
 CFG = ProfileConfig(segment=8, segments=2, max_blocks=4, batch=4, prompt_tokens=3, new_tokens=5)
@@ -65,6 +73,18 @@ def test_fixed_model_keeps_its_length_everywhere():
     assert got["cache_summary_slots"] == 6
     # Llama: 2 layers x K and V x 2 KV heads x head dim 8 x 4 bytes (fp32) per position.
     assert kv_bytes_per_token(model) == 2 * 2 * 2 * 8 * 4
+
+
+def test_untimed_profile_is_the_same_but_the_decode_time_which_comes_alone_later():
+    model = tiny_model("llama", summary_length=3).train()
+    blocks = [random_ids(1, 19, seed=s)[0] for s in range(4)]
+    timed, untimed = profile(model, blocks, CFG), profile(model, blocks, CFG, time_decode=False)
+    assert untimed["decode_ms_per_token"] is None and timed["decode_ms_per_token"] > 0
+    assert {k: v for k, v in untimed.items() if k != "decode_ms_per_token"} == {
+        k: v for k, v in timed.items() if k != "decode_ms_per_token"
+    }
+    assert decode_ms_per_token(model, blocks, CFG) > 0
+    assert model.training  # each call gives the model back in the mode it came in
 
 
 def test_short_blocks_are_refused():
