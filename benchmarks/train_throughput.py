@@ -140,8 +140,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--profile-steps",
         type=int,
         default=0,
-        help="after the timed steps, N more under torch.profiler: the top ops by device (CPU: host) time go to "
-        "<out>.<row>.profile.txt (not in the timings)",
+        help="after the timed steps, N more under torch.profiler: the top ops by device time and by host time, "
+        "and the device's busy share of the wall time, go to <out>.<row>.profile.txt (not in the timings)",
     )
     p.add_argument("--smoke", action="store_true", help="tiny CPU run (DS_ACCELERATOR=cpu)")
     p.add_argument("--out", default=".bench/train_throughput.json")
@@ -292,21 +292,37 @@ def run_row(cfg, args, dist) -> dict:
 
 
 def profile_steps(trainer, first: int, steps: int, cuda: bool) -> str:
-    """`steps` more training steps under torch.profiler; the table of the ops that took the most device
-    time (host time on CPU), where a row's time goes."""
+    """`steps` more training steps under torch.profiler: the ops that took the most device time, then (on a
+    GPU) the ops that took the most host time, under a line that says whether the steps were bound by the
+    device or by the host (device busy time over wall time)."""
+    import time
+
     import torch
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     from acomp.train.loop import train_step
 
     activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
     with profile(activities=activities) as prof:
+        started = time.perf_counter()
         for step in range(first, first + steps):
             train_step(trainer, step)
         if cuda:
             torch.cuda.synchronize()
-    sort = "self_device_time_total" if cuda else "self_cpu_time_total"
-    return prof.key_averages().table(sort_by=sort, row_limit=30, max_name_column_width=60)
+        wall = time.perf_counter() - started
+    events = prof.key_averages()
+    sorts = ["self_device_time_total", "self_cpu_time_total"] if cuda else ["self_cpu_time_total"]
+    tables = [events.table(sort_by=sort, row_limit=30, max_name_column_width=60) for sort in sorts]
+    kernels = (e for e in events if e.device_type != DeviceType.CPU)  # what the table's device total sums
+    busy = sum(e.self_device_time_total for e in kernels) / 1e6
+    head = f"profiled steps: {steps}, wall {wall:.3f} s"
+    if cuda:
+        # The profiler slows the host a little, so this share is a lower bound.
+        head += (
+            f"; device busy {busy:.3f} s, {busy / wall:.0%} of it (far below 100%: the host bounds the step)"
+        )
+    return "\n\n".join([head, *tables])
 
 
 def _mean_mfu(records: list[dict]) -> float | None:
