@@ -842,12 +842,22 @@ def plot_frontier(table: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for mode, marker in (("fixed", "o"), ("variable", "s")):
         rows = sorted((r for r in table if r["mode"] == mode), key=lambda r: r["vectors_per_segment"])
-        if not rows:
-            continue
-        xs, ys = [r["vectors_per_segment"] for r in rows], [r["ppl_all_segments"] for r in rows]
-        ax.plot(xs, ys, marker=marker, label=mode)
-        for r, x, y in zip(rows, xs, ys):
-            ax.annotate(r["arm"], (x, y), fontsize=7)
+        if rows:
+            xs, ys = [r["vectors_per_segment"] for r in rows], [r["ppl_all_segments"] for r in rows]
+            ax.plot(xs, ys, marker=marker, label=mode)
+    groups: dict[float, list[dict]] = {}  # arms at the same length (e.g. every slot kept) share one label
+    for r in table:
+        groups.setdefault(round(r["vectors_per_segment"], 1), []).append(r)
+    widest = max(groups)
+    for x, rows in groups.items():
+        ax.annotate(
+            "\n".join(r["arm"] for r in rows),
+            (x, min(r["ppl_all_segments"] for r in rows)),
+            xytext=(-4 if x == widest else 4, 6),
+            textcoords="offset points",
+            ha="right" if x == widest else "left",
+            fontsize=7,
+        )
     ax.axhline(table[0]["ppl_no_context"], color="gray", linestyle="--", label="no context")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("summary vectors per segment (mean)")
