@@ -60,6 +60,10 @@ class CompressionConfig(CompressionFields):
     max_segment_length: int | None = None
     # Randomized mode: boundaries on multiples of this many tokens (1 = the paper's token granularity).
     segment_multiple: int = 1
+    # Variable mode: the length penalty's weight ramps linearly from compression_lambda / N at step 1 to
+    # compression_lambda at step N (0 = full weight from the start), so summaries gain value before they are
+    # priced: a penalty on summaries the model cannot use yet drops them, and dropped vectors get no gradient.
+    lambda_warmup_steps: int = 0
 
 
 @dataclass
@@ -389,6 +393,7 @@ def validate(cfg: RunConfig) -> None:
     )
     _non_negative(
         ("compression.summary_length", c.summary_length),
+        ("compression.lambda_warmup_steps", c.lambda_warmup_steps),
         ("optim.warmup_steps", cfg.optim.warmup_steps),
         ("optim.grad_clip", cfg.optim.grad_clip),
         ("optim.weight_decay", cfg.optim.weight_decay),

@@ -61,6 +61,7 @@ def test_overrides_parse_and_apply(tmp_path):
             r"'model.presence_attention' must be one of auto, mask, folded; got 'fused'",
         ),
         ("train.max_steps=0", r"'train.max_steps' must be > 0"),
+        ("compression.lambda_warmup_steps=-1", r"'compression.lambda_warmup_steps' must be >= 0, got -1"),
         ("optim.lr=0", r"'optim.lr' must be > 0"),
         (
             "compression.segment_lengths=[128]",

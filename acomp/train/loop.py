@@ -312,6 +312,7 @@ def train_step(trainer: Trainer, step: int) -> StepOutputs:
     detached from one to the next."""
     cfg, engine, batches, dist = trainer.cfg, trainer.engine, trainer.batches, trainer.dist
     outputs = StepOutputs()
+    penalty_scale = length_penalty_scale(cfg.compression.lambda_warmup_steps, step + 1)
     for micro in range(trainer.plan.accumulation):
         # One asynchronous copy per micro-batch (pinned by the loader on GPU hosts): copying each substep from
         # pageable memory would make the host wait for the previous substep's backward every time.
@@ -321,7 +322,7 @@ def train_step(trainer: Trainer, step: int) -> StepOutputs:
         softprompt, micro_losses = None, []
         for i, substep in enumerate(substeps):
             carry = i < len(substeps) - 1  # the last substep's summaries would go unused
-            result = train_substep(engine, substep, softprompt, carry)
+            result = train_substep(engine, substep, softprompt, carry, penalty_scale)
             softprompt = result.softprompt
             micro_losses.append(result.loss)
             if result.summary_lengths is not None:
@@ -348,12 +349,21 @@ class SubstepOutput:
     summary_lengths: torch.Tensor | None  # [B, compressing segments], detached (variable mode)
 
 
-def train_substep(engine, substep: Substep, softprompt: Softprompt | None, carry: bool) -> SubstepOutput:
+def length_penalty_scale(warmup_steps: int, step: int) -> float:
+    """The share of compression_lambda that optimizer step `step` (1-based) applies: `warmup_steps` ramp it
+    linearly up to 1 (compression.lambda_warmup_steps)."""
+    return 1.0 if warmup_steps <= 0 else min(1.0, step / warmup_steps)
+
+
+def train_substep(
+    engine, substep: Substep, softprompt: Softprompt | None, carry: bool, penalty_scale: float = 1.0
+) -> SubstepOutput:
     """Forward + backward of one BPTT window; returns its loss and what the next window needs.
 
     Gradients flow through the summaries of this window's segments (one model call); the returned softprompt
     (summary vectors and, in the variable-length mode, their presence bias) is detached (truncated BPTT), so
-    later windows send no gradient back into this one.
+    later windows send no gradient back into this one. The variable mode's length penalty counts
+    `penalty_scale` times (its warmup).
     """
     input_ids = substep.input_ids.to(engine.device)
     out = engine(
@@ -364,11 +374,14 @@ def train_substep(engine, substep: Substep, softprompt: Softprompt | None, carry
         output_softprompt=carry,
         return_logits=False,
     )
-    engine.backward(out.loss)  # DeepSpeed divides by its accumulation count (micro-batches x substeps)
+    loss, penalty = out.loss, getattr(out, "length_penalty", None)
+    if penalty is not None and penalty_scale != 1.0:
+        loss = out.lm_loss + penalty_scale * penalty
+    engine.backward(loss)  # DeepSpeed divides by its accumulation count (micro-batches x substeps)
     engine.step()  # the optimizer update happens only at the accumulation boundary
     lengths = getattr(out, "summary_lengths", None)
     return SubstepOutput(
-        loss=out.loss.detach(),
+        loss=loss.detach(),
         softprompt=truncate_bptt(out.summary) if carry else None,
         summary_lengths=None if lengths is None else lengths.detach(),
     )
@@ -412,6 +425,10 @@ def step_record(trainer: Trainer, step: int, outputs: StepOutputs, lr: float, se
         # Mean over ranks of each rank's mean and bin shares: exact for equal segment counts per rank.
         record["summary_length"] = reduced[n + 2]
         record["summary_length_hist"] = reduced[n + 3 :]
+        c = cfg.compression
+        record["compression_lambda"] = c.compression_lambda * length_penalty_scale(
+            c.lambda_warmup_steps, step
+        )
     return record
 
 

@@ -9,8 +9,8 @@ import torch
 from runs import launch, read_metrics, tiny_config, tiny_corpus, write_config
 from tiny_models import PlainEngine, random_ids, tiny_model
 
-from acomp.train import train_substep
-from acomp.train.loop import summary_length_stats
+from acomp.train import loop, train_substep
+from acomp.train.loop import length_penalty_scale, summary_length_stats
 from acomp.train.segments import Substep
 
 MAX_LEN = 4
@@ -118,3 +118,57 @@ def test_wandb_offline_gets_the_length_histogram(tmp_path, monkeypatch):
     log.log(record)
     log.close()
     assert json.loads((tmp_path / "metrics.jsonl").read_text())["summary_length_hist"][1] == 0.5
+
+
+def test_lambda_warmup_ramps_the_penalty_linearly():
+    assert [length_penalty_scale(4, step) for step in (1, 2, 4, 9)] == [0.25, 0.5, 1.0, 1.0]
+    assert length_penalty_scale(0, 1) == 1.0
+
+
+def test_a_scaled_penalty_gives_the_loss_and_gradients_of_a_proportionally_smaller_lambda():
+    """Warmup step s of N optimizes lm_loss + (s/N) * penalty: what lambda * s/N with no warmup optimizes."""
+    ids = random_ids(2, 12)
+    runs = []
+    for lam, scale in ((0.8, 0.25), (0.2, 1.0), (0.8, 1.0)):
+        model = tiny_model(
+            "llama", compression_mode="variable", compression_max_len=MAX_LEN, compression_lambda=lam
+        ).train()
+        result = train_substep(
+            PlainEngine(model), Substep(ids, [6, 6]), None, carry=False, penalty_scale=scale
+        )
+        grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+        runs.append((result.loss, grads))
+    (warm_loss, warm), (small_loss, small), (full_loss, _) = runs
+    torch.testing.assert_close(warm_loss, small_loss)
+    assert warm.keys() == small.keys()
+    for name in small:
+        torch.testing.assert_close(warm[name], small[name], msg=name)
+    assert full_loss > warm_loss + 1e-4  # the penalty counts: at full weight the loss is higher
+
+
+def test_train_step_passes_the_warmup_scale_of_its_step(monkeypatch):
+    from types import SimpleNamespace
+
+    from acomp.config import RunConfig
+
+    cfg = RunConfig()
+    cfg.compression.lambda_warmup_steps = 4
+    seen = []
+
+    def substep(engine, substep, softprompt, carry, penalty_scale=1.0):
+        seen.append(penalty_scale)
+        return SimpleNamespace(loss=torch.tensor(1.0), softprompt=None, summary_lengths=None)
+
+    monkeypatch.setattr(loop, "train_substep", substep)
+    trainer = SimpleNamespace(
+        cfg=cfg,
+        engine=SimpleNamespace(device=torch.device("cpu")),
+        batches=iter([{"input_ids": random_ids(1, 64)}] * 2),
+        dist=SimpleNamespace(rank=0),
+        plan=SimpleNamespace(accumulation=1),
+        max_segment=64,
+    )
+    loop.train_step(trainer, 0)  # optimizer step 1 of 4
+    loop.train_step(trainer, 5)  # step 6: past the warmup
+    substeps = cfg.compression.training_substeps
+    assert seen == [0.25] * substeps + [1.0] * substeps
