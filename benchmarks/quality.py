@@ -67,7 +67,7 @@ CORPUS_FIELDS = (
 )  # fmt: skip
 PRETRAIN_FIELDS = (
     *CORPUS_FIELDS, "window", "arch", "precision", "pretrain_lr", "pretrain_warmup", "pretrain_batch",
-    "pretrain_micro", "pretrain_minutes", "pretrain_steps", "probe_steps",
+    "pretrain_micro", "pretrain_minutes", "pretrain_steps", "pretrain_seed", "probe_steps",
 )  # fmt: skip
 
 
@@ -109,6 +109,7 @@ class QualitySettings:
     pretrain_warmup: int = 40
     pretrain_batch: int = 16  # blocks per step (x 6,144 tokens)
     pretrain_micro: int = 8
+    pretrain_seed: int = 0  # the base's init and data order (an arm that changes it pretrains its own base)
     # fine-tuning as an AutoCompressor
     finetune_from: str = "base"  # base = the pretrained base | scratch = the AC objective from the start
     summary_length: int = 50
@@ -121,6 +122,7 @@ class QualitySettings:
     finetune_warmup: int = 20
     finetune_batch: int = 16
     finetune_micro: int = 8
+    finetune_seed: int = 1  # the fine-tuning's data order and segment boundaries (replicate arms: another one)
     # DeepSpeed JSON of the fine-tuning (relative to the repository or absolute; pretraining: zero1.json), e.g.
     # one with "data_types": {"grad_accum_dtype": "fp32"}: gradients accumulated in fp32 rather than bf16
     finetune_deepspeed: str = "ds_configs/zero1.json"
@@ -361,7 +363,7 @@ def _common(
             "max_steps": settings.probe_steps,  # sized by wallclock.run_within
             "global_batch_size": batch,
             "micro_batch_size": micro,
-            "seed": 0 if stage == "pretrain" else 1,  # another data order for fine-tuning
+            "seed": settings.pretrain_seed if stage == "pretrain" else settings.finetune_seed,
             "deepspeed": str(
                 REPO / (settings.finetune_deepspeed if stage == "finetune" else "ds_configs/zero1.json")
             ),

@@ -92,6 +92,14 @@ def test_settings_changes_and_arms_are_checked():
     assert not same_base.own_base and same_base.stage_dir("pretrain") == default.stage_dir("pretrain")
     assert (same_base.finetune_steps, default.finetune_steps) == (40, None)
     assert default.changed({"pretrain_steps": "500"}, arm="c").own_base  # a longer base is another base
+    # Replicates: another seed for the fine-tuning shares the base; another base seed pretrains its own.
+    from quality import finetune_config, pretrain_config
+
+    replicate = default.changed({"finetune_seed": "7"}, arm="r")
+    assert not replicate.own_base and finetune_config(replicate).train.seed == 7
+    assert finetune_config(default).train.seed == 1 and pretrain_config(default).train.seed == 0
+    other_base = default.changed({"pretrain_seed": "3"}, arm="s")
+    assert other_base.own_base and pretrain_config(other_base).train.seed == 3
     assert same_base.stage_dir("corpus") == default.stage_dir("corpus")
     with pytest.raises(ValueError, match="unknown setting 'finetune_rate'"):
         default.changed({"finetune_rate": "1e-3"})
