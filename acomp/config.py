@@ -62,7 +62,8 @@ class CompressionConfig(CompressionFields):
     segment_multiple: int = 1
     # Variable mode: the length penalty's weight ramps linearly from compression_lambda / N at step 1 to
     # compression_lambda at step N (0 = full weight from the start), so summaries gain value before they are
-    # priced: a penalty on summaries the model cannot use yet drops them, and dropped vectors get no gradient.
+    # priced: a penalty on summaries the model cannot use yet drops them, and a dropped vector gets little
+    # gradient.
     lambda_warmup_steps: int = 0
 
 

@@ -109,7 +109,7 @@ class QualitySettings:
     pretrain_warmup: int = 40
     pretrain_batch: int = 16  # blocks per step (x 6,144 tokens)
     pretrain_micro: int = 8
-    pretrain_seed: int = 0  # the base's init and data order (an arm that changes it pretrains its own base)
+    pretrain_seed: int = 0  # the base's init and data order (an arm that changes it pretrains its own)
     # fine-tuning as an AutoCompressor
     finetune_from: str = "base"  # base = the pretrained base | scratch = the AC objective from the start
     summary_length: int = 50
@@ -122,7 +122,7 @@ class QualitySettings:
     finetune_warmup: int = 20
     finetune_batch: int = 16
     finetune_micro: int = 8
-    finetune_seed: int = 1  # the fine-tuning's data order and segment boundaries (replicate arms: another one)
+    finetune_seed: int = 1  # the fine-tuning's data order and segment boundaries (replicates: another)
     # DeepSpeed JSON of the fine-tuning (relative to the repository or absolute; pretraining: zero1.json), e.g.
     # one with "data_types": {"grad_accum_dtype": "fp32"}: gradients accumulated in fp32 rather than bf16
     finetune_deepspeed: str = "ds_configs/zero1.json"
