@@ -318,14 +318,27 @@ def test_folded_presence_attention_equals_the_mask_with_gradients(family):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_auto_presence_attention_folds_under_sdpa_and_masks_under_eager():
+def test_auto_presence_attention_folds_under_sdpa_and_masks_under_eager(monkeypatch):
+    folded_calls = []
+    fold = compressor.folded_key_bias
+
+    def spy(config):
+        folded_calls.append(config._attn_implementation)
+        return fold(config)
+
+    monkeypatch.setattr(compressor, "folded_key_bias", spy)
+    ids = random_ids(2, 12)
     model = variable_model()
     assert model.config.presence_attention == "auto" and model.config._attn_implementation == "sdpa"
     assert folds_presence(model.config)
+    model(ids, segment_lengths=[6, 6])  # the second segment reads the first's summaries through the fold
+    assert folded_calls == ["sdpa"]
     config = tiny_config("llama", compression_mode="variable")
     config._attn_implementation = "eager"
     model = MODEL_CLASS["llama"](config)  # no error: auto takes the 4D mask where SDPA is not used
     assert not folds_presence(model.config)
+    model(ids, segment_lengths=[6, 6])
+    assert folded_calls == ["sdpa"]
 
 
 def test_folded_presence_attention_needs_sdpa():

@@ -55,7 +55,7 @@ def corpus(tmp_path_factory):
     return tiny_corpus(tmp_path_factory)
 
 
-def variable_run(corpus, out, lam: float, steps: int):
+def variable_run(corpus, out, lam: float, steps: int, lambda_warmup_steps: int = 0):
     return tiny_config(
         corpus,
         out,
@@ -63,6 +63,7 @@ def variable_run(corpus, out, lam: float, steps: int):
             "compression_mode": "variable",
             "compression_max_len": MAX_LEN,
             "compression_lambda": lam,
+            "lambda_warmup_steps": lambda_warmup_steps,
         },
         optim={"lr": 3e-3, "warmup_steps": 0, "schedule": "constant"},
         train={"max_steps": steps, "deepspeed": "ds_configs/zero1.json", "export_final": True},
@@ -79,8 +80,11 @@ def test_trainer_logs_lengths_and_a_large_lambda_shortens_them(corpus, tmp_path)
     runs = {}
     for lam in (0.0, 20.0):
         out = tmp_path / f"lambda_{lam}"
-        launch(write_config(tmp_path / f"{lam}.yaml", variable_run(corpus, out, lam, steps)))
+        warmup = 2 if lam else 0  # the penalty's weight: lambda / 2 at step 1, then lambda
+        launch(write_config(tmp_path / f"{lam}.yaml", variable_run(corpus, out, lam, steps, warmup)))
         runs[lam] = read_metrics(out)
+    logged = [r["compression_lambda"] for r in runs[20.0] if "loss" in r]
+    assert logged[:3] == [10.0, 20.0, 20.0] and set(logged[3:]) == {20.0}
     for records in runs.values():
         train = [r for r in records if "loss" in r]
         assert len(train) == steps
