@@ -36,7 +36,7 @@ the arms vary the summary length or the mode. Done stages are skipped, so arms c
     VAR="compression.compression_mode=variable,compression.compression_max_len=50"
     python benchmarks/quality.py --stage all --arm "var-0.1:$VAR,compression.compression_lambda=0.1"
 
-`--parallel` fine-tunes and evaluates the runs side by side, one process each on the same GPU.
+`--parallel` trains and evaluates the runs side by side, one process each on the same GPU.
 """
 
 from __future__ import annotations
@@ -475,7 +475,7 @@ def stage_eval(settings: QualitySettings, minutes: float, time_decode: bool = Tr
     from acomp.eval import CorpusBlocks, ProtocolConfig, evaluate, report
 
     models = [("autocompressor", settings.stage_dir("finetune"))]
-    if settings.finetune_from == "base" and (settings.own_base or not settings.arm):
+    if pretrains(settings):
         models.append(("base", settings.stage_dir("pretrain")))
     for _, path in models:
         if not (path / "final" / "config.json").is_file():
@@ -880,6 +880,12 @@ def parse_changes(items: list[str], what: str) -> dict[str, str]:
     return changes
 
 
+def pretrains(settings: QualitySettings) -> bool:
+    """Whether the run pretrains a base: the headline run, and each arm that changes a pretraining setting
+    (the others fine-tune the headline's base; finetune_from=scratch needs none)."""
+    return settings.finetune_from == "base" and (not settings.arm or settings.own_base)
+
+
 def evaluated_already(settings: QualitySettings) -> bool:
     results = settings.arm_root / "results.json"
     trained = settings.stage_dir("finetune") / "stage.json"
@@ -981,7 +987,8 @@ def main(argv: list[str] | None = None) -> int:
         "--parallel",
         action="store_true",
         help="fine-tune and evaluate the headline run and its arms at the same time, one process each on the "
-        "same GPU (logs: <run dir>/<stage>.log); pretraining stays sequential",
+        "same GPU (logs: <run dir>/<stage>.log), and pretrain the bases of arms that change a pretraining "
+        "setting beside the headline's",
     )
     p.add_argument("--force", action="store_true", help="redo the chosen stages even when they are done")
     p.add_argument(
@@ -1043,14 +1050,13 @@ def main(argv: list[str] | None = None) -> int:
             if args.stage == "data":
                 stage_data(settings)
             continue
-        parallel = args.parallel and stage in ("finetune", "eval") and len(selected) > 1
+        todo = [run for run in selected if pretrains(run)] if stage == "pretrain" else selected
+        parallel = args.parallel and len(todo) > 1
         if parallel:
             if not (settings.stage_dir("corpus") / "manifest.json").is_file():
                 stage_data(settings)  # once, before the processes that read it
-            run_parallel(selected, stage, argv if argv is not None else sys.argv[1:])
-        for run in () if parallel else selected:
-            if stage == "pretrain" and (run.finetune_from == "scratch" or (run.arm and not run.own_base)):
-                continue  # no base, or the headline run's
+            run_parallel(todo, stage, argv if argv is not None else sys.argv[1:])
+        for run in () if parallel else todo:
             if stage in ("pretrain", "finetune"):
                 stage_train(run, stage, getattr(run, f"{stage}_minutes"), args.force)
             elif evaluated_already(run) and not args.force:

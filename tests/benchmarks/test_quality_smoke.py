@@ -112,9 +112,10 @@ def test_settings_changes_and_arms_are_checked():
 
 
 def test_parallel_arms_train_and_evaluate_side_by_side(tmp_path):
-    """--parallel: one process per run for fine-tuning and evaluation (the corpus and base built once, before
-    them); each run's log is kept, and the ablation table covers every run. With finetune_steps every run
-    trains those steps, however the two processes share the CPU."""
+    """--parallel: one process per run for each stage (the corpus built once, before them; the bases of the
+    headline and of the arm that changes a pretraining setting side by side, the arm that changes none on the
+    headline's); each run's log is kept, and the ablation table covers every run. With pretrain_steps and
+    finetune_steps every run trains those steps, however the processes share the CPU."""
     out = tmp_path / "quality"
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(REPO)}
     cmd = [
@@ -125,11 +126,16 @@ def test_parallel_arms_train_and_evaluate_side_by_side(tmp_path):
         str(out),
         "--parallel",
     ]
-    cmd += ["--arm", "k2:summary_length=2", "--set", "finetune_steps=4", "--finetune-minutes", "4"]
+    cmd += ["--arm", "k2:summary_length=2", "--arm", "b2:pretrain_seed=2", "--set", "pretrain_steps=3"]
+    cmd += ["--set", "finetune_steps=4", "--pretrain-minutes", "4", "--finetune-minutes", "4"]
     proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
-    assert "finetune: 2 runs at once" in proc.stdout and "eval: 2 runs at once" in proc.stdout
-    for root in (out, out / "arms" / "k2"):
+    assert "pretrain: 2 runs at once" in proc.stdout
+    assert "finetune: 3 runs at once" in proc.stdout and "eval: 3 runs at once" in proc.stdout
+    for root in (out, out / "arms" / "b2"):
+        assert json.loads((root / "pretrain" / "stage.json").read_text())["steps"] == 3
+        assert "exported HF weights" in (root / "pretrain.log").read_text()
+    for root in (out, out / "arms" / "k2", out / "arms" / "b2"):
         assert "exported HF weights" in (root / "finetune.log").read_text()
         assert (root / "results.json").is_file() and (root / "eval.log").is_file()
         # The side-by-side evals leave the decode untimed; the parent then times each alone.
@@ -140,5 +146,6 @@ def test_parallel_arms_train_and_evaluate_side_by_side(tmp_path):
     assert [(r["arm"], r["vectors_per_segment"], r["finetune_steps"]) for r in table] == [
         ("default", 4.0, 4),
         ("k2", 2.0, 4),
+        ("b2", 4.0, 4),
     ]
     assert all(r["decode_ms_per_token"] > 0 for r in table)
