@@ -11,12 +11,13 @@ stores it as `summary_profile` in results.json (and ablation.md's last columns).
 
 from __future__ import annotations
 
-import contextlib
 import statistics
 import time
 from dataclasses import asdict, dataclass
 
 import torch
+
+from acomp.eval.protocol import _item, eval_mode, select_blocks
 
 
 @dataclass
@@ -73,8 +74,6 @@ def _sync(device: torch.device) -> None:
 def _spans(blocks, cfg: ProfileConfig, device: torch.device):
     """Batch by batch, each chosen block's last `segments x segment + prompt_tokens` tokens, split into the
     context to compress and the prompt after it."""
-    from acomp.eval.protocol import _item, select_blocks
-
     span = cfg.segments * cfg.segment
     chosen = select_blocks(len(blocks), cfg.max_blocks)
     for start in range(0, len(chosen), cfg.batch):
@@ -86,16 +85,6 @@ def _spans(blocks, cfg: ProfileConfig, device: torch.device):
                 f"{cfg.prompt_tokens} prompt tokens"
             )
         yield ids[:, :span], ids[:, span : span + cfg.prompt_tokens]
-
-
-@contextlib.contextmanager
-def _eval_mode(model):
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
 
 
 @torch.no_grad()
@@ -111,7 +100,7 @@ def profile(
     lengths: list[float] = []
     losses: list[float] = []
     decode = {}
-    with _eval_mode(model):
+    with eval_mode(model):
         for context, prompt in _spans(blocks, cfg, device):
             memory = model.compress_context(context, segment_lengths=[cfg.segment] * cfg.segments)
             if memory.summary_lengths is not None:
@@ -141,7 +130,7 @@ def profile(
 def decode_ms_per_token(model, blocks, cfg: ProfileConfig, device: torch.device | str | None = None) -> float:
     """`profile`'s decode time alone (its first batch), for a model profiled while the device was shared."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    with _eval_mode(model):
+    with eval_mode(model):
         context, prompt = next(_spans(blocks, cfg, device))
         memory = model.compress_context(context, segment_lengths=[cfg.segment] * cfg.segments)
         return _decode(model, prompt, memory.summary.compact(), cfg, device, True)["decode_ms_per_token"]

@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -202,6 +202,17 @@ class Scores:
 
 
 @contextmanager
+def eval_mode(model):
+    """The model in eval mode within the block, then back in the mode it came in (train or eval)."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+@contextmanager
 def stop_threshold(model, value: float | None):
     """Temporarily set the variable mode's inference stop threshold (None leaves the model's own)."""
     if value is None:
@@ -340,12 +351,10 @@ def evaluate(
     device = torch.device(device) if device is not None else next(model.parameters()).device
     chosen = select_blocks(len(blocks), cfg.max_blocks)
     mine = chosen[rank::world]
-    was_training = model.training
-    model.eval()
     records: list[dict] = []
     desc = "eval blocks" if world == 1 else f"eval blocks (rank 0 of {world})"
     bar = Progress(len(mine), desc, "block", enabled=progress and rank == 0)
-    try:
+    with eval_mode(model), closing(bar):
         for start in range(0, len(mine), cfg.batch_size):
             if deadline is not None and time.monotonic() > deadline:
                 break
@@ -362,9 +371,6 @@ def evaluate(
                     rec["nll"][cond.name], rec["tokens"][cond.name], rec["vectors"][cond.name] = nll, tok, vec
             records += batch
             bar.update(len(indices))
-    finally:
-        bar.close()
-        model.train(was_training)
     records = sorted(gather_records(records), key=lambda r: r["index"])
     if not records:
         raise ValueError("no block was evaluated (deadline too short?)")

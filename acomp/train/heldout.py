@@ -15,7 +15,15 @@ from collections.abc import Iterable
 
 import torch
 
-from acomp.eval.protocol import NO_CONTEXT, SUMMARY, SUMMARY_VARIABLE, Condition, is_variable, score
+from acomp.eval.protocol import (
+    NO_CONTEXT,
+    SUMMARY,
+    SUMMARY_VARIABLE,
+    Condition,
+    eval_mode,
+    is_variable,
+    score,
+)
 from acomp.train.distributed import all_reduce_sum
 
 
@@ -48,31 +56,29 @@ def heldout_ppl(
     summary = Condition(kind, total - target, tuple(segment_lengths[:-1]))
     if device is None:
         device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     sums = [0.0, 0.0, 0.0, 0.0]  # nll no-context, nll summary, target tokens, blocks
     if world > 1 and max_blocks is None:
         raise ValueError("pass max_blocks when evaluating under torch.distributed (ranks must agree on it)")
     limit = math.inf if max_blocks is None else max(world, (max_blocks // world) * world)
-    for i, block in enumerate(_blocks(data)):
-        if i >= limit:
-            break
-        if i % world != rank:
-            continue
-        ids = block.to(device)
-        if ids.shape[1] < total:
-            raise ValueError(
-                f"a block has {ids.shape[1]} tokens, fewer than segment_lengths {segment_lengths} need"
-            )
-        ids = ids[:, ids.shape[1] - total :]
-        with_summary = score(model, ids, summary, target)
-        alone = score(model, ids, no_context, target)
-        sums[0] += math.fsum(alone.nll)
-        sums[1] += math.fsum(with_summary.nll)
-        sums[2] += sum(with_summary.tokens)
-        sums[3] += ids.shape[0]
+    with eval_mode(model):
+        for i, block in enumerate(_blocks(data)):
+            if i >= limit:
+                break
+            if i % world != rank:
+                continue
+            ids = block.to(device)
+            if ids.shape[1] < total:
+                raise ValueError(
+                    f"a block has {ids.shape[1]} tokens, fewer than segment_lengths {segment_lengths} need"
+                )
+            ids = ids[:, ids.shape[1] - total :]
+            with_summary = score(model, ids, summary, target)
+            alone = score(model, ids, no_context, target)
+            sums[0] += math.fsum(alone.nll)
+            sums[1] += math.fsum(with_summary.nll)
+            sums[2] += sum(with_summary.tokens)
+            sums[3] += ids.shape[0]
     nll_alone, nll_summary, tokens, blocks = all_reduce_sum(sums, torch.device(device))
-    model.train(was_training)
     if tokens == 0:
         raise ValueError("no blocks to evaluate")
     return {
