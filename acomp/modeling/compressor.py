@@ -364,6 +364,9 @@ class AutoCompressorMixin:
         folded = softprompt.bias is not None and folds_presence(self.config)
         extra = {}
         if softprompt.bias is None:
+            # Always a 2D mask, even when all ones: given None with position_ids, transformers (4.57) builds a
+            # materialised 4D mask (its packed-sequence check) instead of the causal kernel, which made AC
+            # fine-tuning 1.6x slower on the GPU than the host sync its all-ones check costs.
             ones = text_mask.new_ones
             mask = torch.cat([ones(batch, soft_len), text_mask, ones(batch, num_tail)], dim=1)
         elif folded:  # the same bias on the keys, through the causal kernels (attention.py)
