@@ -789,8 +789,34 @@ def arm_row(settings: QualitySettings) -> dict:
         "gap_one_segment": first.get("gap_closed_loss"),
         "gap_all_segments": last.get("gap_closed_loss"),
         "gap_paper_segments": paper.get("gap_closed_loss"),
+        "length_settled_step": (
+            length_settled_step(settings.stage_dir("finetune") / "metrics.jsonl") if variable else None
+        ),
         **{key: prof.get(key) for key in PROFILE_COLUMNS},
     }
+
+
+def length_settled_step(metrics: Path) -> int | None:
+    """The fine-tuning step from which the logged mean summary length stays within 10% (at least one vector) of
+    its final value. A variable model's lengths fall late and in a few steps (docs/VARIABLE_LENGTH.md): the
+    steps after this one are what its kept vectors had to learn to carry a segment. None without lengths."""
+    if not metrics.is_file():
+        return None
+    lengths = []
+    for line in metrics.read_text().splitlines():
+        record = json.loads(line)
+        if "summary_length" in record and "step" in record:
+            lengths.append((record["step"], record["summary_length"]))
+    if not lengths:
+        return None
+    final = lengths[-1][1]
+    settled = lengths[0][0]
+    for step, length in lengths:
+        if abs(length - final) > max(1.0, 0.1 * final):
+            settled = None
+        elif settled is None:
+            settled = step
+    return settled
 
 
 def write_ablation(runs: list[QualitySettings]) -> None:
@@ -801,15 +827,17 @@ def write_ablation(runs: list[QualitySettings]) -> None:
     (root / "ablation.json").write_text(json.dumps(table, indent=2) + "\n")
     k = table[0]["segments"] if table else 0
     lines = [
-        f"| arm | changes | fine-tune steps (tokens) | vectors / segment | ppl: no context | ppl: 1 segment | "
+        f"| arm | changes | fine-tune steps (tokens) | vectors / segment | length settled at step | "
+        f"ppl: no context | ppl: 1 segment | "
         f"ppl: {k} segments | ppl: full attention | gap closed: 1 segment | gap closed: {PAPER_SEGMENTS} segments | "
         f"gap closed: {k} segments | corr(kept, loss) | KV MiB / sample | decode ms / token |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in table:
         changes = ", ".join(f"{key}={value}" for key, value in r["changes"].items()) or "(defaults)"
         kv = r["kv_bytes_per_sample"]
         cells = [
+            _num(r["length_settled_step"], "d"),
             *(_num(r[key], ".3f") for key in ("ppl_no_context", "ppl_one_segment", "ppl_all_segments")),
             _num(r["ppl_full_attention"], ".3f"),
             *(_num(r[key], ".1%") for key in ("gap_one_segment", "gap_paper_segments", "gap_all_segments")),

@@ -75,8 +75,28 @@ def test_quality_smoke_runs_every_stage(tmp_path):
     assert table[0]["ppl_all_segments"] == rows["summary_3"]["ppl"]
     assert table[1]["ppl_all_segments"] == arm_rows["summary_variable_3"]["ppl"]
     assert table[1]["kv_bytes_per_sample"] == arm["summary_profile"]["kv_bytes_per_sample"]
+    steps = json.loads((out / "arms" / "var" / "finetune" / "stage.json").read_text())["steps"]
+    assert table[0]["length_settled_step"] is None and 1 <= table[1]["length_settled_step"] <= steps
     assert "| var | compression.compression_mode=variable" in (out / "ablation.md").read_text()
     assert (out / "frontier.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_length_settled_step_is_where_the_length_last_entered_its_final_band(tmp_path):
+    """The step from which the logged mean length stays within 10% (at least one vector) of its final value:
+    after a late fall, the fall's end; a length that wanders out and back counts from its return."""
+    from quality import length_settled_step
+
+    def settled(lengths):
+        path = tmp_path / "metrics.jsonl"
+        rows = [{"step": i + 1, "loss": 1.0, "summary_length": x} for i, x in enumerate(lengths)]
+        path.write_text("".join(json.dumps(r) + "\n" for r in [{"step": 0, "event": "start"}, *rows]))
+        return length_settled_step(path)
+
+    assert settled([50, 50, 50, 50]) == 1
+    assert settled([50, 50, 47.3, 9.0, 9.4, 8.5]) == 4  # within one vector of 8.5 from step 4 on
+    assert settled([50, 9, 30, 9.2, 9.0]) == 4  # wandered out at step 3
+    assert settled([50, 50, 48.7]) == 1  # 10% of 48.7 is 4.9: never left the band
+    assert length_settled_step(tmp_path / "missing.jsonl") is None
 
 
 def test_settings_changes_and_arms_are_checked():
