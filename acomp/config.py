@@ -408,12 +408,11 @@ def validate(cfg: RunConfig) -> None:
             "config key 'model.presence_attention' folded needs model.attn_implementation sdpa, got "
             f"{cfg.model.attn_implementation!r}"
         )
-    for key, value in (
-        ("compression.compression_prefix_dropout", c.compression_prefix_dropout),
-        ("compression.compress_stop_threshold", c.compress_stop_threshold),
-    ):
-        if value is not None and not 0.0 <= value <= 1.0:
-            raise ConfigError(f"config key {key!r} must be in [0, 1], got {value}")
+    threshold = c.compress_stop_threshold
+    if threshold is not None and not 0.0 <= threshold <= 1.0:
+        raise ConfigError(
+            f"config key 'compression.compress_stop_threshold' must be in [0, 1], got {threshold}"
+        )
     if not 0 <= t.preempt_exit_code <= 255:
         raise ConfigError(
             f"config key 'train.preempt_exit_code' must be in [0, 255], got {t.preempt_exit_code}"

@@ -196,13 +196,6 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--lambdas", type=float, nargs="+", default=LAMBDAS, help="length-penalty sweep")
     parser.add_argument("--fixed", type=int, nargs="+", default=FIXED, help="fixed summary lengths")
-    parser.add_argument(
-        "--prefix-dropouts",
-        type=float,
-        nargs="+",
-        default=[0.0],
-        help="compression_prefix_dropout values: each lambda is trained with each (a lever study beyond 0)",
-    )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     if args.smoke:
@@ -218,20 +211,18 @@ def main(argv=None) -> int:
     started = time.time()
     base = train_base(args)
     arms = [(f"k={k}", "fixed", {"summary_length": k}) for k in args.fixed]
-    variable = {"compression_mode": "variable", "compression_max_len": MAX_LEN}
     arms += [
         (
-            f"lambda={lam:g}" + (f",prefix_dropout={pd:g}" if pd else ""),
+            f"lambda={lam:g}",
             "variable",
-            {**variable, "compression_lambda": lam, **({"compression_prefix_dropout": pd} if pd else {})},
+            {"compression_mode": "variable", "compression_max_len": MAX_LEN, "compression_lambda": lam},
         )
         for lam in args.lambdas
-        for pd in args.prefix_dropouts
     ]
     base_eval = evaluate(base, args, summary_length=1)  # its no-context ppl; the summary is untrained
     results = []
     for label, mode, fields in arms:
-        name = label.replace("=", "_").replace(",", "_")
+        name = label.replace("=", "_")
         model_dir = train_arm(args, base, name, fields)
         inference = {"compress_stop_threshold": args.threshold} if mode == "variable" else {}
         result = evaluate(model_dir, args, **inference)

@@ -62,10 +62,6 @@ def test_overrides_parse_and_apply(tmp_path):
         ),
         ("train.max_steps=0", r"'train.max_steps' must be > 0"),
         ("compression.lambda_warmup_steps=-1", r"'compression.lambda_warmup_steps' must be >= 0, got -1"),
-        (
-            "compression.compression_prefix_dropout=1.5",
-            r"'compression.compression_prefix_dropout' must be in \[0, 1\], got 1.5",
-        ),
         ("compression.compress_stop_threshold=-0.1", r"'compression.compress_stop_threshold' must be in"),
         ("optim.lr=0", r"'optim.lr' must be > 0"),
         (

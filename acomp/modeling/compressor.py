@@ -30,7 +30,6 @@ from .variable import (
     hard_lengths,
     hard_presence_bias,
     length_penalty,
-    prefix_cut,
     soft_presence,
     stop_probabilities,
 )
@@ -405,10 +404,7 @@ class AutoCompressorMixin:
                 stop_prob, stop_logits, self.config.eoc_token_id, self.config.compress_stop_threshold
             )
             return hard_presence_bias(length, stop_prob.shape[1], torch.float32), length.float()
-        log_survival, expected = soft_presence(stop_prob)
-        if self.training and self.config.compression_prefix_dropout:
-            log_survival = prefix_cut(log_survival, self.config.compression_prefix_dropout)
-        return log_survival, expected  # the penalty prices the model's own stopping, not the cut
+        return soft_presence(stop_prob)
 
     def _summary_embeds(self, batch: int, dtype: torch.dtype) -> torch.Tensor | None:
         """The tail appended to a compressing segment (None when compression is off)."""

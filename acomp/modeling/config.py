@@ -34,9 +34,6 @@ class CompressionFields:
     compression_lambda: float = 0.0  # weight of the length penalty
     compression_alpha: float = 1.0  # weight of the earlier memory in the penalty's denominator
     compress_stop_threshold: float | None = None  # inference: stop when P(<eoc>) exceeds it (None: argmax)
-    # Training: the share of compressing segments whose vectors are cut after a uniformly drawn slot (nested
-    # dropout), so the first vectors learn to carry the most and a shorter length keeps the best of them.
-    compression_prefix_dropout: float = 0.0
 
 
 @dataclass
@@ -111,9 +108,6 @@ def validate_compression_fields(config) -> None:
     m = config.compression_max_len
     if not isinstance(m, int) or m < 1:
         raise ValueError(f"compression_max_len must be an integer >= 1, got {m!r}")
-    d = config.compression_prefix_dropout
-    if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0.0 <= d <= 1.0:
-        raise ValueError(f"compression_prefix_dropout must be in [0, 1], got {d!r}")
     t = config.compress_stop_threshold
     if t is not None and not 0.0 <= float(t) <= 1.0:
         raise ValueError(f"compress_stop_threshold must be None or in [0, 1], got {t!r}")

@@ -74,17 +74,6 @@ def hard_presence_bias(lengths: torch.Tensor, max_len: int, dtype: torch.dtype) 
     return torch.where(slots <= lengths[:, None], PRESENT, absent_bias(dtype)).to(dtype)
 
 
-def prefix_cut(log_survival: torch.Tensor, rate: float) -> torch.Tensor:
-    """Nested dropout on a training presence (log S_t [B, T]): in a `rate` share of the samples, every slot
-    after a length drawn uniformly from 1..T is made absent. The draw comes from torch's global generator."""
-    batch, slots = log_survival.shape
-    device = log_survival.device
-    cut = torch.rand(batch, device=device) < rate
-    length = torch.where(cut, torch.randint(1, slots + 1, (batch,), device=device), slots)
-    beyond = torch.arange(1, slots + 1, device=device) > length[:, None]
-    return torch.where(beyond, absent_bias(log_survival.dtype), log_survival)
-
-
 def length_penalty(
     expected_len: torch.Tensor, n_tokens: torch.Tensor, lam: float, alpha: float
 ) -> torch.Tensor:

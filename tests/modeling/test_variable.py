@@ -9,7 +9,7 @@ from tiny_models import MODEL_CLASS, VOCAB, random_ids, tiny_config, tiny_model
 import acomp.modeling.compressor as compressor
 from acomp import Softprompt
 from acomp.modeling.attention import folds_presence
-from acomp.modeling.variable import prefix_cut, soft_presence
+from acomp.modeling.variable import soft_presence
 
 MAX_LEN = 4
 PRESENCE = ("mask", "folded")
@@ -110,48 +110,6 @@ def test_gradients_reach_the_stop_decision():
     assert out.length_penalty > 0
     out.loss.backward()
     assert model.lm_head.weight.grad[eoc].abs().sum() > 0
-
-
-def test_prefix_cut_makes_the_slots_after_a_uniform_draw_absent_in_a_share_of_samples():
-    log_s, _ = soft_presence(torch.full((4000, 5), 0.1))
-    torch.manual_seed(0)
-    assert torch.equal(prefix_cut(log_s, 0.0), log_s)
-    cut = prefix_cut(log_s, 0.5)
-    absent = cut <= torch.finfo(cut.dtype).min
-    kept = (~absent).sum(dim=1)
-    assert torch.equal(cut[~absent], log_s[~absent])  # kept slots keep their soft presence
-    assert torch.equal(absent, torch.arange(5) >= kept[:, None])  # a prefix is kept, all after it absent
-    shortened = kept < 5
-    assert 0.35 < shortened.float().mean() < 0.45  # half cut, and a fifth of those drew the full length
-    counts = torch.bincount(kept[shortened], minlength=5)[1:]
-    assert counts.min() > 0.8 * counts.float().mean()  # lengths 1..4 about equally often
-
-
-def test_prefix_dropout_cuts_the_next_segment_s_summaries_in_training_only():
-    """Reference computed another way: segment 1 alone, its soft presence cut by hand with the same draw,
-    then segment 2 behind it. The penalty prices the model's own stopping, so it ignores the cut."""
-    ids = random_ids(3, 12)
-    model = variable_model(compression_prefix_dropout=1.0, compression_lambda=0.5).train()
-    torch.manual_seed(7)
-    full = model(ids, labels=ids, segment_lengths=[6, 6])
-
-    model.config.compression_prefix_dropout = 0.0
-    first = model(ids[:, :6], output_softprompt=True)
-    torch.manual_seed(7)
-    bias = prefix_cut(first.softprompt_bias, 1.0)
-    assert bool((bias <= torch.finfo(bias.dtype).min).any())  # something was cut
-    second = model(ids[:, 6:], softprompt=first.softprompt, softprompt_bias=bias)
-    torch.testing.assert_close(full.logits[:, 6:], second.logits, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(full.logits[:, :6], first.logits, rtol=1e-5, atol=1e-5)
-    uncut = model(ids, labels=ids, segment_lengths=[6, 6])
-    torch.testing.assert_close(full.length_penalty, uncut.length_penalty)
-    assert not torch.allclose(full.logits[:, 6:], uncut.logits[:, 6:])
-
-    model.eval()  # inference stops where the model decides: no cut
-    model.config.compression_prefix_dropout = 1.0
-    cut_eval = model(ids, segment_lengths=[6, 6]).logits
-    model.config.compression_prefix_dropout = 0.0
-    torch.testing.assert_close(cut_eval, model(ids, segment_lengths=[6, 6]).logits)
 
 
 def test_length_penalty_formula():
