@@ -144,10 +144,8 @@ def _decode(
     prompt + new tokens)."""
     ms = None
     if timed:
-        gen = {
-            "max_new_tokens": cfg.new_tokens,
-            "eos_token_id": [],
-        }  # exactly new_tokens: equal work per model
+        # Exactly new_tokens (no end-of-sequence stop): equal work per model.
+        gen = {"max_new_tokens": cfg.new_tokens, "eos_token_id": []}
         model.generate(prompt, softprompt=summary, **gen)
         _sync(device)
         t = time.perf_counter()

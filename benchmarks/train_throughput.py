@@ -295,8 +295,6 @@ def profile_steps(trainer, first: int, steps: int, cuda: bool) -> str:
     """`steps` more training steps under torch.profiler: the ops that took the most device time, then (on a
     GPU) the ops that took the most host time, under a line that says whether the steps were bound by the
     device or by the host (device busy time over wall time)."""
-    import time
-
     import torch
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile

@@ -394,7 +394,7 @@ def build_dataloader(
         drop_last=drop_last,
         collate_fn=collate_blocks,
         # Its own generator: starting an epoch's iterator would otherwise draw from torch's global one, which
-        # model-side randomness (dropout, prefix dropout) uses and checkpoints save, and a resumed run starts
+        # model-side randomness (dropout) uses and checkpoints save, and a resumed run starts
         # its iterator after restoring that state, so its draws would shift. Streaming sets the data order.
         generator=torch.Generator(),
         **extra,
