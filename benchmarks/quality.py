@@ -58,7 +58,10 @@ if str(REPO) not in sys.path:
 
 STAGES = ("data", "pretrain", "finetune", "eval")
 PAPER_SEGMENTS = 3  # the paper's headline: 150 vectors = 3 compressed segments of 50
-PROFILE_COLUMNS = ("length_loss_spearman", "kv_bytes_per_sample", "decode_ms_per_token")  # ablation.md's last
+PROFILE_COLUMNS = (
+    "length_loss_spearman", "nll_hard", "nll_soft", "soft_slots_per_segment", "kv_bytes_per_sample",
+    "decode_ms_per_token",
+)  # fmt: skip  # ablation.md's last
 # Settings that decide the corpus (shared by every arm: the same held-out targets) and the pretrained base
 # (an arm that changes one of these pretrains its own base).
 CORPUS_FIELDS = (
@@ -683,6 +686,17 @@ def profile_line(prof: dict) -> str:
         f"{prof['new_tokens']} tokens behind them, batch {prof['decode_batch']}: "
         f"{'not timed (a shared device)' if ms is None else f'{ms:.2f} ms/token'}, KV cache {prof['kv_bytes_per_sample'] / 2**20:.2f} MiB per sample "
         f"({prof['cache_summary_slots']} summary slots + {prof['prompt_tokens']} prompt + {prof['new_tokens']} new tokens)."
+        + presence_sentence(prof)
+    )
+
+
+def presence_sentence(prof: dict) -> str:
+    if prof.get("nll_hard") is None:  # a fixed-length model (or a results.json from before the check)
+        return ""
+    return (
+        f" Segments after the first: {prof['nll_hard']:.4f} nats/token behind the kept vectors (inference) vs "
+        f"{prof['nll_soft']:.4f} behind soft presence (training), which kept {prof['soft_slots_per_segment']:.1f} "
+        "slots per segment at survival >= 0.01."
     )
 
 
@@ -830,8 +844,9 @@ def write_ablation(runs: list[QualitySettings]) -> None:
         f"| arm | changes | fine-tune steps (tokens) | vectors / segment | length settled at step | "
         f"ppl: no context | ppl: 1 segment | "
         f"ppl: {k} segments | ppl: full attention | gap closed: 1 segment | gap closed: {PAPER_SEGMENTS} segments | "
-        f"gap closed: {k} segments | corr(kept, loss) | KV MiB / sample | decode ms / token |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"gap closed: {k} segments | corr(kept, loss) | nats lost at inference (slots training kept) | KV MiB / sample | "
+        "decode ms / token |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in table:
         changes = ", ".join(f"{key}={value}" for key, value in r["changes"].items()) or "(defaults)"
@@ -842,6 +857,7 @@ def write_ablation(runs: list[QualitySettings]) -> None:
             _num(r["ppl_full_attention"], ".3f"),
             *(_num(r[key], ".1%") for key in ("gap_one_segment", "gap_paper_segments", "gap_all_segments")),
             _num(r["length_loss_spearman"], ".2f"),
+            presence_cell(r),
             _num(None if kv is None else kv / 2**20, ".2f"),
             _num(r["decode_ms_per_token"], ".2f"),
         ]
@@ -857,6 +873,14 @@ def write_ablation(runs: list[QualitySettings]) -> None:
     if len(lengths) > 1:
         plot_frontier(table, root / "frontier.png")
     print(f"wrote {root / 'ablation.md'}, {root / 'ablation.json'}", flush=True)
+
+
+def presence_cell(row: dict) -> str:
+    """A variable model's held-out loss behind hard presence (inference) minus soft presence (training), and
+    the slots per segment training's soft presence kept (summary_profile.py)."""
+    if row.get("nll_hard") is None:
+        return "-"
+    return f"{row['nll_hard'] - row['nll_soft']:+.4f} ({row['soft_slots_per_segment']:.1f})"
 
 
 def _num(value, spec: str) -> str:

@@ -5,7 +5,13 @@ the kept vectors (compacted: absent slots dropped).
 For a variable-length model the question is whether learned lengths follow content: a segment the model
 predicts badly without context (high no-context loss) carries more information, so it should keep more
 vectors. A fixed-length model keeps the same number everywhere (no correlation to report), which makes it the
-reference for the cost side. benchmarks/quality.py's eval stage runs this on the trained AutoCompressor and
+reference for the cost side.
+
+A variable-length model is trained with soft presence (slot t weighted by its survival S_t through an attention
+bias log S_t) but reads hard lengths at inference. Attention can still draw on a slot whose S_t is tiny, so
+training may lean on vectors that inference drops. The profile therefore scores the segments after the first
+both ways: `nll_hard` (inference) against `nll_soft` (what training saw), and counts the slots training kept
+with S_t >= SOFT_PRESENT. benchmarks/quality.py's eval stage runs this on the trained AutoCompressor and
 stores it as `summary_profile` in results.json (and ablation.md's last columns).
 """
 
@@ -18,6 +24,8 @@ from dataclasses import asdict, dataclass
 import torch
 
 from acomp.eval.protocol import _item, eval_mode, select_blocks
+
+SOFT_PRESENT = 0.01  # a slot whose survival is at least this counts as kept by training's soft presence
 
 
 @dataclass
@@ -100,8 +108,11 @@ def profile(
     lengths: list[float] = []
     losses: list[float] = []
     decode = {}
+    presence = PresenceTotals() if getattr(model, "variable_length", False) else None
     with eval_mode(model):
         for context, prompt in _spans(blocks, cfg, device):
+            if presence is not None:
+                presence.add(model, context, cfg)
             memory = model.compress_context(context, segment_lengths=[cfg.segment] * cfg.segments)
             if memory.summary_lengths is not None:
                 kept = memory.summary_lengths.float()  # [B, segments]
@@ -122,8 +133,46 @@ def profile(
         "length_loss_pearson": pearson(lengths, losses),
         "length_loss_spearman": spearman(lengths, losses),
         **decode,
+        **(PresenceTotals.empty() if presence is None else presence.result()),
         "pairs": [[length, loss] for length, loss in zip(lengths, losses)],  # (vectors kept, no-context loss)
     }
+
+
+class PresenceTotals:
+    """Held-out loss of the segments after the first behind hard (inference) and soft (training) presence, and
+    the slots per compressing segment that soft presence keeps (S_t >= SOFT_PRESENT)."""
+
+    def __init__(self):
+        self.nll = {True: 0.0, False: 0.0}
+        self.tokens = 0
+        self.soft_slots = 0.0
+        self.segments = 0
+
+    def add(self, model, context: torch.Tensor, cfg: ProfileConfig) -> None:
+        for hard in (True, False):
+            out = model(
+                context,
+                labels=context,
+                segment_lengths=[cfg.segment] * cfg.segments,
+                hard_stop=hard,
+                output_softprompt=True,
+                return_logits=False,
+            )
+            self.nll[hard] += out.segment_nll[:, 1:].double().sum().item()
+        self.tokens += int(out.segment_tokens[:, 1:].sum())
+        self.soft_slots += (out.softprompt_bias.float().exp() >= SOFT_PRESENT).sum().item()
+        self.segments += out.softprompt_bias.shape[0] * cfg.segments
+
+    def result(self) -> dict:
+        return {
+            "nll_hard": self.nll[True] / self.tokens,
+            "nll_soft": self.nll[False] / self.tokens,
+            "soft_slots_per_segment": self.soft_slots / self.segments,
+        }
+
+    @staticmethod
+    def empty() -> dict:
+        return {"nll_hard": None, "nll_soft": None, "soft_slots_per_segment": None}
 
 
 @torch.no_grad()

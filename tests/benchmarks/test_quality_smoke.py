@@ -75,6 +75,7 @@ def test_quality_smoke_runs_every_stage(tmp_path):
     assert table[0]["ppl_all_segments"] == rows["summary_3"]["ppl"]
     assert table[1]["ppl_all_segments"] == arm_rows["summary_variable_3"]["ppl"]
     assert table[1]["kv_bytes_per_sample"] == arm["summary_profile"]["kv_bytes_per_sample"]
+    assert table[0]["nll_hard"] is None and table[1]["nll_soft"] == arm["summary_profile"]["nll_soft"] > 0
     steps = json.loads((out / "arms" / "var" / "finetune" / "stage.json").read_text())["steps"]
     assert table[0]["length_settled_step"] is None and 1 <= table[1]["length_settled_step"] <= steps
     assert "| var | compression.compression_mode=variable" in (out / "ablation.md").read_text()

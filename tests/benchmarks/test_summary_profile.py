@@ -65,11 +65,50 @@ def test_variable_lengths_pair_with_each_segments_own_no_context_loss(monkeypatc
     assert got["decode_batch"] == 4 and got["decode_ms_per_token"] > 0
 
 
+def _forced_stops(monkeypatch, probs: list[float]):
+    stops = torch.tensor(probs)
+    monkeypatch.setattr(
+        compressor, "stop_probabilities", lambda logits, eoc: stops.expand(logits.shape[0], -1)
+    )
+    return tiny_model(
+        "llama", compression_mode="variable", compression_max_len=MAX_LEN, compress_stop_threshold=0.5
+    )
+
+
+def test_certain_stops_read_the_same_in_training_and_at_inference(monkeypatch):
+    # Stop probabilities of exactly 0 or 1: soft presence is hard presence, so both losses agree.
+    model = _forced_stops(monkeypatch, [0.0, 1.0, 0.0, 0.0])
+    got = profile(model, [random_ids(1, 30, seed=s)[0] for s in range(4)], CFG)
+    assert got["nll_soft"] == pytest.approx(got["nll_hard"], rel=1e-6)
+    assert got["soft_slots_per_segment"] == 2.0 and got["mean_vectors_per_segment"] == 2.0
+
+
+def test_soft_presence_keeps_faint_slots_that_inference_drops(monkeypatch):
+    # p = 0.95 at every slot: inference keeps 1 vector; training's survivals 1, 0.05, 0.0025, ... keep 2 above
+    # SOFT_PRESENT, and the faint second slot changes what the next segment reads.
+    model = _forced_stops(monkeypatch, [0.95] * MAX_LEN)
+    blocks = [random_ids(1, 30, seed=s)[0] for s in range(4)]
+    got = profile(model, blocks, CFG)
+    assert got["mean_vectors_per_segment"] == 1.0 and got["soft_slots_per_segment"] == 2.0
+    assert got["nll_soft"] != pytest.approx(got["nll_hard"], rel=1e-6)
+    # The hard side is the protocol's own reading: segment 2 behind segment 1's compacted summary.
+    with torch.no_grad():
+        nll = tokens = 0.0
+        for block in blocks:
+            ids = block[-19:][:16][None]
+            memory = model.eval().compress_context(ids[:, :8], segment_lengths=[8])
+            out = model(ids[:, 8:], labels=ids[:, 8:], softprompt=memory.summary.compact())
+            nll += out.segment_nll.sum().item()
+            tokens += out.segment_tokens.sum().item()
+    assert got["nll_hard"] == pytest.approx(nll / tokens, rel=1e-5)
+
+
 def test_fixed_model_keeps_its_length_everywhere():
     model = tiny_model("llama", summary_length=3)
     got = profile(model, [random_ids(1, 19, seed=s)[0] for s in range(4)], CFG)
     assert {length for length, _ in got["pairs"]} == {3.0}
     assert got["length_loss_pearson"] is None and got["length_loss_spearman"] is None
+    assert got["nll_hard"] is None and got["soft_slots_per_segment"] is None  # nothing soft to compare
     assert got["cache_summary_slots"] == 6
     # Llama: 2 layers x K and V x 2 KV heads x head dim 8 x 4 bytes (fp32) per position.
     assert kv_bytes_per_token(model) == 2 * 2 * 2 * 8 * 4
