@@ -1040,7 +1040,7 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="fine-tune and evaluate the headline run and its arms at the same time, one process each on the "
         "same GPU (logs: <run dir>/<stage>.log), and pretrain the bases of arms that change a pretraining "
-        "setting beside the headline's",
+        "setting beside the headline's (an H200 holds about four new 115M runs at once; done runs are skipped)",
     )
     p.add_argument("--force", action="store_true", help="redo the chosen stages even when they are done")
     p.add_argument(
