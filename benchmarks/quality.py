@@ -887,36 +887,64 @@ def _num(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+LENGTH_SETTINGS = ("summary_length", "finetune_seed")  # with compression.*: what a frontier arm may change
+
+
+def frontier_points(table: list[dict]) -> list[dict]:
+    """The frontier's points: runs that change only the summary length, compression settings or a seed (so not
+    e.g. a learning-rate arm), replicates at the same (mode, length) averaged into one point."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in table:
+        if all(key in LENGTH_SETTINGS or key.startswith("compression.") for key in r["changes"]):
+            groups.setdefault((r["mode"], round(r["vectors_per_segment"], 1)), []).append(r)
+    points = []
+    for (mode, _), rows in sorted(groups.items()):
+        gaps = [r["gap_paper_segments"] for r in rows]
+        points.append(
+            {
+                "mode": mode,
+                "label": ", ".join(r["arm"] for r in rows),
+                "vectors": statistics.fmean(r["vectors_per_segment"] for r in rows),
+                "ppl": statistics.fmean(r["ppl_all_segments"] for r in rows),
+                "gap": None if None in gaps else statistics.fmean(gaps),
+            }
+        )
+    return points
+
+
 def plot_frontier(table: list[dict], path: Path) -> None:
+    """Two panels against summary vectors per segment, fixed and variable arms as two lines: the held-out ppl
+    behind all segments, and the share of the gap closed behind the paper's segments (each model against its
+    own no-context and full-attention loss, which differ between arms)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for mode, marker in (("fixed", "o"), ("variable", "s")):
-        rows = sorted((r for r in table if r["mode"] == mode), key=lambda r: r["vectors_per_segment"])
-        if rows:
-            xs, ys = [r["vectors_per_segment"] for r in rows], [r["ppl_all_segments"] for r in rows]
-            ax.plot(xs, ys, marker=marker, label=mode)
-    groups: dict[float, list[dict]] = {}  # arms at the same length (e.g. every slot kept) share one label
-    for r in table:
-        groups.setdefault(round(r["vectors_per_segment"], 1), []).append(r)
-    widest = max(groups)
-    for x, rows in groups.items():
-        ax.annotate(
-            "\n".join(r["arm"] for r in rows),
-            (x, min(r["ppl_all_segments"] for r in rows)),
-            xytext=(-4 if x == widest else 4, 6),
-            textcoords="offset points",
-            ha="right" if x == widest else "left",
-            fontsize=7,
-        )
-    ax.axhline(table[0]["ppl_no_context"], color="gray", linestyle="--", label="no context")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("summary vectors per segment (mean)")
-    ax.set_ylabel(f"held-out ppl behind {table[0]['segments']} compressed segments")
-    ax.legend()
+    points = frontier_points(table)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    panels = (
+        ("ppl", f"held-out ppl behind {table[0]['segments']} compressed segments"),
+        ("gap", f"gap closed behind {PAPER_SEGMENTS} segments"),
+    )
+    for ax, (key, label) in zip(axes, panels):
+        for mode, marker in (("fixed", "o"), ("variable", "s")):
+            rows = [p for p in points if p["mode"] == mode and p[key] is not None]
+            if rows:
+                ax.plot([p["vectors"] for p in rows], [p[key] for p in rows], marker=marker, label=mode)
+                for p in rows:
+                    ax.annotate(
+                        p["label"],
+                        (p["vectors"], p[key]),
+                        xytext=(4, 6),
+                        textcoords="offset points",
+                        fontsize=7,
+                    )
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("summary vectors per segment (mean)")
+        ax.set_ylabel(label)
+    axes[0].axhline(table[0]["ppl_no_context"], color="gray", linestyle="--", label="no context (first run)")
+    axes[0].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

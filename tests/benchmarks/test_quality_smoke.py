@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "benchmarks"))
 VARIABLE_ARM = (
     "var:compression.compression_mode=variable,compression.compression_max_len=4,"
-    "compression.compression_lambda=0.1,finetune_lr=1e-3"
+    "compression.compression_lambda=0.1"
 )
 
 
@@ -67,7 +67,9 @@ def test_quality_smoke_runs_every_stage(tmp_path):
     arm_rows = {row["name"]: row for row in arm["headline"]["rows"]}
     assert {"summary_variable_1", "summary_variable_3"} <= set(arm_rows)
     assert 0 <= arm_rows["summary_variable_3"]["summary_vectors"] <= 12  # where the model stopped: 3 x 0..4
-    assert arm["settings"]["finetune_lr"] == 1e-3 and arm["settings"]["own_base"] is False
+    assert (
+        arm["settings"]["compression"]["compression_lambda"] == 0.1 and arm["settings"]["own_base"] is False
+    )
     finetuned = json.loads((out / "arms" / "var" / "finetune" / "final" / "config.json").read_text())
     assert finetuned["compression_mode"] == "variable" and finetuned["compression_lambda"] == 0.1
     table = json.loads((out / "ablation.json").read_text())
@@ -98,6 +100,30 @@ def test_length_settled_step_is_where_the_length_last_entered_its_final_band(tmp
     assert settled([50, 9, 30, 9.2, 9.0]) == 4  # wandered out at step 3
     assert settled([50, 50, 48.7]) == 1  # 10% of 48.7 is 4.9: never left the band
     assert length_settled_step(tmp_path / "missing.jsonl") is None
+
+
+def test_frontier_points_average_replicates_and_leave_out_other_levers():
+    from quality import frontier_points
+
+    def row(arm, changes, mode, vectors, ppl, gap):
+        return {
+            "arm": arm, "changes": changes, "mode": mode, "vectors_per_segment": vectors,
+            "ppl_all_segments": ppl, "gap_paper_segments": gap,
+        }  # fmt: skip
+
+    table = [
+        row("default", {}, "fixed", 50.0, 10.0, 0.6),
+        row("rep2", {"finetune_seed": "2"}, "fixed", 50.0, 12.0, 0.4),
+        row("k5", {"summary_length": "5"}, "fixed", 5.0, 11.0, 0.3),
+        row("lr", {"finetune_lr": "2e-3"}, "fixed", 50.0, 9.0, 0.7),  # another lever: not a frontier point
+        row("var", {"compression.compression_lambda": "0.2"}, "variable", 4.04, 11.5, None),
+    ]
+    points = frontier_points(table)
+    assert [(p["mode"], p["label"], p["vectors"]) for p in points] == [
+        ("fixed", "k5", 5.0), ("fixed", "default, rep2", 50.0), ("variable", "var", 4.04)
+    ]  # fmt: skip
+    assert points[1]["ppl"] == pytest.approx(11.0) and points[1]["gap"] == pytest.approx(0.5)
+    assert points[2]["gap"] is None
 
 
 def test_settings_changes_and_arms_are_checked():
