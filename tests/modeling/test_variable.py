@@ -9,7 +9,8 @@ from tiny_models import MODEL_CLASS, VOCAB, random_ids, tiny_config, tiny_model
 import acomp.modeling.compressor as compressor
 from acomp import Softprompt
 from acomp.modeling.attention import folds_presence
-from acomp.modeling.variable import soft_presence
+from acomp.modeling.softprompt import is_absent
+from acomp.modeling.variable import sampled_presence, soft_presence
 
 MAX_LEN = 4
 PRESENCE = ("mask", "folded")
@@ -110,6 +111,55 @@ def test_gradients_reach_the_stop_decision():
     assert out.length_penalty > 0
     out.loss.backward()
     assert model.lm_head.weight.grad[eoc].abs().sum() > 0
+
+
+def test_sampled_presence_draws_lengths_from_the_stop_distribution():
+    p = torch.tensor([[0.5, 0.5, 0.5, 0.5], [0.0, 1.0, 0.0, 0.0]]).repeat(4000, 1)
+    torch.manual_seed(0)
+    bias, expected = sampled_presence(p)
+    present = ~is_absent(bias)
+    # Present slots form a prefix whose frequency per slot is its survival S_t: 1, 1/2, 1/4, 1/8.
+    assert torch.equal(present, present.cummin(dim=1).values)
+    assert set(bias[present].tolist()) == {0.0}
+    torch.testing.assert_close(
+        present[0::2].float().mean(0), torch.tensor([1.0, 0.5, 0.25, 0.125]), atol=0.02, rtol=0
+    )
+    assert present[1::2].sum(dim=1).eq(2).all()  # a certain stop after slot 2: always length 2
+    torch.testing.assert_close(expected, soft_presence(p)[1])  # the penalty's E[L] is the soft one
+
+
+def test_sampled_presence_is_hard_masking_forward_with_gradients_straight_through(monkeypatch):
+    """The next segment's loss equals hard masking at the drawn length; the LM loss's gradient reaches the stop
+    probabilities of the slots before the drawn length, and none from it on (they only move absent slots)."""
+    model = variable_model(training_presence="sampled", compress_stop_threshold=0.5).train()
+    ids = random_ids(2, 12)
+    labels = ids.clone()
+    labels[:, :7] = -100  # segment 2's loss only
+    stop = torch.full((2, MAX_LEN), 0.3, requires_grad=True)
+    monkeypatch.setattr(compressor, "stop_probabilities", lambda logits, eoc: stop)
+    torch.manual_seed(2)
+    out = model(ids, labels=labels, segment_lengths=[6, 6], output_softprompt=True)
+    lengths = (~is_absent(out.softprompt_bias[:, :MAX_LEN])).sum(dim=1).tolist()
+    assert len(set(lengths)) == 2 and max(lengths) > 1  # this seed draws two different lengths
+    out.lm_loss.backward()
+    for b, length in enumerate(lengths):
+        assert stop.grad[b, length - 1 :].abs().sum() == 0
+        assert length == 1 or stop.grad[b, : length - 1].abs().sum() > 0
+
+    stops = torch.tensor([[1.0 if t == n - 1 else 0.0 for t in range(MAX_LEN)] for n in lengths])
+    monkeypatch.setattr(compressor, "stop_probabilities", lambda logits, eoc: stops)
+    expected = model(ids, labels=labels, segment_lengths=[6, 6], hard_stop=True)
+    torch.testing.assert_close(out.lm_loss, expected.lm_loss)
+
+
+def test_sampled_presence_leaves_inference_alone(forced_stops):
+    forced_stops([[0.0, 0.7, 0.0, 0.0]])
+    soft = variable_model(compress_stop_threshold=0.5).eval()
+    sampled = variable_model(compress_stop_threshold=0.5, training_presence="sampled").eval()
+    ids = random_ids(1, 12)
+    a, b = (m(ids, segment_lengths=[6, 6], output_softprompt=True) for m in (soft, sampled))
+    torch.testing.assert_close(a.logits, b.logits)
+    assert a.summary_lengths.tolist() == b.summary_lengths.tolist() == [[2.0, 2.0]]
 
 
 def test_length_penalty_formula():
