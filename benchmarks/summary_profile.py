@@ -7,8 +7,8 @@ predicts badly without context (high no-context loss) carries more information, 
 vectors. A fixed-length model keeps the same number everywhere (no correlation to report), which makes it the
 reference for the cost side.
 
-A variable-length model is trained with soft presence (slot t weighted by its survival S_t through an attention
-bias log S_t) but reads hard lengths at inference. Attention can still draw on a slot whose S_t is tiny, so
+A variable-length model is trained by default with soft presence (slot t weighted by its survival S_t through an
+attention bias log S_t) but reads hard lengths at inference. Attention can still draw on a slot whose S_t is tiny, so
 training may lean on vectors that inference drops. The profile therefore scores the segments after the first
 both ways: `nll_hard` (inference) against `nll_soft` (what training saw), and counts the slots training kept
 with S_t >= SOFT_PRESENT. benchmarks/quality.py's eval stage runs this on the trained AutoCompressor and
@@ -149,16 +149,23 @@ class PresenceTotals:
         self.segments = 0
 
     def add(self, model, context: torch.Tensor, cfg: ProfileConfig) -> None:
-        for hard in (True, False):
-            out = model(
-                context,
-                labels=context,
-                segment_lengths=[cfg.segment] * cfg.segments,
-                hard_stop=hard,
-                output_softprompt=True,
-                return_logits=False,
-            )
-            self.nll[hard] += out.segment_nll[:, 1:].double().sum().item()
+        trained_with = model.config.training_presence
+        model.config.training_presence = (
+            "soft"  # the faint slots' worth, also for a model trained with sampled lengths
+        )
+        try:
+            for hard in (True, False):
+                out = model(
+                    context,
+                    labels=context,
+                    segment_lengths=[cfg.segment] * cfg.segments,
+                    hard_stop=hard,
+                    output_softprompt=True,
+                    return_logits=False,
+                )
+                self.nll[hard] += out.segment_nll[:, 1:].double().sum().item()
+        finally:
+            model.config.training_presence = trained_with
         self.tokens += int(out.segment_tokens[:, 1:].sum())
         self.soft_slots += (out.softprompt_bias.float().exp() >= SOFT_PRESENT).sum().item()
         self.segments += out.softprompt_bias.shape[0] * cfg.segments
