@@ -339,13 +339,18 @@ def test_a_fixed_mode_summary_is_left_as_it_is():
     assert torch.equal(out.summary.vectors, model.compress(random_ids(2, 12), segment_lengths=[6, 6]))
 
 
-@pytest.mark.parametrize("family", ["llama", "opt", "qwen2"])
-def test_folded_presence_attention_equals_the_mask_with_gradients(family):
+@pytest.mark.parametrize(
+    "family, presence", [("llama", "soft"), ("opt", "soft"), ("qwen2", "soft"), ("llama", "sampled")]
+)
+def test_folded_presence_attention_equals_the_mask_with_gradients(family, presence):
     """`presence_attention: folded` (the presence bias as an extra key dimension, causal kernels) computes what
-    the 4D mask does: logits, lengths, loss with its penalty, and every gradient, under soft stopping and
-    left padding."""
+    the 4D mask does: logits, lengths, loss with its penalty, and every gradient, under soft stopping (or
+    sampled lengths, the same draws in both) and left padding."""
     models = [
-        variable_model(family, presence_attention=kind, compression_lambda=0.5).train() for kind in PRESENCE
+        variable_model(
+            family, presence_attention=kind, compression_lambda=0.5, training_presence=presence
+        ).train()
+        for kind in PRESENCE
     ]
     row = torch.randn(models[0].config.hidden_size, generator=torch.Generator().manual_seed(3))
     for model in models:  # the same <eoc> row in both, one that stops the loop softly after 1-3 vectors
@@ -354,7 +359,10 @@ def test_folded_presence_attention_equals_the_mask_with_gradients(family):
     ids = random_ids(2, 18)
     mask = torch.ones_like(ids)
     mask[0, :3] = 0  # the first sample is left-padded
-    outs = [m(ids, attention_mask=mask, labels=ids, segment_lengths=[6, 6, 6]) for m in models]
+    outs = []
+    for m in models:
+        torch.manual_seed(5)  # the same sampled lengths for both
+        outs.append(m(ids, attention_mask=mask, labels=ids, segment_lengths=[6, 6, 6]))
     lengths = outs[0].summary_lengths
     assert ((lengths > 1.2) & (lengths < MAX_LEN - 0.2)).any()  # soft presence, not all 1s or all slots
     for out in outs:
