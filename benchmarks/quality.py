@@ -58,10 +58,11 @@ if str(REPO) not in sys.path:
 
 STAGES = ("data", "pretrain", "finetune", "eval")
 PAPER_SEGMENTS = 3  # the paper's headline: 150 vectors = 3 compressed segments of 50
+# ablation.md's last columns (benchmarks/summary_profile.py)
 PROFILE_COLUMNS = (
     "length_loss_spearman", "nll_hard", "nll_soft", "soft_slots_per_segment", "kv_bytes_per_sample",
     "decode_ms_per_token",
-)  # fmt: skip  # ablation.md's last
+)  # fmt: skip
 # Settings that decide the corpus (shared by every arm: the same held-out targets) and the pretrained base
 # (an arm that changes one of these pretrains its own base).
 CORPUS_FIELDS = (
@@ -695,7 +696,7 @@ def presence_sentence(prof: dict) -> str:
         return ""
     return (
         f" Segments after the first: {prof['nll_hard']:.4f} nats/token behind the kept vectors (inference) vs "
-        f"{prof['nll_soft']:.4f} behind soft presence (training), which kept {prof['soft_slots_per_segment']:.1f} "
+        f"{prof['nll_soft']:.4f} behind soft presence (training's default), which keeps {prof['soft_slots_per_segment']:.1f} "
         "slots per segment at survival >= 0.01."
     )
 
@@ -844,7 +845,7 @@ def write_ablation(runs: list[QualitySettings]) -> None:
         f"| arm | changes | fine-tune steps (tokens) | vectors / segment | length settled at step | "
         f"ppl: no context | ppl: 1 segment | "
         f"ppl: {k} segments | ppl: full attention | gap closed: 1 segment | gap closed: {PAPER_SEGMENTS} segments | "
-        f"gap closed: {k} segments | corr(kept, loss) | nats lost at inference (slots training kept) | KV MiB / sample | "
+        f"gap closed: {k} segments | corr(kept, loss) | nats lost at inference (slots soft presence keeps) | KV MiB / sample | "
         "decode ms / token |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
@@ -876,8 +877,8 @@ def write_ablation(runs: list[QualitySettings]) -> None:
 
 
 def presence_cell(row: dict) -> str:
-    """A variable model's held-out loss behind hard presence (inference) minus soft presence (training), and
-    the slots per segment training's soft presence kept (summary_profile.py)."""
+    """A variable model's held-out loss behind hard presence (inference) minus soft presence (how training reads
+    the vectors by default), and the slots per segment soft presence keeps (summary_profile.py)."""
     if row.get("nll_hard") is None:
         return "-"
     return f"{row['nll_hard'] - row['nll_soft']:+.4f} ({row['soft_slots_per_segment']:.1f})"

@@ -182,6 +182,8 @@ def markdown(results: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
+    from acomp.modeling.config import TRAINING_PRESENCE
+
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -197,7 +199,7 @@ def main(argv=None) -> int:
     parser.add_argument("--lambdas", type=float, nargs="+", default=LAMBDAS, help="length-penalty sweep")
     parser.add_argument(
         "--training-presence",
-        choices=("soft", "sampled"),
+        choices=TRAINING_PRESENCE,
         default="soft",
         help="how variable arms train on uncertain vectors (compression.training_presence; default soft)",
     )
