@@ -447,18 +447,12 @@ def stage_train(settings: QualitySettings, stage: str, minutes: float, force: bo
 
 
 def _throughput(metrics: Path) -> tuple[int, float | None]:
-    """(tokens seen, median of the per-step tokens_per_s) of a trainer's metrics.jsonl (the last record of a
-    step wins: a resumed run logs the steps after its checkpoint again)."""
-    last, rates = 0, {}
-    for line in metrics.read_text().splitlines():
-        try:
-            record = json.loads(line)
-            last = max(last, int(record.get("tokens_seen", 0)))
-            if "step" in record and "tokens_per_s" in record:
-                rates[int(record["step"])] = float(record["tokens_per_s"])
-        except (json.JSONDecodeError, TypeError, ValueError):
-            continue
-    return last, statistics.median(rates.values()) if rates else None
+    """(tokens seen, median of the per-step tokens_per_s) of a trainer's metrics.jsonl."""
+    from wallclock import step_values
+
+    rates = step_values(metrics, "tokens_per_s")
+    seen = step_values(metrics, "tokens_seen")
+    return int(max(seen.values(), default=0)), statistics.median(rates.values()) if rates else None
 
 
 def eval_device(settings: QualitySettings):
@@ -692,12 +686,14 @@ def profile_line(prof: dict) -> str:
 
 
 def presence_sentence(prof: dict) -> str:
+    from summary_profile import SOFT_PRESENT
+
     if prof.get("nll_hard") is None:  # a fixed-length model (or a results.json from before the check)
         return ""
     return (
         f" Segments after the first: {prof['nll_hard']:.4f} nats/token behind the kept vectors (inference) vs "
         f"{prof['nll_soft']:.4f} behind soft presence (training's default), which keeps {prof['soft_slots_per_segment']:.1f} "
-        "slots per segment at survival >= 0.01."
+        f"slots per segment at survival >= {SOFT_PRESENT}."
     )
 
 
@@ -815,18 +811,16 @@ def length_settled_step(metrics: Path) -> int | None:
     """The fine-tuning step from which the logged mean summary length stays within 10% (at least one vector) of
     its final value. A variable model's lengths fall late and in a few steps (docs/VARIABLE_LENGTH.md): the
     steps after this one are what its kept vectors had to learn to carry a segment. None without lengths."""
+    from wallclock import step_values
+
     if not metrics.is_file():
         return None
-    lengths = []
-    for line in metrics.read_text().splitlines():
-        record = json.loads(line)
-        if "summary_length" in record and "step" in record:
-            lengths.append((record["step"], record["summary_length"]))
+    lengths = step_values(metrics, "summary_length")
     if not lengths:
         return None
-    final = lengths[-1][1]
-    settled = lengths[0][0]
-    for step, length in lengths:
+    final = lengths[max(lengths)]
+    settled = min(lengths)
+    for step, length in lengths.items():
         if abs(length - final) > max(1.0, 0.1 * final):
             settled = None
         elif settled is None:

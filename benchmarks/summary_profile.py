@@ -150,9 +150,8 @@ class PresenceTotals:
 
     def add(self, model, context: torch.Tensor, cfg: ProfileConfig) -> None:
         trained_with = model.config.training_presence
-        model.config.training_presence = (
-            "soft"  # the faint slots' worth, also for a model trained with sampled lengths
-        )
+        # Soft presence measures the faint slots' worth, also for a model trained with sampled lengths.
+        model.config.training_presence = "soft"
         try:
             for hard in (True, False):
                 out = model(

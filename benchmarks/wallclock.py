@@ -135,17 +135,23 @@ def probe_costs(times: list[float], probe_seconds: float) -> tuple[float, float]
     return step_s, max(0.0, probe_seconds - step_s * len(times))
 
 
-def step_times(metrics_path: Path) -> list[float]:
-    """step_time_s of every step record in a metrics.jsonl, in step order (the last record per step wins)."""
+def step_values(metrics_path: Path, key: str) -> dict[int, float]:
+    """{step: value of `key`} over a metrics.jsonl's step records, in step order; the last record of a step wins
+    (a resumed run logs the steps after its checkpoint again)."""
     by_step: dict[int, float] = {}
     for line in Path(metrics_path).read_text().splitlines():
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if "step" in record and "step_time_s" in record:
-            by_step[int(record["step"])] = float(record["step_time_s"])
-    return [by_step[s] for s in sorted(by_step)]
+        if "step" in record and key in record:
+            by_step[int(record["step"])] = float(record[key])
+    return dict(sorted(by_step.items()))
+
+
+def step_times(metrics_path: Path) -> list[float]:
+    """step_time_s of every step record in a metrics.jsonl, in step order (the last record per step wins)."""
+    return list(step_values(metrics_path, "step_time_s").values())
 
 
 def checkpoint_step(path: Path) -> int:

@@ -100,6 +100,11 @@ def test_length_settled_step_is_where_the_length_last_entered_its_final_band(tmp
     assert settled([50, 9, 30, 9.2, 9.0]) == 4  # wandered out at step 3
     assert settled([50, 50, 48.7]) == 1  # 10% of 48.7 is 4.9: never left the band
     assert length_settled_step(tmp_path / "missing.jsonl") is None
+    # A run resumed from step 2 logs steps 3-4 again: the last record of a step wins.
+    resumed = [(1, 50), (2, 50), (3, 50), (4, 9), (3, 9), (4, 9)]
+    path = tmp_path / "resumed.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "summary_length": x}) + "\n" for s, x in resumed))
+    assert length_settled_step(path) == 3
 
 
 def test_frontier_points_average_replicates_and_leave_out_other_levers():
