@@ -217,7 +217,10 @@ class QualitySettings:
         with `arm`, the copy is that ablation arm. ValueError names a bad key, value or arm."""
         import typing
 
+        from transformers import LlamaConfig
+
         from acomp.config import ConfigError, coerce, parse_override
+        from acomp.train.preflight import position_budget
 
         if arm and not arm.replace("-", "").replace("_", "").replace(".", "").isalnum():
             raise ValueError(f"arm name {arm!r}: use letters, digits, '-', '_' and '.'")
@@ -250,6 +253,12 @@ class QualitySettings:
                     "blocks (use --set to change them for all)"
                 )
             new.own_base = any(getattr(new, f) != getattr(self, f) for f in PRETRAIN_FIELDS)
+        # The trainer's own checks, now: a bad value would otherwise stop a run only after the base pretrained.
+        try:
+            pretrain_config(new)
+            position_budget(finetune_config(new), LlamaConfig(max_position_embeddings=new.window))
+        except ConfigError as e:
+            raise ValueError(f"{f'arm {arm!r}' if arm else 'settings'}: {e}") from None
         return new
 
 

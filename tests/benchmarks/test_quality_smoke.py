@@ -161,6 +161,17 @@ def test_settings_changes_and_arms_are_checked():
         default.changed({"vocab": "8000"}, arm="c")
     with pytest.raises(ValueError, match="finetune_from must be base or scratch"):
         default.changed({"finetune_from": "lm"})
+    # A value the trainer refuses is refused here, before anything runs (one --set item per KEY=VALUE).
+    with pytest.raises(ValueError, match="arm 'v': config key 'compression.compression_mode' must be one of"):
+        default.changed(
+            {"compression.compression_mode": "variable,compression.compression_lambda=0.2"}, arm="v"
+        )
+    with pytest.raises(ValueError, match="settings: .*finetune_micro|settings: .*micro_batch_size"):
+        default.changed({"finetune_micro": "0"})
+    with pytest.raises(ValueError, match="arm 'w': compression.summary_length=.* does not fit the model"):
+        QualitySettings.tiny().changed(
+            {"compression.compression_mode": "variable", "compression.compression_max_len": "50"}, arm="w"
+        )
 
 
 def test_parallel_arms_train_and_evaluate_side_by_side(tmp_path):
