@@ -93,10 +93,12 @@ def position_budget(cfg: RunConfig, model_config) -> int:
         return segment_position_budget(model_config, cfg.compression)
     except ValueError as e:
         c = cfg.compression
+        # The key that sets one segment's summary positions in this mode.
+        key = "summary_length" if c.compression_mode == "fixed" else "compression_max_len"
         raise ConfigError(
-            f"compression.summary_length={c.summary_length} (compression_mode={c.compression_mode}, "
+            f"compression.{key}={getattr(c, key)} (compression_mode={c.compression_mode}, "
             f"{c.training_substeps} substeps x {c.segments_per_substep} segments) does not fit the model: {e}; "
-            f"lower compression.summary_length or the number of segments"
+            f"lower compression.{key} or the number of segments"
         ) from None
 
 

@@ -78,6 +78,14 @@ def test_summary_vectors_beyond_the_positions_are_a_config_error():
         "model: max_position_embeddings=512 leaves no room for segments after 4 summaries of 200 positions "
         "each; lower compression.summary_length or the number of segments"
     )
+    # Variable mode: a segment's summary takes <sum> plus compression_max_len slots; the error names that key.
+    cfg = load_config(TINY, ["compression.compression_mode=variable", "compression.compression_max_len=199"])
+    with pytest.raises(ConfigError) as e:
+        position_budget(cfg, base)
+    assert str(e.value).startswith("compression.compression_max_len=199 (compression_mode=variable, ")
+    assert str(e.value).endswith(
+        "4 summaries of 200 positions each; lower compression.compression_max_len or the number of segments"
+    )
     cfg = load_config(TINY, ["compression.summary_length=100"])  # room for 112 per segment, not 128
     with pytest.raises(
         ConfigError, match=r"segment_lengths=\[128, 128\] has a segment of 128 tokens, but the"
