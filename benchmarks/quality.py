@@ -217,7 +217,7 @@ class QualitySettings:
         with `arm`, the copy is that ablation arm. ValueError names a bad key, value or arm."""
         import typing
 
-        from transformers import LlamaConfig
+        from transformers import CONFIG_MAPPING
 
         from acomp.config import ConfigError, coerce, parse_override
         from acomp.train.preflight import position_budget
@@ -255,8 +255,8 @@ class QualitySettings:
             new.own_base = any(getattr(new, f) != getattr(self, f) for f in PRETRAIN_FIELDS)
         # The trainer's own checks, now: a bad value would otherwise stop a run only after the base pretrained.
         try:
-            pretrain_config(new)
-            position_budget(finetune_config(new), LlamaConfig(max_position_embeddings=new.window))
+            base = pretrain_config(new).model  # the family and positions the fine-tuning's base will have
+            position_budget(finetune_config(new), CONFIG_MAPPING[base.family](**base.arch))
         except ConfigError as e:
             raise ValueError(f"{f'arm {arm!r}' if arm else 'settings'}: {e}") from None
         return new
