@@ -182,8 +182,6 @@ def markdown(results: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    from acomp.modeling.config import TRAINING_PRESENCE
-
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -197,12 +195,6 @@ def main(argv=None) -> int:
         "--threshold", type=float, default=0.5, help="inference stop threshold (variable arms)"
     )
     parser.add_argument("--lambdas", type=float, nargs="+", default=LAMBDAS, help="length-penalty sweep")
-    parser.add_argument(
-        "--training-presence",
-        choices=TRAINING_PRESENCE,
-        default="soft",
-        help="how variable arms train on uncertain vectors (compression.training_presence; default soft)",
-    )
     parser.add_argument("--fixed", type=int, nargs="+", default=FIXED, help="fixed summary lengths")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
@@ -221,13 +213,12 @@ def main(argv=None) -> int:
     arms = [(f"k={k}", "fixed", {"summary_length": k}) for k in args.fixed]
     arms += [
         (
-            f"lambda={lam:g}" + ("" if args.training_presence == "soft" else f"-{args.training_presence}"),
+            f"lambda={lam:g}",
             "variable",
             {
                 "compression_mode": "variable",
                 "compression_max_len": MAX_LEN,
                 "compression_lambda": lam,
-                "training_presence": args.training_presence,
             },
         )
         for lam in args.lambdas

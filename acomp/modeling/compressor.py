@@ -30,7 +30,6 @@ from .variable import (
     hard_lengths,
     hard_presence_bias,
     length_penalty,
-    sampled_presence,
     soft_presence,
     stop_probabilities,
 )
@@ -405,8 +404,6 @@ class AutoCompressorMixin:
                 stop_prob, stop_logits, self.config.eoc_token_id, self.config.compress_stop_threshold
             )
             return hard_presence_bias(length, stop_prob.shape[1], torch.float32), length.float()
-        if self.config.training_presence == "sampled":
-            return sampled_presence(stop_prob)
         return soft_presence(stop_prob)
 
     def _summary_embeds(self, batch: int, dtype: torch.dtype) -> torch.Tensor | None:

@@ -16,7 +16,6 @@ from .attention import PRESENCE_ATTENTION, SDPA_BACKENDS
 
 COMPRESSION_MODES = ("fixed", "variable")
 SUMMARY_INITS = ("eos", "normal")
-TRAINING_PRESENCE = ("soft", "sampled")
 
 
 @dataclass
@@ -35,11 +34,6 @@ class CompressionFields:
     compression_lambda: float = 0.0  # weight of the length penalty
     compression_alpha: float = 1.0  # weight of the earlier memory in the penalty's denominator
     compress_stop_threshold: float | None = None  # inference: stop when P(<eoc>) exceeds it (None: argmax)
-    # Training: how the next segments see a segment's uncertain vectors. soft = every slot, its attention
-    # weighted by its survival S_t (attention can still read faint slots that inference drops) | sampled = a
-    # length drawn per segment from the stop distribution, the slots beyond it absent, gradients straight
-    # through log S_t (docs/VARIABLE_LENGTH.md).
-    training_presence: str = "soft"
 
 
 @dataclass
@@ -102,10 +96,6 @@ def validate_compression_fields(config) -> None:
         )
     if config.summary_init not in SUMMARY_INITS:
         raise ValueError(f"summary_init must be one of {SUMMARY_INITS}, got {config.summary_init!r}")
-    if config.training_presence not in TRAINING_PRESENCE:
-        raise ValueError(
-            f"training_presence must be one of {TRAINING_PRESENCE}, got {config.training_presence!r}"
-        )
     if config.sdpa_backend not in SDPA_BACKENDS:
         raise ValueError(f"sdpa_backend must be one of {SDPA_BACKENDS}, got {config.sdpa_backend!r}")
     if config.presence_attention not in PRESENCE_ATTENTION:

@@ -168,7 +168,9 @@ def test_settings_changes_and_arms_are_checked():
         )
     with pytest.raises(ValueError, match="settings: .*finetune_micro|settings: .*micro_batch_size"):
         default.changed({"finetune_micro": "0"})
-    with pytest.raises(ValueError, match="arm 'w': compression.compression_max_len=50 .* does not fit the model"):
+    with pytest.raises(
+        ValueError, match="arm 'w': compression.compression_max_len=50 .* does not fit the model"
+    ):
         QualitySettings.tiny().changed(
             {"compression.compression_mode": "variable", "compression.compression_max_len": "50"}, arm="w"
         )
