@@ -137,6 +137,8 @@ class QualitySettings:
     max_context_segments: int = 5
     eval_blocks: int = 512
     eval_batch: int = 8
+    # A variable-length run is also scored at each of these inference stop thresholds (its frontier points)
+    eval_stop_thresholds: tuple[float, ...] = ()
     # wall-clock budgets (minutes; pretrain includes building the corpus when it is missing)
     pretrain_minutes: float = 4.5
     finetune_minutes: float = 3.0
@@ -243,6 +245,9 @@ class QualitySettings:
                 setattr(new, key, coerce(value, hints[key], key))
             except ConfigError as e:
                 raise ValueError(f"setting {key}={text!r}: {e}") from None
+        for value in new.eval_stop_thresholds:
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"eval_stop_thresholds: {value} is not in [0, 1]")
         if new.finetune_from not in ("base", "scratch"):
             raise ValueError(f"finetune_from must be base or scratch, got {new.finetune_from!r}")
         if arm:
@@ -499,11 +504,20 @@ def stage_eval(settings: QualitySettings, minutes: float, time_decode: bool = Tr
     )
     blocks = CorpusBlocks(str(settings.stage_dir("corpus")), "val")
     results = {}
+    variable = settings.compression.get("compression_mode") == "variable"
     # The AutoCompressor gets 3/4 of the budget when its base (two conditions) is evaluated too.
     for (name, path), share in zip(models, (0.75 if len(models) == 2 else 1.0, 1.0)):
         model = AutoCompressorModel.from_pretrained(str(path / "final"), dtype=dtype).to(device)
         deadline = started + share * minutes * 60
-        result = evaluate(model, blocks, cfg, device=device, progress=not settings.smoke, deadline=deadline)
+        thresholds = settings.eval_stop_thresholds if name == "autocompressor" and variable else ()
+        result = evaluate(
+            model,
+            blocks,
+            replace(cfg, stop_thresholds=tuple(thresholds)),
+            device=device,
+            progress=not settings.smoke,
+            deadline=deadline,
+        )
         if result.blocks < result.blocks_selected:
             print(
                 f"eval: {name} stopped at the deadline after {result.blocks} of {result.blocks_selected} blocks"
@@ -578,6 +592,8 @@ def headline(ac, base, summary_length: int) -> dict:
         if c.kind in (SUMMARY, SUMMARY_VARIABLE):
             vectors = ac.overall[c.name].summary_vectors
             label = "summary vectors" if c.kind == SUMMARY else "summary vectors (variable length)"
+            if c.stop_threshold is not None:
+                label = f"summary vectors (variable length, stop threshold {c.stop_threshold:g})"
             rows.append(
                 {
                     "condition": f"{vectors:.0f} {label}" if c.kind == SUMMARY else f"{vectors:.1f} {label}",
@@ -585,6 +601,7 @@ def headline(ac, base, summary_length: int) -> dict:
                     "summary_vectors": vectors,
                     "segments": len(c.context_segments),
                     "name": c.name,
+                    "stop_threshold": c.stop_threshold,
                 }
             )
     if fa is not None:
@@ -788,10 +805,13 @@ def arm_row(settings: QualitySettings) -> dict:
     rows = {row["name"]: row for row in data["headline"]["rows"]}
     variable = any(name.startswith("summary_variable_") for name in rows)
     kind = "summary_variable" if variable else "summary"
-    summaries = sorted((r for n, r in rows.items() if n.startswith(f"{kind}_")), key=lambda r: r["segments"])
+    by_threshold: dict = {}  # stop threshold (None: the run's own) -> its summary rows by segment count
+    for name, row in rows.items():
+        if name.startswith(f"{kind}_"):
+            by_threshold.setdefault(row.get("stop_threshold"), []).append(row)
+    ends = {t: _first_paper_last(summaries) for t, summaries in by_threshold.items()}
     fa = rows.get(data["headline"]["fa"] or "")
-    first, last = summaries[0], summaries[-1]
-    paper = next((r for r in summaries if r["segments"] == PAPER_SEGMENTS), last)
+    first, paper, last = ends.pop(None)
     fine = data["info"]["finetune"]
     prof = data.get("summary_profile") or {}  # absent from results.json written before the profile existed
     return {
@@ -813,7 +833,23 @@ def arm_row(settings: QualitySettings) -> dict:
             length_settled_step(settings.stage_dir("finetune") / "metrics.jsonl") if variable else None
         ),
         **{key: prof.get(key) for key in PROFILE_COLUMNS},
+        "threshold_points": [
+            {
+                "stop_threshold": t,
+                "vectors_per_segment": last_t["summary_vectors"] / last_t["segments"],
+                "ppl_all_segments": last_t["ppl"],
+                "gap_paper_segments": paper_t.get("gap_closed_loss"),
+            }
+            for t, (_, paper_t, last_t) in sorted(ends.items())
+        ],
     }
+
+
+def _first_paper_last(summaries: list[dict]) -> tuple[dict, dict, dict]:
+    """The summary rows over one segment, over the paper's segments (else the most) and over the most."""
+    summaries = sorted(summaries, key=lambda r: r["segments"])
+    paper = next((r for r in summaries if r["segments"] == PAPER_SEGMENTS), summaries[-1])
+    return summaries[0], paper, summaries[-1]
 
 
 def length_settled_step(metrics: Path) -> int | None:
@@ -871,10 +907,22 @@ def write_ablation(runs: list[QualitySettings]) -> None:
             + " | ".join(cells)
             + " |"
         )
+    sweep = [(r["arm"], point) for r in table for point in r["threshold_points"]]
+    if sweep:
+        lines += [
+            "",
+            f"| arm | stop threshold | vectors / segment | ppl: {k} segments | gap closed: {PAPER_SEGMENTS} segments |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        lines += [
+            f"| {arm} | {pt['stop_threshold']:g} | {pt['vectors_per_segment']:.2f} | {pt['ppl_all_segments']:.3f} | "
+            f"{_num(pt['gap_paper_segments'], '.1%')} |"
+            for arm, pt in sweep
+        ]
     (root / "ablation.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines), flush=True)
     lengths = {(r["mode"], round(r["vectors_per_segment"], 1)) for r in table}
-    if len(lengths) > 1:
+    if len(lengths) > 1 or sweep:
         plot_frontier(table, root / "frontier.png")
     print(f"wrote {root / 'ablation.md'}, {root / 'ablation.json'}", flush=True)
 
@@ -896,12 +944,23 @@ LENGTH_SETTINGS = ("summary_length", "finetune_seed")  # with compression.*: wha
 
 def frontier_points(table: list[dict]) -> list[dict]:
     """The frontier's points: runs that change only the summary length, compression settings or a seed (so not
-    e.g. a learning-rate arm), replicates at the same (mode, length) averaged into one point."""
+    e.g. a learning-rate arm), replicates at the same (mode, length) averaged into one point, and a variable
+    run's points at other stop thresholds (eval_stop_thresholds), each its own."""
     groups: dict[tuple, list[dict]] = {}
+    points = []
     for r in table:
         if all(key in LENGTH_SETTINGS or key.startswith("compression.") for key in r["changes"]):
             groups.setdefault((r["mode"], round(r["vectors_per_segment"], 1)), []).append(r)
-    points = []
+            points += [
+                {
+                    "mode": r["mode"],
+                    "label": f"{r['arm']} t{pt['stop_threshold']:g}",
+                    "vectors": pt["vectors_per_segment"],
+                    "ppl": pt["ppl_all_segments"],
+                    "gap": pt["gap_paper_segments"],
+                }
+                for pt in r.get("threshold_points", ())
+            ]
     for (mode, _), rows in sorted(groups.items()):
         gaps = [r["gap_paper_segments"] for r in rows]
         points.append(
@@ -913,7 +972,7 @@ def frontier_points(table: list[dict]) -> list[dict]:
                 "gap": None if None in gaps else statistics.fmean(gaps),
             }
         )
-    return points
+    return sorted(points, key=lambda p: (p["mode"], p["vectors"]))
 
 
 def plot_frontier(table: list[dict], path: Path) -> None:

@@ -89,6 +89,15 @@ def build_parser() -> argparse.ArgumentParser:
         "compress_stop_threshold; null there = stop when <eoc> is the argmax)",
     )
     p.add_argument(
+        "--stop-thresholds",
+        type=float,
+        nargs="+",
+        default=(),
+        metavar="T",
+        help="variable mode: the variable-length conditions again at each of these stop thresholds "
+        "(conditions summary_variable_k_tT): one model's perplexity at several mean lengths",
+    )
+    p.add_argument(
         "--attn-implementation",
         default="sdpa",
         choices=("sdpa", "eager", "flash_attention_2"),
@@ -115,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         fa_window=args.fa_window,
         variable=args.variable,
         stop_threshold=args.stop_threshold,
+        stop_thresholds=tuple(args.stop_thresholds),
         batch_size=args.batch_size,
         max_blocks=args.max_blocks,
     )

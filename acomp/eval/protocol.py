@@ -9,7 +9,9 @@ The segment's first token is not a target, because under "no context" nothing pr
 - ``summary`` with k segments: the k segments of S tokens before it are compressed (one `compress_context`
   call, accumulating summaries), and the final segment is scored behind those summary vectors; in the
   variable-length mode ``summary`` spends every slot of each segment and ``summary_variable`` stops
-  where the model says (its stop threshold), so the vector count is measured, not fixed;
+  where the model says (its stop threshold), so the vector count is measured, not fixed; with
+  `stop_thresholds` the ``summary_variable`` conditions again at each of those thresholds (named
+  ``summary_variable_k_t0.3``): one model's perplexity at several mean lengths;
 - ``full_attention`` with c context tokens: the last c + E tokens as one plain segment (no summary tokens),
   with c up to the model's window minus E (the FA baseline of the paper).
 
@@ -46,10 +48,13 @@ class Condition:
     kind: str
     context_tokens: int = 0
     context_segments: tuple[int, ...] = ()  # summary kinds: the compressed segments, oldest first
+    stop_threshold: float | None = None  # summary_variable only: this threshold instead of the run's
 
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"unknown condition kind {self.kind!r}; expected one of {KINDS}")
+        if self.stop_threshold is not None and self.kind != SUMMARY_VARIABLE:
+            raise ValueError(f"a stop threshold applies to {SUMMARY_VARIABLE} conditions, not {self.kind!r}")
         if self.kind in (SUMMARY, SUMMARY_VARIABLE) and sum(self.context_segments) != self.context_tokens:
             raise ValueError(
                 f"context_segments {list(self.context_segments)} do not sum to context_tokens {self.context_tokens}"
@@ -61,7 +66,8 @@ class Condition:
             return NO_CONTEXT
         if self.kind == FULL_ATTENTION:
             return f"{FULL_ATTENTION}_{self.context_tokens}"
-        return f"{self.kind}_{len(self.context_segments)}"
+        name = f"{self.kind}_{len(self.context_segments)}"
+        return name if self.stop_threshold is None else f"{name}_t{self.stop_threshold:g}"
 
 
 @dataclass
@@ -76,6 +82,8 @@ class ProtocolConfig:
     fa_window: int | None = None
     variable: bool | None = None  # variable-length conditions: None = when the model is in variable mode
     stop_threshold: float | None = None  # variable mode: overrides the model's compress_stop_threshold
+    # Variable mode: the summary_variable conditions again at each of these stop thresholds.
+    stop_thresholds: tuple[float, ...] = ()
     batch_size: int = 1  # blocks per forward
     max_blocks: int | None = None  # blocks evaluated, spread evenly over the split; None = all
 
@@ -96,6 +104,9 @@ class ProtocolConfig:
             raise ValueError(f"max_blocks must be >= 1, got {self.max_blocks}")
         if self.stop_threshold is not None and not 0.0 <= self.stop_threshold <= 1.0:
             raise ValueError(f"stop_threshold must be in [0, 1], got {self.stop_threshold}")
+        for value in self.stop_thresholds:
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"stop_thresholds must be in [0, 1], got {value}")
 
 
 @dataclass
@@ -154,7 +165,12 @@ def plan_conditions(model, cfg: ProtocolConfig, block_size: int) -> ConditionPla
     for k in range(1, k_max + 1):
         conditions.append(Condition(SUMMARY, k * S, (S,) * k))
     if variable:
-        conditions += [Condition(SUMMARY_VARIABLE, k * S, (S,) * k) for k in range(1, k_max + 1)]
+        for threshold in (None, *dict.fromkeys(cfg.stop_thresholds)):
+            conditions += [
+                Condition(SUMMARY_VARIABLE, k * S, (S,) * k, threshold) for k in range(1, k_max + 1)
+            ]
+    elif cfg.stop_thresholds:
+        warnings.append("stop_thresholds skipped: the model has fixed-length summaries")
     max_pos = int(getattr(config, "max_position_embeddings", 0) or 0)
     window = max_pos if cfg.fa_window is None else cfg.fa_window
     fa_contexts = sorted(
@@ -244,7 +260,10 @@ def score(
     else:
         context = ids[:, ids.shape[1] - cond.context_tokens - E : ids.shape[1] - E]
         # A variable-mode model spends every slot in the fixed condition (threshold 1 never fires).
-        forced = 1.0 if cond.kind == SUMMARY and is_variable(model) else threshold
+        if cond.kind == SUMMARY and is_variable(model):
+            forced = 1.0
+        else:
+            forced = threshold if cond.stop_threshold is None else cond.stop_threshold
         with stop_threshold(model, forced):
             memory = model.compress_context(context, segment_lengths=list(cond.context_segments))
         # Only the vectors the model kept (the same NLL as the masked full width, less work).

@@ -66,6 +66,7 @@ def to_dict(result: EvalResult, meta: dict | None = None) -> dict:
                 "kind": c.kind,
                 "context_tokens": c.context_tokens,
                 "context_segments": list(c.context_segments),
+                "stop_threshold": c.stop_threshold,
                 "overall": result.overall[c.name].to_dict(),
                 "domains": {d: stats[c.name].to_dict() for d, stats in result.domains.items()},
             }
@@ -136,12 +137,19 @@ def markdown(result: EvalResult, title: str | None = None) -> str:
 
 def _label(cond) -> str:
     if cond.kind in (SUMMARY, SUMMARY_VARIABLE):
-        return f"{LABELS[cond.kind]}, {len(cond.context_segments)} segment(s)"
+        return f"{_line_label(cond)}, {len(cond.context_segments)} segment(s)"
     return LABELS[cond.kind]
 
 
+def _line_label(cond) -> str:
+    if cond.stop_threshold is None:
+        return LABELS[cond.kind]
+    return f"{LABELS[cond.kind]}, stop threshold {cond.stop_threshold:g}"
+
+
 def plot(result: EvalResult, path: str | Path, title: str | None = None) -> Path:
-    """Perplexity vs context tokens: one line per condition kind, each starting at the no-context point."""
+    """Perplexity vs context tokens: one line per condition kind (and stop threshold), each starting at the
+    no-context point."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -153,13 +161,15 @@ def plot(result: EvalResult, path: str | Path, title: str | None = None) -> Path
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     ax.axhline(nc, color="gray", linestyle="--", linewidth=1, label=LABELS[NO_CONTEXT])
     markers = {SUMMARY: "o", SUMMARY_VARIABLE: "s", FULL_ATTENTION: "^"}
-    for kind, marker in markers.items():
-        conds = sorted((c for c in result.conditions if c.kind == kind), key=lambda c: c.context_tokens)
-        if not conds:
-            continue
+    lines: dict[tuple, list] = {}
+    for c in result.conditions:
+        if c.kind in markers:
+            lines.setdefault((c.kind, c.stop_threshold), []).append(c)
+    for (kind, _), conds in lines.items():
+        conds.sort(key=lambda c: c.context_tokens)
         xs = [0] + [c.context_tokens for c in conds]
         ys = [nc] + [result.overall[c.name].ppl for c in conds]
-        ax.plot(xs, ys, marker=marker, label=LABELS[kind])
+        ax.plot(xs, ys, marker=markers[kind], label=_line_label(conds[0]))
         if kind != FULL_ATTENTION:
             for c in conds:
                 vectors = result.overall[c.name].summary_vectors

@@ -24,7 +24,7 @@ def test_quality_smoke_runs_every_stage(tmp_path):
     out = tmp_path / "quality"
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, str(REPO / "benchmarks" / "quality.py"), "--smoke", "--out", str(out)]
-    cmd += ["--arm", VARIABLE_ARM]
+    cmd += ["--arm", VARIABLE_ARM, "--set", "eval_stop_thresholds=[0.0, 1.0]"]  # variable runs only
     proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
 
@@ -67,6 +67,8 @@ def test_quality_smoke_runs_every_stage(tmp_path):
     arm_rows = {row["name"]: row for row in arm["headline"]["rows"]}
     assert {"summary_variable_1", "summary_variable_3"} <= set(arm_rows)
     assert 0 <= arm_rows["summary_variable_3"]["summary_vectors"] <= 12  # where the model stopped: 3 x 0..4
+    # ...and where thresholds 0 and 1 stop it: after one vector, after all four
+    assert [arm_rows[f"summary_variable_3_t{t}"]["summary_vectors"] for t in (0, 1)] == [3.0, 12.0]
     assert (
         arm["settings"]["compression"]["compression_lambda"] == 0.1 and arm["settings"]["own_base"] is False
     )
@@ -80,7 +82,13 @@ def test_quality_smoke_runs_every_stage(tmp_path):
     assert table[0]["nll_hard"] is None and table[1]["nll_soft"] == arm["summary_profile"]["nll_soft"] > 0
     steps = json.loads((out / "arms" / "var" / "finetune" / "stage.json").read_text())["steps"]
     assert table[0]["length_settled_step"] is None and 1 <= table[1]["length_settled_step"] <= steps
-    assert "| var | compression.compression_mode=variable" in (out / "ablation.md").read_text()
+    assert table[0]["threshold_points"] == []
+    assert [(p["stop_threshold"], p["vectors_per_segment"]) for p in table[1]["threshold_points"]] == [
+        (0.0, 1.0), (1.0, 4.0)
+    ]  # fmt: skip
+    assert table[1]["threshold_points"][1]["ppl_all_segments"] == arm_rows["summary_variable_3_t1"]["ppl"]
+    ablation = (out / "ablation.md").read_text()
+    assert "| var | compression.compression_mode=variable" in ablation and "| var | 0 | 1.00 |" in ablation
     assert (out / "frontier.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -129,6 +137,18 @@ def test_frontier_points_average_replicates_and_leave_out_other_levers():
     ]  # fmt: skip
     assert points[1]["ppl"] == pytest.approx(11.0) and points[1]["gap"] == pytest.approx(0.5)
     assert points[2]["gap"] is None
+    # A variable run scored at other stop thresholds: one point each, in order of vectors.
+    sweep = {
+        "stop_threshold": 0.3,
+        "vectors_per_segment": 1.5,
+        "ppl_all_segments": 11.8,
+        "gap_paper_segments": 0.2,
+    }
+    table[-1]["threshold_points"] = [sweep]
+    variable = [
+        (p["label"], p["vectors"], p["gap"]) for p in frontier_points(table) if p["mode"] == "variable"
+    ]
+    assert variable == [("var t0.3", 1.5, 0.2), ("var", 4.04, None)]
 
 
 def test_settings_changes_and_arms_are_checked():

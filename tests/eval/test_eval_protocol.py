@@ -7,6 +7,7 @@ import math
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -122,6 +123,45 @@ def test_variable_length_conditions_count_their_vectors():
     assert result.overall["summary_variable_3"].summary_vectors == 3.0
     assert result.overall["summary_3"].summary_vectors == 12.0
     assert model.config.compress_stop_threshold is None  # restored
+
+
+def test_stop_threshold_sweep_scores_each_threshold_as_its_own_evaluation(tmp_path):
+    """stop_thresholds add the variable conditions again per threshold: each set gives exactly what an
+    evaluation at that one threshold gives (NLL and vectors), and the run's own threshold is left alone."""
+    model = tiny_model("llama", compression_mode="variable", compression_max_len=4)
+    cfg = ProtocolConfig(eval_segment=E, segment_length=S, fa_window=0, max_context_segments=2)
+    swept = evaluate(model, blocks(2), replace(cfg, stop_thresholds=(0.0, 1.0, 0.0)), progress=False)
+    assert [c.name for c in swept.conditions if c.kind == SUMMARY_VARIABLE] == [
+        "summary_variable_1", "summary_variable_2", "summary_variable_1_t0", "summary_variable_2_t0",
+        "summary_variable_1_t1", "summary_variable_2_t1",
+    ]  # fmt: skip
+    for threshold in (0.0, 1.0):
+        alone = evaluate(model, blocks(2), replace(cfg, stop_threshold=threshold), progress=False)
+        for k in (1, 2):
+            got, want = (
+                swept.overall[f"summary_variable_{k}_t{threshold:g}"],
+                alone.overall[f"summary_variable_{k}"],
+            )
+            assert (got.nll_sum, got.summary_vectors) == (want.nll_sum, want.summary_vectors)
+    assert swept.overall["summary_variable_2_t0"].summary_vectors == 2.0  # threshold 0: one vector a segment
+    assert swept.overall["summary_variable_2_t1"].summary_vectors == 8.0  # threshold 1: every slot
+    assert model.config.compress_stop_threshold is None
+    assert (
+        "| summary vectors (variable length), stop threshold 1, 2 segment(s) | 32 | 8.0 |"
+        in report.markdown(swept)
+    )
+    conditions = {c["name"]: c for c in report.to_dict(swept)["conditions"]}
+    assert conditions["summary_variable_2_t1"]["stop_threshold"] == 1.0
+    assert conditions["summary_variable_2"]["stop_threshold"] is None
+    assert report.plot(swept, tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+    # A fixed-length model has no thresholds to sweep; thresholds outside [0, 1] and on other kinds are refused.
+    plan = plan_conditions(tiny_model("llama"), replace(cfg, stop_thresholds=(0.5,)), 64)
+    assert not [c for c in plan.conditions if c.kind == SUMMARY_VARIABLE]
+    assert plan.warnings == ["stop_thresholds skipped: the model has fixed-length summaries"]
+    with pytest.raises(ValueError, match="stop_thresholds must be in \\[0, 1\\], got 1.5"):
+        replace(cfg, stop_thresholds=(1.5,)).check()
+    with pytest.raises(ValueError, match="a stop threshold applies to summary_variable conditions"):
+        Condition(SUMMARY, S, (S,), 0.5)
 
 
 def test_variable_condition_scores_compact_summaries_as_the_masked_full_width():
