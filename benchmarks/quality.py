@@ -245,9 +245,12 @@ class QualitySettings:
                 setattr(new, key, coerce(value, hints[key], key))
             except ConfigError as e:
                 raise ValueError(f"setting {key}={text!r}: {e}") from None
-        for value in new.eval_stop_thresholds:
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(f"eval_stop_thresholds: {value} is not in [0, 1]")
+        thresholds = new.eval_stop_thresholds
+        if not isinstance(thresholds, (list, tuple)) or not all(
+            isinstance(t, (int, float)) and not isinstance(t, bool) and 0.0 <= t <= 1.0 for t in thresholds
+        ):
+            raise ValueError(f"eval_stop_thresholds must be a list of numbers in [0, 1], got {thresholds!r}")
+        new.eval_stop_thresholds = tuple(float(t) for t in thresholds)
         if new.finetune_from not in ("base", "scratch"):
             raise ValueError(f"finetune_from must be base or scratch, got {new.finetune_from!r}")
         if arm:
@@ -593,7 +596,7 @@ def headline(ac, base, summary_length: int) -> dict:
             vectors = ac.overall[c.name].summary_vectors
             label = "summary vectors" if c.kind == SUMMARY else "summary vectors (variable length)"
             if c.stop_threshold is not None:
-                label = f"summary vectors (variable length, stop threshold {c.stop_threshold:g})"
+                label = f"summary vectors (variable length, stop threshold {c.stop_threshold!r})"
             rows.append(
                 {
                     "condition": f"{vectors:.0f} {label}" if c.kind == SUMMARY else f"{vectors:.1f} {label}",
@@ -718,7 +721,7 @@ def presence_sentence(prof: dict) -> str:
         return ""
     return (
         f" Segments after the first: {prof['nll_hard']:.4f} nats/token behind the kept vectors (inference) vs "
-        f"{prof['nll_soft']:.4f} behind soft presence (training's default), which keeps {prof['soft_slots_per_segment']:.1f} "
+        f"{prof['nll_soft']:.4f} behind soft presence (how training reads them), which keeps {prof['soft_slots_per_segment']:.1f} "
         f"slots per segment at survival >= {SOFT_PRESENT}."
     )
 
@@ -915,7 +918,7 @@ def write_ablation(runs: list[QualitySettings]) -> None:
             "|---|---:|---:|---:|---:|",
         ]
         lines += [
-            f"| {arm} | {pt['stop_threshold']:g} | {pt['vectors_per_segment']:.2f} | {pt['ppl_all_segments']:.3f} | "
+            f"| {arm} | {pt['stop_threshold']!r} | {pt['vectors_per_segment']:.2f} | {pt['ppl_all_segments']:.3f} | "
             f"{_num(pt['gap_paper_segments'], '.1%')} |"
             for arm, pt in sweep
         ]
@@ -929,7 +932,7 @@ def write_ablation(runs: list[QualitySettings]) -> None:
 
 def presence_cell(row: dict) -> str:
     """A variable model's held-out loss behind hard presence (inference) minus soft presence (how training reads
-    the vectors by default), and the slots per segment soft presence keeps (summary_profile.py)."""
+    the vectors), and the slots per segment soft presence keeps (summary_profile.py)."""
     if row.get("nll_hard") is None:
         return "-"
     return f"{row['nll_hard'] - row['nll_soft']:+.4f} ({row['soft_slots_per_segment']:.1f})"
@@ -939,7 +942,8 @@ def _num(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-LENGTH_SETTINGS = ("summary_length", "finetune_seed")  # with compression.*: what a frontier arm may change
+# with compression.*: what a frontier arm may change
+LENGTH_SETTINGS = ("summary_length", "finetune_seed", "eval_stop_thresholds")
 
 
 def frontier_points(table: list[dict]) -> list[dict]:
@@ -954,7 +958,7 @@ def frontier_points(table: list[dict]) -> list[dict]:
             points += [
                 {
                     "mode": r["mode"],
-                    "label": f"{r['arm']} t{pt['stop_threshold']:g}",
+                    "label": f"{r['arm']} t{pt['stop_threshold']!r}",
                     "vectors": pt["vectors_per_segment"],
                     "ppl": pt["ppl_all_segments"],
                     "gap": pt["gap_paper_segments"],
@@ -1030,9 +1034,13 @@ def pretrains(settings: QualitySettings) -> bool:
 
 
 def evaluated_already(settings: QualitySettings) -> bool:
+    """An evaluation newer than the fine-tuning, at the same stop thresholds (new ones: evaluate again)."""
     results = settings.arm_root / "results.json"
     trained = settings.stage_dir("finetune") / "stage.json"
-    return results.is_file() and trained.is_file() and results.stat().st_mtime > trained.stat().st_mtime
+    if not (results.is_file() and trained.is_file() and results.stat().st_mtime > trained.stat().st_mtime):
+        return False
+    swept = json.loads(results.read_text())["settings"].get("eval_stop_thresholds", [])
+    return list(swept) == list(settings.eval_stop_thresholds)
 
 
 def run_parallel(runs: list[QualitySettings], stage: str, argv: list[str]) -> None:
@@ -1209,7 +1217,7 @@ def main(argv: list[str] | None = None) -> int:
         if stage == "eval" and not args.shared_device:
             for run in selected:
                 time_decode_alone(run)
-        if stage == "eval" and len(runs) > 1 and args.only is None:
+        if stage == "eval" and (len(runs) > 1 or settings.eval_stop_thresholds) and args.only is None:
             write_ablation(runs)
     return 0
 

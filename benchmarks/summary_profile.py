@@ -7,10 +7,10 @@ predicts badly without context (high no-context loss) carries more information, 
 vectors. A fixed-length model keeps the same number everywhere (no correlation to report), which makes it the
 reference for the cost side.
 
-A variable-length model is trained by default with soft presence (slot t weighted by its survival S_t through an
+A variable-length model is trained with soft presence (slot t weighted by its survival S_t through an
 attention bias log S_t) but reads hard lengths at inference. Attention can still draw on a slot whose S_t is tiny, so
 training may lean on vectors that inference drops. The profile therefore scores the segments after the first
-both ways: `nll_hard` (inference) against `nll_soft` (soft presence, what training sees by default), and counts
+both ways: `nll_hard` (inference) against `nll_soft` (soft presence, what training sees), and counts
 the slots soft presence keeps with S_t >= SOFT_PRESENT. benchmarks/quality.py's eval stage runs this on the trained AutoCompressor and
 stores it as `summary_profile` in results.json (and ablation.md's last columns).
 """

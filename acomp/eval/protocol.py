@@ -11,7 +11,8 @@ The segment's first token is not a target, because under "no context" nothing pr
   variable-length mode ``summary`` spends every slot of each segment and ``summary_variable`` stops
   where the model says (its stop threshold), so the vector count is measured, not fixed; with
   `stop_thresholds` the ``summary_variable`` conditions again at each of those thresholds (named
-  ``summary_variable_k_t0.3``): one model's perplexity at several mean lengths;
+  ``summary_variable_k_t0.3``, the threshold as Python prints it): one model's perplexity at several mean
+  lengths;
 - ``full_attention`` with c context tokens: the last c + E tokens as one plain segment (no summary tokens),
   with c up to the model's window minus E (the FA baseline of the paper).
 
@@ -67,7 +68,7 @@ class Condition:
         if self.kind == FULL_ATTENTION:
             return f"{FULL_ATTENTION}_{self.context_tokens}"
         name = f"{self.kind}_{len(self.context_segments)}"
-        return name if self.stop_threshold is None else f"{name}_t{self.stop_threshold:g}"
+        return name if self.stop_threshold is None else f"{name}_t{self.stop_threshold!r}"
 
 
 @dataclass
@@ -165,12 +166,14 @@ def plan_conditions(model, cfg: ProtocolConfig, block_size: int) -> ConditionPla
     for k in range(1, k_max + 1):
         conditions.append(Condition(SUMMARY, k * S, (S,) * k))
     if variable:
-        for threshold in (None, *dict.fromkeys(cfg.stop_thresholds)):
+        for threshold in (None, *dict.fromkeys(float(t) for t in cfg.stop_thresholds)):
             conditions += [
                 Condition(SUMMARY_VARIABLE, k * S, (S,) * k, threshold) for k in range(1, k_max + 1)
             ]
     elif cfg.stop_thresholds:
-        warnings.append("stop_thresholds skipped: the model has fixed-length summaries")
+        warnings.append(
+            "stop_thresholds skipped: no variable-length conditions (a fixed-length model or variable=False)"
+        )
     max_pos = int(getattr(config, "max_position_embeddings", 0) or 0)
     window = max_pos if cfg.fa_window is None else cfg.fa_window
     fa_contexts = sorted(

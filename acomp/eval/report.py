@@ -144,7 +144,7 @@ def _label(cond) -> str:
 def _line_label(cond) -> str:
     if cond.stop_threshold is None:
         return LABELS[cond.kind]
-    return f"{LABELS[cond.kind]}, stop threshold {cond.stop_threshold:g}"
+    return f"{LABELS[cond.kind]}, stop threshold {cond.stop_threshold!r}"
 
 
 def plot(result: EvalResult, path: str | Path, title: str | None = None) -> Path:

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -68,7 +69,7 @@ def test_quality_smoke_runs_every_stage(tmp_path):
     assert {"summary_variable_1", "summary_variable_3"} <= set(arm_rows)
     assert 0 <= arm_rows["summary_variable_3"]["summary_vectors"] <= 12  # where the model stopped: 3 x 0..4
     # ...and where thresholds 0 and 1 stop it: after one vector, after all four
-    assert [arm_rows[f"summary_variable_3_t{t}"]["summary_vectors"] for t in (0, 1)] == [3.0, 12.0]
+    assert [arm_rows[f"summary_variable_3_t{t}"]["summary_vectors"] for t in ("0.0", "1.0")] == [3.0, 12.0]
     assert (
         arm["settings"]["compression"]["compression_lambda"] == 0.1 and arm["settings"]["own_base"] is False
     )
@@ -86,9 +87,9 @@ def test_quality_smoke_runs_every_stage(tmp_path):
     assert [(p["stop_threshold"], p["vectors_per_segment"]) for p in table[1]["threshold_points"]] == [
         (0.0, 1.0), (1.0, 4.0)
     ]  # fmt: skip
-    assert table[1]["threshold_points"][1]["ppl_all_segments"] == arm_rows["summary_variable_3_t1"]["ppl"]
+    assert table[1]["threshold_points"][1]["ppl_all_segments"] == arm_rows["summary_variable_3_t1.0"]["ppl"]
     ablation = (out / "ablation.md").read_text()
-    assert "| var | compression.compression_mode=variable" in ablation and "| var | 0 | 1.00 |" in ablation
+    assert "| var | compression.compression_mode=variable" in ablation and "| var | 0.0 | 1.00 |" in ablation
     assert (out / "frontier.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -151,6 +152,23 @@ def test_frontier_points_average_replicates_and_leave_out_other_levers():
     assert variable == [("var t0.3", 1.5, 0.2), ("var", 4.04, None)]
 
 
+def test_an_evaluation_at_other_stop_thresholds_is_not_done_already(tmp_path):
+    from quality import QualitySettings, evaluated_already
+
+    run = QualitySettings(out=str(tmp_path), eval_stop_thresholds=(0.5,))
+    (run.stage_dir("finetune")).mkdir(parents=True)
+    (run.stage_dir("finetune") / "stage.json").write_text("{}")
+    assert not evaluated_already(run)
+    results = run.arm_root / "results.json"
+    results.write_text(json.dumps({"settings": {"eval_stop_thresholds": [0.5]}}))
+    os.utime(results, (time.time() + 5, time.time() + 5))  # newer than the fine-tuning
+    assert evaluated_already(run)
+    assert not evaluated_already(QualitySettings(out=str(tmp_path), eval_stop_thresholds=(0.5, 0.7)))
+    results.write_text(json.dumps({"settings": {}}))  # written before the sweep existed
+    os.utime(results, (time.time() + 5, time.time() + 5))
+    assert evaluated_already(QualitySettings(out=str(tmp_path)))
+
+
 def test_settings_changes_and_arms_are_checked():
     from quality import QualitySettings
 
@@ -164,6 +182,10 @@ def test_settings_changes_and_arms_are_checked():
     assert not same_base.own_base and same_base.stage_dir("pretrain") == default.stage_dir("pretrain")
     assert (same_base.finetune_steps, default.finetune_steps) == (40, None)
     assert default.changed({"pretrain_steps": "500"}, arm="c").own_base  # a longer base is another base
+    assert default.changed({"eval_stop_thresholds": "[0, 0.5]"}).eval_stop_thresholds == (0.0, 0.5)
+    for bad in ("0.5", "[a]", "null", "[true]", "[1.5]"):
+        with pytest.raises(ValueError, match="eval_stop_thresholds must be a list of numbers in \\[0, 1\\]"):
+            default.changed({"eval_stop_thresholds": bad})
     # Replicates: another seed for the fine-tuning shares the base; another base seed pretrains its own.
     from quality import finetune_config, pretrain_config
 

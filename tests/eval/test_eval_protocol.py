@@ -132,32 +132,43 @@ def test_stop_threshold_sweep_scores_each_threshold_as_its_own_evaluation(tmp_pa
     cfg = ProtocolConfig(eval_segment=E, segment_length=S, fa_window=0, max_context_segments=2)
     swept = evaluate(model, blocks(2), replace(cfg, stop_thresholds=(0.0, 1.0, 0.0)), progress=False)
     assert [c.name for c in swept.conditions if c.kind == SUMMARY_VARIABLE] == [
-        "summary_variable_1", "summary_variable_2", "summary_variable_1_t0", "summary_variable_2_t0",
-        "summary_variable_1_t1", "summary_variable_2_t1",
+        "summary_variable_1", "summary_variable_2", "summary_variable_1_t0.0", "summary_variable_2_t0.0",
+        "summary_variable_1_t1.0", "summary_variable_2_t1.0",
     ]  # fmt: skip
     for threshold in (0.0, 1.0):
         alone = evaluate(model, blocks(2), replace(cfg, stop_threshold=threshold), progress=False)
         for k in (1, 2):
             got, want = (
-                swept.overall[f"summary_variable_{k}_t{threshold:g}"],
+                swept.overall[f"summary_variable_{k}_t{threshold!r}"],
                 alone.overall[f"summary_variable_{k}"],
             )
             assert (got.nll_sum, got.summary_vectors) == (want.nll_sum, want.summary_vectors)
-    assert swept.overall["summary_variable_2_t0"].summary_vectors == 2.0  # threshold 0: one vector a segment
-    assert swept.overall["summary_variable_2_t1"].summary_vectors == 8.0  # threshold 1: every slot
+    assert (
+        swept.overall["summary_variable_2_t0.0"].summary_vectors == 2.0
+    )  # threshold 0: one vector a segment
+    assert swept.overall["summary_variable_2_t1.0"].summary_vectors == 8.0  # threshold 1: every slot
     assert model.config.compress_stop_threshold is None
     assert (
-        "| summary vectors (variable length), stop threshold 1, 2 segment(s) | 32 | 8.0 |"
+        "| summary vectors (variable length), stop threshold 1.0, 2 segment(s) | 32 | 8.0 |"
         in report.markdown(swept)
     )
     conditions = {c["name"]: c for c in report.to_dict(swept)["conditions"]}
-    assert conditions["summary_variable_2_t1"]["stop_threshold"] == 1.0
+    assert conditions["summary_variable_2_t1.0"]["stop_threshold"] == 1.0
     assert conditions["summary_variable_2"]["stop_threshold"] is None
     assert report.plot(swept, tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
     # A fixed-length model has no thresholds to sweep; thresholds outside [0, 1] and on other kinds are refused.
     plan = plan_conditions(tiny_model("llama"), replace(cfg, stop_thresholds=(0.5,)), 64)
     assert not [c for c in plan.conditions if c.kind == SUMMARY_VARIABLE]
-    assert plan.warnings == ["stop_thresholds skipped: the model has fixed-length summaries"]
+    assert plan.warnings == [
+        "stop_thresholds skipped: no variable-length conditions (a fixed-length model or variable=False)"
+    ]
+    # Thresholds that print alike at a few digits keep names of their own (0.1 + 0.2 is not 0.3).
+    near = plan_conditions(model, replace(cfg, stop_thresholds=(0.3, 0.1 + 0.2, 1)), 64)
+    names = [c.name for c in near.conditions if c.kind == SUMMARY_VARIABLE and c.stop_threshold is not None]
+    assert names == [
+        "summary_variable_1_t0.3", "summary_variable_2_t0.3", "summary_variable_1_t0.30000000000000004",
+        "summary_variable_2_t0.30000000000000004", "summary_variable_1_t1.0", "summary_variable_2_t1.0",
+    ]  # fmt: skip
     with pytest.raises(ValueError, match="stop_thresholds must be in \\[0, 1\\], got 1.5"):
         replace(cfg, stop_thresholds=(1.5,)).check()
     with pytest.raises(ValueError, match="a stop threshold applies to summary_variable conditions"):
@@ -275,6 +286,10 @@ def test_launcher_rejects_bad_values(saved_model_and_corpus, tmp_path, capsys):
     launcher = _launcher()
     model, corpus = saved_model_and_corpus
     base = ["--model", str(model), "--data", str(corpus), "--out", str(tmp_path), "--no-progress"]
+    assert launcher.main([*base, "--eval-segment", "1"]) == 2
+    assert "eval_segment must be >= 2" in capsys.readouterr().err
+    assert launcher.main([*base, "--stop-thresholds", "0.5", "1.5"]) == 2
+    assert "stop_thresholds must be in [0, 1], got 1.5" in capsys.readouterr().err
     assert launcher.main([*base, "--eval-segment", "1"]) == 2
     assert "eval_segment must be >= 2" in capsys.readouterr().err
     assert launcher.main([*base, "--eval-segment", "32", "--max-context-segments", "9"]) == 2
