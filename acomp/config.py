@@ -335,10 +335,11 @@ def coerce(value: Any, hint: Any, key: str) -> Any:
             except ConfigError as e:
                 errors.append(str(e))
         raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
-    if origin is list:
+    if origin in (list, tuple):  # list[X] or tuple[X, ...]: a YAML list either way
         if not isinstance(value, list | tuple):
             raise ConfigError(f"config key {key!r} must be a list, got {type(value).__name__}: {value!r}")
-        return [coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)] if args else list(value)
+        items = [coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)] if args else list(value)
+        return tuple(items) if origin is tuple else items
     if hint is dict or origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"config key {key!r} must be a mapping, got {type(value).__name__}: {value!r}")

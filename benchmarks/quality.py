@@ -245,12 +245,9 @@ class QualitySettings:
                 setattr(new, key, coerce(value, hints[key], key))
             except ConfigError as e:
                 raise ValueError(f"setting {key}={text!r}: {e}") from None
-        thresholds = new.eval_stop_thresholds
-        if not isinstance(thresholds, (list, tuple)) or not all(
-            isinstance(t, (int, float)) and not isinstance(t, bool) and 0.0 <= t <= 1.0 for t in thresholds
-        ):
-            raise ValueError(f"eval_stop_thresholds must be a list of numbers in [0, 1], got {thresholds!r}")
-        new.eval_stop_thresholds = tuple(float(t) for t in thresholds)
+        for value in new.eval_stop_thresholds:
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"eval_stop_thresholds must be in [0, 1], got {value}")
         if new.finetune_from not in ("base", "scratch"):
             raise ValueError(f"finetune_from must be base or scratch, got {new.finetune_from!r}")
         if arm:
@@ -516,7 +513,7 @@ def stage_eval(settings: QualitySettings, minutes: float, time_decode: bool = Tr
         result = evaluate(
             model,
             blocks,
-            replace(cfg, stop_thresholds=tuple(thresholds)),
+            replace(cfg, stop_thresholds=thresholds),
             device=device,
             progress=not settings.smoke,
             deadline=deadline,
@@ -585,7 +582,7 @@ def headline(ac, base, summary_length: int) -> dict:
     """The numbers RESULTS.md records: ppl with no context, behind 1..3 segments' summary vectors (every
     slot; a variable-length model also where it stops) and with full attention, and the share of the
     no-context -> FA gap each condition closes. `base` (the pretrained model) may be None."""
-    from acomp.eval import FULL_ATTENTION, NO_CONTEXT, SUMMARY, SUMMARY_VARIABLE, gap_share
+    from acomp.eval import FULL_ATTENTION, NO_CONTEXT, SUMMARY, SUMMARY_VARIABLE, gap_share, report
 
     fa = max(
         (c for c in ac.conditions if c.kind == FULL_ATTENTION), key=lambda c: c.context_tokens, default=None
@@ -594,9 +591,7 @@ def headline(ac, base, summary_length: int) -> dict:
     for c in ac.conditions:
         if c.kind in (SUMMARY, SUMMARY_VARIABLE):
             vectors = ac.overall[c.name].summary_vectors
-            label = "summary vectors" if c.kind == SUMMARY else "summary vectors (variable length)"
-            if c.stop_threshold is not None:
-                label = f"summary vectors (variable length, stop threshold {c.stop_threshold!r})"
+            label = report.line_label(c)
             rows.append(
                 {
                     "condition": f"{vectors:.0f} {label}" if c.kind == SUMMARY else f"{vectors:.1f} {label}",

@@ -137,11 +137,12 @@ def markdown(result: EvalResult, title: str | None = None) -> str:
 
 def _label(cond) -> str:
     if cond.kind in (SUMMARY, SUMMARY_VARIABLE):
-        return f"{_line_label(cond)}, {len(cond.context_segments)} segment(s)"
+        return f"{line_label(cond)}, {len(cond.context_segments)} segment(s)"
     return LABELS[cond.kind]
 
 
-def _line_label(cond) -> str:
+def line_label(cond) -> str:
+    """A condition's kind, and its stop threshold when it has its own."""
     if cond.stop_threshold is None:
         return LABELS[cond.kind]
     return f"{LABELS[cond.kind]}, stop threshold {cond.stop_threshold!r}"
@@ -169,7 +170,7 @@ def plot(result: EvalResult, path: str | Path, title: str | None = None) -> Path
         conds.sort(key=lambda c: c.context_tokens)
         xs = [0] + [c.context_tokens for c in conds]
         ys = [nc] + [result.overall[c.name].ppl for c in conds]
-        ax.plot(xs, ys, marker=markers[kind], label=_line_label(conds[0]))
+        ax.plot(xs, ys, marker=markers[kind], label=line_label(conds[0]))
         if kind != FULL_ATTENTION:
             for c in conds:
                 vectors = result.overall[c.name].summary_vectors

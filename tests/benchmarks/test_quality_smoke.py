@@ -183,8 +183,14 @@ def test_settings_changes_and_arms_are_checked():
     assert (same_base.finetune_steps, default.finetune_steps) == (40, None)
     assert default.changed({"pretrain_steps": "500"}, arm="c").own_base  # a longer base is another base
     assert default.changed({"eval_stop_thresholds": "[0, 0.5]"}).eval_stop_thresholds == (0.0, 0.5)
-    for bad in ("0.5", "[a]", "null", "[true]", "[1.5]"):
-        with pytest.raises(ValueError, match="eval_stop_thresholds must be a list of numbers in \\[0, 1\\]"):
+    for bad, message in (
+        ("0.5", "'eval_stop_thresholds' must be a list, got float: 0.5"),
+        ("null", "'eval_stop_thresholds' must be a list, got NoneType: None"),
+        ("[a]", "'eval_stop_thresholds\\[0\\]' must be a number, got str: 'a'"),
+        ("[true]", "'eval_stop_thresholds\\[0\\]' must be a number, got bool: True"),
+        ("[1.5]", "eval_stop_thresholds must be in \\[0, 1\\], got 1.5"),
+    ):
+        with pytest.raises(ValueError, match=message):
             default.changed({"eval_stop_thresholds": bad})
     # Replicates: another seed for the fine-tuning shares the base; another base seed pretrains its own.
     from quality import finetune_config, pretrain_config
