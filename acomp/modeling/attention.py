@@ -99,7 +99,7 @@ def settle_torch_sdpa_priority(device: torch.device) -> None:
 
 
 GROUPED_DECODE = "acomp_grouped_decode"
-FOLDED_KEY_BIAS = "acomp_folded_key_bias"
+CAUSAL = "acomp_causal"
 # How a variable-length softprompt's presence bias reaches attention (folds_presence).
 PRESENCE_ATTENTION = ("auto", "mask", "folded")
 _FOLD_WIDTH = 8  # extra head dimensions of the folded bias (one used; fused kernels want multiples of 8)
@@ -107,21 +107,23 @@ _FOLD_FLOOR = -1.0e4  # exp() of it is 0 in fp32, and a row whose keys are all a
 _REGISTERED: set[str] = set()
 
 
-def folded_key_bias_attention(
+def causal_attention(
     module, query, key, value, attention_mask, dropout=0.0, scaling=None, key_bias=None, **kwargs
 ):
-    """Causal SDPA with an additive bias per key, `key_bias` [B, L] (0 = present, very negative = absent):
-    the bias rides in one extra head dimension, q' = [q, 1/scale], k' = [k, bias], so that
-    scale * q'.k' = scale * q.k + bias and the causal flash / cudnn kernels run it, where a 4D float mask
-    would need a kernel that reads (and in backward writes) a [B, heads, L, L] bias. Its gradient arrives
-    through dK'. The caller passes no mask with `key_bias`, so `attention_mask` is the decoder's own causal
-    one (OPT builds it, Llama passes None) and is_causal stands for it. Without `key_bias`, transformers' SDPA
-    attention."""
+    """Causal SDPA, with an optional additive bias per key, `key_bias` [B, L] (0 = present, very negative =
+    absent). The decoder's own mask is ignored: a caller enters `causal_attention_block` only when attention
+    is purely causal apart from `key_bias` (unpadded text), and transformers builds no mask for an
+    implementation name it does not know (Llama passes None; OPT still builds its 4D causal mask), so the
+    causal kernels run with no mask and no host sync (an all-ones 2D mask costs one `all()` check per call).
+
+    The bias rides in one extra head dimension, q' = [q, 1/scale], k' = [k, bias], so that scale * q'.k' =
+    scale * q.k + bias and the causal flash / cudnn kernels run it, where a 4D float mask would need a
+    kernel that reads (and in backward writes) a [B, heads, L, L] bias. Its gradient arrives through dK'."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    if key_bias is None:
+    if key_bias is None:  # no mask: transformers' SDPA attention takes the causal kernel (is_causal)
         return sdpa_attention_forward(
-            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+            module, query, key, value, None, dropout=dropout, scaling=scaling, **kwargs
         )
     batch, heads, length, dim = query.shape
     kv_heads = key.shape[1]
@@ -146,14 +148,15 @@ def folds_presence(config) -> bool:
 
 
 @contextlib.contextmanager
-def folded_key_bias(config):
-    """Within the block the model runs `folded_key_bias_attention` (SDPA models only: the model checks that)."""
-    if FOLDED_KEY_BIAS not in _REGISTERED:  # once per process
+def causal_attention_block(config):
+    """Within the block the model runs `causal_attention` (SDPA models only: the caller checks that)."""
+    if CAUSAL not in _REGISTERED:  # once per process
         from transformers import AttentionInterface
 
-        AttentionInterface.register(FOLDED_KEY_BIAS, folded_key_bias_attention)
-        _REGISTERED.add(FOLDED_KEY_BIAS)
-    config._attn_implementation = FOLDED_KEY_BIAS
+        # Through a lambda, so the module attribute is looked up at each call (tests patch it).
+        AttentionInterface.register(CAUSAL, lambda *a, **k: causal_attention(*a, **k))
+        _REGISTERED.add(CAUSAL)
+    config._attn_implementation = CAUSAL
     try:
         yield
     finally:

@@ -21,7 +21,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers import AutoConfig
 from transformers.utils import ModelOutput
 
-from .attention import folded_key_bias, folds_presence, resolve_attn_implementation, sdpa_context
+from .attention import causal_attention_block, folds_presence, resolve_attn_implementation, sdpa_context
 from .config import apply_compression_fields, init_std
 from .generation import generate
 from .positions import PositionRule
@@ -262,6 +262,7 @@ class AutoCompressorMixin:
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
         batch, total, _ = inputs_embeds.shape
+        unpadded = attention_mask is None  # no padding to mask: segments may skip the mask (_segment)
         if attention_mask is None:
             attention_mask = torch.ones(batch, total, dtype=torch.long, device=inputs_embeds.device)
         if attention_mask.shape != (batch, total):
@@ -295,6 +296,7 @@ class AutoCompressorMixin:
                 None if targets is None else targets[:, text],
                 tail_embeds if compress else None,
                 return_logits,
+                unpadded,
             )
             if checkpointing and not last:
                 seg = checkpoint(self._segment, *args, use_reentrant=False)
@@ -350,9 +352,11 @@ class AutoCompressorMixin:
         targets: torch.Tensor | None,
         tail_embeds: torch.Tensor | None,
         return_logits: bool,
+        unpadded: bool = False,
     ) -> SegmentOutput:
         """One segment: decoder over [softprompt ; text ; tail], where the tail is the summary tokens
-        (fixed mode) or `<sum>` plus the compression slots (variable mode)."""
+        (fixed mode) or `<sum>` plus the compression slots (variable mode). `unpadded`: the caller passed no
+        attention mask, so under SDPA attention is purely causal apart from a presence bias."""
         batch, n, _ = text_embeds.shape
         num_tail = 0 if tail_embeds is None else tail_embeds.shape[1]
         if softprompt is None:
@@ -361,19 +365,20 @@ class AutoCompressorMixin:
         parts = [p for p in (softprompt.vectors, text_embeds, tail_embeds) if p is not None]
         embeds = torch.cat(parts, dim=1)
         positions = self.position_rule.segment(softprompt.span, text_mask, num_tail, softprompt.positions)
-        folded = softprompt.bias is not None and folds_presence(self.config)
         extra = {}
-        if softprompt.bias is None:
-            # Always a 2D mask, even when all ones: given None with position_ids, transformers (4.57) builds a
-            # materialised 4D mask (its packed-sequence check) instead of the causal kernel, which made AC
-            # fine-tuning 1.6x slower on the GPU than the host sync its all-ones check costs.
+        if softprompt.bias is None and unpadded and self.config._attn_implementation == "sdpa":
+            # No mask at all: the causal kernel, without the host sync of transformers' all-ones check on a 2D
+            # mask (one per decoder call) and without the materialised 4D mask it builds from position_ids
+            # when given None (causal_attention).
+            mask = None
+        elif softprompt.bias is None:
             ones = text_mask.new_ones
             mask = torch.cat([ones(batch, soft_len), text_mask, ones(batch, num_tail)], dim=1)
-        elif folded:  # the same bias on the keys, through the causal kernels (attention.py)
+        elif folds_presence(self.config):  # the same bias on the keys, through the causal kernels
             mask, extra = None, {"key_bias": key_bias(softprompt.bias, text_mask, num_tail, torch.float32)}
         else:
             mask = attention_bias(softprompt.bias, text_mask, num_tail, embeds.dtype)
-        attention = folded_key_bias(self.config) if folded else contextlib.nullcontext()
+        attention = causal_attention_block(self.config) if mask is None else contextlib.nullcontext()
         with sdpa_context(self.config.sdpa_backend, embeds.device), attention:
             hidden = self.get_decoder()(
                 inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False, **extra

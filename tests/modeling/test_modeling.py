@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from tiny_models import FAMILIES, MODEL_CLASS, VOCAB, random_ids, tiny_config, tiny_model
 from transformers import AutoModelForCausalLM
 
+import acomp.modeling.attention as attention
 from acomp import AutoCompressorModel
 
 
@@ -39,6 +40,37 @@ def test_multi_segment_equals_manual_chaining(family):
     assert sp.shape == (2, 3 * model.summary_length, 32)
     expected = F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), ids[:, 1:].reshape(-1))
     torch.testing.assert_close(full.loss, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_unpadded_input_runs_the_causal_kernel_with_no_mask_and_equals_the_all_ones_mask(family, monkeypatch):
+    """No attention mask from the caller: every decoder call goes through `causal_attention` without a mask
+    (no host sync for transformers' all-ones check); logits, loss and every gradient equal those behind an
+    explicit all-ones mask."""
+    calls = []
+    causal = attention.causal_attention
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("key_bias"))
+        return causal(*args, **kwargs)
+
+    monkeypatch.setattr(attention, "causal_attention", spy)
+    model = tiny_model(family)
+    ids = random_ids(2, 18)
+    outs = []
+    for mask in (None, torch.ones_like(ids)):
+        model.zero_grad()
+        out = model(ids, attention_mask=mask, labels=ids, segment_lengths=[5, 7, 6])
+        out.loss.backward()
+        outs.append((out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    layers = model.config.num_hidden_layers
+    assert calls == [None] * (3 * layers)  # the unmasked call only, never with a bias
+    (plain, plain_grads), (masked, masked_grads) = outs
+    torch.testing.assert_close(plain.logits, masked.logits, rtol=0, atol=1e-6)
+    torch.testing.assert_close(plain.loss, masked.loss, rtol=0, atol=1e-6)
+    assert plain_grads.keys() == masked_grads.keys() and plain_grads
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(grad, masked_grads[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_last_segment_gets_summary_tokens_only_when_asked():

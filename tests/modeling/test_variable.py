@@ -6,6 +6,7 @@ import pytest
 import torch
 from tiny_models import MODEL_CLASS, VOCAB, random_ids, tiny_config, tiny_model
 
+import acomp.modeling.attention as attention
 import acomp.modeling.compressor as compressor
 from acomp import Softprompt
 from acomp.modeling.attention import folds_presence
@@ -321,26 +322,27 @@ def test_folded_presence_attention_equals_the_mask_with_gradients(family):
 
 
 def test_auto_presence_attention_folds_under_sdpa_and_masks_under_eager(monkeypatch):
-    folded_calls = []
-    fold = compressor.folded_key_bias
+    key_biases = []
+    causal = attention.causal_attention
 
-    def spy(config):
-        folded_calls.append(config._attn_implementation)
-        return fold(config)
+    def spy(*args, key_bias=None, **kwargs):
+        key_biases.append(key_bias is not None)
+        return causal(*args, key_bias=key_bias, **kwargs)
 
-    monkeypatch.setattr(compressor, "folded_key_bias", spy)
+    monkeypatch.setattr(attention, "causal_attention", spy)
     ids = random_ids(2, 12)
     model = variable_model()
     assert model.config.presence_attention == "auto" and model.config._attn_implementation == "sdpa"
     assert folds_presence(model.config)
     model(ids, segment_lengths=[6, 6])  # the second segment reads the first's summaries through the fold
-    assert folded_calls == ["sdpa"]
+    layers = model.config.num_hidden_layers
+    assert key_biases == [False] * layers + [True] * layers
     config = tiny_config("llama", compression_mode="variable")
     config._attn_implementation = "eager"
     model = MODEL_CLASS["llama"](config)  # no error: auto takes the 4D mask where SDPA is not used
     assert not folds_presence(model.config)
     model(ids, segment_lengths=[6, 6])
-    assert folded_calls == ["sdpa"]
+    assert len(key_biases) == 2 * layers
 
 
 def test_folded_presence_attention_needs_sdpa():
