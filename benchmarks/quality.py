@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import shutil
@@ -990,15 +991,25 @@ def plot_frontier(table: list[dict], path: Path) -> None:
         ("gap", f"gap closed behind {PAPER_SEGMENTS} segments"),
     )
     for ax, (key, label) in zip(axes, panels):
+        values = [p[key] for p in points if p[key] is not None]
+        span = (max(values) - min(values)) or 1.0 if values else 1.0
+        labelled = []
         for mode, marker in (("fixed", "o"), ("variable", "s")):
             rows = [p for p in points if p["mode"] == mode and p[key] is not None]
             if rows:
                 ax.plot([p["vectors"] for p in rows], [p[key] for p in rows], marker=marker, label=mode)
                 for p in rows:
+                    # Points that nearly coincide (one model at nearby stop thresholds) stack their labels.
+                    near = sum(
+                        abs(math.log2(q["vectors"] / p["vectors"])) < 0.15
+                        and abs(q[key] - p[key]) < 0.03 * span
+                        for q in labelled
+                    )
+                    labelled.append(p)
                     ax.annotate(
                         p["label"],
                         (p["vectors"], p[key]),
-                        xytext=(4, 6),
+                        xytext=(4, 6 + 9 * near),
                         textcoords="offset points",
                         fontsize=7,
                     )
