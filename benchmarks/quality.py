@@ -992,7 +992,7 @@ def plot_frontier(table: list[dict], path: Path) -> None:
     )
     for ax, (key, label) in zip(axes, panels):
         values = [p[key] for p in points if p[key] is not None]
-        span = (max(values) - min(values)) or 1.0 if values else 1.0
+        span = ((max(values) - min(values)) or 1.0) if values else 1.0
         labelled = []
         for mode, marker in (("fixed", "o"), ("variable", "s")):
             rows = [p for p in points if p["mode"] == mode and p[key] is not None]
@@ -1001,7 +1001,9 @@ def plot_frontier(table: list[dict], path: Path) -> None:
                 for p in rows:
                     # Points that nearly coincide (one model at nearby stop thresholds) stack their labels.
                     near = sum(
-                        abs(math.log2(q["vectors"] / p["vectors"])) < 0.15
+                        q["vectors"] > 0
+                        and p["vectors"] > 0
+                        and abs(math.log2(q["vectors"] / p["vectors"])) < 0.15
                         and abs(q[key] - p[key]) < 0.03 * span
                         for q in labelled
                     )

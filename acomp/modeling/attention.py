@@ -111,10 +111,11 @@ def causal_attention(
     module, query, key, value, attention_mask, dropout=0.0, scaling=None, key_bias=None, **kwargs
 ):
     """Causal SDPA, with an optional additive bias per key, `key_bias` [B, L] (0 = present, very negative =
-    absent). The decoder's own mask is ignored: a caller enters `causal_attention_block` only when attention
-    is purely causal apart from `key_bias` (unpadded text), and transformers builds no mask for an
-    implementation name it does not know (Llama passes None; OPT still builds its 4D causal mask), so the
-    causal kernels run with no mask and no host sync (an all-ones 2D mask costs one `all()` check per call).
+    absent; it also carries padded keys). The decoder's own mask is ignored: a caller enters
+    `causal_attention_block` only when attention is causal apart from `key_bias` (no padding outside it, no
+    binding sliding window), and transformers builds no mask for an implementation name it does not know
+    (Llama-family decoders pass None; OPT still builds its 4D causal mask), so the causal kernels run with no
+    host sync (an all-ones 2D mask costs one `all()` check per call).
 
     The bias rides in one extra head dimension, q' = [q, 1/scale], k' = [k, bias], so that scale * q'.k' =
     scale * q.k + bias and the causal flash / cudnn kernels run it, where a 4D float mask would need a
@@ -156,11 +157,11 @@ def causal_attention_block(config):
         # Through a lambda, so the module attribute is looked up at each call (tests patch it).
         AttentionInterface.register(CAUSAL, lambda *a, **k: causal_attention(*a, **k))
         _REGISTERED.add(CAUSAL)
-    config._attn_implementation = CAUSAL
+    previous, config._attn_implementation = config._attn_implementation, CAUSAL
     try:
         yield
     finally:
-        config._attn_implementation = "sdpa"
+        config._attn_implementation = previous
 
 
 def grouped_decode_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):

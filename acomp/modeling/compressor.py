@@ -366,10 +366,12 @@ class AutoCompressorMixin:
         embeds = torch.cat(parts, dim=1)
         positions = self.position_rule.segment(softprompt.span, text_mask, num_tail, softprompt.positions)
         extra = {}
-        if softprompt.bias is None and unpadded and self.config._attn_implementation == "sdpa":
-            # No mask at all: the causal kernel, without the host sync of transformers' all-ones check on a 2D
-            # mask (one per decoder call) and without the materialised 4D mask it builds from position_ids
-            # when given None (causal_attention).
+        window = getattr(self.config, "sliding_window", None)
+        unwindowed = window is None or embeds.shape[1] <= window  # no sliding window binds within this call
+        if softprompt.bias is None and unpadded and unwindowed and self.config._attn_implementation == "sdpa":
+            # No mask for transformers to check: the causal kernel, without the host sync of its all-ones check
+            # on a 2D mask (one per decoder call) and without the 4D mask it builds from position_ids when
+            # given None (causal_attention; OPT still builds its causal one, which goes unused).
             mask = None
         elif softprompt.bias is None:
             ones = text_mask.new_ones

@@ -65,12 +65,29 @@ def test_unpadded_input_runs_the_causal_kernel_with_no_mask_and_equals_the_all_o
         outs.append((out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
     layers = model.config.num_hidden_layers
     assert calls == [None] * (3 * layers)  # the unmasked call only, never with a bias
+    assert model.config._attn_implementation == "sdpa"  # restored after each call
     (plain, plain_grads), (masked, masked_grads) = outs
     torch.testing.assert_close(plain.logits, masked.logits, rtol=0, atol=1e-6)
     torch.testing.assert_close(plain.loss, masked.loss, rtol=0, atol=1e-6)
     assert plain_grads.keys() == masked_grads.keys() and plain_grads
     for name, grad in plain_grads.items():
         torch.testing.assert_close(grad, masked_grads[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_a_binding_sliding_window_keeps_the_mask(monkeypatch):
+    """A call longer than a sliding window (Mistral) needs the window's mask, so no-mask input takes the 2D mask."""
+    calls = []
+    causal = attention.causal_attention
+    monkeypatch.setattr(attention, "causal_attention", lambda *a, **k: calls.append(1) or causal(*a, **k))
+    model = tiny_model("mistral", sliding_window=4)
+    ids = random_ids(2, 18)
+    plain = model(ids, labels=ids, segment_lengths=[9, 9])
+    masked = model(ids, attention_mask=torch.ones_like(ids), labels=ids, segment_lengths=[9, 9])
+    assert calls == []
+    torch.testing.assert_close(plain.logits, masked.logits, rtol=0, atol=0)
+    wide = tiny_model("mistral", sliding_window=64)(ids, labels=ids, segment_lengths=[9, 9])
+    assert len(calls) == 2 * 2  # within the window: the unmasked call, per layer and segment
+    assert not torch.allclose(wide.logits, plain.logits)  # the window of 4 did bind
 
 
 def test_last_segment_gets_summary_tokens_only_when_asked():
