@@ -4,11 +4,14 @@
     -> softprompt.detach() into the next substep -> ... -> engine.step() (the update) -> log -> checkpoint
 
 DeepSpeed counts every substep as one micro-step: `engine.step()` after each backward is a no-op until the
-last substep of the last micro-batch, where it clips, updates and advances the schedule.
+last substep of the last micro-batch, where it clips, updates and advances the schedule. With
+`train.coalesce_grad_reduction` every backward of the step runs inside DeepSpeed's `coalesce_grad_reduction()`
+(gradients stay on the weights; one reduction when the block ends) and the micro-steps are counted after it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import random
 import time
 from dataclasses import dataclass, field
@@ -313,22 +316,29 @@ def train_step(trainer: Trainer, step: int) -> StepOutputs:
     cfg, engine, batches, dist = trainer.cfg, trainer.engine, trainer.batches, trainer.dist
     outputs = StepOutputs()
     penalty_scale = length_penalty_scale(cfg.compression.lambda_warmup_steps, step + 1)
-    for micro in range(trainer.plan.accumulation):
-        # One asynchronous copy per micro-batch (pinned by the loader on GPU hosts): copying each substep from
-        # pageable memory would make the host wait for the previous substep's backward every time.
-        input_ids = next(batches)["input_ids"].to(engine.device, non_blocking=True)
-        rng = segment_generator(cfg.train.seed, step, micro, dist.rank)
-        substeps = split_substeps(input_ids, cfg.compression, trainer.max_segment, rng)
-        softprompt, micro_losses = None, []
-        for i, substep in enumerate(substeps):
-            carry = i < len(substeps) - 1  # the last substep's summaries would go unused
-            result = train_substep(engine, substep, softprompt, carry, penalty_scale)
-            softprompt = result.softprompt
-            micro_losses.append(result.loss)
-            if result.summary_lengths is not None:
-                outputs.summary_lengths.append(result.summary_lengths.flatten())
-        outputs.losses.append(micro_losses)
-        outputs.segments.append([s.segment_lengths for s in substeps])
+    coalesce = cfg.train.coalesce_grad_reduction
+    with engine.coalesce_grad_reduction() if coalesce else contextlib.nullcontext():
+        for micro in range(trainer.plan.accumulation):
+            # One asynchronous copy per micro-batch (pinned by the loader on GPU hosts): copying each substep
+            # from pageable memory would make the host wait for the previous substep's backward every time.
+            input_ids = next(batches)["input_ids"].to(engine.device, non_blocking=True)
+            rng = segment_generator(cfg.train.seed, step, micro, dist.rank)
+            substeps = split_substeps(input_ids, cfg.compression, trainer.max_segment, rng)
+            softprompt, micro_losses = None, []
+            for i, substep in enumerate(substeps):
+                carry = i < len(substeps) - 1  # the last substep's summaries would go unused
+                result = train_substep(
+                    engine, substep, softprompt, carry, penalty_scale, step_engine=not coalesce
+                )
+                softprompt = result.softprompt
+                micro_losses.append(result.loss)
+                if result.summary_lengths is not None:
+                    outputs.summary_lengths.append(result.summary_lengths.flatten())
+            outputs.losses.append(micro_losses)
+            outputs.segments.append([s.segment_lengths for s in substeps])
+    if coalesce:  # DeepSpeed's micro-step count, once per backward; the last one updates
+        for _ in range(sum(len(losses) for losses in outputs.losses)):
+            engine.step()
     return outputs
 
 
@@ -356,14 +366,20 @@ def length_penalty_scale(warmup_steps: int, step: int) -> float:
 
 
 def train_substep(
-    engine, substep: Substep, softprompt: Softprompt | None, carry: bool, penalty_scale: float = 1.0
+    engine,
+    substep: Substep,
+    softprompt: Softprompt | None,
+    carry: bool,
+    penalty_scale: float = 1.0,
+    step_engine: bool = True,
 ) -> SubstepOutput:
     """Forward + backward of one BPTT window; returns its loss and what the next window needs.
 
     Gradients flow through the summaries of this window's segments (one model call); the returned softprompt
     (summary vectors and, in the variable-length mode, their presence bias) is detached (truncated BPTT), so
     later windows send no gradient back into this one. The variable mode's length penalty counts
-    `penalty_scale` times (its warmup).
+    `penalty_scale` times (its warmup). `step_engine=False` leaves DeepSpeed's micro-step to the caller
+    (inside `coalesce_grad_reduction`, where `engine.step()` may not run).
     """
     input_ids = substep.input_ids.to(engine.device)
     out = engine(
@@ -378,7 +394,8 @@ def train_substep(
     if penalty is not None and penalty_scale != 1.0:
         loss = out.lm_loss + penalty_scale * penalty
     engine.backward(loss)  # DeepSpeed divides by its accumulation count (micro-batches x substeps)
-    engine.step()  # the optimizer update happens only at the accumulation boundary
+    if step_engine:
+        engine.step()  # the optimizer update happens only at the accumulation boundary
     lengths = getattr(out, "summary_lengths", None)
     return SubstepOutput(
         loss=loss.detach(),

@@ -5,6 +5,7 @@ bucket cap, compiled layers."""
 from __future__ import annotations
 
 import itertools
+import json
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from torch._dynamo.utils import counters
 from torch.nn.attention import SDPBackend
 
 import acomp.modeling.compressor as compressor
-from acomp.config import RunConfig
+from acomp.config import ConfigError, RunConfig
 from acomp.modeling import attention
 from acomp.train.engine import (
     BatchPlan,
@@ -184,6 +185,18 @@ def test_flop_param_split_under_lora():
     adapters = sum(p.numel() for n, p in lora.named_parameters() if "lora_" in n)
     assert (trainable, frozen) == (adapters, total)
     assert attention_width(config) == config.hidden_size
+
+
+def test_coalesced_reduction_needs_a_zero_stage(tmp_path):
+    path = tmp_path / "zero0.json"
+    path.write_text(json.dumps({"train_batch_size": "auto", "zero_optimization": {"stage": 0}}))
+    cfg = RunConfig()
+    cfg.train.deepspeed = str(path)
+    cfg.train.coalesce_grad_reduction = True
+    with pytest.raises(ConfigError, match="train.coalesce_grad_reduction needs ZeRO stage 1, 2 or 3"):
+        resolve_ds_config(cfg, BatchPlan(1, 1, 1), 1, torch.device("cpu"), hidden_size=64)
+    cfg.train.deepspeed = "ds_configs/zero1.json"
+    resolve_ds_config(cfg, BatchPlan(1, 1, 1), 1, torch.device("cpu"), hidden_size=64)
 
 
 # ------------------------------------------------------------------------------------------------ ZeRO-3

@@ -32,6 +32,32 @@ def test_two_rank_zero3_matches_one_rank(corpus, tmp_path):
     assert a[4] < a[1]  # and it learns
 
 
+@pytest.mark.parametrize("zero", ["zero3.json", "zero1.json"])
+def test_coalesced_gradient_reduction_matches_reduction_per_backward(corpus, tmp_path, zero):
+    """2 micro-batches x 2 substeps per step: the four backward passes reduced once at the end of the step give
+    the losses of reducing after each one (fp32), on one rank and, under ZeRO-3, over two."""
+    ds = str(REPO / "ds_configs" / zero)
+    runs = {}
+    for name, nproc, extra in [
+        ("plain", 1, []),
+        ("coalesced", 1, ["train.coalesce_grad_reduction=true"]),
+        ("coalesced2", 2, ["train.coalesce_grad_reduction=true"]),
+    ]:
+        if nproc == 2 and zero != "zero3.json":
+            continue
+        out = tmp_path / name
+        train = {"micro_batch_size": 1, "global_batch_size": 2, "deepspeed": ds}
+        cfg = write_config(tmp_path / f"{name}.yaml", tiny_config(corpus, out, train=train))
+        launch(cfg, ["train.max_steps=3", *extra], nproc=nproc)
+        runs[name] = losses(out)
+    plain = runs.pop("plain")
+    assert sorted(plain) == [1, 2, 3]
+    for name, got in runs.items():
+        assert sorted(got) == [1, 2, 3], name
+        for step in plain:
+            assert got[step] == pytest.approx(plain[step], rel=LOSS_RTOL), (name, step, plain, got)
+
+
 def save_base_llama(path, vocab_size: int) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
