@@ -159,7 +159,7 @@ def test_train_step_passes_the_warmup_scale_of_its_step(monkeypatch):
     cfg.compression.lambda_warmup_steps = 4
     seen = []
 
-    def substep(engine, substep, softprompt, carry, penalty_scale=1.0):
+    def substep(engine, substep, softprompt, carry, penalty_scale=1.0, step_engine=True):
         seen.append(penalty_scale)
         return SimpleNamespace(loss=torch.tensor(1.0), softprompt=None, summary_lengths=None)
 
