@@ -9,7 +9,7 @@ per-shape warm-up included) and as the median of the steps after them (steady st
 
 Each recipe row runs twice in the same call: with the recipe's random segment boundaries, and with fixed
 boundaries of the same total length (`random/fixed` in the table). `--set KEY=VALUE` changes every row (a
-lever study is not a shipped setting: its rows say so); `--variant NAME:KEY=VALUE,...` adds rows.
+lever study is not a shipped setting: its rows say so); `--variant NAME[@RECIPE]:KEY=VALUE,...` adds rows.
 
 GPU host (wheels carried in .whl/; benchmarks/gpu-setup.sh):
 
@@ -130,8 +130,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--variant",
         action="append",
         default=[],
-        metavar="NAME:KEY=VALUE[,KEY=VALUE]",
-        help="extra rows of the first --rows recipe with these config overrides",
+        metavar="NAME[@RECIPE]:KEY=VALUE[,KEY=VALUE]",
+        help="extra rows of RECIPE (default: the first --rows recipe) with these config overrides",
     )
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="environment for the run")
     p.add_argument("--corpus-dir", default=None, help="where the random-token corpora are built (reused)")
@@ -150,6 +150,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         name, _, only = spec.partition(":")
         if name not in ROWS or only not in ("", "random", "fixed"):
             p.error(f"--rows {spec!r}: expected NAME[:random|:fixed] with NAME in {sorted(ROWS)}")
+    for spec in args.variant:
+        recipe = spec.partition(":")[0].partition("@")[2]
+        if recipe and recipe not in ROWS:
+            p.error(f"--variant {spec!r}: unknown recipe {recipe!r}; expected one of {sorted(ROWS)}")
     if args.smoke:
         args.rows = [r for r in args.rows if r.startswith("tiny")] or ["tiny", "tiny-lora-z3"]
         args.steps, args.first_steps = 3, 1
@@ -355,11 +359,13 @@ def plan_rows(args) -> list[dict]:
             rows.append({"name": f"{name} {boundaries}", "row": name, "boundaries": boundaries, "extra": []})
     first = args.rows[0].partition(":")[0]
     for spec in args.variant:
-        label, _, body = spec.partition(":")
+        head, _, body = spec.partition(":")
+        label, _, recipe = head.partition("@")
+        recipe = recipe or first
         extra = [kv for kv in body.split(",") if kv]
         for boundaries in args.boundaries:
             rows.append(
-                {"name": f"{first} {boundaries} [{label}]", "row": first, "boundaries": boundaries,
+                {"name": f"{recipe} {boundaries} [{label}]", "row": recipe, "boundaries": boundaries,
                  "extra": extra, "variant": label}
             )  # fmt: skip
     return rows

@@ -167,3 +167,26 @@ def test_gqa_concat_backport_makes_one_gemm_of_unequal_projections():
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.split()[-1] == "1"
+
+
+def test_train_throughput_variant_rows_name_their_recipe(capsys, monkeypatch):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_throughput", REPO / "benchmarks/train_throughput.py")
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, bench)  # its dataclasses look their module up
+    spec.loader.exec_module(bench)
+    args = bench.parse_args(
+        ["--rows", "llama-1b-z3:random", "llama-1b-z1:fixed", "--boundaries", "random",
+         "--variant", "co:train.x=1", "--variant", "co@llama-1b-z1:train.x=1,train.y=2"]
+    )  # fmt: skip
+    rows = [(r["name"], r["extra"]) for r in bench.plan_rows(args)]
+    assert rows == [
+        ("llama-1b-z3 random", []),
+        ("llama-1b-z1 fixed", []),
+        ("llama-1b-z3 random [co]", ["train.x=1"]),  # no @: the first recipe
+        ("llama-1b-z1 random [co]", ["train.x=1", "train.y=2"]),
+    ]
+    with pytest.raises(SystemExit) as exit_info:
+        bench.parse_args(["--variant", "co@llama-9b:train.x=1"])
+    assert exit_info.value.code == 2 and "unknown recipe 'llama-9b'" in capsys.readouterr().err
