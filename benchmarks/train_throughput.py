@@ -339,12 +339,16 @@ def _mean_mfu(records: list[dict]) -> float | None:
 
 
 def release(trainer) -> None:
-    """Free the GPU between rows: the engine (hooks, buffers), compiled graphs, the allocator cache."""
-    import torch
-
+    """Take down a row's engine (hooks, buffers); `free_memory` collects it once no frame holds it."""
     with contextlib.suppress(Exception):
         trainer.engine.destroy()
-    del trainer
+
+
+def free_memory() -> None:
+    """Free the GPU between rows: compiled graphs, the last row's objects (the engine and model hold reference
+    cycles, so only the collector frees them, and only after the row's frame is gone), the allocator cache."""
+    import torch
+
     torch._dynamo.reset()
     gc.collect()
     if torch.cuda.is_available():
@@ -455,6 +459,7 @@ def main(argv=None) -> int:
         except Exception as e:  # one failing row must not stop the others
             oom = "out of memory" in str(e).lower()
             result["status"] = "OOM" if oom else f"error: {type(e).__name__}: {str(e)[:400]}"
+        free_memory()
         result["wall_s"] = time.perf_counter() - t0
         table = result.pop("profile", None)
         if table and dist.is_main:
