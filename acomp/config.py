@@ -123,9 +123,10 @@ class TrainConfig:
     # all-gather and hook pair per linear: fewer, larger collectives and far fewer hooks per step.
     zero3_whole_layers: bool = True
     # ZeRO 1-3: reduce the gradients once per optimizer step instead of once per backward (substep), through
-    # DeepSpeed's coalesce_grad_reduction(); the weights hold their summed gradients until then (under ZeRO-3
-    # a full-size gradient per weight on every rank). A lever under measurement (benchmarks/RESULTS.md).
-    coalesce_grad_reduction: bool = False
+    # DeepSpeed's coalesce_grad_reduction(): far less per-layer hook work under ZeRO-3. The trainable weights
+    # hold their full summed gradients until then (over several ranks ZeRO-2/3 would keep only a shard):
+    # false when that memory binds; a ZeRO stage-0 DeepSpeed config needs false.
+    coalesce_grad_reduction: bool = True
     checkpoint_every: int = 1000  # steps; 0 = only on signal and at the end
     keep_checkpoints: int = 2  # the last K checkpoints are kept
     resume: str = "auto"  # auto (latest checkpoint in output_dir, if any) | never | PATH to a checkpoint dir

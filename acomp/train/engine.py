@@ -88,7 +88,10 @@ def resolve_ds_config(
         raise ConfigError(f"{path}: fp16 is not supported (use bf16 or fp32)")
     zero = ds.setdefault("zero_optimization", {"stage": 0})
     if cfg.train.coalesce_grad_reduction and not zero.get("stage"):
-        raise ConfigError(f"train.coalesce_grad_reduction needs ZeRO stage 1, 2 or 3; {path} uses stage 0")
+        raise ConfigError(
+            f"train.coalesce_grad_reduction=true (the default) needs ZeRO stage 1, 2 or 3; {path} uses stage 0: "
+            "set train.coalesce_grad_reduction=false"
+        )
     # Persistent parameters stay gathered between uses. On one rank partitioning saves nothing (the partition
     # is the whole tensor) and re-gathering every module costs a copy and a hook round-trip, so there every
     # parameter persists; over ranks HF's rule (10 d).

@@ -3,10 +3,10 @@
     batch of blocks -> substeps (BPTT windows) -> segments -> model(substep, softprompt) -> engine.backward
     -> softprompt.detach() into the next substep -> ... -> engine.step() (the update) -> log -> checkpoint
 
-DeepSpeed counts every substep as one micro-step: `engine.step()` after each backward is a no-op until the
-last substep of the last micro-batch, where it clips, updates and advances the schedule. With
-`train.coalesce_grad_reduction` every backward of the step runs inside DeepSpeed's `coalesce_grad_reduction()`
-(gradients stay on the weights; one reduction when the block ends) and the micro-steps are counted after it.
+Every backward of a step runs inside DeepSpeed's `coalesce_grad_reduction()` (`train.coalesce_grad_reduction`,
+on by default): gradients stay on the weights and are reduced once when the block ends. DeepSpeed counts every
+substep as one micro-step, so `engine.step()` runs once per backward after the block (each a no-op but the
+last, which clips, updates and advances the schedule); with the option off it runs after each backward.
 """
 
 from __future__ import annotations

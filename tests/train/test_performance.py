@@ -192,9 +192,12 @@ def test_coalesced_reduction_needs_a_zero_stage(tmp_path):
     path.write_text(json.dumps({"train_batch_size": "auto", "zero_optimization": {"stage": 0}}))
     cfg = RunConfig()
     cfg.train.deepspeed = str(path)
-    cfg.train.coalesce_grad_reduction = True
-    with pytest.raises(ConfigError, match="train.coalesce_grad_reduction needs ZeRO stage 1, 2 or 3"):
+    assert cfg.train.coalesce_grad_reduction  # the default
+    with pytest.raises(ConfigError, match="coalesce_grad_reduction=true .* needs ZeRO stage 1, 2 or 3"):
         resolve_ds_config(cfg, BatchPlan(1, 1, 1), 1, torch.device("cpu"), hidden_size=64)
+    cfg.train.coalesce_grad_reduction = False
+    resolve_ds_config(cfg, BatchPlan(1, 1, 1), 1, torch.device("cpu"), hidden_size=64)
+    cfg.train.coalesce_grad_reduction = True
     cfg.train.deepspeed = "ds_configs/zero1.json"
     resolve_ds_config(cfg, BatchPlan(1, 1, 1), 1, torch.device("cpu"), hidden_size=64)
 

@@ -39,9 +39,9 @@ def test_coalesced_gradient_reduction_matches_reduction_per_backward(corpus, tmp
     ds = str(REPO / "ds_configs" / zero)
     runs = {}
     for name, nproc, extra in [
-        ("plain", 1, []),
-        ("coalesced", 1, ["train.coalesce_grad_reduction=true"]),
-        ("coalesced2", 2, ["train.coalesce_grad_reduction=true"]),
+        ("plain", 1, ["train.coalesce_grad_reduction=false"]),
+        ("coalesced", 1, []),  # the default
+        ("coalesced2", 2, []),
     ]:
         if nproc == 2 and zero != "zero3.json":
             continue

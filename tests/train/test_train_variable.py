@@ -157,6 +157,7 @@ def test_train_step_passes_the_warmup_scale_of_its_step(monkeypatch):
 
     cfg = RunConfig()
     cfg.compression.lambda_warmup_steps = 4
+    cfg.train.coalesce_grad_reduction = False  # the stand-in engine reduces nothing
     seen = []
 
     def substep(engine, substep, softprompt, carry, penalty_scale=1.0, step_engine=True):
