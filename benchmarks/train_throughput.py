@@ -339,9 +339,21 @@ def _mean_mfu(records: list[dict]) -> float | None:
 
 
 def release(trainer) -> None:
-    """Take down a row's engine (hooks, buffers); `free_memory` collects it once no frame holds it."""
+    """Take down a row's engine (hooks, buffers); `free_memory` collects it once no frame holds it. `destroy`
+    leaves two process-wide references to a ZeRO-3 engine's model: the bottom of DeepSpeed's module stack and
+    the class-level cache of its parameter coordinator's release plans; both are dropped here."""
+    from deepspeed.runtime.zero.parameter_offload import FWD_MODULE_STACK
+    from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator
+
     with contextlib.suppress(Exception):
         trainer.engine.destroy()
+    FWD_MODULE_STACK[:] = [m for m in FWD_MODULE_STACK if m is not trainer.engine.module]
+    plans = getattr(
+        PartitionedParameterCoordinator, "_PartitionedParameterCoordinator__params_to_release", None
+    )
+    for cell in getattr(plans, "__closure__", None) or ():  # the lru_cache under DeepSpeed's nvtx wrapper
+        if hasattr(cell.cell_contents, "cache_clear"):
+            cell.cell_contents.cache_clear()
 
 
 def free_memory() -> None:

@@ -412,3 +412,21 @@ def flop_param_split(model: torch.nn.Module) -> tuple[int, int]:
     if head is not None and head.weight is inputs.weight:
         counts[not head.weight.requires_grad] += getattr(head.weight, "ds_numel", head.weight.numel())
     return counts[0], counts[1]
+
+
+@contextlib.contextmanager
+def zero3_module_stack_restored():
+    """Leave DeepSpeed ZeRO-3's stack of running modules as the block found it.
+
+    ZeRO-3 pushes a module on a global stack before its forward and pops it after. A checkpointed segment's
+    recompute in backward stops as soon as its saved tensors are back (torch's non-reentrant early stop), which
+    is inside the chunked loss's forward: that module is pushed and never popped, one stale entry per
+    recomputed segment, growing for the whole run, and the top entry is where DeepSpeed registers parameters
+    used outside their own module. Outside ZeRO-3 the stack does not change."""
+    from deepspeed.runtime.zero.parameter_offload import FWD_MODULE_STACK as stack
+
+    depth = len(stack)
+    try:
+        yield
+    finally:
+        del stack[depth:]

@@ -52,6 +52,7 @@ from acomp.train.engine import (
     resolve_ds_config,
     unwrap,
     use_bf16,
+    zero3_module_stack_restored,
 )
 from acomp.train.heldout import heldout_ppl
 from acomp.train.metrics import (
@@ -382,18 +383,19 @@ def train_substep(
     (inside `coalesce_grad_reduction`, where `engine.step()` may not run).
     """
     input_ids = substep.input_ids.to(engine.device)
-    out = engine(
-        input_ids,
-        labels=input_ids,
-        segment_lengths=substep.segment_lengths,
-        softprompt=softprompt,
-        output_softprompt=carry,
-        return_logits=False,
-    )
-    loss, penalty = out.loss, getattr(out, "length_penalty", None)
-    if penalty is not None and penalty_scale != 1.0:
-        loss = out.lm_loss + penalty_scale * penalty
-    engine.backward(loss)  # DeepSpeed divides by its accumulation count (micro-batches x substeps)
+    with zero3_module_stack_restored():  # the recompute's early stop leaves a module on it
+        out = engine(
+            input_ids,
+            labels=input_ids,
+            segment_lengths=substep.segment_lengths,
+            softprompt=softprompt,
+            output_softprompt=carry,
+            return_logits=False,
+        )
+        loss, penalty = out.loss, getattr(out, "length_penalty", None)
+        if penalty is not None and penalty_scale != 1.0:
+            loss = out.lm_loss + penalty_scale * penalty
+        engine.backward(loss)  # DeepSpeed divides by its accumulation count (micro-batches x substeps)
     if step_engine:
         engine.step()  # the optimizer update happens only at the accumulation boundary
     lengths = getattr(out, "summary_lengths", None)

@@ -190,3 +190,30 @@ def test_train_throughput_variant_rows_name_their_recipe(capsys, monkeypatch):
     with pytest.raises(SystemExit) as exit_info:
         bench.parse_args(["--variant", "co@llama-9b:train.x=1"])
     assert exit_info.value.code == 2 and "unknown recipe 'llama-9b'" in capsys.readouterr().err
+
+
+ENGINES_LEFT = """
+import gc, importlib.util, sys
+spec = importlib.util.spec_from_file_location("train_throughput", "benchmarks/train_throughput.py")
+bench = importlib.util.module_from_spec(spec)
+sys.modules[spec.name] = bench
+spec.loader.exec_module(bench)
+bench.main(["--smoke", "--rows", "tiny-lora-z3:random", "tiny:random", "--out", sys.argv[1], "--corpus-dir", sys.argv[2]])
+gc.collect()
+from deepspeed.runtime.engine import DeepSpeedEngine
+print("ENGINES", sum(isinstance(o, DeepSpeedEngine) for o in gc.get_objects()))
+"""
+
+
+def test_train_throughput_frees_each_rows_engine(tmp_path):
+    """Rows run one after another in one process: a ZeRO-3 engine (held by DeepSpeed's process-wide module
+    stack and release-plan cache) and a ZeRO-1 engine must both be gone afterwards, or their GPU memory counts
+    into the next rows' peak."""
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"}
+    env.pop("RANK", None)
+    proc = subprocess.run(
+        [sys.executable, "-c", ENGINES_LEFT, str(tmp_path / "out.json"), str(tmp_path / "corpora")],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.split("ENGINES")[-1].strip() == "0"

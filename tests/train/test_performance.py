@@ -291,3 +291,42 @@ def test_compiled_layers_under_zero3_train_as_eager_layers(tmp_path_factory, tmp
     assert sorted(runs["compiled"]) == [1, 2, 3]
     for step, loss in runs["eager"].items():
         assert runs["compiled"][step] == pytest.approx(loss, rel=1e-5), (step, runs)
+
+
+STACK_PROBE = """
+import json, sys
+from acomp.config import config_from_dict
+from acomp.train.distributed import init_distributed
+from acomp.train.loop import build, train_step
+from deepspeed.runtime.zero.parameter_offload import FWD_MODULE_STACK
+
+trainer = build(config_from_dict(json.loads(sys.argv[1])), init_distributed())
+depths = [len(FWD_MODULE_STACK)]
+for step in range(3):
+    train_step(trainer, step)
+    depths.append(len(FWD_MODULE_STACK))
+print("DEPTHS", json.dumps(depths))
+"""
+
+
+@pytest.mark.slow
+def test_zero3_module_stack_does_not_grow_with_steps(tmp_path_factory, tmp_path):
+    """A checkpointed segment's recompute stops early inside the chunked loss's forward, so ZeRO-3's forward
+    post-hook never pops that module: without the trainer's restore, DeepSpeed's module stack grows by one per
+    recomputed segment (here 2 per step)."""
+    import subprocess
+    import sys
+
+    from runs import REPO, rank_env, tiny_config, tiny_corpus, train_env
+
+    from acomp.train.distributed import free_port
+
+    cfg = tiny_config(tiny_corpus(tmp_path_factory), tmp_path / "out")  # ZeRO-3, segment checkpointing
+    env = {**train_env(), **rank_env(0, 1, free_port())}
+    proc = subprocess.run(
+        [sys.executable, "-c", STACK_PROBE, json.dumps(cfg)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    depths = json.loads(proc.stdout.split("DEPTHS", 1)[1])
+    assert depths == [depths[0]] * 4, depths  # the engine's own top module only
