@@ -122,10 +122,10 @@ class TrainConfig:
     # ZeRO-3 only: gather each decoder layer's weights in one go (DeepSpeed leaf modules) instead of one
     # all-gather and hook pair per linear: fewer, larger collectives and far fewer hooks per step.
     zero3_whole_layers: bool = True
-    # ZeRO 1-3: reduce the gradients once per optimizer step instead of once per backward (substep), through
-    # DeepSpeed's coalesce_grad_reduction(): far less per-layer hook work under ZeRO-3. The trainable weights
-    # hold their full summed gradients until then (over several ranks ZeRO-2/3 would keep only a shard):
-    # false when that memory binds; a ZeRO stage-0 DeepSpeed config needs false.
+    # Reduce the gradients once per optimizer step instead of once per backward (substep), through DeepSpeed's
+    # coalesce_grad_reduction(): far less per-layer hook work under ZeRO-3. The trainable weights hold their
+    # full summed gradients until then (over several ranks ZeRO-2/3 would keep only a shard): false when that
+    # memory binds. Left out where DeepSpeed cannot or should not (engine.grad_reduction_plan).
     coalesce_grad_reduction: bool = True
     checkpoint_every: int = 1000  # steps; 0 = only on signal and at the end
     keep_checkpoints: int = 2  # the last K checkpoints are kept

@@ -339,28 +339,28 @@ def _mean_mfu(records: list[dict]) -> float | None:
 
 
 def release(trainer) -> None:
-    """Take down a row's engine (hooks, buffers); `free_memory` collects it once no frame holds it. `destroy`
-    leaves two process-wide references to a ZeRO-3 engine's model: the bottom of DeepSpeed's module stack and
-    the class-level cache of its parameter coordinator's release plans; both are dropped here."""
-    from deepspeed.runtime.zero.parameter_offload import FWD_MODULE_STACK
-    from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator
-
+    """Take down a row's engine (hooks, buffers); `free_memory` collects it once no frame holds it."""
     with contextlib.suppress(Exception):
         trainer.engine.destroy()
-    FWD_MODULE_STACK[:] = [m for m in FWD_MODULE_STACK if m is not trainer.engine.module]
-    plans = getattr(
-        PartitionedParameterCoordinator, "_PartitionedParameterCoordinator__params_to_release", None
-    )
-    for cell in getattr(plans, "__closure__", None) or ():  # the lru_cache under DeepSpeed's nvtx wrapper
-        if hasattr(cell.cell_contents, "cache_clear"):
-            cell.cell_contents.cache_clear()
 
 
 def free_memory() -> None:
-    """Free the GPU between rows: compiled graphs, the last row's objects (the engine and model hold reference
-    cycles, so only the collector frees them, and only after the row's frame is gone), the allocator cache."""
+    """Free the GPU between rows (after a failed row too): compiled graphs, the last row's objects (the engine
+    and model hold reference cycles, so only the collector frees them, and only after the row's frame is gone),
+    the allocator cache. `destroy` leaves two process-wide references to a ZeRO-3 engine's model, dropped here
+    as no engine lives between rows: the bottom of DeepSpeed's module stack and the class-level cache of its
+    parameter coordinator's release plans."""
     import torch
+    from deepspeed.runtime.zero.parameter_offload import FWD_MODULE_STACK
+    from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator
 
+    FWD_MODULE_STACK.clear()
+    plans = getattr(
+        PartitionedParameterCoordinator, "_PartitionedParameterCoordinator__params_to_release", None
+    )
+    for cache in [plans, *(cell.cell_contents for cell in getattr(plans, "__closure__", None) or ())]:
+        if hasattr(cache, "cache_clear"):  # the lru_cache itself, or under DeepSpeed's nvtx wrapper
+            cache.cache_clear()
     torch._dynamo.reset()
     gc.collect()
     if torch.cuda.is_available():

@@ -87,11 +87,6 @@ def resolve_ds_config(
     if ds.get("fp16", {}).get("enabled") is True:
         raise ConfigError(f"{path}: fp16 is not supported (use bf16 or fp32)")
     zero = ds.setdefault("zero_optimization", {"stage": 0})
-    if cfg.train.coalesce_grad_reduction and not zero.get("stage"):
-        raise ConfigError(
-            f"train.coalesce_grad_reduction=true (the default) needs ZeRO stage 1, 2 or 3; {path} uses stage 0: "
-            "set train.coalesce_grad_reduction=false"
-        )
     # Persistent parameters stay gathered between uses. On one rank partitioning saves nothing (the partition
     # is the whole tensor) and re-gathering every module costs a copy and a hook round-trip, so there every
     # parameter persists; over ranks HF's rule (10 d).
@@ -146,6 +141,35 @@ def zero_stage(ds_config: dict) -> int:
 def offloads_optimizer(ds_config: dict) -> bool:
     device = ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
     return device in ("cpu", "nvme")
+
+
+def offloads_params(ds_config: dict) -> bool:
+    device = ds_config.get("zero_optimization", {}).get("offload_param", {}).get("device", "none")
+    return device in ("cpu", "nvme")
+
+
+def grad_reduction_plan(cfg: RunConfig, ds_config: dict) -> tuple[bool, str]:
+    """Whether a step's gradients are reduced once (`train.coalesce_grad_reduction`), and if the option is on
+    but cannot apply, why. DeepSpeed coalesces under ZeRO 1-3 only, and not with bf16 weights accumulating
+    fp32 gradients at stage 1 (its BF16_Optimizer); under CPU/NVMe offload the reduction per backward moves
+    each gradient off the GPU, which coalescing would keep there until the step's end."""
+    if not cfg.train.coalesce_grad_reduction:
+        return False, ""
+    stage = zero_stage(ds_config)
+    accum = str(ds_config.get("data_types", {}).get("grad_accum_dtype", "")).lower()
+    bf16 = ds_config.get("bf16", {}).get("enabled") is True
+    if stage == 0:
+        why = "ZeRO stage 0"
+    elif offloads_optimizer(ds_config) or offloads_params(ds_config):
+        why = "ZeRO offload keeps gradients off the GPU"
+    elif stage == 1 and bf16 and accum in ("fp32", "float32", "float"):
+        why = "bf16 with fp32 gradient accumulation at ZeRO stage 1"
+    else:
+        return True, ""
+    return (
+        False,
+        f"train.coalesce_grad_reduction: not applied ({why}); gradients are reduced after each backward",
+    )
 
 
 # ----------------------------------------------------------------------------------------------- model

@@ -48,6 +48,7 @@ from acomp.train.engine import (
     base_model_config,
     build_engine,
     build_model,
+    grad_reduction_plan,
     plan_batches,
     resolve_ds_config,
     unwrap,
@@ -101,6 +102,7 @@ class Trainer:
     max_segment: int  # longest segment the model's positions allow (segment_position_budget)
     flops: FlopModel
     peak_flops: float | None  # per device, for MFU
+    coalesce: bool = False  # one gradient reduction per step (grad_reduction_plan)
     val_data: Any = None  # the held-out split, opened at the first evaluation and kept for the next ones
 
 
@@ -122,6 +124,9 @@ def build(cfg: RunConfig, dist: Dist) -> Trainer:
     check_segments(cfg, corpus.block_size, max_segment)
     plan = plan_batches(cfg, dist.world_size)
     ds_config = resolve_ds_config(cfg, plan, dist.world_size, dist.device, base_config.hidden_size)
+    coalesce, notice = grad_reduction_plan(cfg, ds_config)
+    if notice and dist.is_main:
+        print(notice, flush=True)
     dtype = torch.bfloat16 if use_bf16(cfg, dist.device) else torch.float32
     model = build_model(cfg, corpus.tokenizer, ds_config, dtype, corpus.vocab_size, dist.device)
     check_corpus_fits(corpus, unwrap(model).config)
@@ -129,7 +134,7 @@ def build(cfg: RunConfig, dist: Dist) -> Trainer:
     engine = build_engine(model, cfg, ds_config, dist)
     batches = Batches(train_loader(cfg, corpus, plan.micro_batch_size))
     peak = peak_flops_per_device(cfg.train.peak_tflops, dist.device)
-    return Trainer(cfg, dist, corpus, plan, engine, batches, max_segment, flops, peak)
+    return Trainer(cfg, dist, corpus, plan, engine, batches, max_segment, flops, peak, coalesce)
 
 
 # Collective timeout during set-up: ranks reach their first collectives after uneven one-off work.
@@ -317,14 +322,18 @@ def train_step(trainer: Trainer, step: int) -> StepOutputs:
     cfg, engine, batches, dist = trainer.cfg, trainer.engine, trainer.batches, trainer.dist
     outputs = StepOutputs()
     penalty_scale = length_penalty_scale(cfg.compression.lambda_warmup_steps, step + 1)
-    coalesce = cfg.train.coalesce_grad_reduction
+    # The step's data first, outside the coalescing block, whose exit runs collectives even when an error
+    # passes through: a data error on one rank then ends that rank at once. One asynchronous copy per
+    # micro-batch (pinned by the loader on GPU hosts): copying each substep from pageable memory would make the
+    # host wait for the previous substep's backward every time.
+    micro_batches = []
+    for micro in range(trainer.plan.accumulation):
+        input_ids = next(batches)["input_ids"].to(engine.device, non_blocking=True)
+        rng = segment_generator(cfg.train.seed, step, micro, dist.rank)
+        micro_batches.append(split_substeps(input_ids, cfg.compression, trainer.max_segment, rng))
+    coalesce = trainer.coalesce
     with engine.coalesce_grad_reduction() if coalesce else contextlib.nullcontext():
-        for micro in range(trainer.plan.accumulation):
-            # One asynchronous copy per micro-batch (pinned by the loader on GPU hosts): copying each substep
-            # from pageable memory would make the host wait for the previous substep's backward every time.
-            input_ids = next(batches)["input_ids"].to(engine.device, non_blocking=True)
-            rng = segment_generator(cfg.train.seed, step, micro, dist.rank)
-            substeps = split_substeps(input_ids, cfg.compression, trainer.max_segment, rng)
+        for substeps in micro_batches:
             softprompt, micro_losses = None, []
             for i, substep in enumerate(substeps):
                 carry = i < len(substeps) - 1  # the last substep's summaries would go unused

@@ -14,13 +14,14 @@ from torch._dynamo.utils import counters
 from torch.nn.attention import SDPBackend
 
 import acomp.modeling.compressor as compressor
-from acomp.config import ConfigError, RunConfig
+from acomp.config import RunConfig
 from acomp.modeling import attention
 from acomp.train.engine import (
     BatchPlan,
     cap_zero3_reduce_bucket,
     compile_decoder_layers,
     flop_param_split,
+    grad_reduction_plan,
     mark_layers_as_zero3_units,
     resolve_ds_config,
 )
@@ -187,19 +188,40 @@ def test_flop_param_split_under_lora():
     assert attention_width(config) == config.hidden_size
 
 
-def test_coalesced_reduction_needs_a_zero_stage(tmp_path):
-    path = tmp_path / "zero0.json"
-    path.write_text(json.dumps({"train_batch_size": "auto", "zero_optimization": {"stage": 0}}))
+@pytest.mark.parametrize(
+    "ds, bf16, applied, why",
+    [
+        ("ds_configs/zero1.json", True, True, ""),
+        ("ds_configs/zero2.json", True, True, ""),
+        ("ds_configs/zero3.json", False, True, ""),
+        ({"zero_optimization": {"stage": 0}}, False, False, "ZeRO stage 0"),
+        ("ds_configs/zero3_offload.json", True, False, "offload"),
+        (
+            {"zero_optimization": {"stage": 1}, "data_types": {"grad_accum_dtype": "fp32"}},
+            True,
+            False,
+            "fp32",
+        ),
+        ({"zero_optimization": {"stage": 2}, "data_types": {"grad_accum_dtype": "fp32"}}, True, True, ""),
+    ],
+)
+def test_coalesced_reduction_applies_where_deepspeed_supports_it(tmp_path, ds, bf16, applied, why):
+    """On by default; left out (with a notice naming why) under ZeRO stage 0, offload, and bf16 with fp32
+    accumulation at stage 1 (DeepSpeed's BF16_Optimizer, which cannot coalesce)."""
+    if isinstance(ds, dict):
+        path = tmp_path / "ds.json"
+        path.write_text(json.dumps({"train_batch_size": "auto", **ds}))
+        ds = str(path)
     cfg = RunConfig()
-    cfg.train.deepspeed = str(path)
+    cfg.train.deepspeed = ds
+    cfg.train.precision = "bf16" if bf16 else "fp32"
+    resolved = resolve_ds_config(cfg, BatchPlan(1, 1, 1), 1, torch.device("cpu"), hidden_size=64)
     assert cfg.train.coalesce_grad_reduction  # the default
-    with pytest.raises(ConfigError, match="coalesce_grad_reduction=true .* needs ZeRO stage 1, 2 or 3"):
-        resolve_ds_config(cfg, BatchPlan(1, 1, 1), 1, torch.device("cpu"), hidden_size=64)
+    coalesce, notice = grad_reduction_plan(cfg, resolved)
+    assert coalesce is applied
+    assert (why in notice and "not applied" in notice) if why else notice == ""
     cfg.train.coalesce_grad_reduction = False
-    resolve_ds_config(cfg, BatchPlan(1, 1, 1), 1, torch.device("cpu"), hidden_size=64)
-    cfg.train.coalesce_grad_reduction = True
-    cfg.train.deepspeed = "ds_configs/zero1.json"
-    resolve_ds_config(cfg, BatchPlan(1, 1, 1), 1, torch.device("cpu"), hidden_size=64)
+    assert grad_reduction_plan(cfg, resolved) == (False, "")
 
 
 # ------------------------------------------------------------------------------------------------ ZeRO-3

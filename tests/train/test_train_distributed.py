@@ -32,7 +32,7 @@ def test_two_rank_zero3_matches_one_rank(corpus, tmp_path):
     assert a[4] < a[1]  # and it learns
 
 
-@pytest.mark.parametrize("zero", ["zero3.json", "zero1.json"])
+@pytest.mark.parametrize("zero", ["zero3.json", "zero2.json", "zero1.json"])
 def test_coalesced_gradient_reduction_matches_reduction_per_backward(corpus, tmp_path, zero):
     """2 micro-batches x 2 substeps per step: the four backward passes reduced once at the end of the step give
     the losses of reducing after each one (fp32), on one rank and, under ZeRO-3, over two."""

@@ -157,7 +157,6 @@ def test_train_step_passes_the_warmup_scale_of_its_step(monkeypatch):
 
     cfg = RunConfig()
     cfg.compression.lambda_warmup_steps = 4
-    cfg.train.coalesce_grad_reduction = False  # the stand-in engine reduces nothing
     seen = []
 
     def substep(engine, substep, softprompt, carry, penalty_scale=1.0, step_engine=True):
@@ -172,6 +171,7 @@ def test_train_step_passes_the_warmup_scale_of_its_step(monkeypatch):
         dist=SimpleNamespace(rank=0),
         plan=SimpleNamespace(accumulation=1),
         max_segment=64,
+        coalesce=False,  # the stand-in engine reduces nothing
     )
     loop.train_step(trainer, 0)  # optimizer step 1 of 4
     loop.train_step(trainer, 5)  # step 6: past the warmup
