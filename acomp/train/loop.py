@@ -4,9 +4,10 @@
     -> softprompt.detach() into the next substep -> ... -> engine.step() (the update) -> log -> checkpoint
 
 Every backward of a step runs inside DeepSpeed's `coalesce_grad_reduction()` (`train.coalesce_grad_reduction`,
-on by default): gradients stay on the weights and are reduced once when the block ends. DeepSpeed counts every
-substep as one micro-step, so `engine.step()` runs once per backward after the block (each a no-op but the
-last, which clips, updates and advances the schedule); with the option off it runs after each backward.
+on by default where it applies: `grad_reduction_plan`): gradients stay on the weights and are reduced once when
+the block ends. DeepSpeed counts every substep as one micro-step, so `engine.step()` runs once per backward
+after the block (each a no-op but the last, which clips, updates and advances the schedule); without
+coalescing it runs after each backward.
 """
 
 from __future__ import annotations
