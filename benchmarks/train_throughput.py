@@ -416,8 +416,12 @@ def meta(args, dist) -> dict:
         "env": {k: v for k, v in os.environ.items() if k.startswith(("PYTORCH_", "TORCH_", "NCCL_"))},
     }  # fmt: skip
     with contextlib.suppress(Exception):
+        # "-dirty" when the tree differs from that commit (a copied working tree on a GPU host, say)
         head = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
+            ["git", "describe", "--always", "--dirty", "--abbrev=7", "--exclude=*"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
         )
         info["git"] = head.stdout.strip()
     return info
