@@ -128,6 +128,7 @@ _COMM_FAILURES = (
     "Connection refused",
     "Broken pipe",
     "Timed out",
+    "Application timeout",  # gloo, a collective waiting on a hung peer (e.g. the coalesced reduce-scatter)
 )
 
 

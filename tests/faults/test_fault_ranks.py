@@ -40,14 +40,13 @@ def two_ranks(corpus, tmp_path, timeout_s: int):
     return out, ranks, config
 
 
-def check_survivor(ranks, out, bound_s: float, expect: str) -> None:
+def check_survivor(ranks, out, bound_s: float, expect: tuple[str, ...]) -> None:
     codes, seconds = finish(ranks[:1], bound_s)
     assert codes[0] not in (0, None), tails(ranks)
     text = ranks[0].output()
     lines = error_lines(text)
-    assert len(lines) == 1 and "lost contact with the other ranks" in lines[0] and expect in lines[0], text[
-        -3000:
-    ]
+    found = len(lines) == 1 and any(word in lines[0] for word in expect)
+    assert found and "lost contact with the other ranks" in lines[0], text[-3000:]
     assert_no_traceback(text)
     assert "deepspeed_shm_comm" not in text  # no op build before the rendezvous (acomp.train.distributed)
     assert_checkpoints_complete(out, ranks=2)
@@ -57,7 +56,7 @@ def check_survivor(ranks, out, bound_s: float, expect: str) -> None:
 def test_a_dead_rank_makes_the_other_exit_with_a_clear_error(corpus, reference, tmp_path):
     out, ranks, config = two_ranks(corpus, tmp_path, timeout_s=600)  # a dead peer must not need the timeout
     ranks[1].proc.kill()
-    check_survivor(ranks, out, DEAD_PEER_BOUND_S, "Connection")
+    check_survivor(ranks, out, DEAD_PEER_BOUND_S, ("Connection",))
     assert int(latest(out)[5:]) < REFERENCE_STEPS
 
     launch(config, nproc=2)  # both ranks again, as a requeued job: resumes from the newest checkpoint
@@ -73,6 +72,7 @@ def test_a_hung_rank_makes_the_other_exit_after_the_timeout(corpus, tmp_path):
     out, ranks, _ = two_ranks(corpus, tmp_path, timeout_s=HANG_TIMEOUT_S)
     ranks[1].proc.send_signal(signal.SIGSTOP)
     try:
-        check_survivor(ranks, out, HANG_TIMEOUT_S + DEAD_PEER_BOUND_S, "Timed out")
+        # gloo words a timed-out collective by its kind: "Timed out ..." or "Application timeout ..."
+        check_survivor(ranks, out, HANG_TIMEOUT_S + DEAD_PEER_BOUND_S, ("Timed out", "Application timeout"))
     finally:
         kill_all(ranks)
