@@ -138,13 +138,9 @@ def zero_stage(ds_config: dict) -> int:
     return int(ds_config.get("zero_optimization", {}).get("stage", 0))
 
 
-def offloads_optimizer(ds_config: dict) -> bool:
-    device = ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
-    return device in ("cpu", "nvme")
-
-
-def offloads_params(ds_config: dict) -> bool:
-    device = ds_config.get("zero_optimization", {}).get("offload_param", {}).get("device", "none")
+def offloads(ds_config: dict, what: str) -> bool:
+    """Whether ZeRO offloads `what` ("optimizer" or "param") to CPU or NVMe."""
+    device = ds_config.get("zero_optimization", {}).get(f"offload_{what}", {}).get("device", "none")
     return device in ("cpu", "nvme")
 
 
@@ -160,7 +156,7 @@ def grad_reduction_plan(cfg: RunConfig, ds_config: dict) -> tuple[bool, str]:
     bf16 = ds_config.get("bf16", {}).get("enabled") is True
     if stage == 0:
         why = "ZeRO stage 0"
-    elif offloads_optimizer(ds_config) or offloads_params(ds_config):
+    elif offloads(ds_config, "optimizer") or offloads(ds_config, "param"):
         why = "ZeRO offload keeps gradients off the GPU"
     elif stage == 1 and bf16 and accum in ("fp32", "float32", "float"):
         why = "bf16 with fp32 gradient accumulation at ZeRO stage 1"
@@ -375,7 +371,7 @@ def build_engine(model: torch.nn.Module, cfg: RunConfig, ds_config: dict, dist: 
         cap_zero3_reduce_bucket(model, ds_config)
         if cfg.train.zero3_whole_layers:
             mark_layers_as_zero3_units(model)
-    optimizer = build_optimizer(model, cfg.optim, cpu_offload=offloads_optimizer(ds_config))
+    optimizer = build_optimizer(model, cfg.optim, cpu_offload=offloads(ds_config, "optimizer"))
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from runs import load_script
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -170,12 +171,8 @@ def test_gqa_concat_backport_makes_one_gemm_of_unequal_projections():
 
 
 def test_train_throughput_variant_rows_name_their_recipe(capsys, monkeypatch):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("train_throughput", REPO / "benchmarks/train_throughput.py")
-    bench = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, bench)  # its dataclasses look their module up
-    spec.loader.exec_module(bench)
+    monkeypatch.setitem(sys.modules, "train_throughput", None)  # undone after the test; load_script sets it
+    bench = load_script("benchmarks/train_throughput.py")
     args = bench.parse_args(
         ["--rows", "llama-1b-z3:random", "llama-1b-z1:fixed", "--boundaries", "random",
          "--variant", "co:train.x=1", "--variant", "co@llama-1b-z1:train.x=1,train.y=2"]

@@ -318,13 +318,9 @@ def test_the_endpoint_may_come_from_aws_endpoint_url(s3, remote_tiny, corpus, tm
 def test_build_corpus_with_an_s3_out_builds_then_uploads(env, corpus, tmp_path, capsys):
     """`preprocess/build_corpus.py --out s3://...`: one command; the local build is kept in --stage, so a rerun
     is up to date and uploads nothing."""
-    import importlib.util
+    from runs import load_script
 
-    from runs import REPO
-
-    spec = importlib.util.spec_from_file_location("build_corpus_cli", REPO / "preprocess" / "build_corpus.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
+    cli = load_script("preprocess/build_corpus.py", "build_corpus_cli")
     uri, stage = f"s3://{BUCKET}/built", tmp_path / "stage"
     args = ["--source", "stdlib", "--tokenizer", str(corpus / "tokenizer"), "--block-size", "128"]
     args += ["--limit-docs", "20", "--num-workers", "1", "--out", uri, "--stage", str(stage), "--quiet"]

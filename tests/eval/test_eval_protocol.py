@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from runs import load_script
 from tiny_models import random_ids, tiny_model
 from transformers import LlamaForCausalLM
 
@@ -242,12 +243,7 @@ ARGS = ["--eval-segment", "32", "--segment-length", "32", "--max-blocks", "7", "
 
 
 def _launcher():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("eval_launcher", REPO / "launchers" / "eval.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("launchers/eval.py", "eval_launcher")
 
 
 def test_launcher_two_ranks_give_exactly_the_sums_of_one(saved_model_and_corpus, tmp_path):

@@ -2,28 +2,21 @@
 
 from __future__ import annotations
 
-import importlib.util
 import re
 from pathlib import Path
 
 import pytest
 import torch
+from runs import load_script
 from transformers import LlamaConfig
 
 from acomp import LlamaAutoCompressorModel
 from acomp.data import stdlib_root
 from acomp.data.tokenizer import train_bpe_tokenizer
 
-REPO = Path(__file__).resolve().parents[2]
-
 
 def _example():
-    spec = importlib.util.spec_from_file_location(
-        "compressed_generation", REPO / "examples" / "compressed_generation.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("examples/compressed_generation.py")
 
 
 def _save_model(path: Path, tok, hidden: int = 32, **fields) -> None:

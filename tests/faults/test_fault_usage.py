@@ -4,22 +4,14 @@ the input allows it."""
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 
 import pytest
-from runs import REPO
+from runs import REPO, load_script
 
 from acomp.config import ConfigError, config_from_dict, load_config
 
 TINY = REPO / "configs" / "tiny.yaml"
-
-
-def load_module(path):
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def refusal(main, args: list[str], capsys) -> str:
@@ -118,7 +110,7 @@ def test_a_missing_model_or_tokenizer_is_named(corpus, tmp_path):
 
 # ------------------------------------------------------------------------------------------ launchers/eval.py
 def test_eval_names_a_missing_model_or_corpus_and_exits_2(corpus, tmp_path, capsys):
-    main = load_module(REPO / "launchers" / "eval.py").main
+    main = load_script("launchers/eval.py").main
     args = ["--out", str(tmp_path / "eval"), "--eval-segment", "32"]
     line = refusal(main, ["--model", str(tmp_path / "none"), "--data", str(corpus), *args], capsys)
     assert line == f"--model {tmp_path / 'none'}: no such model directory"
@@ -169,7 +161,7 @@ def models(corpus, tmp_path_factory):
 
 
 def test_the_example_names_missing_files_a_plain_model_and_a_prompt_too_long(models, tmp_path, capsys):
-    main = load_module(REPO / "examples" / "compressed_generation.py").main
+    main = load_script("examples/compressed_generation.py").main
     out = ["--out", str(tmp_path / "s.pt"), "--segment-length", "32"]
     line = refusal(main, ["compress", "--model", str(tmp_path / "none"), *out], capsys)
     assert line == f"--model {tmp_path / 'none'}: no such model directory"

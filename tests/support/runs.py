@@ -6,6 +6,7 @@ on CPU with DeepSpeed's CPU accelerator and gloo.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -18,6 +19,18 @@ from acomp.train.distributed import RANK_VARIABLES, free_port
 
 REPO = Path(__file__).resolve().parents[2]
 _built: dict[str, Path] = {}
+
+
+def load_script(relpath: str, name: str | None = None):
+    """A repository script (a launcher, an example, a benchmark) imported as a module, for calling its main()
+    in-process. Registered in sys.modules under `name` (default: the file's stem), where dataclasses look
+    their module up."""
+    path = REPO / relpath
+    spec = importlib.util.spec_from_file_location(name or path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def tiny_corpus(tmp_path_factory) -> Path:
