@@ -140,8 +140,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--profile-steps",
         type=int,
         default=0,
-        help="after the timed steps, N more under torch.profiler: the top ops by device time and by host time, "
-        "and the device's busy share of the wall time, go to <out>.<row>.profile.txt (not in the timings)",
+        help="after the timed steps, N more under torch.profiler (the top ops by device time and by host time, and "
+        "the device's busy share of the wall time), then N more under cProfile (the Python functions with the most "
+        "time): <out>.<row>.profile.txt, not in the timings",
     )
     p.add_argument("--smoke", action="store_true", help="tiny CPU run (DS_ACCELERATOR=cpu)")
     p.add_argument("--out", default=".bench/train_throughput.json")
@@ -240,7 +241,7 @@ def row_config(name: str, args, boundaries: str, extra: list[str], corpora: Path
     cfg.data.build_if_missing = {}
     t.output_dir = str(corpora / "unused-output")
     t.eval_every = 0
-    t.max_steps = max(t.max_steps, args.steps + args.profile_steps)
+    t.max_steps = max(t.max_steps, args.steps + 2 * args.profile_steps)
     cfg.logging.progress = False
     return cfg
 
@@ -328,7 +329,31 @@ def profile_steps(trainer, first: int, steps: int, cuda: bool) -> str:
         share = busy / wall
         bound = "the host bounds the step" if share < 0.8 else "the kernels bound the step"
         head += f"; device busy {busy:.3f} s, {share:.0%} of it ({bound})"
-    return "\n\n".join([head, *tables])
+    return "\n\n".join([head, *tables, python_profile(trainer, first + steps, steps)])
+
+
+def python_profile(trainer, first: int, steps: int) -> str:
+    """`steps` more training steps under cProfile: the Python functions with the most own time and the most
+    inclusive time. Where the host bounds a step, this says whose Python it is, and where the host waits on the
+    device (synchronize, item) it shows as the own time of that call."""
+    import cProfile
+    import io
+    import pstats
+
+    from acomp.train.loop import train_step
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for step in range(first, first + steps):
+        train_step(trainer, step)
+    profiler.disable()
+    tables = []
+    for sort in ("tottime", "cumulative"):
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).sort_stats(sort).print_stats(40)
+        body = text.getvalue()
+        tables.append(f"Python, {steps} more steps under cProfile, by {sort}:\n" + body[body.find("   ncalls") :])
+    return "\n\n".join(tables)
 
 
 def _mean_mfu(records: list[dict]) -> float | None:

@@ -57,6 +57,7 @@ def test_train_throughput_smoke(tmp_path):
         assert len(r["step_times_s"]) == 3  # the profiled step comes after, untimed
         table = Path(r["profile_file"]).read_text()  # the profiler's table, one file per row
         assert table.startswith("profiled steps: 1, wall ") and "Self CPU" in table
+        assert "under cProfile, by tottime" in table and "train_step" in table  # whose Python the host runs
     assert rows[1]["profile_file"] == str(tmp_path / "smoke.tiny_fixed.profile.txt")
     settings = {r["name"]: r["settings"] for r in rows}
     assert settings["tiny random"]["compression"]["randomize_segments"] is True
