@@ -352,7 +352,9 @@ def python_profile(trainer, first: int, steps: int) -> str:
         text = io.StringIO()
         pstats.Stats(profiler, stream=text).sort_stats(sort).print_stats(40)
         body = text.getvalue()
-        tables.append(f"Python, {steps} more steps under cProfile, by {sort}:\n" + body[body.find("   ncalls") :])
+        tables.append(
+            f"Python, {steps} more steps under cProfile, by {sort}:\n" + body[body.find("   ncalls") :]
+        )
     return "\n\n".join(tables)
 
 
