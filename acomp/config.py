@@ -42,6 +42,10 @@ class ModelConfig(KernelFields):
     # torch.compile each decoder layer (regional compilation; the sequence dimension is dynamic when segment
     # boundaries are random), with every ZeRO stage; null = on GPUs, not on CPU (docs/PERFORMANCE.md).
     compile_layers: bool | None = None
+    # How compiled layers see a random boundary's length: "dynamic" (a symbolic size that inductor may still
+    # specialise on: a few recompiles early on) or "unbacked" (one graph for every length; compiles faster,
+    # runs slower: docs/TRAINING.md).
+    compile_length: str = "dynamic"
     # Liger-kernel's fused RMSNorm / RoPE / SwiGLU for Llama-family models (needs the liger-kernel package).
     liger_kernel: bool = False
 
@@ -186,6 +190,7 @@ def choices() -> dict[str, tuple[str, ...]]:
         "model.sdpa_backend": SDPA_BACKENDS,
         "model.presence_attention": PRESENCE_ATTENTION,
         "model.init_summary": ("auto", "always", "never"),
+        "model.compile_length": ("dynamic", "unbacked"),
         "compression.compression_mode": COMPRESSION_MODES,
         "compression.summary_init": SUMMARY_INITS,
         "optim.schedule": SCHEDULES,
@@ -409,6 +414,17 @@ def validate(cfg: RunConfig) -> None:
         ("data.num_workers", cfg.data.num_workers),
         ("model.loss_chunk_size", cfg.model.loss_chunk_size),
     )
+    if cfg.model.compile_length == "unbacked":
+        import inspect
+
+        import torch
+        from torch._dynamo.decorators import mark_unbacked
+
+        if not {"shape_id", "hint_override"} <= set(inspect.signature(mark_unbacked).parameters):
+            raise ConfigError(
+                f"config key 'model.compile_length' unbacked needs a newer torch than {torch.__version__} "
+                "(mark_unbacked with shape_id); use dynamic"
+            )
     if cfg.model.presence_attention == "folded" and cfg.model.attn_implementation != "sdpa":
         raise ConfigError(
             "config key 'model.presence_attention' folded needs model.attn_implementation sdpa, got "

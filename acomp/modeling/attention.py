@@ -120,14 +120,15 @@ def causal_attention(
     The bias rides in one extra head dimension, q' = [q, 1/scale], k' = [k, bias], so that scale * q'.k' =
     scale * q.k + bias and the causal flash / cudnn kernels run it, where a 4D float mask would need a
     kernel that reads (and in backward writes) a [B, heads, L, L] bias. Its gradient arrives through dK'."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    if key_bias is None:  # no mask: transformers' SDPA attention takes the causal kernel (is_causal)
-        return sdpa_attention_forward(
-            module, query, key, value, None, dropout=dropout, scaling=scaling, **kwargs
-        )
     batch, heads, length, dim = query.shape
     kv_heads = key.shape[1]
+    if torch.compiler.is_compiling():
+        torch._check(length > 1)  # an unbacked length (compiled layers): SDPA's checks need to know it
+    if key_bias is None:  # is_causal without looking at the length (compiled layers may not read it)
+        out = torch.nn.functional.scaled_dot_product_attention(
+            query, key, value, dropout_p=dropout, is_causal=True, scale=scaling, enable_gqa=kv_heads != heads
+        )
+        return out.transpose(1, 2).contiguous(), None
     scale = dim**-0.5 if scaling is None else scaling
     pad = (0, _FOLD_WIDTH - 1)
     unit = query.new_full((batch, heads, length, 1), 1.0 / scale)

@@ -256,7 +256,8 @@ def build_model(
         if p.is_floating_point() and p.dtype != dtype and not hasattr(p, "ds_id"):
             p.data = p.data.to(dtype)
     if compiles_layers(cfg, device):
-        compile_decoder_layers(model, dynamic=cfg.compression.randomize_segments)
+        length = cfg.model.compile_length if cfg.compression.randomize_segments else "static"
+        compile_decoder_layers(model, length)
     return model
 
 
@@ -296,16 +297,73 @@ def apply_liger_kernel(model: torch.nn.Module) -> None:
     )  # fmt: skip
 
 
-def compile_decoder_layers(model: torch.nn.Module, dynamic: bool = False) -> None:
+def compile_decoder_layers(model: torch.nn.Module, length: str = "static") -> None:
     """torch.compile every decoder layer's forward in place (regional compilation: one graph, reused by all
     layers; the segment loop, the loss and the module hooks around each layer stay eager).
 
     Only `forward` is compiled, not the module call: DeepSpeed's ZeRO-3 hooks gather a layer's weights before
     it and release them after it, outside the graph, so the graph always sees whole weights and never
-    recompiles for them. `dynamic` makes the sequence length a symbolic size (random segment boundaries give
-    every step new lengths: one graph serves them all); static shapes compile once per distinct length."""
+    recompiles for them. `length`: "static" compiles once per distinct length (fixed boundaries); with random
+    boundaries (new lengths every step) "dynamic" makes it a symbolic size, "unbacked" an unbacked one
+    (`unbacked_sequence_length`)."""
+    config = unwrap(model).config
     for layer in unwrap(model).get_decoder().layers:
-        layer.forward = torch.compile(layer.forward, dynamic=dynamic)
+        if length == "unbacked":
+            compiled = torch.compile(layer.forward, dynamic=False, options=UNBACKED_LENGTH_OPTIONS)
+            layer.forward = unbacked_sequence_length(compiled, config)
+        else:
+            layer.forward = torch.compile(layer.forward, dynamic=length == "dynamic")
+
+
+# Mix-order reduction (fusing, e.g., a norm's backward reductions over rows and over columns) needs a concrete
+# length to pick its split size, which an unbacked length lacks (inductor fails).
+UNBACKED_LENGTH_OPTIONS = {"triton.mix_order_reduction": False}
+
+# The layer inputs that carry the sequence dimension besides hidden_states [B, T, D], and where it is in them.
+_SEQUENCE_DIMS = {
+    "position_embeddings": (1,),  # RoPE's (cos, sin), each [B, T, head_dim]
+    "position_ids": (-1,),
+    "cache_position": (0,),
+    "attention_mask": (-2, -1),  # [B, 1, T, T] where one is passed
+    "key_bias": (-1,),  # causal_attention's [B, T]
+}
+
+
+def unbacked_sequence_length(forward, config):
+    """`forward` (a compiled decoder layer) with its inputs' sequence dimension marked at each call: unbacked
+    under `causal_attention` (the trainer's unpadded segments), dynamic otherwise.
+
+    With a dynamic (backed) size, inductor still specialises on the length where its choices depend on it (the
+    8-alignment of the attention's inputs, size thresholds of fusions) and guards on them: random boundaries
+    compile a new graph for each combination met, a few in the first steps and more later. An unbacked size
+    allows no guards, so one graph serves every length; it needs attention that never reads the length
+    (transformers' SDPA attention reads it to choose is_causal, a graph break)."""
+    from torch._dynamo import mark_dynamic
+    from torch._dynamo.decorators import mark_unbacked
+
+    from acomp.modeling.attention import CAUSAL
+
+    hint = []  # the first call's length: inductor's size hint (autotuning), fixed for the run
+
+    def unbacked(tensor, dim):  # one symbol for every input's sequence dimension
+        mark_unbacked(tensor, dim, shape_id="sequence", hint_override=hint[0])
+
+    def call(hidden_states, *args, **kwargs):
+        mark = unbacked if config._attn_implementation == CAUSAL else mark_dynamic
+        length = hidden_states.shape[1]
+        hint[:] = hint or [length]
+        mark(hidden_states, 1)
+        for name, dims in _SEQUENCE_DIMS.items():
+            value = kwargs.get(name)
+            for tensor in value if isinstance(value, (tuple, list)) else (value,):
+                if not isinstance(tensor, torch.Tensor):
+                    continue
+                for dim in dims:
+                    if -tensor.dim() <= dim < tensor.dim() and tensor.shape[dim] == length:
+                        mark(tensor, dim % tensor.dim())
+        return forward(hidden_states, *args, **kwargs)
+
+    return call
 
 
 def control_token_ids(tokenizer) -> dict:

@@ -268,21 +268,33 @@ def test_zero3_reduce_bucket_is_capped_below_half_the_trainable_weights():
 
 
 # --------------------------------------------------------------------------------------------- compile
-@pytest.mark.parametrize("dynamic, graphs", [(False, 3), (True, 1)])
-def test_compiled_layers_give_the_eager_loss_and_gradients(dynamic, graphs):
+@pytest.mark.parametrize(
+    "family, length, padded, fields, graphs",
+    [
+        ("llama", "static", False, {}, 3),
+        ("llama", "dynamic", False, {}, 1),
+        ("llama", "unbacked", False, {}, 1),  # the trainer's unpadded segments
+        ("llama", "unbacked", True, {}, 1),  # a mask: a dynamic length
+        ("opt", "unbacked", False, {}, 1),  # OPT passes its (unused) causal mask
+        # Variable mode: the first segment has no presence bias, the next ones pass it folded (a second graph).
+        ("llama", "unbacked", False, {"compression_mode": "variable", "compression_max_len": 3}, 2),
+    ],
+)
+def test_compiled_layers_give_the_eager_loss_and_gradients(family, length, padded, fields, graphs):
     """Regional compilation must not change the maths: same loss and gradients as eager, through segment
     checkpointing (the compiled layers run again in the recompute) and three segment shapes. Static shapes
-    compile a graph per shape; a dynamic sequence length serves every shape with one graph."""
+    compile a graph per shape; a dynamic or unbacked sequence length serves every shape with one graph, with
+    and without a mask, without graph breaks."""
     ids = random_ids(2, 15)
-    mask = torch.ones_like(ids)
+    mask = torch.ones_like(ids) if padded else None
 
     def run(compiled):
         torch._dynamo.reset()
-        model = tiny_model("llama", segment_gradient_checkpointing=True).train()
+        model = tiny_model(family, segment_gradient_checkpointing=True, **fields).train()
         if compiled:
-            compile_decoder_layers(model, dynamic=dynamic)
-        # Forwards of 9, 11 and 10 positions. (A length equal to a weight's size, such as the head size 8,
-        # may specialise the first dynamic graph: then a second, general one follows.)
+            compile_decoder_layers(model, length)
+        # Forwards of 9, 11 and 10 positions (fixed mode). (With a backed length, one equal to a weight's size,
+        # such as the head size 8, may specialise the first graph: then a second, general one follows.)
         out = model(ids, attention_mask=mask, labels=ids, segment_lengths=[6, 5, 4], return_logits=False)
         out.loss.backward()
         return out.loss, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
@@ -291,6 +303,7 @@ def test_compiled_layers_give_the_eager_loss_and_gradients(dynamic, graphs):
     counters.clear()
     loss, grads = run(True)
     assert counters["stats"]["unique_graphs"] == graphs  # shared by both layers
+    assert not counters["graph_break"], dict(counters["graph_break"])
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
     assert grads.keys() == ref_grads.keys()
     for name in grads:
@@ -300,19 +313,25 @@ def test_compiled_layers_give_the_eager_loss_and_gradients(dynamic, graphs):
 @pytest.mark.slow
 def test_compiled_layers_under_zero3_train_as_eager_layers(tmp_path_factory, tmp_path):
     """ZeRO-3 gathers and releases each layer's weights in hooks around its (compiled) forward: the trainer
-    with random segment boundaries gives the eager run's losses, step by step."""
+    with random segment boundaries gives the eager run's losses, step by step, with a dynamic and with an
+    unbacked length (`model.compile_length`)."""
     from runs import launch, losses, tiny_config, tiny_corpus, write_config
 
     corpus = tiny_corpus(tmp_path_factory)
     random = {"randomize_segments": True, "segment_lengths": []}
     runs = {}
-    for name, compiled in (("eager", False), ("compiled", True)):
-        cfg = tiny_config(corpus, tmp_path / name, compression=random, model={"compile_layers": compiled})
+    for name, model in (
+        ("eager", {"compile_layers": False}),
+        ("compiled", {"compile_layers": True}),
+        ("unbacked", {"compile_layers": True, "compile_length": "unbacked"}),
+    ):
+        cfg = tiny_config(corpus, tmp_path / name, compression=random, model=model)
         launch(write_config(tmp_path / f"{name}.yaml", cfg), ["train.max_steps=3"], timeout=900)
         runs[name] = losses(tmp_path / name)
-    assert sorted(runs["compiled"]) == [1, 2, 3]
-    for step, loss in runs["eager"].items():
-        assert runs["compiled"][step] == pytest.approx(loss, rel=1e-5), (step, runs)
+    for name in ("compiled", "unbacked"):
+        assert sorted(runs[name]) == [1, 2, 3]
+        for step, loss in runs["eager"].items():
+            assert runs[name][step] == pytest.approx(loss, rel=1e-5), (name, step, runs)
 
 
 STACK_PROBE = """
