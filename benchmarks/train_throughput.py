@@ -22,6 +22,10 @@ every GPU does the work it does alone and tokens/s / (GPUs x one GPU's tokens/s)
 
     torchrun --nproc_per_node 2 benchmarks/train_throughput.py --rows llama-1b-z1 llama-1b-z3 --boundaries random
 
+`--cold-compile` runs each row in its own process with empty compile caches: then every row's first-steps
+figure includes its whole compilation, as a user's first run would (otherwise a row reuses the graphs and
+kernels earlier rows of the call compiled, and only the first row's first steps are a cold start).
+
 CPU smoke test (tiny shapes, about a minute; tests/benchmarks/test_bench_smoke.py runs it, on 1 and 2 ranks):
 
     DS_ACCELERATOR=cpu python benchmarks/train_throughput.py --smoke --out .bench/smoke.json
@@ -144,6 +148,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         "the device's busy share of the wall time), then N more under cProfile (the Python functions with the most "
         "time): <out>.<row>.profile.txt, not in the timings",
     )
+    p.add_argument(
+        "--cold-compile",
+        action="store_true",
+        help="run each row in its own process with empty compile caches (inductor, triton), so that every row's "
+        "first steps include its whole compilation; without it, a row finds what earlier rows of the call compiled",
+    )
+    p.add_argument("--row-index", type=int, default=None, help=argparse.SUPPRESS)  # --cold-compile's child
     p.add_argument("--smoke", action="store_true", help="tiny CPU run (DS_ACCELERATOR=cpu)")
     p.add_argument("--out", default=".bench/train_throughput.json")
     args = p.parse_args(argv)
@@ -472,7 +483,28 @@ def print_table(results: list[dict]) -> None:
     sys.stdout.flush()
 
 
+def run_row_cold(index: int, row: dict, argv: list[str], out: Path) -> dict:
+    """Row `index` of the plan in a child process (this script with --row-index) whose inductor and triton
+    caches start empty; its result, or why it failed."""
+    from acomp.train.distributed import RANK_VARIABLES
+
+    with tempfile.TemporaryDirectory(prefix="acomp-bench-cold-") as tmp:
+        env = {k: v for k, v in os.environ.items() if k not in RANK_VARIABLES}  # its own process group
+        env.update(TORCHINDUCTOR_CACHE_DIR=f"{tmp}/inductor", TRITON_CACHE_DIR=f"{tmp}/triton")
+        child_out = out.with_name(f"{out.stem}.row{index}.json")
+        command = [sys.executable, str(Path(__file__).resolve()), *argv]
+        command += ["--row-index", str(index), "--out", str(child_out)]
+        proc = subprocess.run(command, env=env, cwd=REPO)
+    try:
+        result = json.loads(child_out.read_text())["results"][0]
+        child_out.unlink()
+        return result
+    except (OSError, ValueError, IndexError):
+        return {**row, "status": f"error: the row's process exited with {proc.returncode} and no result"}
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     for item in args.env:
         key, _, value = item.partition("=")
@@ -487,22 +519,32 @@ def main(argv=None) -> int:
         raise SystemExit("benchmarks/train_throughput.py needs a CUDA GPU (or --smoke on CPU)")
     corpora = Path(args.corpus_dir or Path(tempfile.gettempdir()) / "acomp-bench-corpora")
     corpora.mkdir(parents=True, exist_ok=True)
+    if args.cold_compile and dist.world_size > 1:
+        raise SystemExit(
+            "--cold-compile runs rows in child processes: use it on one process, not under torchrun"
+        )
     info, results, out = meta(args, dist), [], Path(args.out)
-    for row in plan_rows(args):
+    plan = plan_rows(args)
+    if args.row_index is not None:
+        plan = plan[args.row_index : args.row_index + 1]
+    for index, row in enumerate(plan):
         over = bool(args.budget_s) and time.perf_counter() - started > args.budget_s
         if broadcast_object(over):
             results.append({**row, "status": "skipped (budget)"})
             continue
         t0 = time.perf_counter()
         result = dict(row)
-        try:
-            cfg = row_config(row["row"], args, row["boundaries"], row["extra"], corpora, dist)
-            result["settings"] = {k: v for k, v in cfg.to_dict().items() if k != "data"}
-            result.update(run_row(cfg, args, dist))
-        except Exception as e:  # one failing row must not stop the others
-            oom = "out of memory" in str(e).lower()
-            result["status"] = "OOM" if oom else f"error: {type(e).__name__}: {str(e)[:400]}"
-        free_memory()
+        if args.cold_compile and args.row_index is None:
+            result = run_row_cold(index, row, argv, out)
+        else:
+            try:
+                cfg = row_config(row["row"], args, row["boundaries"], row["extra"], corpora, dist)
+                result["settings"] = {k: v for k, v in cfg.to_dict().items() if k != "data"}
+                result.update(run_row(cfg, args, dist))
+            except Exception as e:  # one failing row must not stop the others
+                oom = "out of memory" in str(e).lower()
+                result["status"] = "OOM" if oom else f"error: {type(e).__name__}: {str(e)[:400]}"
+            free_memory()
         result["wall_s"] = time.perf_counter() - t0
         table = result.pop("profile", None)
         if table and dist.is_main:
@@ -522,7 +564,8 @@ def main(argv=None) -> int:
     if dist.is_main:
         info["total_s"] = time.perf_counter() - started
         out.write_text(json.dumps({"meta": info, "results": results}, indent=2, default=str))
-        print_table(results)
+        if args.row_index is None:  # a --cold-compile child leaves the table to its parent
+            print_table(results)
     return 0
 
 

@@ -190,6 +190,26 @@ def test_train_throughput_variant_rows_name_their_recipe(capsys, monkeypatch):
     assert exit_info.value.code == 2 and "unknown recipe 'llama-9b'" in capsys.readouterr().err
 
 
+def test_train_throughput_cold_compile_runs_each_row_in_its_own_process(tmp_path):
+    """--cold-compile: every row runs in a child process (empty compile caches) and reports to one table."""
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"}
+    env.pop("RANK", None)
+    out = tmp_path / "cold.json"
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/train_throughput.py", "--smoke", "--cold-compile", "--rows", "tiny",
+         "--variant", "v:train.seed=1", "--out", str(out), "--corpus-dir", str(tmp_path / "corpora")],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["results"]
+    assert [r["name"] for r in rows] == ["tiny random", "tiny fixed", "tiny random [v]", "tiny fixed [v]"]
+    assert all(r["status"] == "ok" and r["tokens_per_s"] > 0 for r in rows), rows
+    assert rows[2]["settings"]["train"]["seed"] == 1  # the variant's override reached its child
+    assert "random_over_fixed" in rows[0]  # ratios computed across the children's rows
+    assert sorted(p.name for p in tmp_path.glob("cold*")) == ["cold.json"]  # the children's files are gone
+    assert proc.stdout.count("rnd/fix") == 1  # one table, the parent's
+
+
 ENGINES_LEFT = """
 import gc, importlib.util, sys
 spec = importlib.util.spec_from_file_location("train_throughput", "benchmarks/train_throughput.py")
