@@ -491,7 +491,8 @@ def run_row_cold(index: int, row: dict, argv: list[str], out: Path) -> dict:
     with tempfile.TemporaryDirectory(prefix="acomp-bench-cold-") as tmp:
         env = {k: v for k, v in os.environ.items() if k not in RANK_VARIABLES}  # its own process group
         env.update(TORCHINDUCTOR_CACHE_DIR=f"{tmp}/inductor", TRITON_CACHE_DIR=f"{tmp}/triton")
-        child_out = out.with_name(f"{out.stem}.row{index}.json")
+        child_out = out.resolve().with_name(f"{out.stem}.row{index}.json")  # the child runs in REPO
+        child_out.unlink(missing_ok=True)  # never report an earlier call's row
         command = [sys.executable, str(Path(__file__).resolve()), *argv]
         command += ["--row-index", str(index), "--out", str(child_out)]
         proc = subprocess.run(command, env=env, cwd=REPO)
