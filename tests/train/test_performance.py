@@ -272,7 +272,9 @@ def test_zero3_reduce_bucket_is_capped_below_half_the_trainable_weights():
     "family, length, padded, fields, graphs",
     [
         ("llama", "static", False, {}, 3),
+        ("llama", "static", True, {}, 3),
         ("llama", "dynamic", False, {}, 1),
+        ("llama", "dynamic", True, {}, 1),
         ("llama", "unbacked", False, {}, 1),  # the trainer's unpadded segments
         ("llama", "unbacked", True, {}, 1),  # a mask: a dynamic length
         ("opt", "unbacked", False, {}, 1),  # OPT passes its (unused) causal mask
