@@ -470,8 +470,18 @@ def summed_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return nll.view(targets.shape).sum(dim=1)
 
 
-def _head_nll(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def _linear_nll(hidden: torch.Tensor, targets: torch.Tensor, weight, bias) -> torch.Tensor:
+    return summed_nll(F.linear(hidden, weight, bias), targets)
+
+
+def _module_nll(hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module) -> torch.Tensor:
     return summed_nll(head(hidden), targets)
+
+
+def linear_head_params(head: nn.Module) -> tuple[nn.Parameter, ...] | None:
+    """The LM head's (weight, bias) when it is a plain nn.Linear, which the chunked loss applies itself
+    (ChunkedNLL says why); None for any other head (a peft wrapper, say), which it calls as a module."""
+    return (head.weight, head.bias) if type(head) is nn.Linear else None
 
 
 def chunked_nll(
@@ -486,16 +496,18 @@ def chunked_nll(
     bf16 logits, their fp32 copy and the saved log-probabilities). `chunk_tokens` 0 = one unchunked pass.
     """
     batch, n = targets.shape
+    params = linear_head_params(head)
+    nll, extra = (_module_nll, (head,)) if params is None else (_linear_nll, params)
     if chunk_tokens <= 0:
-        return _head_nll(head, hidden, targets)
+        return nll(hidden, targets, *extra)
     width = max(1, chunk_tokens // max(batch, 1))
     needs_graph = torch.is_grad_enabled() and (
         hidden.requires_grad or any(p.requires_grad for p in head.parameters())
     )
     total = None
     for start in range(0, n, width):
-        args = (head, hidden[:, start : start + width], targets[:, start : start + width])
-        part = checkpoint(_head_nll, *args, use_reentrant=False) if needs_graph else _head_nll(*args)
+        args = (hidden[:, start : start + width], targets[:, start : start + width], *extra)
+        part = checkpoint(nll, *args, use_reentrant=False) if needs_graph else nll(*args)
         total = part if total is None else total + part
     if total is None:  # zero-length segment
         return hidden.new_zeros(batch, dtype=torch.float32)
@@ -503,11 +515,15 @@ def chunked_nll(
 
 
 class ChunkedNLL(nn.Module):
-    """`chunked_nll` as a (parameter-less) module. Being a module matters under ZeRO-3: DeepSpeed hooks the
-    module's output, so in backward the module is active before any chunk is recomputed, and a frozen LM
-    head (LoRA) gathered for that recompute stays gathered until the module's backward is done. Called as a
-    plain function, DeepSpeed re-partitions the frozen head weight at the end of the recompute's LM-head
-    forward, before the chunk's backward uses it (torch's CheckpointError: shape [V, d] saved, [0] recomputed)."""
+    """`chunked_nll` as a (parameter-less) module, for ZeRO-3. DeepSpeed hooks the module's output, so in
+    backward the module is active before any chunk is recomputed. A plain linear head is applied through its
+    weights, not called, so DeepSpeed sees one module call per segment whatever the number of chunks: its
+    ZeRO-3 trace (the module order it prefetches by) would otherwise change with every segment length and be
+    dropped, leaving every weight fetch synchronous. The engine registers those weights as this module's
+    external parameters (acomp.train.engine), so they are gathered for its forward and for the recomputes
+    of its backward. A head it must call (a peft wrapper) stays gathered from that recompute until the
+    module's backward is done; called as a plain function, DeepSpeed would re-partition a frozen head
+    weight at the end of the recompute's LM-head forward, before the chunk's backward uses it."""
 
     def forward(self, head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk_tokens: int):
         return chunked_nll(head, hidden, targets, chunk_tokens)

@@ -429,6 +429,7 @@ def build_engine(model: torch.nn.Module, cfg: RunConfig, ds_config: dict, dist: 
         cap_zero3_reduce_bucket(model, ds_config)
         if cfg.train.zero3_whole_layers:
             mark_layers_as_zero3_units(model)
+        gather_head_for_chunked_loss(model)
     optimizer = build_optimizer(model, cfg.optim, cpu_offload=offloads(ds_config, "optimizer"))
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
     engine, _, _, _ = deepspeed.initialize(
@@ -459,6 +460,19 @@ def mark_layers_as_zero3_units(model: torch.nn.Module) -> None:
 
     layers = unwrap(model).get_decoder().layers
     set_z3_leaf_modules(model, list({type(layer) for layer in layers}))
+
+
+def gather_head_for_chunked_loss(model: torch.nn.Module) -> None:
+    """Register a plain linear LM head's weights as external parameters of the chunked loss, which applies
+    them itself (acomp.modeling.compressor.ChunkedNLL): ZeRO-3 gathers them for its forward and backward."""
+    from deepspeed.runtime.zero.partition_parameters import register_external_parameter
+
+    from acomp.modeling.compressor import linear_head_params
+
+    base = unwrap(model)
+    for param in linear_head_params(base.lm_head) or ():
+        if param is not None:
+            register_external_parameter(base.chunked_loss, param)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
