@@ -549,7 +549,8 @@ def main(argv=None) -> int:
         result["wall_s"] = time.perf_counter() - t0
         table = result.pop("profile", None)
         if table and dist.is_main:
-            path = out.with_name(f"{out.stem}.{re.sub(r'[^A-Za-z0-9.-]+', '_', row['name'])}.profile.txt")
+            stem = out.stem if args.row_index is None else out.stem.removesuffix(f".row{args.row_index}")
+            path = out.with_name(f"{stem}.{re.sub(r'[^A-Za-z0-9.-]+', '_', row['name'])}.profile.txt")
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(table)
             result["profile_file"] = str(path)

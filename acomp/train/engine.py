@@ -255,9 +255,6 @@ def build_model(
     for p in model.parameters():
         if p.is_floating_point() and p.dtype != dtype and not hasattr(p, "ds_id"):
             p.data = p.data.to(dtype)
-    if compiles_layers(cfg, device):
-        length = cfg.model.compile_length if cfg.compression.randomize_segments else "static"
-        compile_decoder_layers(model, length)
     return model
 
 
@@ -295,6 +292,29 @@ def apply_liger_kernel(model: torch.nn.Module) -> None:
         model=unwrap(model), rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
         fused_linear_cross_entropy=False,
     )  # fmt: skip
+
+
+def compile_length_plan(cfg: RunConfig, model: torch.nn.Module) -> tuple[str, str]:
+    """The compiled layers' sequence length (`compile_decoder_layers`) and, where `model.compile_length:
+    unbacked` cannot apply, why. An unbacked length needs `causal_attention`: SDPA with no attention mask, which
+    the trainer's unpadded segments get in fixed-length mode and with variable mode's presence bias folded."""
+    from acomp.modeling.attention import folds_presence
+
+    if not cfg.compression.randomize_segments:
+        return "static", ""
+    if cfg.model.compile_length != "unbacked":
+        return cfg.model.compile_length, ""
+    base = unwrap(model)
+    if base.config._attn_implementation != "sdpa":
+        why = f"attn_implementation {base.config._attn_implementation!r}"
+    elif base.variable_length and not folds_presence(base.config):
+        why = "variable mode's presence mask (model.presence_attention: mask)"
+    else:
+        return "unbacked", ""
+    return (
+        "dynamic",
+        f"model.compile_length: unbacked needs SDPA without a mask, not {why}; the length is dynamic",
+    )
 
 
 def compile_decoder_layers(model: torch.nn.Module, length: str = "static") -> None:

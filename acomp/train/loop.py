@@ -49,6 +49,9 @@ from acomp.train.engine import (
     base_model_config,
     build_engine,
     build_model,
+    compile_decoder_layers,
+    compile_length_plan,
+    compiles_layers,
     grad_reduction_plan,
     plan_batches,
     resolve_ds_config,
@@ -130,6 +133,11 @@ def build(cfg: RunConfig, dist: Dist) -> Trainer:
         print(notice, flush=True)
     dtype = torch.bfloat16 if use_bf16(cfg, dist.device) else torch.float32
     model = build_model(cfg, corpus.tokenizer, ds_config, dtype, corpus.vocab_size, dist.device)
+    if compiles_layers(cfg, dist.device):
+        length, notice = compile_length_plan(cfg, model)
+        if notice and dist.is_main:
+            print(notice, flush=True)
+        compile_decoder_layers(model, length)
     check_corpus_fits(corpus, unwrap(model).config)
     flops = FlopModel.of(model, cfg)
     engine = build_engine(model, cfg, ds_config, dist)

@@ -197,7 +197,8 @@ def test_train_throughput_cold_compile_runs_each_row_in_its_own_process(tmp_path
     out = tmp_path / "cold.json"
     proc = subprocess.run(
         [sys.executable, "benchmarks/train_throughput.py", "--smoke", "--cold-compile", "--rows", "tiny",
-         "--variant", "v:train.seed=1", "--out", str(out), "--corpus-dir", str(tmp_path / "corpora")],
+         "--variant", "v:train.seed=1", "--out", str(out), "--corpus-dir", str(tmp_path / "corpora"),
+         "--profile-steps", "1"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -206,16 +207,17 @@ def test_train_throughput_cold_compile_runs_each_row_in_its_own_process(tmp_path
     assert all(r["status"] == "ok" and r["tokens_per_s"] > 0 for r in rows), rows
     assert rows[2]["settings"]["train"]["seed"] == 1  # the variant's override reached its child
     assert "random_over_fixed" in rows[0]  # ratios computed across the children's rows
-    assert sorted(p.name for p in tmp_path.glob("cold*")) == ["cold.json"]  # the children's files are gone
+    # The children's result files are gone; their profiles are named after the parent's --out.
+    profiles = [f"cold.tiny_{b}{v}.profile.txt" for b in ("fixed", "random") for v in ("", "_v_")]
+    assert sorted(p.name for p in tmp_path.glob("cold*")) == ["cold.json", *profiles]
     assert proc.stdout.count("rnd/fix") == 1  # one table, the parent's
 
 
 ENGINES_LEFT = """
-import gc, importlib.util, sys
-spec = importlib.util.spec_from_file_location("train_throughput", "benchmarks/train_throughput.py")
-bench = importlib.util.module_from_spec(spec)
-sys.modules[spec.name] = bench
-spec.loader.exec_module(bench)
+import gc, sys
+sys.path.insert(0, "tests/support")
+from runs import load_script
+bench = load_script("benchmarks/train_throughput.py")
 bench.main(["--smoke", "--rows", "tiny-lora-z3:random", "tiny:random", "--out", sys.argv[1], "--corpus-dir", sys.argv[2]])
 gc.collect()
 from deepspeed.runtime.engine import DeepSpeedEngine

@@ -20,6 +20,7 @@ from acomp.train.engine import (
     BatchPlan,
     cap_zero3_reduce_bucket,
     compile_decoder_layers,
+    compile_length_plan,
     flop_param_split,
     grad_reduction_plan,
     mark_layers_as_zero3_units,
@@ -321,6 +322,28 @@ def test_compiled_layers_give_the_eager_loss_and_gradients(family, length, padde
     assert grads.keys() == ref_grads.keys()
     for name in grads:
         torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_unbacked_length_falls_back_to_dynamic_where_attention_takes_a_mask():
+    """`model.compile_length: unbacked` needs SDPA without a mask (`causal_attention`): under eager attention or
+    variable mode's presence mask the trainer compiles a dynamic length and says why; fixed boundaries compile
+    static shapes whatever the setting."""
+    cfg = RunConfig()
+    cfg.compression.randomize_segments = True
+    cfg.model.compile_length = "unbacked"
+    assert compile_length_plan(cfg, tiny_model("llama")) == ("unbacked", "")
+    variable = {"compression_mode": "variable", "compression_max_len": 3}
+    assert compile_length_plan(cfg, tiny_model("llama", **variable)) == ("unbacked", "")  # presence folded
+    eager = tiny_model("llama")
+    eager.config._attn_implementation = "eager"
+    length, notice = compile_length_plan(cfg, eager)
+    assert length == "dynamic" and "unbacked" in notice and "'eager'" in notice
+    length, notice = compile_length_plan(cfg, tiny_model("llama", presence_attention="mask", **variable))
+    assert length == "dynamic" and "presence mask" in notice
+    cfg.model.compile_length = "dynamic"
+    assert compile_length_plan(cfg, eager) == ("dynamic", "")
+    cfg.compression.randomize_segments = False
+    assert compile_length_plan(cfg, eager) == ("static", "")
 
 
 @pytest.mark.slow
