@@ -12,6 +12,7 @@ k predicts the first token of segment k+1 (exactly the original's objective).
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 
 import torch
@@ -470,22 +471,12 @@ def summed_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return nll.view(targets.shape).sum(dim=1)
 
 
-def _linear_nll(hidden: torch.Tensor, targets: torch.Tensor, weight, bias) -> torch.Tensor:
-    return summed_nll(F.linear(hidden, weight, bias), targets)
-
-
-def _module_nll(hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module) -> torch.Tensor:
+def _head_nll(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return summed_nll(head(hidden), targets)
 
 
-def linear_head_params(head: nn.Module) -> tuple[nn.Parameter, ...] | None:
-    """The LM head's (weight, bias) when it is a plain nn.Linear, which the chunked loss applies itself
-    (ChunkedNLL says why); None for any other head (a peft wrapper, say), which it calls as a module."""
-    return (head.weight, head.bias) if type(head) is nn.Linear else None
-
-
 def chunked_nll(
-    head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk_tokens: int
+    head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk_tokens: int, chunks: int | None = None
 ) -> torch.Tensor:
     """`summed_nll(head(hidden), targets)` without materialising the logits of all tokens.
 
@@ -494,39 +485,50 @@ def chunked_nll(
     and log-softmax are freed after the forward and recomputed in backward, one slice at a time. Costs one
     extra LM-head forward (2 V d FLOPs per token); saves ~10 bytes x V per token of activation memory (the
     bf16 logits, their fp32 copy and the saved log-probabilities). `chunk_tokens` 0 = one unchunked pass.
+    `chunks`: cut the positions into at least this many (near-equal) slices, so that segments of different
+    lengths call the head equally often (ChunkedNLL says why).
     """
     batch, n = targets.shape
-    params = linear_head_params(head)
-    nll, extra = (_module_nll, (head,)) if params is None else (_linear_nll, params)
     if chunk_tokens <= 0:
-        return nll(hidden, targets, *extra)
-    width = max(1, chunk_tokens // max(batch, 1))
+        return _head_nll(head, hidden, targets)
+    pieces = max(chunks or 0, loss_slices(chunk_tokens, batch, n))
+    if pieces == 0:  # zero-length segment
+        return hidden.new_zeros(batch, dtype=torch.float32)
     needs_graph = torch.is_grad_enabled() and (
         hidden.requires_grad or any(p.requires_grad for p in head.parameters())
     )
     total = None
-    for start in range(0, n, width):
-        args = (hidden[:, start : start + width], targets[:, start : start + width], *extra)
-        part = checkpoint(nll, *args, use_reentrant=False) if needs_graph else nll(*args)
+    for part_hidden, part_targets in zip(
+        hidden.tensor_split(pieces, dim=1), targets.tensor_split(pieces, dim=1)
+    ):
+        args = (head, part_hidden, part_targets)
+        part = checkpoint(_head_nll, *args, use_reentrant=False) if needs_graph else _head_nll(*args)
         total = part if total is None else total + part
-    if total is None:  # zero-length segment
-        return hidden.new_zeros(batch, dtype=torch.float32)
     return total
 
 
+def loss_slices(chunk_tokens: int, batch: int, positions: int) -> int:
+    """The slices `chunked_nll` needs for `positions` positions of `batch` sequences (at most `chunk_tokens`
+    tokens each)."""
+    return math.ceil(positions / max(1, chunk_tokens // max(batch, 1)))
+
+
 class ChunkedNLL(nn.Module):
-    """`chunked_nll` as a (parameter-less) module, for ZeRO-3. DeepSpeed hooks the module's output, so in
-    backward the module is active before any chunk is recomputed. A plain linear head is applied through its
-    weights, not called, so DeepSpeed sees one module call per segment whatever the number of chunks: its
-    ZeRO-3 trace (the module order it prefetches by) would otherwise change with every segment length and be
-    dropped, leaving every weight fetch synchronous. The engine registers those weights as this module's
-    external parameters (acomp.train.engine), so they are gathered for its forward and for the recomputes
-    of its backward. A head it must call (a peft wrapper) stays gathered from that recompute until the
-    module's backward is done; called as a plain function, DeepSpeed would re-partition a frozen head
-    weight at the end of the recompute's LM-head forward, before the chunk's backward uses it."""
+    """`chunked_nll` as a (parameter-less) module. Being a module matters under ZeRO-3: DeepSpeed hooks the
+    module's output, so in backward the module is active before any chunk is recomputed, and a frozen LM
+    head (LoRA) gathered for that recompute stays gathered until the module's backward is done. Called as a
+    plain function, DeepSpeed re-partitions the frozen head weight at the end of the recompute's LM-head
+    forward, before the chunk's backward uses it (torch's CheckpointError: shape [V, d] saved, [0] recomputed).
+
+    `chunks` (set by the trainer for the run, not saved) fixes the number of slices per segment: ZeRO-3
+    prefetches weights by the order of module calls it traced, and drops that trace whenever a pass calls
+    modules in another order, so the number of LM-head calls must not follow the segment length (random
+    boundaries) or differ between ranks. None: as many slices as `chunk_tokens` needs."""
+
+    chunks: int | None = None
 
     def forward(self, head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk_tokens: int):
-        return chunked_nll(head, hidden, targets, chunk_tokens)
+        return chunked_nll(head, hidden, targets, chunk_tokens, self.chunks)
 
 
 def next_token_targets(labels: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

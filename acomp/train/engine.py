@@ -449,7 +449,6 @@ def build_engine(model: torch.nn.Module, cfg: RunConfig, ds_config: dict, dist: 
         cap_zero3_reduce_bucket(model, ds_config)
         if cfg.train.zero3_whole_layers:
             mark_layers_as_zero3_units(model)
-        gather_head_for_chunked_loss(model)
     optimizer = build_optimizer(model, cfg.optim, cpu_offload=offloads(ds_config, "optimizer"))
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
     engine, _, _, _ = deepspeed.initialize(
@@ -482,17 +481,16 @@ def mark_layers_as_zero3_units(model: torch.nn.Module) -> None:
     set_z3_leaf_modules(model, list({type(layer) for layer in layers}))
 
 
-def gather_head_for_chunked_loss(model: torch.nn.Module) -> None:
-    """Register a plain linear LM head's weights as external parameters of the chunked loss, which applies
-    them itself (acomp.modeling.compressor.ChunkedNLL): ZeRO-3 gathers them for its forward and backward."""
-    from deepspeed.runtime.zero.partition_parameters import register_external_parameter
+def fix_loss_chunks(model: torch.nn.Module, cfg: RunConfig, block_size: int, max_segment: int) -> None:
+    """Every segment of the run slices its loss as its longest possible segment must (ChunkedNLL.chunks): the
+    LM head is then called equally often whatever the boundaries and the rank, as ZeRO-3's trace needs."""
+    from acomp.modeling.compressor import loss_slices
+    from acomp.train.segments import longest_segment
 
-    from acomp.modeling.compressor import linear_head_params
-
-    base = unwrap(model)
-    for param in linear_head_params(base.lm_head) or ():
-        if param is not None:
-            register_external_parameter(base.chunked_loss, param)
+    size = cfg.model.loss_chunk_size
+    longest = longest_segment(cfg.compression, block_size, max_segment)
+    chunks = loss_slices(size, cfg.train.micro_batch_size, longest) if size > 0 else None
+    unwrap(model).chunked_loss.chunks = chunks
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

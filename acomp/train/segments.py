@@ -53,6 +53,13 @@ def split_substeps(
     return [Substep(s, lengths) for s in kept.split(sum(lengths), dim=1)]
 
 
+def longest_segment(cfg: CompressionConfig, block_size: int, max_segment_length: int) -> int:
+    """The longest segment `split_substeps` can cut from blocks of `block_size` tokens."""
+    if not cfg.randomize_segments:
+        return max(cfg.segment_lengths)
+    return min(max_segment_length, math.ceil(block_size / cfg.training_substeps))
+
+
 def _equal_slices(input_ids: torch.Tensor, n: int) -> list[torch.Tensor]:
     """`n` contiguous slices with linspace boundaries, as the original does (lengths differ by at most 1)."""
     length = input_ids.shape[1]
