@@ -520,7 +520,7 @@ class ChunkedNLL(nn.Module):
     plain function, DeepSpeed re-partitions the frozen head weight at the end of the recompute's LM-head
     forward, before the chunk's backward uses it (torch's CheckpointError: shape [V, d] saved, [0] recomputed).
 
-    `chunks` (set by the trainer for the run, not saved) fixes the number of slices per segment: ZeRO-3
+    `chunks` (set by the trainer under ZeRO-3, not saved) fixes the number of slices per segment: ZeRO-3
     prefetches weights by the order of module calls it traced, and drops that trace whenever a pass calls
     modules in another order, so the number of LM-head calls must not follow the segment length (random
     boundaries) or differ between ranks. None: as many slices as `chunk_tokens` needs."""

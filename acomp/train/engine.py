@@ -481,16 +481,20 @@ def mark_layers_as_zero3_units(model: torch.nn.Module) -> None:
     set_z3_leaf_modules(model, list({type(layer) for layer in layers}))
 
 
-def fix_loss_chunks(model: torch.nn.Module, cfg: RunConfig, block_size: int, max_segment: int) -> None:
-    """Every segment of the run slices its loss as its longest possible segment must (ChunkedNLL.chunks): the
-    LM head is then called equally often whatever the boundaries and the rank, as ZeRO-3's trace needs."""
+def fix_loss_chunks(
+    model: torch.nn.Module, cfg: RunConfig, ds_config: dict, block_size: int, max_segment: int
+) -> None:
+    """Under ZeRO-3, every segment of the run slices its loss as its longest possible segment must
+    (ChunkedNLL.chunks): the LM head is then called equally often whatever the boundaries and the rank, as
+    ZeRO-3's trace and collective gathers need. Other stages keep the fewest slices each segment needs."""
     from acomp.modeling.compressor import loss_slices
     from acomp.train.segments import longest_segment
 
     size = cfg.model.loss_chunk_size
+    if zero_stage(ds_config) != 3 or size <= 0:
+        return
     longest = longest_segment(cfg.compression, block_size, max_segment)
-    chunks = loss_slices(size, cfg.train.micro_batch_size, longest) if size > 0 else None
-    unwrap(model).chunked_loss.chunks = chunks
+    unwrap(model).chunked_loss.chunks = loss_slices(size, cfg.train.micro_batch_size, longest)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

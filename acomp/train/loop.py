@@ -134,7 +134,7 @@ def build(cfg: RunConfig, dist: Dist) -> Trainer:
         print(notice, flush=True)
     dtype = torch.bfloat16 if use_bf16(cfg, dist.device) else torch.float32
     model = build_model(cfg, corpus.tokenizer, ds_config, dtype, corpus.vocab_size, dist.device)
-    fix_loss_chunks(model, cfg, corpus.block_size, max_segment)
+    fix_loss_chunks(model, cfg, ds_config, corpus.block_size, max_segment)
     if compiles_layers(cfg, dist.device):
         length, notice = compile_length_plan(cfg, model)
         if notice and dist.is_main:
