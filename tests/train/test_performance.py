@@ -21,6 +21,7 @@ from acomp.train.engine import (
     cap_zero3_reduce_bucket,
     compile_decoder_layers,
     compile_length_plan,
+    fix_loss_chunks,
     flop_param_split,
     grad_reduction_plan,
     mark_layers_as_zero3_units,
@@ -89,6 +90,27 @@ def test_fixed_chunk_count_calls_the_head_equally_often_for_every_segment_length
     for name, p in model.named_parameters():
         if p.grad is not None:
             torch.testing.assert_close(p.grad, ref_grads[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize(
+    "zero, chunk, expected",
+    [
+        ("zero3.json", 4096, 3),
+        ("zero3.json", 0, None),
+        ("zero1.json", 4096, None),
+        ("zero2.json", 4096, None),
+    ],
+)
+def test_loss_slice_count_is_fixed_under_zero3_only(zero, chunk, expected):
+    """The trainer fixes the slices per segment where ZeRO-3 needs it: as many as the longest segment needs
+    (Llama-1B's recipe at micro-batch 4: segments up to 3,072 tokens, slices of 1,024 positions: 3)."""
+    cfg = RunConfig()
+    cfg.compression.randomize_segments = True
+    cfg.compression.training_substeps, cfg.compression.segments_per_substep = 2, 2
+    cfg.model.loss_chunk_size, cfg.train.micro_batch_size = chunk, 4
+    model = tiny_model("llama")
+    fix_loss_chunks(model, cfg, {"zero_optimization": {"stage": int(zero[4])}}, 6144, 3896)
+    assert model.chunked_loss.chunks == expected
 
 
 def test_loss_chunk_size_is_validated():

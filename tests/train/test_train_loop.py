@@ -15,6 +15,7 @@ from acomp.train.metrics import segment_flops, sequence_positions
 from acomp.train.optim import lr_factor
 from acomp.train.segments import (
     Substep,
+    longest_segment,
     random_segment_lengths,
     segment_generator,
     segment_position_budget,
@@ -47,6 +48,38 @@ def test_random_segments_follow_the_original_rule():
     assert random_segment_lengths(10, 1, 10) == [10]
     with pytest.raises(ValueError, match="cannot cut 10 tokens into 4 segments"):
         random_segment_lengths(10, 4, 3)
+
+
+@pytest.mark.parametrize(
+    "block, substeps, per, max_segment, multiple, slack",
+    [
+        (301, 3, 2, 1000, 1, 2),  # slices of 100-101 tokens, the other segment at least 2
+        (6144, 2, 2, 2048, 1, 0),  # OPT 6K: segments up to M = 2048
+        (6149, 2, 3, 3896, 64, 400),  # on a grid, 3 segments: the longest cuts are rare
+        (200, 4, 1, 1000, 1, 0),  # one segment per substep: the slice
+        (128, 2, 2, 40, 8, 0),
+    ],
+)
+def test_longest_segment_bounds_every_cut(block, substeps, per, max_segment, multiple, slack):
+    """`longest_segment` (the chunked loss's slice count under ZeRO-3 rests on it) is never exceeded by a
+    random cut, and the longest cuts drawn come within `slack` of it."""
+    cfg = CompressionConfig(
+        training_substeps=substeps,
+        segments_per_substep=per,
+        randomize_segments=True,
+        segment_multiple=multiple,
+    )
+    bound = longest_segment(cfg, block, max_segment)
+    ids = torch.zeros(1, block, dtype=torch.long)
+    seen = max(
+        n
+        for step in range(2000)
+        for sub in split_substeps(ids, cfg, max_segment, segment_generator(0, step, 0, 0))
+        for n in sub.segment_lengths
+    )
+    assert bound - slack <= seen <= bound
+    fixed = CompressionConfig(randomize_segments=False, segment_lengths=[3, 9, 5])
+    assert longest_segment(fixed, block, max_segment) == 9
 
 
 def test_random_substeps_are_equal_slices_and_reproducible():
