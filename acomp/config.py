@@ -42,9 +42,9 @@ class ModelConfig(KernelFields):
     # torch.compile each decoder layer (regional compilation; the sequence dimension is dynamic when segment
     # boundaries are random), with every ZeRO stage; null = on GPUs, not on CPU (docs/PERFORMANCE.md).
     compile_layers: bool | None = None
-    # How compiled layers see a random boundary's length: "dynamic" (a symbolic size that inductor may still
-    # specialise on: a few recompiles early on) or "unbacked" (one graph for every length; compiles faster,
-    # runs slower: docs/TRAINING.md).
+    # How compiled layers see a random boundary's length: "dynamic" (a symbolic size; inductor still specialises
+    # on its 8-alignment: a few graphs early on) or "unbacked" (one graph for every length; runs slower:
+    # docs/TRAINING.md).
     compile_length: str = "dynamic"
     # Liger-kernel's fused RMSNorm / RoPE / SwiGLU for Llama-family models (needs the liger-kernel package).
     liger_kernel: bool = False

@@ -332,7 +332,21 @@ def compile_decoder_layers(model: torch.nn.Module, length: str = "static") -> No
             compiled = torch.compile(layer.forward, dynamic=False, options=UNBACKED_LENGTH_OPTIONS)
             layer.forward = unbacked_sequence_length(compiled, config)
         else:
+            if length == "dynamic":
+                skip_mix_order_size_checks()
             layer.forward = torch.compile(layer.forward, dynamic=length == "dynamic")
+
+
+def skip_mix_order_size_checks() -> None:
+    """Inductor's mix-order reductions (a norm's backward reductions over rows and over columns, fused) check
+    size thresholds on the length (rows >= 4,096, rows x columns >= 5 x 2^20) and guard on the answers, so with
+    random boundaries every threshold a segment first crossed recompiled the layers, late in a run too, and the
+    first step compiled several graphs. Non-strict mode skips the checks (the fusion applies at every length).
+    Set process-wide: passed as torch.compile's `options`, it left the first step as slow as without it
+    (benchmarks/RESULTS.md)."""
+    import torch._inductor.config as inductor_config
+
+    inductor_config.triton.mix_order_reduction_non_strict_mode = True
 
 
 # Mix-order reduction (fusing, e.g., a norm's backward reductions over rows and over columns) needs a concrete
