@@ -260,6 +260,7 @@ def row_config(name: str, args, boundaries: str, extra: list[str], corpora: Path
 def run_row(cfg, args, dist) -> dict:
     """Build as the launcher does, then `--steps` optimizer steps timed as the trainer times them."""
     import torch
+    from torch._dynamo.utils import counters
 
     from acomp.train.loop import build, seed_everything, step_record, train_step
 
@@ -272,17 +273,19 @@ def run_row(cfg, args, dist) -> dict:
     trainer.engine.train()
     if cuda:
         torch.cuda.reset_peak_memory_stats(dist.device)
-    records = []
+    records, graphs = [], []  # graphs: how many graphs torch.compile made in each step (recompiles included)
     try:
         for step in range(args.steps):
             lr = trainer.engine.get_lr()[0]
             if cuda:
                 torch.cuda.synchronize(dist.device)
+            compiled = counters["stats"]["unique_graphs"]
             t0 = time.perf_counter()
             outputs = train_step(trainer, step)
             if cuda:
                 torch.cuda.synchronize(dist.device)
             records.append(step_record(trainer, step + 1, outputs, lr, time.perf_counter() - t0))
+            graphs.append(counters["stats"]["unique_graphs"] - compiled)
         peak = torch.cuda.max_memory_allocated(dist.device) / 2**30 if cuda else None
         profiled = (
             profile_steps(trainer, args.steps, args.profile_steps, cuda) if args.profile_steps else None
@@ -301,6 +304,7 @@ def run_row(cfg, args, dist) -> dict:
         "peak_mem_gib": peak,
         "mem_before_gib": before,
         "step_times_s": [round(r["step_time_s"], 4) for r in records],
+        "graphs_by_step": graphs,
         "loss": records[-1]["loss"],
         "tokens_per_step": records[-1]["tokens"],
         "profile": profiled,
@@ -469,16 +473,24 @@ def fmt(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def graphs_column(by_step: list[int] | None) -> str:
+    """Graphs compiled over the row's steps, and the last step that compiled one: "3@11" (late recompiles)."""
+    if not by_step:
+        return "-"
+    last = max((i for i, n in enumerate(by_step) if n), default=-1)
+    return f"{sum(by_step)}@{last + 1}" if last >= 0 else "0"
+
+
 def print_table(results: list[dict]) -> None:
     header = (f"{'row':40} {'first tok/s':>11} {'tok/s':>9} {'first MFU':>9} {'MFU':>6} {'GiB':>6} "
-              f"{'rnd/fix':>7} {'(first)':>7}  status")  # fmt: skip
+              f"{'rnd/fix':>7} {'(first)':>7} {'graphs':>6}  status")  # fmt: skip
     print(header + "\n" + "-" * len(header))
     for r in results:
         print(
             f"{r['name'][:40]:40} {fmt(r.get('first_tokens_per_s'), ',.0f'):>11} {fmt(r.get('tokens_per_s'), ',.0f'):>9} "
             f"{fmt(r.get('first_mfu'), '.3f'):>9} {fmt(r.get('mfu'), '.3f'):>6} {fmt(r.get('peak_mem_gib'), '.1f'):>6} "
-            f"{fmt(r.get('random_over_fixed'), '.2f'):>7} {fmt(r.get('random_over_fixed_first'), '.2f'):>7}  "
-            f"{r.get('status', '')[:60]}"
+            f"{fmt(r.get('random_over_fixed'), '.2f'):>7} {fmt(r.get('random_over_fixed_first'), '.2f'):>7} "
+            f"{graphs_column(r.get('graphs_by_step')):>6}  {r.get('status', '')[:60]}"
         )  # fmt: skip
     sys.stdout.flush()
 

@@ -55,6 +55,7 @@ def test_train_throughput_smoke(tmp_path):
         assert r["tokens_per_s"] > 0 and r["first_tokens_per_s"] > 0 and r["loss"] > 0
         assert r["tokens_per_step"] == 2 * 512  # global batch 2 x 512-token blocks
         assert len(r["step_times_s"]) == 3  # the profiled step comes after, untimed
+        assert r["graphs_by_step"] == [0, 0, 0]  # no compiled layers on CPU
         table = Path(r["profile_file"]).read_text()  # the profiler's table, one file per row
         assert table.startswith("profiled steps: 1, wall ") and "Self CPU" in table
         assert "under cProfile, by tottime" in table and "train_step" in table  # whose Python the host runs
