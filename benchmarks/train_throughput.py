@@ -495,6 +495,11 @@ def print_table(results: list[dict]) -> None:
     sys.stdout.flush()
 
 
+def cold_row_out(out: Path, index: int) -> Path:
+    """Where the child process of `--cold-compile` row `index` writes its result, beside the call's `--out`."""
+    return out.with_name(f"{out.stem}.row{index}.json")
+
+
 def run_row_cold(index: int, row: dict, argv: list[str], out: Path) -> dict:
     """Row `index` of the plan in a child process (this script with --row-index) whose inductor and triton
     caches start empty; its result, or why it failed."""
@@ -503,10 +508,11 @@ def run_row_cold(index: int, row: dict, argv: list[str], out: Path) -> dict:
     with tempfile.TemporaryDirectory(prefix="acomp-bench-cold-") as tmp:
         env = {k: v for k, v in os.environ.items() if k not in RANK_VARIABLES}  # its own process group
         env.update(TORCHINDUCTOR_CACHE_DIR=f"{tmp}/inductor", TRITON_CACHE_DIR=f"{tmp}/triton")
-        child_out = out.resolve().with_name(f"{out.stem}.row{index}.json")  # the child runs in REPO
+        out = out.resolve()  # the child runs in REPO
+        child_out = cold_row_out(out, index)
         child_out.unlink(missing_ok=True)  # never report an earlier call's row
         command = [sys.executable, str(Path(__file__).resolve()), *argv]
-        command += ["--row-index", str(index), "--out", str(child_out)]
+        command += ["--row-index", str(index), "--out", str(out)]
         proc = subprocess.run(command, env=env, cwd=REPO)
     try:
         result = json.loads(child_out.read_text())["results"][0]
@@ -537,9 +543,11 @@ def main(argv=None) -> int:
             "--cold-compile runs rows in child processes: use it on one process, not under torchrun"
         )
     info, results, out = meta(args, dist), [], Path(args.out)
+    report = out  # the call's JSON; a --cold-compile child writes its row's beside it
     plan = plan_rows(args)
     if args.row_index is not None:
         plan = plan[args.row_index : args.row_index + 1]
+        report = cold_row_out(out, args.row_index)
     for index, row in enumerate(plan):
         over = bool(args.budget_s) and time.perf_counter() - started > args.budget_s
         if broadcast_object(over):
@@ -561,8 +569,7 @@ def main(argv=None) -> int:
         result["wall_s"] = time.perf_counter() - t0
         table = result.pop("profile", None)
         if table and dist.is_main:
-            stem = out.stem if args.row_index is None else out.stem.removesuffix(f".row{args.row_index}")
-            path = out.with_name(f"{stem}.{re.sub(r'[^A-Za-z0-9.-]+', '_', row['name'])}.profile.txt")
+            path = out.with_name(f"{out.stem}.{re.sub(r'[^A-Za-z0-9.-]+', '_', row['name'])}.profile.txt")
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(table)
             result["profile_file"] = str(path)
@@ -573,11 +580,11 @@ def main(argv=None) -> int:
                   f"first {fmt(result.get('first_tokens_per_s'), ',.0f')} tok/s, steady "
                   f"{fmt(result.get('tokens_per_s'), ',.0f')} tok/s, MFU {fmt(result.get('mfu'), '.3f')}, "
                   f"{fmt(result.get('peak_mem_gib'), '.1f')} GiB", flush=True)  # fmt: skip
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps({"meta": info, "results": results}, indent=2, default=str))
+            report.parent.mkdir(parents=True, exist_ok=True)
+            report.write_text(json.dumps({"meta": info, "results": results}, indent=2, default=str))
     if dist.is_main:
         info["total_s"] = time.perf_counter() - started
-        out.write_text(json.dumps({"meta": info, "results": results}, indent=2, default=str))
+        report.write_text(json.dumps({"meta": info, "results": results}, indent=2, default=str))
         if args.row_index is None:  # a --cold-compile child leaves the table to its parent
             print_table(results)
     return 0
