@@ -343,10 +343,11 @@ def skip_mix_order_size_checks() -> None:
     random boundaries every threshold a segment first crossed recompiled the layers, late in a run too, and the
     first step compiled several graphs. Non-strict mode skips the checks (the fusion applies at every length).
     Set process-wide: passed as torch.compile's `options`, it left the first step as slow as without it
-    (benchmarks/RESULTS.md)."""
+    (benchmarks/RESULTS.md). A torch without mix-order reductions has no such checks to skip."""
     import torch._inductor.config as inductor_config
 
-    inductor_config.triton.mix_order_reduction_non_strict_mode = True
+    if hasattr(inductor_config.triton, "mix_order_reduction_non_strict_mode"):
+        inductor_config.triton.mix_order_reduction_non_strict_mode = True
 
 
 # Mix-order reduction (fusing, e.g., a norm's backward reductions over rows and over columns) needs a concrete
