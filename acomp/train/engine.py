@@ -327,27 +327,27 @@ def compile_decoder_layers(model: torch.nn.Module, length: str = "static") -> No
     boundaries (new lengths every step) "dynamic" makes it a symbolic size, "unbacked" an unbacked one
     (`unbacked_sequence_length`)."""
     config = unwrap(model).config
+    skip_mix_order_size_checks(length == "dynamic")
     for layer in unwrap(model).get_decoder().layers:
         if length == "unbacked":
             compiled = torch.compile(layer.forward, dynamic=False, options=UNBACKED_LENGTH_OPTIONS)
             layer.forward = unbacked_sequence_length(compiled, config)
         else:
-            if length == "dynamic":
-                skip_mix_order_size_checks()
             layer.forward = torch.compile(layer.forward, dynamic=length == "dynamic")
 
 
-def skip_mix_order_size_checks() -> None:
+def skip_mix_order_size_checks(skip: bool) -> None:
     """Inductor's mix-order reductions (a norm's backward reductions over rows and over columns, fused) check
     size thresholds on the length (rows >= 4,096, rows x columns >= 5 x 2^20) and guard on the answers, so with
     random boundaries every threshold a segment first crossed recompiled the layers, late in a run too, and the
-    first step compiled several graphs. Non-strict mode skips the checks (the fusion applies at every length).
-    Set process-wide: passed as torch.compile's `options`, it left the first step as slow as without it
-    (benchmarks/RESULTS.md). A torch without mix-order reductions has no such checks to skip."""
+    first step took longer to compile. Non-strict mode skips the checks (the fusion applies at every length).
+    Process-wide, read when a graph compiles (at its first call): set for the model being compiled, so a later
+    model of the same process compiles with its own. Passed as torch.compile's `options` instead, it left the
+    first step as slow as without it (benchmarks/RESULTS.md). A torch without the setting is left alone."""
     import torch._inductor.config as inductor_config
 
     if hasattr(inductor_config.triton, "mix_order_reduction_non_strict_mode"):
-        inductor_config.triton.mix_order_reduction_non_strict_mode = True
+        inductor_config.triton.mix_order_reduction_non_strict_mode = skip
 
 
 # Mix-order reduction (fusing, e.g., a norm's backward reductions over rows and over columns) needs a concrete

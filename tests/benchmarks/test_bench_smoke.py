@@ -191,6 +191,13 @@ def test_train_throughput_variant_rows_name_their_recipe(capsys, monkeypatch):
     assert exit_info.value.code == 2 and "unknown recipe 'llama-9b'" in capsys.readouterr().err
 
 
+def test_train_throughput_graphs_column_shows_the_last_step_that_compiled(monkeypatch):
+    monkeypatch.setitem(sys.modules, "train_throughput", None)
+    bench = load_script("benchmarks/train_throughput.py")
+    assert bench.graphs_column([2, 0, 0, 1, 0]) == "3@4"  # a recompile in step 4
+    assert bench.graphs_column([0, 0]) == "0" and bench.graphs_column(None) == "-"
+
+
 def test_train_throughput_cold_compile_runs_each_row_in_its_own_process(tmp_path):
     """--cold-compile: every row runs in a child process (empty compile caches) and reports to one table."""
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"}
