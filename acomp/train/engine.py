@@ -325,15 +325,19 @@ def compile_decoder_layers(model: torch.nn.Module, length: str = "static") -> No
     it and release them after it, outside the graph, so the graph always sees whole weights and never
     recompiles for them. `length`: "static" compiles once per distinct length (fixed boundaries); with random
     boundaries (new lengths every step) "dynamic" makes it a symbolic size, "unbacked" an unbacked one
-    (`unbacked_sequence_length`)."""
+    (`symbolic_sequence_length`). Only the length is symbolic: torch.compile(dynamic=True) also turned the
+    layers' float attributes (the norms' epsilon) into graph inputs, 0-dim CPU tensors for which inductor
+    compiled C++ kernels: the slowest part of the first step's compilation."""
     config = unwrap(model).config
     skip_mix_order_size_checks(length == "dynamic")
     for layer in unwrap(model).get_decoder().layers:
-        if length == "unbacked":
-            compiled = torch.compile(layer.forward, dynamic=False, options=UNBACKED_LENGTH_OPTIONS)
-            layer.forward = unbacked_sequence_length(compiled, config)
+        if length == "static":
+            layer.forward = torch.compile(layer.forward, dynamic=False)
+        elif length == "dynamic":
+            layer.forward = symbolic_sequence_length(torch.compile(layer.forward), config, unbacked=False)
         else:
-            layer.forward = torch.compile(layer.forward, dynamic=length == "dynamic")
+            compiled = torch.compile(layer.forward, dynamic=False, options=UNBACKED_LENGTH_OPTIONS)
+            layer.forward = symbolic_sequence_length(compiled, config, unbacked=True)
 
 
 def skip_mix_order_size_checks(skip: bool) -> None:
@@ -364,27 +368,29 @@ _SEQUENCE_DIMS = {
 }
 
 
-def unbacked_sequence_length(forward, config):
+def symbolic_sequence_length(forward, config, unbacked: bool):
     """`forward` (a compiled decoder layer) with its inputs' sequence dimension marked at each call: unbacked
-    under `causal_attention` (the trainer's unpadded segments), dynamic otherwise.
+    where asked and attention takes no mask (`causal_attention`, the trainer's unpadded segments), dynamic
+    (backed) otherwise; every other size stays static until it changes (torch's automatic dynamic shapes).
 
     With a dynamic (backed) size, inductor still specialises on the length where its choices depend on it (the
     8-alignment of the attention's inputs, size thresholds of fusions) and guards on them: random boundaries
     compile a new graph for each combination met, a few in the first steps and more later. An unbacked size
     allows no guards, so one graph serves every length; it needs attention that never reads the length
     (transformers' SDPA attention reads it to choose is_causal, a graph break)."""
-    from torch._dynamo import mark_dynamic
+    from torch._dynamo import maybe_mark_dynamic
     from torch._dynamo.decorators import mark_unbacked
 
     from acomp.modeling.attention import CAUSAL
 
     hint = []  # the first call's length: inductor's size hint (autotuning), fixed for the run
 
-    def unbacked(tensor, dim):  # one symbol for every input's sequence dimension
+    def mark_unbacked_length(tensor, dim):  # one symbol for every input's sequence dimension
         mark_unbacked(tensor, dim, shape_id="sequence", hint_override=hint[0])
 
+    mark = mark_unbacked_length if unbacked and config._attn_implementation == CAUSAL else maybe_mark_dynamic
+
     def call(hidden_states, *args, **kwargs):
-        mark = unbacked if config._attn_implementation == CAUSAL else mark_dynamic
         length = hidden_states.shape[1]
         hint[:] = hint or [length]
         mark(hidden_states, 1)

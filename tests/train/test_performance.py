@@ -357,6 +357,34 @@ def test_compiled_layers_give_the_eager_loss_and_gradients(family, length, padde
         torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_dynamic_length_makes_only_the_sequence_dimension_symbolic(monkeypatch):
+    """A dynamic length is one symbolic size: the batch stays static and no float becomes a graph input.
+    torch.compile(dynamic=True) also lifted the layers' float attributes (the norms' epsilon) into inputs, 0-dim
+    CPU tensors for which inductor compiled C++ kernels on GPU runs (the slowest part of the first step)."""
+    graphs = []
+    compile_ = torch.compile
+
+    def record(gm, inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    def recording_compile(fn, **kwargs):  # the engine's settings, with a backend that records each graph
+        kwargs.pop("options", None)
+        return compile_(fn, backend=record, **kwargs)
+
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    torch._dynamo.reset()
+    model = tiny_model("llama", segment_gradient_checkpointing=False).train()
+    compile_decoder_layers(model, "dynamic")
+    model(random_ids(2, 15), segment_lengths=[6, 5, 4], return_logits=False)  # forwards of 9, 11, 10
+    assert len(graphs) == 1  # shared by both layers and every length
+    values = [n.meta["example_value"] for n in graphs[0].graph.find_nodes(op="placeholder")]
+    assert not [v for v in values if isinstance(v, (float, torch.SymFloat))]
+    assert not [v for v in values if isinstance(v, torch.Tensor) and v.dtype == torch.float64]
+    hidden = next(v for v in values if isinstance(v, torch.Tensor) and v.dim() == 3)
+    assert isinstance(hidden.shape[0], int) and isinstance(hidden.shape[1], torch.SymInt)
+
+
 def test_unbacked_length_falls_back_to_dynamic_where_attention_takes_a_mask():
     """`model.compile_length: unbacked` needs SDPA without a mask (`causal_attention`): under eager attention or
     variable mode's presence mask the trainer compiles a dynamic length and says why; fixed boundaries compile
