@@ -483,14 +483,15 @@ def graphs_column(by_step: list[int] | None) -> str:
 
 def print_table(results: list[dict]) -> None:
     header = (f"{'row':40} {'first tok/s':>11} {'tok/s':>9} {'first MFU':>9} {'MFU':>6} {'GiB':>6} "
-              f"{'rnd/fix':>7} {'(first)':>7} {'graphs':>6}  status")  # fmt: skip
+              f"{'rnd/fix':>7} {'(first)':>7} {'step1 s':>7} {'graphs':>6}  status")  # fmt: skip
     print(header + "\n" + "-" * len(header))
     for r in results:
         print(
             f"{r['name'][:40]:40} {fmt(r.get('first_tokens_per_s'), ',.0f'):>11} {fmt(r.get('tokens_per_s'), ',.0f'):>9} "
             f"{fmt(r.get('first_mfu'), '.3f'):>9} {fmt(r.get('mfu'), '.3f'):>6} {fmt(r.get('peak_mem_gib'), '.1f'):>6} "
             f"{fmt(r.get('random_over_fixed'), '.2f'):>7} {fmt(r.get('random_over_fixed_first'), '.2f'):>7} "
-            f"{graphs_column(r.get('graphs_by_step')):>6}  {r.get('status', '')[:60]}"
+            f"{fmt((r.get('step_times_s') or [None])[0], '.1f'):>7} {graphs_column(r.get('graphs_by_step')):>6}  "
+            f"{r.get('status', '')[:60]}"
         )  # fmt: skip
     sys.stdout.flush()
 
