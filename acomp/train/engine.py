@@ -388,9 +388,11 @@ def symbolic_sequence_length(forward, config, unbacked: bool):
     def mark_unbacked_length(tensor, dim):  # one symbol for every input's sequence dimension
         mark_unbacked(tensor, dim, shape_id="sequence", hint_override=hint[0])
 
-    mark = mark_unbacked_length if unbacked and config._attn_implementation == CAUSAL else maybe_mark_dynamic
-
     def call(hidden_states, *args, **kwargs):
+        # read at each call: the compressor sets `causal_attention` around its decoder calls only
+        mark = (
+            mark_unbacked_length if unbacked and config._attn_implementation == CAUSAL else maybe_mark_dynamic
+        )
         length = hidden_states.shape[1]
         hint[:] = hint or [length]
         mark(hidden_states, 1)

@@ -357,10 +357,14 @@ def test_compiled_layers_give_the_eager_loss_and_gradients(family, length, padde
         torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_dynamic_length_makes_only_the_sequence_dimension_symbolic(monkeypatch):
-    """A dynamic length is one symbolic size: the batch stays static and no float becomes a graph input.
-    torch.compile(dynamic=True) also lifted the layers' float attributes (the norms' epsilon) into inputs, 0-dim
-    CPU tensors for which inductor compiled C++ kernels on GPU runs (the slowest part of the first step)."""
+@pytest.mark.parametrize("length", ["dynamic", "unbacked"])
+def test_symbolic_length_makes_only_the_sequence_dimension_symbolic(monkeypatch, length):
+    """A dynamic or unbacked length is one symbolic size (backed or unbacked, as asked): the batch stays static
+    and no float becomes a graph input. torch.compile(dynamic=True) also lifted the layers' float attributes
+    (the norms' epsilon) into inputs, 0-dim CPU tensors for which inductor compiled C++ kernels on GPU runs (the
+    slowest part of the first step)."""
+    from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
+
     graphs = []
     compile_ = torch.compile
 
@@ -375,7 +379,7 @@ def test_dynamic_length_makes_only_the_sequence_dimension_symbolic(monkeypatch):
     monkeypatch.setattr(torch, "compile", recording_compile)
     torch._dynamo.reset()
     model = tiny_model("llama", segment_gradient_checkpointing=False).train()
-    compile_decoder_layers(model, "dynamic")
+    compile_decoder_layers(model, length)
     model(random_ids(2, 15), segment_lengths=[6, 5, 4], return_logits=False)  # forwards of 9, 11, 10
     assert len(graphs) == 1  # shared by both layers and every length
     values = [n.meta["example_value"] for n in graphs[0].graph.find_nodes(op="placeholder")]
@@ -383,6 +387,7 @@ def test_dynamic_length_makes_only_the_sequence_dimension_symbolic(monkeypatch):
     assert not [v for v in values if isinstance(v, torch.Tensor) and v.dtype == torch.float64]
     hidden = next(v for v in values if isinstance(v, torch.Tensor) and v.dim() == 3)
     assert isinstance(hidden.shape[0], int) and isinstance(hidden.shape[1], torch.SymInt)
+    assert bool(free_unbacked_symbols(hidden.shape[1])) == (length == "unbacked")
 
 
 def test_unbacked_length_falls_back_to_dynamic_where_attention_takes_a_mask():
