@@ -312,6 +312,7 @@ def test_zero3_reduce_bucket_is_capped_below_half_the_trainable_weights():
         ("llama", "static", True, {}, 3),
         ("llama", "dynamic", False, {}, 1),
         ("llama", "dynamic", True, {}, 1),
+        ("opt", "dynamic", False, {}, 1),  # OPT's layers also take its (unused) causal mask
         ("llama", "unbacked", False, {}, 1),  # the trainer's unpadded segments
         ("llama", "unbacked", True, {}, 1),  # a mask: a dynamic length
         ("opt", "unbacked", False, {}, 1),  # OPT passes its (unused) causal mask
