@@ -295,22 +295,34 @@ def apply_liger_kernel(model: torch.nn.Module) -> None:
 
 
 def compile_length_plan(cfg: RunConfig, model: torch.nn.Module) -> tuple[str, str]:
-    """The compiled layers' sequence length (`compile_decoder_layers`) and, where `model.compile_length:
-    unbacked` cannot apply, why. An unbacked length needs `causal_attention`: SDPA with no attention mask, which
-    the trainer's unpadded segments get in fixed-length mode and with variable mode's presence bias folded."""
+    """The compiled layers' sequence length (`compile_decoder_layers`) and, where the plan differs from what the
+    config asks, why. Fixed boundaries compile a graph per distinct length, unless that takes more graphs than
+    torch keeps (`recompile_limit`, counting a graph with and one without gradients, for the held-out loss):
+    past it torch runs the layers eager. An unbacked length needs `causal_attention`: SDPA with no attention
+    mask, which the trainer's unpadded segments get in fixed-length mode and with variable mode's presence bias
+    folded."""
     from acomp.modeling.attention import folds_presence
+    from acomp.train.segments import fixed_forward_lengths
 
+    fixed = ""
     if not cfg.compression.randomize_segments:
-        return "static", ""
+        lengths = len(fixed_forward_lengths(cfg.compression))
+        limit = torch._dynamo.config.recompile_limit
+        if 2 * lengths <= limit:
+            return "static", ""
+        fixed = (
+            f"compiled layers: fixed segment boundaries give {lengths} distinct lengths (summaries accumulate), "
+            f"more graphs than torch.compile keeps per function ({limit}); the length is "
+        )
     if cfg.model.compile_length != "unbacked":
-        return cfg.model.compile_length, ""
+        return cfg.model.compile_length, f"{fixed}{cfg.model.compile_length}" if fixed else ""
     base = unwrap(model)
     if base.config._attn_implementation != "sdpa":
         why = f"attn_implementation {base.config._attn_implementation!r}"
     elif base.variable_length and not folds_presence(base.config):
         why = "variable mode's presence mask (model.presence_attention: mask)"
     else:
-        return "unbacked", ""
+        return "unbacked", f"{fixed}unbacked" if fixed else ""
     return (
         "dynamic",
         f"model.compile_length: unbacked needs SDPA without a mask, not {why}; the length is dynamic",

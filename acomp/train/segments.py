@@ -109,6 +109,23 @@ def random_segment_lengths(
     return lengths
 
 
+def fixed_forward_lengths(cfg: CompressionConfig) -> set[int]:
+    """The distinct lengths of [softprompt; segment; summary tokens] the decoder sees in a step with fixed
+    boundaries: each segment of a block reads the summaries of those before it (accumulating) or of the last one,
+    and the block's last segment makes none, so a block of many segments gives many lengths."""
+    fixed = cfg.compression_mode == "fixed"
+    vectors = cfg.summary_length if fixed else cfg.compression_max_len  # one segment's summary vectors
+    tail = (
+        cfg.summary_length if fixed else cfg.compression_max_len + 1
+    )  # its summary positions (variable: <sum>)
+    segments = list(cfg.segment_lengths) * cfg.training_substeps
+    read = [j if cfg.accumulate_summary else min(j, 1) for j in range(len(segments))]
+    return {
+        n + vectors * k + (tail if j < len(segments) - 1 else 0)
+        for j, (n, k) in enumerate(zip(segments, read))
+    }
+
+
 def segment_position_budget(model_config, cfg: CompressionConfig) -> int:
     """Longest segment whose positions fit the base model (`M`, docs/TRAINING.md "Positions budget").
 

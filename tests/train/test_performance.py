@@ -409,8 +409,56 @@ def test_unbacked_length_falls_back_to_dynamic_where_attention_takes_a_mask():
     assert length == "dynamic" and "presence mask" in notice
     cfg.model.compile_length = "dynamic"
     assert compile_length_plan(cfg, eager) == ("dynamic", "")
-    cfg.compression.randomize_segments = False
+    cfg.compression.randomize_segments, cfg.compression.segment_lengths = False, [6, 5]
     assert compile_length_plan(cfg, eager) == ("static", "")
+
+
+@pytest.mark.parametrize(
+    "fields", [{}, {"accumulate_summary": False}, {"compression_mode": "variable", "compression_max_len": 3}]
+)
+def test_fixed_forward_lengths_are_the_lengths_the_trainer_runs(fields):
+    """`fixed_forward_lengths` (counted from the config) = the lengths the decoder sees in the trainer's substeps
+    (fixed boundaries, softprompt carried between substeps, none made by the block's last segment)."""
+    from tiny_models import PlainEngine
+
+    from acomp.config import CompressionConfig
+    from acomp.train.loop import train_substep
+    from acomp.train.segments import fixed_forward_lengths, split_substeps
+
+    model = tiny_model("llama", **fields).train()
+    c = CompressionConfig(randomize_segments=False, segment_lengths=[6, 4], training_substeps=3)
+    c.summary_length = model.config.summary_length
+    for key, value in fields.items():
+        setattr(c, key, value)
+    seen = set()
+    layer = model.get_decoder().layers[0]
+    layer.register_forward_pre_hook(lambda module, args, kwargs: seen.add(args[0].shape[1]), with_kwargs=True)
+    substeps = split_substeps(random_ids(2, 30), c, max_segment_length=64)
+    softprompt = None
+    for i, substep in enumerate(substeps):
+        carry = i < len(substeps) - 1
+        softprompt = train_substep(PlainEngine(model), substep, softprompt, carry).softprompt
+    assert seen == fixed_forward_lengths(c)
+
+
+def test_fixed_boundaries_compile_a_dynamic_length_past_torchs_graph_limit():
+    """Fixed boundaries compile a graph per distinct length, and the layers' graphs with and without gradients
+    count against torch's recompile limit (8), past which torch runs them eager: a block of many segments with
+    accumulating summaries (the 30K recipe's 20 segments: 19 lengths) compiles a symbolic length instead."""
+    from acomp.train.segments import fixed_forward_lengths
+
+    cfg = RunConfig()
+    c = cfg.compression
+    c.randomize_segments, c.summary_length, c.segment_lengths = False, 50, [1536, 1536]
+    c.training_substeps, c.segments_per_substep = 2, 2
+    assert len(fixed_forward_lengths(c)) == 3  # the last segment's length, without summary tokens, repeats
+    assert compile_length_plan(cfg, tiny_model("llama")) == ("static", "")
+    c.training_substeps = 10
+    assert len(fixed_forward_lengths(c)) == 19
+    length, notice = compile_length_plan(cfg, tiny_model("llama"))
+    assert length == "dynamic" and "19 distinct lengths" in notice and "(8)" in notice
+    cfg.model.compile_length = "unbacked"
+    assert compile_length_plan(cfg, tiny_model("llama"))[0] == "unbacked"
 
 
 @pytest.mark.slow
