@@ -318,6 +318,7 @@ def test_zero3_reduce_bucket_is_capped_below_half_the_trainable_weights():
         ("opt", "unbacked", False, {}, 1),  # OPT passes its (unused) causal mask
         # Variable mode: the first segment has no presence bias, the next ones pass it folded (a second graph).
         ("llama", "unbacked", False, {"compression_mode": "variable", "compression_max_len": 3}, 2),
+        ("llama", "dynamic", False, {"compression_mode": "variable", "compression_max_len": 3}, 2),
     ],
 )
 def test_compiled_layers_give_the_eager_loss_and_gradients(family, length, padded, fields, graphs):
