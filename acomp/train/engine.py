@@ -307,7 +307,8 @@ def compile_length_plan(cfg: RunConfig, model: torch.nn.Module) -> tuple[str, st
     fixed = ""
     if not cfg.compression.randomize_segments:
         lengths = len(fixed_forward_lengths(cfg.compression))
-        limit = torch._dynamo.config.recompile_limit
+        dynamo = torch._dynamo.config
+        limit = getattr(dynamo, "recompile_limit", None) or dynamo.cache_size_limit  # older torch: the latter
         if 2 * lengths <= limit:
             return "static", ""
         fixed = (
