@@ -296,37 +296,40 @@ def apply_liger_kernel(model: torch.nn.Module) -> None:
 
 def compile_length_plan(cfg: RunConfig, model: torch.nn.Module) -> tuple[str, str]:
     """The compiled layers' sequence length (`compile_decoder_layers`) and, where the plan differs from what the
-    config asks, why. Fixed boundaries compile a graph per distinct length, unless that takes more graphs than
-    torch keeps (`recompile_limit`, counting a graph with and one without gradients, for the held-out loss):
-    past it torch runs the layers eager. An unbacked length needs `causal_attention`: SDPA with no attention
-    mask, which the trainer's unpadded segments get in fixed-length mode and with variable mode's presence bias
-    folded."""
+    config asks, why. Fixed boundaries compile a graph per distinct length, unless the graphs a run needs pass
+    torch's `recompile_limit`, past which torch runs new shapes eager: one per training length, and with
+    `train.eval_every` one without gradients per length the held-out loss runs (the training lengths and the
+    last segment alone; in variable mode its compacted summaries add lengths no count can foresee, which may run
+    eager). An unbacked length needs `causal_attention`: SDPA with no attention mask, which the trainer's
+    unpadded segments get in fixed-length mode and with variable mode's presence bias folded."""
     from acomp.modeling.attention import folds_presence
     from acomp.train.segments import fixed_forward_lengths
 
     fixed = ""
     if not cfg.compression.randomize_segments:
         lengths = len(fixed_forward_lengths(cfg.compression))
+        graphs = lengths + (lengths + 1 if cfg.train.eval_every else 0)
         dynamo = torch._dynamo.config
         limit = getattr(dynamo, "recompile_limit", None) or dynamo.cache_size_limit  # older torch: the latter
-        if 2 * lengths <= limit:
+        if graphs <= limit:
             return "static", ""
+        held_out = " with the held-out loss's" if cfg.train.eval_every else ""
         fixed = (
-            f"compiled layers: fixed segment boundaries give {lengths} distinct lengths (summaries accumulate), "
-            f"more graphs than torch.compile keeps per function ({limit}); the length is "
+            f"compiled layers: fixed segment boundaries give {lengths} decoder lengths, {graphs} graphs{held_out}, "
+            f"past torch's recompile_limit ({limit}), beyond which it runs new shapes eager; "
         )
     if cfg.model.compile_length != "unbacked":
-        return cfg.model.compile_length, f"{fixed}{cfg.model.compile_length}" if fixed else ""
+        return cfg.model.compile_length, f"{fixed}the length is {cfg.model.compile_length}" if fixed else ""
     base = unwrap(model)
     if base.config._attn_implementation != "sdpa":
         why = f"attn_implementation {base.config._attn_implementation!r}"
     elif base.variable_length and not folds_presence(base.config):
         why = "variable mode's presence mask (model.presence_attention: mask)"
     else:
-        return "unbacked", f"{fixed}unbacked" if fixed else ""
+        return "unbacked", f"{fixed}the length is unbacked" if fixed else ""
     return (
         "dynamic",
-        f"model.compile_length: unbacked needs SDPA without a mask, not {why}; the length is dynamic",
+        f"{fixed}model.compile_length: unbacked needs SDPA without a mask, not {why}; the length is dynamic",
     )
 
 

@@ -443,9 +443,10 @@ def test_fixed_forward_lengths_are_the_lengths_the_trainer_runs(fields):
 
 
 def test_fixed_boundaries_compile_a_dynamic_length_past_torchs_graph_limit():
-    """Fixed boundaries compile a graph per distinct length, and the layers' graphs with and without gradients
-    count against torch's recompile limit (8), past which torch runs them eager: a block of many segments with
-    accumulating summaries (the 30K recipe's 20 segments: 19 lengths) compiles a symbolic length instead."""
+    """Fixed boundaries compile a graph per distinct length, and with periodic evaluation one more without
+    gradients per length the held-out loss runs (the training lengths and the last segment alone); past torch's
+    recompile limit (8) new shapes run eager, so such a run compiles a symbolic length instead: e.g. a block of
+    many segments with accumulating summaries (the 30K recipe's 20 segments: 19 lengths)."""
     from acomp.train.segments import fixed_forward_lengths
 
     cfg = RunConfig()
@@ -453,13 +454,22 @@ def test_fixed_boundaries_compile_a_dynamic_length_past_torchs_graph_limit():
     c.randomize_segments, c.summary_length, c.segment_lengths = False, 50, [1536, 1536]
     c.training_substeps, c.segments_per_substep = 2, 2
     assert len(fixed_forward_lengths(c)) == 3  # the last segment's length, without summary tokens, repeats
-    assert compile_length_plan(cfg, tiny_model("llama")) == ("static", "")
+    cfg.train.eval_every = 100
+    assert compile_length_plan(cfg, tiny_model("llama")) == ("static", "")  # 3 + 4 graphs
     c.training_substeps = 10
     assert len(fixed_forward_lengths(c)) == 19
     length, notice = compile_length_plan(cfg, tiny_model("llama"))
-    assert length == "dynamic" and "19 distinct lengths" in notice and "(8)" in notice
+    assert length == "dynamic" and "19 decoder lengths, 39 graphs" in notice and "(8)" in notice
     cfg.model.compile_length = "unbacked"
     assert compile_length_plan(cfg, tiny_model("llama"))[0] == "unbacked"
+    cfg.model.compile_length = "dynamic"
+    c.training_substeps, c.accumulate_summary, c.segment_lengths = 2, False, [1000, 1100]
+    assert len(fixed_forward_lengths(c)) == 4
+    assert (
+        compile_length_plan(cfg, tiny_model("llama"))[0] == "dynamic"
+    )  # 4 + 5 graphs with the held-out loss
+    cfg.train.eval_every = 0
+    assert compile_length_plan(cfg, tiny_model("llama")) == ("static", "")
 
 
 @pytest.mark.slow
