@@ -114,10 +114,9 @@ def fixed_forward_lengths(cfg: CompressionConfig) -> set[int]:
     boundaries: each segment of a block reads the summaries of those before it (accumulating) or of the last one,
     and the block's last segment makes none, so a block of many segments gives many lengths."""
     fixed = cfg.compression_mode == "fixed"
-    vectors = cfg.summary_length if fixed else cfg.compression_max_len  # one segment's summary vectors
-    tail = (
-        cfg.summary_length if fixed else cfg.compression_max_len + 1
-    )  # its summary positions (variable: <sum>)
+    # One segment's summary vectors, and its summary positions (variable mode: <sum> before the slots).
+    vectors = cfg.summary_length if fixed else cfg.compression_max_len
+    tail = cfg.summary_length if fixed else cfg.compression_max_len + 1
     segments = list(cfg.segment_lengths) * cfg.training_substeps
     read = [j if cfg.accumulate_summary else min(j, 1) for j in range(len(segments))]
     return {
