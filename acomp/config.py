@@ -43,8 +43,7 @@ class ModelConfig(KernelFields):
     # boundaries are random), with every ZeRO stage; null = on GPUs, not on CPU (docs/PERFORMANCE.md).
     compile_layers: bool | None = None
     # How compiled layers see a random boundary's length: "dynamic" (a symbolic size; inductor still specialises
-    # on its 8-alignment) or "unbacked" (one graph for every length; runs slower:
-    # docs/TRAINING.md).
+    # on its 8-alignment) or "unbacked" (one graph for every length; runs slower: docs/TRAINING.md).
     compile_length: str = "dynamic"
     # Liger-kernel's fused RMSNorm / RoPE / SwiGLU for Llama-family models (needs the liger-kernel package).
     liger_kernel: bool = False

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from acomp.progress import Progress
+from acomp.train.segments import sequence_positions
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "GH200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
 
@@ -102,22 +103,6 @@ class FlopModel:
             segment_flops(self.n_trainable, self.n_layers, self.width, t, self.n_frozen, self.causal)
             for t in positions
         )
-
-
-def sequence_positions(segment_lengths: list[list[int]], summary_length: int, accumulate: bool) -> list[int]:
-    """Positions each segment's forward runs over, for one sequence: [softprompt; text; summary].
-
-    `segment_lengths` holds each substep's segments in order. Every segment gets summary tokens except the
-    last one of the step (its summaries would be unused, so the trainer does not ask for them).
-    """
-    flat = [n for sub in segment_lengths for n in sub]
-    positions, prompt = [], 0
-    for i, n in enumerate(flat):
-        last = i == len(flat) - 1
-        k = 0 if last else summary_length
-        positions.append(prompt + n + k)
-        prompt = prompt + summary_length if accumulate else summary_length
-    return positions
 
 
 def memory_gib(device: torch.device) -> float:

@@ -109,20 +109,38 @@ def random_segment_lengths(
     return lengths
 
 
+def summary_positions(cfg: CompressionConfig) -> int:
+    """Positions one segment's summary tokens occupy: summary_length, or (variable mode) `<sum>` plus every
+    slot."""
+    return cfg.summary_length if cfg.compression_mode == "fixed" else cfg.compression_max_len + 1
+
+
+def sequence_positions(
+    segment_lengths: list[list[int]], summary_length: int, accumulate: bool, tail: int | None = None
+) -> list[int]:
+    """Positions each segment's forward runs over, for one sequence: [softprompt; text; summary].
+
+    `segment_lengths` holds each substep's segments in order; each segment passes on `summary_length` vectors
+    and its summary tokens take `tail` positions (default `summary_length`). Every segment gets summary tokens
+    except the last one of the step (its summaries would be unused, so the trainer does not ask for them).
+    """
+    tail = summary_length if tail is None else tail
+    flat = [n for sub in segment_lengths for n in sub]
+    positions, prompt = [], 0
+    for i, n in enumerate(flat):
+        last = i == len(flat) - 1
+        positions.append(prompt + n + (0 if last else tail))
+        prompt = prompt + summary_length if accumulate else summary_length
+    return positions
+
+
 def fixed_forward_lengths(cfg: CompressionConfig) -> set[int]:
     """The distinct lengths of [softprompt; segment; summary tokens] the decoder sees in a step with fixed
     boundaries: each segment of a block reads the summaries of those before it (accumulating) or of the last one,
     and the block's last segment makes none, so a block of many segments gives many lengths."""
-    fixed = cfg.compression_mode == "fixed"
-    # One segment's summary vectors, and its summary positions (variable mode: <sum> before the slots).
-    vectors = cfg.summary_length if fixed else cfg.compression_max_len
-    tail = cfg.summary_length if fixed else cfg.compression_max_len + 1
-    segments = list(cfg.segment_lengths) * cfg.training_substeps
-    read = [j if cfg.accumulate_summary else min(j, 1) for j in range(len(segments))]
-    return {
-        n + vectors * k + (tail if j < len(segments) - 1 else 0)
-        for j, (n, k) in enumerate(zip(segments, read))
-    }
+    vectors = cfg.summary_length if cfg.compression_mode == "fixed" else cfg.compression_max_len
+    substeps = [list(cfg.segment_lengths)] * cfg.training_substeps
+    return set(sequence_positions(substeps, vectors, cfg.accumulate_summary, summary_positions(cfg)))
 
 
 def segment_position_budget(model_config, cfg: CompressionConfig) -> int:
@@ -147,8 +165,7 @@ def segment_position_budget(model_config, cfg: CompressionConfig) -> int:
         )
     if not autocompressor_class(model_config.model_type).position_rule.softprompt_consumes_positions:
         return max_pos
-    # Positions one segment's summary occupies (variable mode: the <sum> token plus every slot).
-    per_segment = cfg.summary_length if cfg.compression_mode == "fixed" else cfg.compression_max_len + 1
+    per_segment = summary_positions(cfg)
     n_summaries = cfg.training_substeps * cfg.segments_per_substep if cfg.accumulate_summary else 2
     budget = max_pos - per_segment * n_summaries
     if budget < 2:

@@ -11,7 +11,7 @@ from transformers import LlamaConfig, OPTConfig
 
 from acomp.config import CompressionConfig, OptimConfig
 from acomp.train import heldout_ppl, train_substep
-from acomp.train.metrics import segment_flops, sequence_positions
+from acomp.train.metrics import segment_flops
 from acomp.train.optim import lr_factor
 from acomp.train.segments import (
     Substep,
@@ -19,6 +19,7 @@ from acomp.train.segments import (
     random_segment_lengths,
     segment_generator,
     segment_position_budget,
+    sequence_positions,
     split_substeps,
 )
 
