@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from acomp.progress import Progress
-from acomp.train.segments import sequence_positions
+from acomp.train.segments import passed_vectors, sequence_positions, summary_positions
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "GH200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
 
@@ -71,9 +71,10 @@ class FlopModel:
     n_frozen: int
     n_layers: int
     width: int  # query heads x head dim
-    summary_length: int
+    summary_length: int  # vectors a segment passes on
     accumulate: bool
     causal: bool = True
+    summary_positions: int | None = None  # positions of a segment's summary tokens (default summary_length)
 
     @classmethod
     def of(cls, model, cfg, causal: bool = True) -> FlopModel:
@@ -87,9 +88,10 @@ class FlopModel:
             n_frozen=frozen,
             n_layers=config.num_hidden_layers,
             width=attention_width(config),
-            summary_length=cfg.compression.summary_length,
+            summary_length=passed_vectors(cfg.compression),
             accumulate=cfg.compression.accumulate_summary,
             causal=causal,
+            summary_positions=summary_positions(cfg.compression),
         )
 
     @property
@@ -98,7 +100,9 @@ class FlopModel:
 
     def per_sequence(self, segment_lengths: list[list[int]]) -> float:
         """Training FLOPs of one sequence cut into `segment_lengths` ([substep][segment])."""
-        positions = sequence_positions(segment_lengths, self.summary_length, self.accumulate)
+        positions = sequence_positions(
+            segment_lengths, self.summary_length, self.accumulate, self.summary_positions
+        )
         return sum(
             segment_flops(self.n_trainable, self.n_layers, self.width, t, self.n_frozen, self.causal)
             for t in positions

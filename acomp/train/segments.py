@@ -109,6 +109,12 @@ def random_segment_lengths(
     return lengths
 
 
+def passed_vectors(cfg: CompressionConfig) -> int:
+    """Summary vectors one segment passes on: summary_length, or (variable mode) every slot, the absent ones
+    masked."""
+    return cfg.summary_length if cfg.compression_mode == "fixed" else cfg.compression_max_len
+
+
 def summary_positions(cfg: CompressionConfig) -> int:
     """Positions one segment's summary tokens occupy: summary_length, or (variable mode) `<sum>` plus every
     slot."""
@@ -138,9 +144,10 @@ def fixed_forward_lengths(cfg: CompressionConfig) -> set[int]:
     """The distinct lengths of [softprompt; segment; summary tokens] the decoder sees in a step with fixed
     boundaries: each segment of a block reads the summaries of those before it (accumulating) or of the last one,
     and the block's last segment makes none, so a block of many segments gives many lengths."""
-    vectors = cfg.summary_length if cfg.compression_mode == "fixed" else cfg.compression_max_len
     substeps = [list(cfg.segment_lengths)] * cfg.training_substeps
-    return set(sequence_positions(substeps, vectors, cfg.accumulate_summary, summary_positions(cfg)))
+    return set(
+        sequence_positions(substeps, passed_vectors(cfg), cfg.accumulate_summary, summary_positions(cfg))
+    )
 
 
 def segment_position_budget(model_config, cfg: CompressionConfig) -> int:

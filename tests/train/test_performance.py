@@ -207,6 +207,21 @@ def test_flop_model_counts_causal_pairs_summaries_and_frozen_weights():
     assert segment_flops(1, 1, 1, 4, causal=False) - segment_flops(1, 1, 1, 4) == 12 * (16 - 10)
 
 
+def test_flop_model_of_a_variable_length_run_counts_every_slot():
+    """Variable mode trains on `<sum>` plus all compression_max_len slots and passes all of them on (the absent
+    ones masked), so its forwards are longer than summary_length suggests."""
+    model = tiny_model("llama")
+    cfg = RunConfig()
+    c = cfg.compression
+    c.compression_mode, c.compression_max_len, c.summary_length = "variable", 6, 2
+    flops = FlopModel.of(model, cfg)
+    n, frozen = flops.n_trainable, flops.n_frozen
+    want = sum(
+        segment_flops(n, flops.n_layers, flops.width, t, frozen) for t in (100 + 7, 6 + 100 + 7, 12 + 100)
+    )
+    assert flops.per_sequence([[100, 100, 100]]) == pytest.approx(want)
+
+
 def test_flop_param_split_under_lora():
     from peft import LoraConfig, get_peft_model
 
@@ -455,21 +470,20 @@ def test_fixed_boundaries_compile_a_dynamic_length_past_torchs_graph_limit():
     c.training_substeps, c.segments_per_substep = 2, 2
     assert len(fixed_forward_lengths(c)) == 3  # the last segment's length, without summary tokens, repeats
     cfg.train.eval_every = 100
-    assert compile_length_plan(cfg, tiny_model("llama")) == ("static", "")  # 3 + 4 graphs
+    model = tiny_model("llama")
+    assert compile_length_plan(cfg, model) == ("static", "")  # 3 + 4 graphs
     c.training_substeps = 10
     assert len(fixed_forward_lengths(c)) == 19
-    length, notice = compile_length_plan(cfg, tiny_model("llama"))
+    length, notice = compile_length_plan(cfg, model)
     assert length == "dynamic" and "19 decoder lengths, 39 graphs" in notice and "(8)" in notice
     cfg.model.compile_length = "unbacked"
-    assert compile_length_plan(cfg, tiny_model("llama"))[0] == "unbacked"
+    assert compile_length_plan(cfg, model)[0] == "unbacked"
     cfg.model.compile_length = "dynamic"
     c.training_substeps, c.accumulate_summary, c.segment_lengths = 2, False, [1000, 1100]
     assert len(fixed_forward_lengths(c)) == 4
-    assert (
-        compile_length_plan(cfg, tiny_model("llama"))[0] == "dynamic"
-    )  # 4 + 5 graphs with the held-out loss
+    assert compile_length_plan(cfg, model)[0] == "dynamic"  # 4 + 5 graphs with the held-out loss
     cfg.train.eval_every = 0
-    assert compile_length_plan(cfg, tiny_model("llama")) == ("static", "")
+    assert compile_length_plan(cfg, model) == ("static", "")
 
 
 @pytest.mark.slow
