@@ -4,7 +4,8 @@ MFU (model FLOPs utilisation) counts what the model must compute, not what we re
 (docs/PERFORMANCE.md derives it):
 
     FLOPs per sequence = sum over segments s of  (6 N_train + 4 N_frozen) T_s  +  12 L a C(T_s)
-    T_s    = P_s + n_s + k_s   (softprompt vectors + text tokens + summary tokens of that segment's forward)
+    T_s    = P_s + n_s + k_s   (softprompt vectors + text tokens + summary tokens of that segment's forward;
+                                variable mode trains on every slot: k_s = compression_max_len + 1)
     C(T)   = T (T + 1) / 2     (causal query-key pairs, every position attending to itself and all before it)
     MFU    = FLOPs per step / (step seconds * world size * peak FLOP/s per device)
 
