@@ -28,16 +28,27 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--config", default=str(REPO / "configs" / "tiny.yaml"), help="run config YAML")
-    parser.add_argument("--eval-blocks", type=int, default=128, help="held-out blocks to score")
+    parser.add_argument(
+        "--eval-blocks", type=int, default=128, help="held-out blocks to score, spread evenly over the split"
+    )
     parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. train.max_steps=100")
     args = parser.parse_args(argv)
+    if args.eval_blocks < 1:
+        print(f"error: --eval-blocks must be a positive integer, got {args.eval_blocks}", file=sys.stderr)
+        return 2
 
-    from acomp.config import load_config
-    from acomp.train import heldout_ppl_of_export, run
+    from launchers.train import config_or_none, train
 
     os.chdir(REPO)  # the config's relative paths (data/stdlib, runs/tiny) are relative to the repository
-    cfg = load_config(args.config, args.overrides)
-    out = run(cfg)
+    cfg = config_or_none(args.config, args.overrides)
+    if cfg is None:
+        return 2
+    status = train(cfg)  # the trainer's exit statuses and one-line errors (launchers/train.py)
+    if status:
+        return status
+    from acomp.train import heldout_ppl_of_export
+
+    out = Path(cfg.train.output_dir)
     segment = cfg.compression.segment_lengths[0]
     lengths = [segment] * (cfg.data.build_if_missing.get("block_size", 512) // segment)
     result = heldout_ppl_of_export(out / "final", cfg.data.path, lengths, max_blocks=args.eval_blocks)
@@ -52,4 +63,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from launchers.train import interrupted
+
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        sys.exit(interrupted())

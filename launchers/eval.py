@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = ProtocolConfig(
         eval_segment=args.eval_segment,
-        segment_length=args.segment_length or args.eval_segment,
+        segment_length=args.eval_segment if args.segment_length is None else args.segment_length,
         max_context_segments=args.max_context_segments,
         fa_window=args.fa_window,
         variable=args.variable,
@@ -163,7 +163,9 @@ def main(argv: list[str] | None = None) -> int:
         report.write_json(result, out / "results.json", meta)
         table = report.markdown(result, title=f"{args.model} on {args.data} ({args.split})")
         (out / "results.md").write_text(table)
-        report.plot(result, out / "ppl_vs_context.png", title=Path(args.model.rstrip("/")).name)
+        report.plot(
+            result, out / "ppl_vs_context.png", title="/".join(Path(args.model.rstrip("/")).parts[-2:])
+        )
         print(table)
         print(
             f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'ppl_vs_context.png'} "

@@ -28,12 +28,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=20")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_intermixed_args(argv)
+    cfg = config_or_none(args.config, args.overrides)
+    return 2 if cfg is None else train(cfg)
+
+
+def config_or_none(path: str, overrides: list[str]):
+    """The run config, or None after one `config error:` line (exit status 2)."""
     try:
-        cfg = load_config(args.config, args.overrides)
+        return load_config(path, overrides)
     except (ConfigError, FileNotFoundError) as e:
         print(f"config error: {e}", file=sys.stderr)
-        return 2
+        return None
 
+
+def train(cfg) -> int:
+    """Runs training and returns the exit status the module docstring lists."""
     from acomp.data import CorruptShardError
     from acomp.train import Preempted, run
     from acomp.train.badsteps import NonFiniteLossError

@@ -26,6 +26,14 @@ class CorpusBlocks(Sequence):
         self.manifest = self.dataset.manifest
         self.path, self.split = str(path), split
 
+    @classmethod
+    def of(cls, dataset) -> CorpusBlocks:
+        """The blocks of an open CorpusDataset (built with shuffle=False), e.g. the trainer's held-out split."""
+        blocks = cls.__new__(cls)
+        blocks.dataset, blocks.manifest = dataset, dataset.manifest
+        blocks.path, blocks.split = dataset.source, dataset.corpus_split
+        return blocks
+
     @property
     def block_size(self) -> int:
         return int(self.manifest["block_size"])

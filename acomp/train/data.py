@@ -166,7 +166,10 @@ def train_loader(cfg: RunConfig, corpus: Corpus, micro_batch_size: int):
 
 
 def val_dataset(cfg: RunConfig, corpus: Corpus):
-    return _dataset(cfg, corpus, cfg.data.val_split, shuffle=False, seed=0, batch_size=1)
+    """The held-out split's blocks by global index (acomp.eval.CorpusBlocks), as the eval protocol reads them."""
+    from acomp.eval import CorpusBlocks
+
+    return CorpusBlocks.of(_dataset(cfg, corpus, cfg.data.val_split, shuffle=False, seed=0, batch_size=1))
 
 
 class Batches:

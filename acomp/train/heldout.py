@@ -11,7 +11,7 @@ The full protocol (every context length, full attention, per domain, reports) is
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Sequence
 
 import torch
 
@@ -23,6 +23,7 @@ from acomp.eval.protocol import (
     eval_mode,
     is_variable,
     score,
+    select_blocks,
 )
 from acomp.train.distributed import all_reduce_sum
 
@@ -30,16 +31,18 @@ from acomp.train.distributed import all_reduce_sum
 @torch.no_grad()
 def heldout_ppl(
     model: torch.nn.Module,
-    data: Iterable,
+    data: Sequence,
     segment_lengths: list[int],
     max_blocks: int | None = None,
     device: torch.device | str | None = None,
 ) -> dict:
-    """{"no_context_ppl", "summary_ppl", "blocks", "tokens"} over the blocks of `data`.
+    """{"no_context_ppl", "summary_ppl", "blocks", "tokens"} over `max_blocks` blocks of `data` spread
+    evenly over it, as the eval protocol picks them (the first blocks of an ordered split may all come from
+    one document).
 
-    `data` yields blocks: token-id tensors [L] or [B, L], or dicts with "input_ids" (a CorpusDataset or its
-    loader). Under torch.distributed each rank scores every world_size-th block and the sums are reduced,
-    so every rank runs the same number of forwards (ZeRO-3 gathers parameters collectively).
+    `data[i]` is block i: a token-id tensor [L] or [B, L], or a dict with "input_ids" (CorpusBlocks). Under
+    torch.distributed each rank scores every world_size-th chosen block and the sums are reduced, so every
+    rank runs the same number of forwards (ZeRO-3 gathers parameters collectively).
     """
     import torch.distributed as dist
 
@@ -57,16 +60,14 @@ def heldout_ppl(
     if device is None:
         device = next(model.parameters()).device
     sums = [0.0, 0.0, 0.0, 0.0]  # nll no-context, nll summary, target tokens, blocks
-    if world > 1 and max_blocks is None:
-        raise ValueError("pass max_blocks when evaluating under torch.distributed (ranks must agree on it)")
-    limit = math.inf if max_blocks is None else max(world, (max_blocks // world) * world)
+    count = len(data) if max_blocks is None else min(len(data), max(world, max_blocks))
+    count -= count % world
+    if count == 0:
+        raise ValueError(f"no blocks to evaluate: {len(data)} held-out blocks for {world} ranks")
+    chosen = select_blocks(len(data), count)
     with eval_mode(model):
-        for i, block in enumerate(_blocks(data)):
-            if i >= limit:
-                break
-            if i % world != rank:
-                continue
-            ids = block.to(device)
+        for index in chosen[rank::world]:
+            ids = _block(data[index]).to(device)
             if ids.shape[1] < total:
                 raise ValueError(
                     f"a block has {ids.shape[1]} tokens, fewer than segment_lengths {segment_lengths} need"
@@ -89,20 +90,18 @@ def heldout_ppl(
     }
 
 
-def _blocks(data: Iterable):
-    for item in data:
-        ids = item["input_ids"] if isinstance(item, dict) else item
-        ids = torch.as_tensor(ids)
-        yield ids.unsqueeze(0) if ids.dim() == 1 else ids
+def _block(item) -> torch.Tensor:
+    ids = torch.as_tensor(item["input_ids"] if isinstance(item, dict) else item)
+    return ids.unsqueeze(0) if ids.dim() == 1 else ids
 
 
 def heldout_ppl_of_export(
     model_dir, data_path, segment_lengths: list[int], max_blocks: int = 64, split: str = "val"
 ) -> dict:
-    """heldout_ppl for an exported model (e.g. <output_dir>/final) on a corpus split, in order."""
+    """heldout_ppl for an exported model (e.g. <output_dir>/final) on a corpus split."""
     from acomp import AutoCompressorModel
-    from acomp.data import CorpusDataset
+    from acomp.eval import CorpusBlocks
 
     model = AutoCompressorModel.from_pretrained(str(model_dir)).eval()
-    blocks = CorpusDataset(str(data_path), split=split, shuffle=False, batch_size=1)
+    blocks = CorpusBlocks(str(data_path), split, vocab_size=model.get_input_embeddings().weight.shape[0])
     return heldout_ppl(model, blocks, segment_lengths, max_blocks=max_blocks)

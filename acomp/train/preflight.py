@@ -57,10 +57,12 @@ def check_corpus(cfg: RunConfig, corpus: Corpus) -> None:
 
 
 def missing_model_dir(name: str) -> bool:
-    """True when `name` can only mean a local directory (it is not of a hub id's form, `name` or `org/name`)
-    and there is none: transformers would report it as a malformed hub repo id."""
+    """True when `name` means a local directory and there is none: it is not of a hub id's form (`name` or
+    `org/name`; transformers would report it as a malformed repo id), or it is `dir/name` under an existing
+    local directory `dir` (e.g. runs/tiny: transformers would try the hub, retrying for half a minute offline)."""
     looks_local = name.startswith(("/", ".", "~")) or name.endswith("/") or name.count("/") > 1
-    return looks_local and not Path(name).exists()
+    under_local_dir = name.count("/") == 1 and Path(name.split("/")[0]).is_dir()
+    return (looks_local or under_local_dir) and not Path(name).exists()
 
 
 def check_model_source(cfg: RunConfig) -> None:

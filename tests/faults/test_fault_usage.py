@@ -85,7 +85,7 @@ def test_summary_vectors_beyond_the_positions_are_a_config_error():
         check_segments(cfg, 512, position_budget(cfg, base))
 
 
-def test_a_missing_model_or_tokenizer_is_named(corpus, tmp_path):
+def test_a_missing_model_or_tokenizer_is_named(corpus, tmp_path, monkeypatch):
     from acomp.train.data import DataError, open_corpus
     from acomp.train.preflight import check_model_source, model_source_error
 
@@ -96,6 +96,10 @@ def test_a_missing_model_or_tokenizer_is_named(corpus, tmp_path):
         check_model_source(cfg)
     for hub_id in ("org/model", "gpt2"):  # hub ids, with or without an organisation: transformers decides
         check_model_source(load_config(TINY, [f"model.name_or_path={hub_id}"]))
+    (tmp_path / "runs").mkdir()
+    monkeypatch.chdir(tmp_path)  # runs/nope: of a hub id's form, but under a local directory (no hub retries)
+    with pytest.raises(ConfigError, match="^model.name_or_path='runs/nope': no such model directory$"):
+        check_model_source(load_config(TINY, ["model.name_or_path=runs/nope"]))
     error = model_source_error("org/model", OSError("org/model is not a local folder\nmore"))
     assert str(error) == (
         "model.name_or_path='org/model': neither a local model directory nor a model on the Hugging Face hub "
@@ -128,6 +132,32 @@ def test_eval_names_a_missing_model_or_corpus_and_exits_2(corpus, tmp_path, caps
     assert (
         line == f"--model {tmp_path / 'model'}: cannot load it (Unrecognized model in {tmp_path / 'model'})"
     )
+
+
+def test_eval_refuses_a_zero_segment_length(corpus, tmp_path, capsys):
+    main = load_script("launchers/eval.py").main
+    args = ["--model", str(tmp_path), "--data", str(corpus), "--out", str(tmp_path / "eval")]
+    line = refusal(main, [*args, "--eval-segment", "32", "--segment-length", "0"], capsys)
+    assert line == "segment_length must be a positive integer, got 0"  # not "use --eval-segment's 32"
+
+
+# ------------------------------------------------------------------------------------------ launchers/demo.py
+@pytest.mark.parametrize(
+    "args, line",
+    [
+        (["--eval-blocks", "0"], "error: --eval-blocks must be a positive integer, got 0"),
+        (
+            ["compression.summary_length=-3"],
+            "config error: config key 'compression.summary_length' must be >= 0",
+        ),
+        (["--config", "configs/nope.yaml"], "config error: configs/nope.yaml: no such config file"),
+    ],
+)
+def test_the_demo_refuses_bad_input_in_one_line_before_training(args, line, monkeypatch, capsys):
+    monkeypatch.chdir(REPO)  # the demo moves to the repository; this puts the test's directory back after
+    assert load_script("launchers/demo.py").main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(line) and "\n" not in err, err
 
 
 # ------------------------------------------------------------------------------ examples/compressed_generation.py

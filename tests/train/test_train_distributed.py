@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from runs import REPO, launch, losses, tiny_config, tiny_corpus, write_config
+from runs import REPO, launch, losses, read_metrics, tiny_config, tiny_corpus, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -23,13 +23,17 @@ def test_two_rank_zero3_matches_one_rank(corpus, tmp_path):
     two = tmp_path / "two"
     cfg1 = write_config(tmp_path / "one.yaml", tiny_config(corpus, one, train={"micro_batch_size": 2}))
     cfg2 = write_config(tmp_path / "two.yaml", tiny_config(corpus, two, train={"micro_batch_size": 1}))
-    launch(cfg1, ["train.max_steps=4"])
-    launch(cfg2, ["train.max_steps=4"], nproc=2)
+    heldout = ["train.eval_every=4", "train.eval_blocks=4"]  # the same 4 blocks, dealt to the 2 ranks
+    launch(cfg1, ["train.max_steps=4", *heldout])
+    launch(cfg2, ["train.max_steps=4", *heldout], nproc=2)
     a, b = losses(one), losses(two)
     assert sorted(a) == sorted(b) == [1, 2, 3, 4]
     for step in a:
         assert a[step] == pytest.approx(b[step], rel=LOSS_RTOL), (step, a, b)
     assert a[4] < a[1]  # and it learns
+    evals = [read_metrics(out)[-1] for out in (one, two)]
+    for key in ("eval_no_context_ppl", "eval_summary_ppl"):
+        assert evals[0][key] == pytest.approx(evals[1][key], rel=LOSS_RTOL), (key, evals)
 
 
 def test_zero3_ranks_whose_segments_need_different_loss_slices_train_as_one_pass(corpus, tmp_path):

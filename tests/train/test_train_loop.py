@@ -182,6 +182,10 @@ def test_heldout_ppl_scores_the_same_targets():
     assert result["no_context_ppl"] == pytest.approx(math.exp(nll / 45), rel=1e-5)
     assert result["summary_ppl"] != result["no_context_ppl"]
     assert model.training  # the caller's mode is restored
+    # max_blocks picks blocks spread over the split, as the eval protocol does: of 6, blocks 0 and 3.
+    six = [torch.randint(3, VOCAB, (40,), generator=torch.Generator().manual_seed(i)) for i in range(6)]
+    spread = heldout_ppl(model, six, [8, 8, 16], max_blocks=2)
+    assert spread == heldout_ppl(model, [six[0], six[3]], [8, 8, 16])
 
 
 def test_random_segments_on_a_grid():
