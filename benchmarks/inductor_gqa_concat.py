@@ -58,3 +58,9 @@ def register() -> None:
         extra_check=_weights_differ_only_in_width,
         exclusive_arg_names=("w1", "w2", "w3"),
     )
+
+
+if __name__ == "__main__":
+    raise SystemExit(
+        "benchmarks/inductor_gqa_concat.py is a module of benchmarks/inference.py, not a script: run that"
+    )

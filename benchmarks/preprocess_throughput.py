@@ -120,12 +120,14 @@ def pipeline(args: argparse.Namespace, tok_dir: Path, workers: int, work: Path) 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--source", default="stdlib")
+    p.add_argument("--source", default="stdlib", help="a source name of build_corpus (default: stdlib)")
     p.add_argument("--tokenizer", help="tokenizer name/path (default: train a BPE of --vocab on the text)")
-    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--vocab", type=int, default=32000, help="size of the trained BPE (default: 32000)")
     p.add_argument("--limit-docs", type=int, default=None, help="documents to use (default: all)")
-    p.add_argument("--block-size", type=int, default=2048)
-    p.add_argument("--workers", type=int, nargs="+", default=[1, os.cpu_count() or 1])
+    p.add_argument("--block-size", type=int, default=2048, help="tokens per block (default: 2048)")
+    p.add_argument(
+        "--workers", type=int, nargs="+", default=[1, os.cpu_count() or 1], help="worker counts, one row each"
+    )
     p.add_argument("--repeats", type=int, default=2, help="runs of each configuration (best is shown)")
     p.add_argument(
         "--copies",

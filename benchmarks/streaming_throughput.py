@@ -113,12 +113,16 @@ def measure(corpus: Path, batch_size: int, workers: int, min_tokens: int, device
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--corpus", type=Path, help="a built corpus (default: build .bench/stdlib-<block>)")
-    p.add_argument("--block-size", type=int, default=6144)
+    p.add_argument(
+        "--block-size", type=int, default=6144, help="block size of the built corpus (default: 6144)"
+    )
     p.add_argument(
         "--min-blocks", type=int, default=3000, help="size of the corpus built when --corpus is not given"
     )
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--workers", type=int, nargs="+", default=[0, 2])
+    p.add_argument("--batch-size", type=int, default=8, help="blocks per batch (default: 8)")
+    p.add_argument(
+        "--workers", type=int, nargs="+", default=[0, 2], help="loader worker counts, one row each"
+    )
     p.add_argument(
         "--min-tokens", type=int, default=200_000_000, help="read at least this many tokens per run"
     )

@@ -208,3 +208,9 @@ def _decode(
         "cache_summary_slots": summary.length,
         "kv_bytes_per_sample": kv_bytes_per_token(model) * cached,
     }
+
+
+if __name__ == "__main__":
+    raise SystemExit(
+        "benchmarks/summary_profile.py is a module of benchmarks/quality.py and inference.py, not a script: run those"
+    )

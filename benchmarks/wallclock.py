@@ -178,3 +178,7 @@ def _release_memory() -> None:
 
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    raise SystemExit("benchmarks/wallclock.py is a module of benchmarks/quality.py, not a script: run that")

@@ -69,7 +69,7 @@ def test_trainer_log_off_a_terminal_prints_a_line_every_log_every_steps_without_
     log.close()
     out, err = capsys.readouterr()
     assert "\r" not in out + err and err == ""
-    assert [line.split(" | ")[0] for line in out.splitlines()] == ["step 2", "step 4"]
+    assert [line.split(" | ")[0] for line in out.splitlines()] == ["step 2/5", "step 4/5"]
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 5
 
 

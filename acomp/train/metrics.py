@@ -126,6 +126,7 @@ class MetricsLog:
     def __init__(self, output_dir: Path, cfg, is_main: bool, start_step: int, total_steps: int):
         self.is_main = is_main
         self.log_every = cfg.logging.log_every
+        self.total_steps = total_steps
         self.path = Path(output_dir) / "metrics.jsonl"
         self.wandb = None
         # every=0: off a terminal the per-step lines below are the progress (no second kind of line)
@@ -162,7 +163,7 @@ class MetricsLog:
             self.wandb.log(self._for_wandb(record), step=record["step"])
         self.progress.update(1, loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}")
         if record["step"] % self.log_every == 0 or "eval_summary_ppl" in record:
-            self.write(_format(record))
+            self.write(_format(record, self.total_steps))
 
     def _for_wandb(self, record: dict) -> dict:
         """The record as wandb takes it: the summary-length shares become a histogram over lengths 0..max."""
@@ -190,8 +191,8 @@ class MetricsLog:
             self.wandb.finish()
 
 
-def _format(record: dict) -> str:
-    parts = [f"step {record['step']}", f"loss {record['loss']:.4f}", f"lr {record['lr']:.2e}"]
+def _format(record: dict, total_steps: int) -> str:
+    parts = [f"step {record['step']}/{total_steps}", f"loss {record['loss']:.4f}", f"lr {record['lr']:.2e}"]
     if record.get("grad_norm") is not None:
         parts.append(f"grad_norm {record['grad_norm']:.3f}")
     parts.append(f"tok/s {record['tokens_per_s']:.0f}")
