@@ -43,12 +43,15 @@ def main(argv: list[str] | None = None) -> int:
     cfg = config_or_none(args.config, args.overrides)
     if cfg is None:
         return 2
-    status = train(cfg)  # the trainer's exit statuses and one-line errors (launchers/train.py)
-    if status:
+    status, finished = train(cfg)  # the trainer's exit statuses and one-line errors (launchers/train.py)
+    if not finished:
         return status
     from acomp.train import heldout_ppl_of_export
 
     out = Path(cfg.train.output_dir)
+    if not (out / "final").is_dir():
+        print(f"error: no model at {out / 'final'} to evaluate (train.export_final=false?)", file=sys.stderr)
+        return 2
     segment = cfg.compression.segment_lengths[0]
     lengths = [segment] * (cfg.data.build_if_missing.get("block_size", 512) // segment)
     result = heldout_ppl_of_export(out / "final", cfg.data.path, lengths, max_blocks=args.eval_blocks)

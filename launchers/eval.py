@@ -163,8 +163,11 @@ def main(argv: list[str] | None = None) -> int:
         report.write_json(result, out / "results.json", meta)
         table = report.markdown(result, title=f"{args.model} on {args.data} ({args.split})")
         (out / "results.md").write_text(table)
+        model_path = Path(args.model.rstrip("/"))  # runs/tiny/final -> "tiny/final"
         report.plot(
-            result, out / "ppl_vs_context.png", title="/".join(Path(args.model.rstrip("/")).parts[-2:])
+            result,
+            out / "ppl_vs_context.png",
+            title=f"{model_path.parent.name}/{model_path.name}".lstrip("/"),
         )
         print(table)
         print(

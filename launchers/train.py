@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_intermixed_args(argv)
     cfg = config_or_none(args.config, args.overrides)
-    return 2 if cfg is None else train(cfg)
+    return 2 if cfg is None else train(cfg)[0]
 
 
 def config_or_none(path: str, overrides: list[str]):
@@ -41,8 +41,9 @@ def config_or_none(path: str, overrides: list[str]):
         return None
 
 
-def train(cfg) -> int:
-    """Runs training and returns the exit status the module docstring lists."""
+def train(cfg) -> tuple[int, bool]:
+    """Runs training: (the exit status the module docstring lists, whether training finished; a preempted run
+    can exit 0 too)."""
     from acomp.data import CorruptShardError
     from acomp.train import Preempted, run
     from acomp.train.badsteps import NonFiniteLossError
@@ -54,19 +55,19 @@ def train(cfg) -> int:
     try:
         out = run(cfg)
     except (ResumeError, OutputDirBusyError) as e:
-        return fail("error", e, 2)
+        return fail("error", e, 2), False
     except (DataError, CorruptShardError) as e:
-        return fail("data error", e, 2)
+        return fail("data error", e, 2), False
     except ConfigError as e:
-        return fail("config error", e, 2)
+        return fail("config error", e, 2), False
     except Preempted as e:
         print(str(e), file=sys.stderr)
         # Ctrl-C means stop: 130, as for any interrupted command (75 would make the SLURM templates requeue).
-        return 130 if e.signal_name == "SIGINT" else cfg.train.preempt_exit_code
+        return (130 if e.signal_name == "SIGINT" else cfg.train.preempt_exit_code), False
     except NonFiniteLossError as e:
-        return fail("error", e, 3)
+        return fail("error", e, 3), False
     except CheckpointWriteError as e:
-        return fail("error", e, 1)
+        return fail("error", e, 1), False
     except Exception as e:
         if not is_comm_error(e):
             raise
@@ -91,7 +92,7 @@ def train(cfg) -> int:
             dist.destroy_process_group()
     if os.environ.get("RANK", "0") == "0":
         print(f"done: {out}")
-    return 0
+    return 0, True
 
 
 def interrupted() -> int:

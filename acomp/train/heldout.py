@@ -41,8 +41,8 @@ def heldout_ppl(
     one document).
 
     `data[i]` is block i: a token-id tensor [L] or [B, L], or a dict with "input_ids" (CorpusBlocks). Under
-    torch.distributed each rank scores every world_size-th chosen block and the sums are reduced, so every
-    rank runs the same number of forwards (ZeRO-3 gathers parameters collectively).
+    torch.distributed each rank scores every world_size-th chosen block and the sums are reduced; every rank
+    runs the same number of forwards (ZeRO-3 gathers parameters collectively).
     """
     import torch.distributed as dist
 
@@ -60,14 +60,13 @@ def heldout_ppl(
     if device is None:
         device = next(model.parameters()).device
     sums = [0.0, 0.0, 0.0, 0.0]  # nll no-context, nll summary, target tokens, blocks
-    count = len(data) if max_blocks is None else min(len(data), max(world, max_blocks))
-    count -= count % world
-    if count == 0:
-        raise ValueError(f"no blocks to evaluate: {len(data)} held-out blocks for {world} ranks")
-    chosen = select_blocks(len(data), count)
+    chosen = select_blocks(len(data), max_blocks)
+    rounds = -(-len(chosen) // world)
     with eval_mode(model):
-        for index in chosen[rank::world]:
-            ids = _block(data[index]).to(device)
+        for i in range(rank, rounds * world, world):
+            # The last round's spare ranks score a chosen block again and drop it: equal forwards everywhere.
+            counted = i < len(chosen)
+            ids = _block(data[chosen[i % len(chosen)]]).to(device)
             if ids.shape[1] < total:
                 raise ValueError(
                     f"a block has {ids.shape[1]} tokens, fewer than segment_lengths {segment_lengths} need"
@@ -75,10 +74,11 @@ def heldout_ppl(
             ids = ids[:, ids.shape[1] - total :]
             with_summary = score(model, ids, summary, target)
             alone = score(model, ids, no_context, target)
-            sums[0] += math.fsum(alone.nll)
-            sums[1] += math.fsum(with_summary.nll)
-            sums[2] += sum(with_summary.tokens)
-            sums[3] += ids.shape[0]
+            if counted:
+                sums[0] += math.fsum(alone.nll)
+                sums[1] += math.fsum(with_summary.nll)
+                sums[2] += sum(with_summary.tokens)
+                sums[3] += ids.shape[0]
     nll_alone, nll_summary, tokens, blocks = all_reduce_sum(sums, torch.device(device))
     if tokens == 0:
         raise ValueError("no blocks to evaluate")

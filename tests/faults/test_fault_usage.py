@@ -160,6 +160,20 @@ def test_the_demo_refuses_bad_input_in_one_line_before_training(args, line, monk
     assert err.startswith(line) and "\n" not in err, err
 
 
+def test_the_demo_evaluates_only_a_finished_run(monkeypatch, capsys):
+    """A run stopped by SIGTERM checkpoints and exits with train.preempt_exit_code, 0 by default: the demo
+    must not go on to score runs/tiny/final (absent, or an older export)."""
+    monkeypatch.chdir(REPO)
+    main = load_script("launchers/demo.py").main
+    import launchers.train
+
+    monkeypatch.setattr(launchers.train, "train", lambda cfg: (0, False))
+    assert main([]) == 0
+    assert "held-out" not in capsys.readouterr().out
+    monkeypatch.setattr(launchers.train, "train", lambda cfg: (3, False))
+    assert main([]) == 3
+
+
 # ------------------------------------------------------------------------------ examples/compressed_generation.py
 @pytest.fixture(scope="module")
 def models(corpus, tmp_path_factory):
