@@ -303,6 +303,12 @@ def _renamed(raw: dict) -> dict:
     return raw
 
 
+def _in_other_sections(key: str) -> list[str]:
+    """'section.key' for each section of RunConfig with a setting called `key` (train.log_every -> logging)."""
+    sections = typing.get_type_hints(RunConfig)
+    return [f"{s}.{key}" for s, cls in sections.items() if key in {f.name for f in dataclasses.fields(cls)}]
+
+
 def _build(cls: type, raw: Any, prefix: str) -> Any:
     where = prefix.rstrip(".") or "config"
     if raw is None:
@@ -313,8 +319,9 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     names = [f.name for f in dataclasses.fields(cls)]
     for key in raw:
         if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f"; known keys: {', '.join(names)}"
+            close = [prefix + c for c in difflib.get_close_matches(str(key), names, n=1)]
+            close = _in_other_sections(str(key)) or close
+            hint = f" (did you mean '{close[0]}'?)" if close else f"; known keys: {', '.join(names)}"
             raise ConfigError(f"unknown config key '{prefix}{key}'{hint}")
     kwargs = {}
     for name in names:

@@ -44,6 +44,8 @@ def test_overrides_parse_and_apply(tmp_path):
     "override, message",
     [
         ("train.max_stpes=3", r"unknown config key 'train.max_stpes' \(did you mean 'train.max_steps'\?\)"),
+        # a key of another section: that one, not the nearest spelling here (train.eval_every)
+        ("train.log_every=1", r"unknown config key 'train.log_every' \(did you mean 'logging.log_every'\?\)"),
         ("trian.max_steps=3", r"unknown config key 'trian'"),
         ("train.max_steps=abc", r"'train.max_steps' must be an integer, got str: 'abc'"),
         ("train.max_steps=2.5", r"'train.max_steps' must be an integer"),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -484,6 +485,13 @@ def build_engine(model: torch.nn.Module, cfg: RunConfig, ds_config: dict, dist: 
     """deepspeed.initialize with our AdamW and warmup/decay schedule (stepped by the engine)."""
     import deepspeed
 
+    # DeepSpeed's collectives use torch names deprecated since 2.x; under ZeRO-3 the FutureWarning would repeat
+    # several times a step (something resets the warning registry between steps).
+    warnings.filterwarnings(
+        "ignore",
+        message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated",
+        category=FutureWarning,
+    )
     if zero_stage(ds_config) == 3:
         cap_zero3_reduce_bucket(model, ds_config)
         if cfg.train.zero3_whole_layers:

@@ -234,7 +234,10 @@ def _run(cfg: RunConfig, dist: Dist, out: Path) -> Path:
         if cfg.train.export_final:
             check_corpus_before_export(trainer, started_on, checkpoints)
             final = export_hf(engine, cfg, out / "final", dist, corpus.tokenizer_dir)
-            log.write(f"exported HF weights to {final}")
+            what = (
+                "the LoRA adapter" if cfg.lora.enabled and not cfg.train.export_merge_lora else "HF weights"
+            )
+            log.write(f"exported {what} to {final}")
     finally:
         preemption.restore()
         log.close()

@@ -31,7 +31,8 @@ def check_corpus(cfg: RunConfig, corpus: Corpus) -> None:
         try:
             check_manifest(corpus.manifest, block_size=cfg.data.block_size)
         except ValueError as e:
-            raise DataError(f"{where}: {e} (data.block_size={cfg.data.block_size})") from None
+            got = corpus.manifest["block_size"]
+            raise DataError(f"{where}: {e}: data.block_size={got}, or null to take the corpus' own") from None
     splits = corpus.manifest["splits"]
     train = splits.get("train", {}).get("blocks", 0)
     if train == 0:
