@@ -20,6 +20,8 @@ from acomp.eval.protocol import (
     SUMMARY,
     SUMMARY_VARIABLE,
     Condition,
+    _item,
+    _rank_world,
     eval_mode,
     is_variable,
     score,
@@ -44,9 +46,7 @@ def heldout_ppl(
     torch.distributed each rank scores every world_size-th chosen block and the sums are reduced; every rank
     runs the same number of forwards (ZeRO-3 gathers parameters collectively).
     """
-    import torch.distributed as dist
-
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    rank, world = _rank_world()
     segment_lengths = [int(n) for n in segment_lengths]
     if len(segment_lengths) < 2:
         raise ValueError(f"segment_lengths needs a context and a target segment, got {segment_lengths}")
@@ -66,7 +66,8 @@ def heldout_ppl(
         for i in range(rank, rounds * world, world):
             # The last round's spare ranks score a chosen block again and drop it: equal forwards everywhere.
             counted = i < len(chosen)
-            ids = _block(data[chosen[i % len(chosen)]]).to(device)
+            ids, _ = _item(data, chosen[i % len(chosen)])
+            ids = (ids.unsqueeze(0) if ids.dim() == 1 else ids).to(device)
             if ids.shape[1] < total:
                 raise ValueError(
                     f"a block has {ids.shape[1]} tokens, fewer than segment_lengths {segment_lengths} need"
@@ -88,11 +89,6 @@ def heldout_ppl(
         "blocks": int(blocks),
         "tokens": int(tokens),
     }
-
-
-def _block(item) -> torch.Tensor:
-    ids = torch.as_tensor(item["input_ids"] if isinstance(item, dict) else item)
-    return ids.unsqueeze(0) if ids.dim() == 1 else ids
 
 
 def heldout_ppl_of_export(

@@ -234,10 +234,8 @@ def _run(cfg: RunConfig, dist: Dist, out: Path) -> Path:
         if cfg.train.export_final:
             check_corpus_before_export(trainer, started_on, checkpoints)
             final = export_hf(engine, cfg, out / "final", dist, corpus.tokenizer_dir)
-            what = (
-                "the LoRA adapter" if cfg.lora.enabled and not cfg.train.export_merge_lora else "HF weights"
-            )
-            log.write(f"exported {what} to {final}")
+            adapter = (final / "adapter_config.json").is_file()  # what export_hf wrote (rank 0 logs)
+            log.write(f"exported {'the LoRA adapter' if adapter else 'HF weights'} to {final}")
     finally:
         preemption.restore()
         log.close()

@@ -101,23 +101,36 @@ def save_base_llama(path, vocab_size: int) -> None:
     LlamaForCausalLM(config).save_pretrained(path)
 
 
-def lora_run(corpus, tmp_path, vocab_size: int, deepspeed: str, nproc: int):
-    """Train a LoRA AutoCompressor from a plain Llama checkpoint (no summary table); return its weights
-    before and after (merged export)."""
-    from safetensors.torch import load_file
-
+def lora_train(corpus, tmp_path, vocab_size: int, deepspeed: str, nproc: int, **train):
+    """Train a LoRA AutoCompressor from a plain Llama checkpoint (no summary table) for 3 steps and export it;
+    return the base's directory, the run's, and the launcher's process."""
     base_dir = tmp_path / "base"
     save_base_llama(base_dir, vocab_size)
     out = tmp_path / "lora"
+    train = {
+        "micro_batch_size": 2 // nproc,
+        "export_final": True,
+        "max_steps": 3,
+        "deepspeed": deepspeed,
+        **train,
+    }
     cfg = tiny_config(
         corpus,
         out,
         model={"name_or_path": str(base_dir)},
         lora={"enabled": True, "r": 4, "alpha": 8, "dropout": 0.0},
-        train={"micro_batch_size": 2 // nproc, "export_final": True, "max_steps": 3, "deepspeed": deepspeed},
+        train=train,
         optim={"lr": 1e-2, "warmup_steps": 0},
     )
-    launch(write_config(tmp_path / "lora.yaml", cfg), nproc=nproc)
+    return base_dir, out, launch(write_config(tmp_path / "lora.yaml", cfg), nproc=nproc)
+
+
+def lora_run(corpus, tmp_path, vocab_size: int, deepspeed: str, nproc: int):
+    """lora_train's weights before and after (merged export)."""
+    from safetensors.torch import load_file
+
+    base_dir, out, proc = lora_train(corpus, tmp_path, vocab_size, deepspeed, nproc)
+    assert f"exported HF weights to {out / 'final'}" in proc.stdout + proc.stderr
     return load_file(base_dir / "model.safetensors"), load_file(out / "final" / "model.safetensors"), out
 
 
@@ -150,6 +163,14 @@ def test_lora_zero3_trains_only_lora_and_summary(corpus, tmp_path):
     model = AutoCompressorModel.from_pretrained(out / "final")
     assert model.config.summary_length == 4
     assert torch.equal(model.embed_summary.weight.detach(), after["embed_summary.weight"])
+
+
+def test_an_unmerged_lora_export_is_the_adapter_and_says_so(corpus, tmp_path):
+    zero1 = str(REPO / "ds_configs" / "zero1.json")
+    _, out, proc = lora_train(corpus, tmp_path, 512, zero1, nproc=1, export_merge_lora=False)
+    final = out / "final"
+    assert (final / "adapter_config.json").is_file() and not (final / "model.safetensors").exists()
+    assert f"exported the LoRA adapter to {final}" in proc.stdout + proc.stderr
 
 
 def test_lora_keeps_new_token_rows_trainable(corpus, tmp_path):
