@@ -238,7 +238,7 @@ def build_model(
         model, info = AutoCompressorModel.from_pretrained(
             cfg.model.name_or_path,
             config=config,
-            torch_dtype=dtype,
+            dtype=dtype,
             attn_implementation=cfg.model.attn_implementation,
             output_loading_info=True,
             **fields,
