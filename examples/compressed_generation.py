@@ -126,7 +126,7 @@ def compress(args) -> int:
     torch.save(record, args.out)
     print(
         f"compressed {sum(lengths)} of {ids.shape[1]} tokens of {args.document} into "
-        f"{summary.length} summary vectors -> {args.out}"
+        f"{describe(summary)} -> {args.out}"
     )
     return 0
 
@@ -179,9 +179,7 @@ def answer(args) -> int:
     if args.sample:
         options["generator"] = torch.Generator(device=model.device).manual_seed(args.seed)
     out = model.generate(prompt_ids, softprompt=summary, **options)
-    print(
-        f"[{summary.length} summary vectors of {record['compressed_tokens']} tokens of {record['document']}]"
-    )
+    print(f"[{describe(summary)} of {record['compressed_tokens']} tokens of {record['document']}]")
     print(f"prompt: {prompt!r}")
     print(f"with summary vectors: {tok.decode(out[0, prompt_ids.shape[1] :])!r}")
     if args.compare:
@@ -190,6 +188,15 @@ def answer(args) -> int:
         plain = model.generate(prompt_ids, **options)
         print(f"without:              {tok.decode(plain[0, prompt_ids.shape[1] :])!r}")
     return 0
+
+
+def describe(summary) -> str:
+    """'48 summary vectors', or for a padded variable-length softprompt '48 slots, 3 summary vectors kept'."""
+    from acomp.modeling.softprompt import is_absent
+
+    if summary.bias is None:
+        return f"{summary.length} summary vectors"
+    return f"{summary.length} slots, {int((~is_absent(summary.bias)).sum())} summary vectors kept"
 
 
 def check_positions(model, model_path: str, summary, prompt_tokens: int, new_tokens: int) -> None:
@@ -210,7 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("compress", help="compress a document into summary vectors saved to a file")
     c.add_argument(
-        "--model", default=str(REPO / "runs" / "tiny" / "final"), help="AutoCompressor dir or hub name"
+        "--model",
+        default=str(REPO / "runs" / "tiny" / "final"),
+        help="AutoCompressor dir or hub name (default: runs/tiny/final, the demo's model)",
     )
     c.add_argument(
         "--document", default=None, help="text file to compress (default: the stdlib's argparse.py)"
@@ -232,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--prompt-tokens",
         type=int,
         default=24,
-        help="tokens after the compressed part kept as the default prompt",
+        help="tokens after the compressed part kept as the default prompt (default 24)",
     )
     c.add_argument(
         "--padded",
@@ -248,8 +257,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     a.add_argument("--max-new-tokens", type=int, default=40, help="tokens to generate (default 40)")
     a.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    a.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (with --sample)")
-    a.add_argument("--seed", type=int, default=0, help="sampling seed (with --sample)")
+    a.add_argument(
+        "--temperature", type=float, default=1.0, help="sampling temperature (with --sample; default 1.0)"
+    )
+    a.add_argument("--seed", type=int, default=0, help="sampling seed (with --sample; default 0)")
     a.add_argument("--compare", action="store_true", help="also generate without the summary vectors")
     a.add_argument(
         "--decoding",

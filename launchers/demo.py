@@ -27,9 +27,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--config", default=str(REPO / "configs" / "tiny.yaml"), help="run config YAML")
     parser.add_argument(
-        "--eval-blocks", type=int, default=128, help="held-out blocks to score, spread evenly over the split"
+        "--config",
+        default=str(REPO / "configs" / "tiny.yaml"),
+        help="run config YAML (default: configs/tiny.yaml)",
+    )
+    parser.add_argument(
+        "--eval-blocks",
+        type=int,
+        default=128,
+        help="held-out blocks to score, spread evenly over the split (default 128)",
     )
     parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. train.max_steps=100")
     args = parser.parse_args(argv)

@@ -2,8 +2,8 @@
 context, behind the summary vectors of 1, 2, ... compressed segments, and with full attention over as much
 plain context as the model's window allows. Per domain and overall, with token counts.
 
-    python launchers/eval.py --model runs/tiny/final --data data/stdlib --eval-segment 128 --segment-length 128 --out runs/tiny/eval
-    torchrun --nproc_per_node 8 launchers/eval.py --model princeton-nlp/AutoCompressor-Llama-2-7b-6k --data data/rp-8k --out eval/ac-llama
+    python launchers/eval.py --model runs/tiny/final --data data/stdlib --eval-segment 128 --segment-length 128 --max-blocks 128 --out runs/tiny/eval
+    torchrun --nproc_per_node 8 launchers/eval.py --model princeton-nlp/AutoCompressor-Llama-2-7b-6k --data data/rp-6k --out eval/ac-llama
 
 Writes OUT/results.json, OUT/results.md and OUT/ppl_vs_context.png (docs/EVALUATION.md). Ranks split the
 blocks; per-block results are gathered and summed exactly, so any number of ranks gives the same numbers.
@@ -104,7 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="attention kernel passed to transformers (default: sdpa)",
     )
     p.add_argument(
-        "--records", action="store_true", help="also store every block's per-condition NLL in results.json"
+        "--records",
+        action="store_true",
+        help="also store every block's per-condition NLL, target tokens and summary vectors kept in results.json",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
@@ -136,11 +138,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     rank, device = init_process_group()
     try:
-        model = load_model(args.model, args.dtype, args.attn_implementation, device)
+        model, warnings = load_model(args.model, args.dtype, args.attn_implementation, device)
         blocks = CorpusBlocks(args.data, args.split, vocab_size=model.get_input_embeddings().weight.shape[0])
         result = evaluate(
             model, blocks, cfg, device=device, progress=not args.no_progress, keep_records=args.records
         )
+        result.plan.warnings[:0] = warnings  # into results.json and results.md with the planner's
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -220,6 +223,7 @@ def check_inputs(model: str, data: str, split: str) -> None:
 
 
 def load_model(name: str, dtype: str, attn: str, device):
+    """(the model on `device` in eval mode, warnings about it that belong in the report)"""
     import torch
 
     from acomp import AutoCompressorModel
@@ -234,13 +238,14 @@ def load_model(name: str, dtype: str, attn: str, device):
         )
     except (OSError, ValueError) as e:  # transformers: not a model directory, not on the hub, unreadable
         raise ValueError(f"--model {name}: cannot load it ({short_reason(e)})") from None
+    warnings = []
     if model.config.summary_length and "embed_summary.weight" in info["missing_keys"]:
-        print(
-            f"warning: {name} has no trained summary table (embed_summary.weight): its summary conditions "
-            "use untrained summary tokens (a base model: read only no_context and full_attention)",
-            file=sys.stderr,
+        warnings.append(
+            f"{name} has no trained summary table (embed_summary.weight): its summary conditions use "
+            "untrained summary tokens (a base model: read only no_context and full_attention)"
         )
-    return model.to(device).eval()
+        print(f"warning: {warnings[-1]}", file=sys.stderr)
+    return model.to(device).eval(), warnings
 
 
 if __name__ == "__main__":

@@ -278,6 +278,25 @@ def test_launcher_two_ranks_give_exactly_the_sums_of_one(saved_model_and_corpus,
     assert (tmp_path / "two" / "ppl_vs_context.png").is_file() and (tmp_path / "two" / "results.md").is_file()
 
 
+def test_launcher_reports_a_base_model_without_a_summary_table(saved_model_and_corpus, tmp_path):
+    from transformers import LlamaForCausalLM
+
+    from acomp import AutoCompressorModel
+
+    model, corpus = saved_model_and_corpus
+    config = AutoCompressorModel.from_pretrained(model).config
+    del config.summary_length
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "base")
+    out = tmp_path / "eval"
+    argv = ["--model", str(tmp_path / "base"), "--data", str(corpus), "--out", str(out), *ARGS]
+    assert _launcher().main(argv) == 0
+    warning = f"{tmp_path / 'base'} has no trained summary table (embed_summary.weight)"
+    assert any(
+        w.startswith(warning) for w in json.loads((out / "results.json").read_text())["plan"]["warnings"]
+    )
+    assert f"Warning: {warning}" in (out / "results.md").read_text()
+
+
 def test_launcher_rejects_bad_values(saved_model_and_corpus, tmp_path, capsys):
     launcher = _launcher()
     model, corpus = saved_model_and_corpus

@@ -111,7 +111,9 @@ def test_a_variable_length_model_saves_only_the_vectors_it_keeps(tmp_path, token
     _save_model(tmp_path / "model", tokenizer, **variable)
     base = ["compress", "--model", str(tmp_path / "model"), "--segment-length", "32"]
     assert example.main([*base, "--out", str(tmp_path / "compact.pt")]) == 0
+    assert "into 3 summary vectors ->" in capsys.readouterr().out
     assert example.main([*base, "--out", str(tmp_path / "padded.pt"), "--padded"]) == 0
+    assert "into 12 slots, 3 summary vectors kept ->" in capsys.readouterr().out
     compact, padded = (torch.load(tmp_path / f, weights_only=False) for f in ("compact.pt", "padded.pt"))
     assert compact["softprompt"].shape == (1, 3, 32) and compact["softprompt_bias"] is None
     assert compact["softprompt_positions"].tolist() == [[0, 4, 8]] and compact["softprompt_span"] == 12
@@ -123,6 +125,9 @@ def test_a_variable_length_model_saves_only_the_vectors_it_keeps(tmp_path, token
         assert example.main(["answer", "--summary", str(tmp_path / name), "--max-new-tokens", "8"]) == 0
         printed = capsys.readouterr().out.splitlines()
         lines.append(next(line for line in printed if line.startswith("with summary vectors:")))
+        assert printed[0].startswith(
+            "[3 summary vectors of" if name == "compact.pt" else "[12 slots, 3 summary"
+        )
     assert lines[0] == lines[1]
 
 
