@@ -89,12 +89,15 @@ class Checkpointer:
         `auto` and an output or checkpoints directory give the newest intact checkpoint there: each newer
         damaged one is reported through `report`, naming its bad file (and, in this run's own directory,
         renamed to `damaged-<tag>` so that it is neither chosen nor counted again). A checkpoint directory
-        given by name must be intact itself. Decided on rank 0 and broadcast, so all ranks load the same one.
+        given by name must be intact itself. A run continues its own directory's newest checkpoint or writes
+        into a directory without checkpoints: anything else would mix two runs' checkpoints (ResumeError).
+        Decided on rank 0 and broadcast, so all ranks load the same one.
         """
         problem, found = None, None
         if self.dist.is_main:
             try:
                 found = self._resolve(resume, report)
+                self._check_nothing_to_mix(resume, found)
             except ResumeError as e:
                 problem = str(e)
         problem, found = broadcast_object((problem, found))
@@ -131,6 +134,30 @@ class Checkpointer:
             raise ResumeError(f"train.resume={resume!r}: the checkpoint is damaged: {problem}{hint}")
         return path
 
+    def _check_nothing_to_mix(self, resume: str, found: Path | None) -> None:
+        """This directory's checkpoints that the run would not continue from (`never`, another run's
+        checkpoint, an older one of its own) would stay beside the new ones: `latest` and retention would
+        pick among both runs', and a step saved by both would keep the old one. Refused by name."""
+        ahead = self.complete()
+        own = found is not None and found.parent.resolve() == self.root.resolve()
+        if own:
+            ahead = [p for p in ahead if p.name > found.name]
+        if not ahead:
+            return
+        names = ", ".join(p.name for p in ahead[-2:]) + (
+            f" and {len(ahead) - 2} more" if len(ahead) > 2 else ""
+        )
+        if own:
+            raise ResumeError(
+                f"train.resume={resume!r} is older than {names} in {self.root}: continuing from it would mix "
+                f"the two; move the newer ones out of {self.root} first"
+            )
+        what = "never" if resume == "never" else f"{resume!r} (another run's checkpoint)"
+        raise ResumeError(
+            f"train.resume={what}, but {self.root} holds checkpoints of an earlier run ({names}): this run's "
+            f"would mix with them; use another train.output_dir, or move them away to start over"
+        )
+
     def _newest_intact(self, root: Path, resume: str, report, own: bool) -> Path | None:
         candidates = Checkpointer(root, self.keep, self.dist).complete()
         damaged, found = [], None
@@ -144,7 +171,7 @@ class Checkpointer:
             raise ResumeError(
                 f"train.resume={resume}: no intact checkpoint in {root}: {damaged[0][1]}"
                 + (f" (and {len(damaged) - 1} older damaged)" if len(damaged) > 1 else "")
-                + "; restore one, or start over with train.resume=never"
+                + "; restore one, or start over in another train.output_dir"
             )
         for bad, problem in damaged:
             self._report_damaged(bad, problem, found, report, own)
@@ -158,7 +185,7 @@ class Checkpointer:
         if found is None:
             raise ResumeError(
                 f"checkpoint {bad} is damaged: {problem}; no older checkpoint is intact: restore one, or start "
-                f"over with train.resume=never"
+                f"over in another train.output_dir"
             )
         self._report_damaged(bad, problem, found, report, own=True)
         for skipped in [p for p in older if p.name > found.name]:  # damaged too (by their sizes)
@@ -267,7 +294,7 @@ class Checkpointer:
                 raise CheckpointDamagedError(path, f"{bad} is corrupted ({first})") from None
             raise ResumeError(
                 f"cannot load checkpoint {path} into this model ({type(e).__name__}: {first[:300]}); was it "
-                f"written by a run of another model or world size? Start a new run with train.resume=never"
+                f"written by a run of another model or world size? Start a new run in another train.output_dir"
             ) from None
         if not own.is_file():
             state["rng"] = None  # a new rank (world size changed): keep its fresh seed

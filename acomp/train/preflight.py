@@ -185,7 +185,7 @@ def check_resumed_corpus(checkpoint: Path, corpus: Corpus) -> None:
         raise DataError(
             f"data.path={corpus.source!r} is another corpus than the one checkpoint {checkpoint} was trained "
             f"on ({saved.get('path')}): {key} {new!r} != {old!r}. Resume with that corpus, or start a new run "
-            f"from the exported weights (model.name_or_path) with train.resume=never"
+            f"from the exported weights (model.name_or_path) in another train.output_dir"
         )
 
 
@@ -230,7 +230,7 @@ def check_resume_config(cfg: RunConfig, checkpoint: Path) -> None:
     for key, old, new in config_differences(cfg, checkpoint, _shape_keys(cfg)):
         raise ConfigError(
             f"{key} is {new!r} but checkpoint {checkpoint} was trained with {old!r}: resuming needs the same "
-            f"model shape. Set it back, or start a new run (another train.output_dir, or train.resume=never)"
+            f"model shape. Set it back, or start a new run in another train.output_dir"
         )
 
 

@@ -47,8 +47,8 @@ def test_a_damaged_checkpoint_another_shape_and_new_settings_on_resume(corpus, r
     assert_no_traceback(output)
     assert error_lines(output) == [
         f"config error: model.arch.hidden_size is 96 but checkpoint {root / 'step_00000006'} was trained with "
-        f"64: resuming needs the same model shape. Set it back, or start a new run (another "
-        f"train.output_dir, or train.resume=never)"
+        f"64: resuming needs the same model shape. Set it back, or start a new run in another "
+        f"train.output_dir"
     ]
     assert (out / "config.yaml").read_text() == config_yaml
 

@@ -75,12 +75,43 @@ def test_layout_latest_and_retention(tmp_path):
         "files.json",
     }
     assert ckpt.load(FakeEngine(), latest)["step"] == 30
-    assert ckpt.resolve("never") is None
     assert ckpt.resolve(str(tmp_path)).name == "step_00000030"  # an output dir works too
     assert ckpt.resolve(str(latest / "..")).name == "step_00000030"
-    assert ckpt.resolve(str(tmp_path / "checkpoints" / "step_00000020")).name == "step_00000020"
     with pytest.raises(ResumeError, match="no such directory"):
         ckpt.resolve(str(tmp_path / "nowhere"))
+
+
+def test_a_run_that_would_mix_its_checkpoints_with_an_earlier_runs_is_refused(tmp_path):
+    """`never`, another run's checkpoint or an older one of this directory, with checkpoints here that the run
+    would not continue: refused by name before anything is built, nothing moved (else `latest`, retention and
+    an already-saved step would pick among both runs')."""
+    root = tmp_path / "run" / "checkpoints"
+    ckpt = Checkpointer(root, keep=3, dist=DIST)
+    assert ckpt.resolve("never") is None  # nothing here yet
+    for step in (10, 20, 30):
+        save(ckpt, step)
+    with pytest.raises(ResumeError) as refused:
+        ckpt.resolve("never")
+    assert str(refused.value) == (
+        f"train.resume=never, but {root} holds checkpoints of an earlier run (step_00000020, step_00000030 and "
+        "1 more): this run's would mix with them; use another train.output_dir, or move them away to start over"
+    )
+    other = Checkpointer(tmp_path / "other" / "checkpoints", keep=3, dist=DIST)
+    save(other, 5)
+    with pytest.raises(
+        ResumeError, match=r"^train.resume='.*step_00000005' \(another run's checkpoint\), but "
+    ):
+        ckpt.resolve(str(other.root / "step_00000005"))
+    with pytest.raises(ResumeError) as refused:
+        ckpt.resolve(str(root / "step_00000010"))
+    assert str(refused.value) == (
+        f"train.resume='{root / 'step_00000010'}' is older than step_00000020, step_00000030 in {root}: "
+        f"continuing from it would mix the two; move the newer ones out of {root} first"
+    )
+    assert [p.name for p in ckpt.complete()] == ["step_00000010", "step_00000020", "step_00000030"]
+    assert ckpt.resolve(str(root / "step_00000030")).name == "step_00000030"  # the newest: continued
+    fresh = Checkpointer(tmp_path / "fresh" / "checkpoints", keep=3, dist=DIST)
+    assert fresh.resolve(str(root / "step_00000010")) == root / "step_00000010"  # another run's, into nothing
 
 
 def test_crash_mid_write_keeps_previous_checkpoint(tmp_path):
