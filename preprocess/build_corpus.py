@@ -70,11 +70,11 @@ def parser() -> argparse.ArgumentParser:
         "--source",
         action="append",
         metavar="SRC",
-        help="'stdlib', a .jsonl[.gz|.zst]/.parquet/.txt file, a directory, a save_to_disk "
+        help="'stdlib', 'site-packages', a .jsonl[.gz|.zst]/.parquet/.txt file, a directory, a save_to_disk "
         "dataset dir, or a glob; repeatable (default: stdlib when no --recipe)",
     )
     what.add_argument(
-        "--recipe", type=_recipe_path, help="recipe YAML, or a name in preprocess/recipes (6k, 30k)"
+        "--recipe", type=_recipe_path, help="recipe YAML, or a name in preprocess/recipes (6k, 6k-llama, 30k)"
     )
     what.add_argument(
         "--domain-source",
@@ -151,7 +151,11 @@ def parser() -> argparse.ArgumentParser:
         default=os.cpu_count() or 1,
         help="tokenizer processes, 1 = in this process (default: all cores); the output is the same for any value",
     )
-    run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.add_argument(
+        "--quiet",
+        action="store_true",
+        help="no progress bars or info logs (the closing summary is still printed)",
+    )
     return p
 
 

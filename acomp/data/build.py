@@ -360,6 +360,11 @@ def build_corpus(
     ``limit_docs`` caps the documents read per source; ``max_tokens`` the training tokens per domain.
     Every option is described in docs/DATA.md.
     """
+    if "://" in str(out):  # else a local directory named "s3:/bucket/..." would be built
+        raise ValueError(
+            f"out={str(out)!r}: build_corpus writes a local directory; build into one and publish it with "
+            "upload_corpus (preprocess/build_corpus.py --out URI does both)"
+        )
     plan, rec = make_plan(
         source=source,
         recipe=recipe,

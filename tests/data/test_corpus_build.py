@@ -202,6 +202,14 @@ def test_tokenizer_choice_errors(tmp_path, tok_dir):
         build_corpus("stdlib", tmp_path / "o", tokenizer=missing, limit_docs=5, progress=False)
 
 
+def test_a_remote_out_is_refused_in_python(tmp_path, monkeypatch):
+    """The CLI builds locally then uploads; build_corpus itself would make a directory named 's3:/bucket'."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=r"^out='s3://bucket/p': build_corpus writes a local directory; "):
+        build_corpus("stdlib", "s3://bucket/p", train_tokenizer_vocab=512, limit_docs=5, progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
 # ---------------------------------------------------------------- sources
 
 
