@@ -32,9 +32,7 @@ class CompressionFields:
     compression_mode: str = "fixed"  # fixed | variable
     compression_max_len: int = 8  # compression slots per segment (variable mode)
     compression_lambda: float = 0.0  # weight of the length penalty
-    compression_alpha: float = (
-        1.0  # scales the penalty's denominator: lambda * E[L] / (alpha * n text tokens)
-    )
+    compression_alpha: float = 1.0  # the penalty is lambda * E[L] / (alpha * n text tokens)
     compress_stop_threshold: float | None = None  # inference: stop when P(<eoc>) exceeds it (None: argmax)
 
 

@@ -138,14 +138,14 @@ class Checkpointer:
         """This directory's checkpoints that the run would not continue from (`never`, another run's
         checkpoint, an older one of its own) would stay beside the new ones: `latest` and retention would
         pick among both runs', and a step saved by both would keep the old one. Refused by name."""
-        ahead = self.complete()
+        stale = self.complete()
         own = found is not None and found.parent.resolve() == self.root.resolve()
         if own:
-            ahead = [p for p in ahead if p.name > found.name]
-        if not ahead:
+            stale = [p for p in stale if p.name > found.name]
+        if not stale:
             return
-        names = ", ".join(p.name for p in ahead[-2:]) + (
-            f" and {len(ahead) - 2} more" if len(ahead) > 2 else ""
+        names = ", ".join(p.name for p in stale[-2:]) + (
+            f" and {len(stale) - 2} more" if len(stale) > 2 else ""
         )
         if own:
             raise ResumeError(
