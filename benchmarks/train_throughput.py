@@ -146,7 +146,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=0,
         help="after the timed steps, N more under torch.profiler (the top ops by device time and by host time, and "
         "the device's busy share of the wall time), then N more under cProfile (the Python functions with the most "
-        "time): <out>.<row>.profile.txt, not in the timings",
+        "time): <out stem>.<row>.profile.txt beside --out, not in the timings",
     )
     p.add_argument(
         "--cold-compile",
