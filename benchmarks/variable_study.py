@@ -110,7 +110,8 @@ def evaluate(model_dir: Path, args, **fields) -> dict:
     import torch
 
     from acomp import AutoCompressorModel
-    from acomp.eval import CorpusBlocks, ProtocolConfig, evaluate
+    from acomp.eval import CorpusBlocks, ProtocolConfig
+    from acomp.eval import evaluate as run_protocol
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = AutoCompressorModel.from_pretrained(str(model_dir), **fields).to(device)
@@ -123,7 +124,7 @@ def evaluate(model_dir: Path, args, **fields) -> dict:
     )
     autocast = torch.autocast(device, torch.bfloat16, enabled=device == "cuda")
     with autocast:
-        result = evaluate(model, CorpusBlocks(str(args.data), "val"), cfg, progress=not args.quiet)
+        result = run_protocol(model, CorpusBlocks(str(args.data), "val"), cfg, progress=not args.quiet)
     variable = f"summary_variable_{N_SEGMENTS - 1}"
     behind = result.overall.get(variable) or result.overall[f"summary_{N_SEGMENTS - 1}"]
     return {
