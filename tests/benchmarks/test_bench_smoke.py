@@ -136,6 +136,29 @@ def test_inference_benchmark_smoke(tmp_path):
     assert "--decoding" in proc.stdout and "frozen" in proc.stdout and "--smoke" in proc.stdout
 
 
+def test_decode_layouts_smoke(tmp_path):
+    """benchmarks/decode_layouts.py --smoke: every summary layout decoded in each CPU mode; the padded and the
+    compact variable layouts hold the same kept vectors, the compact one only those (padded to the longest)."""
+    out = tmp_path / "decode.json"
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/decode_layouts.py", "--smoke", "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = {r["layout"]: r for r in json.loads(out.read_text())["rows"]}
+    slots = [rows[name]["slots"] for name in ("fixed-50", "fixed-5", "variable-padded")]
+    assert slots == [150, 15, 150]
+    padded, compact = rows["variable-padded"], rows["variable-compact"]
+    assert padded["kept_vectors_mean"] == compact["kept_vectors_mean"] <= compact["slots"] <= 3 * 6
+    assert compact["bias"] and not rows["variable-equal"]["bias"] and rows["variable-equal"]["slots"] == 3 * 4
+    assert compact["kv_bytes_per_sample"] < padded["kv_bytes_per_sample"]
+    for row in rows.values():
+        assert row["ms_per_token_dynamic"] > 0 and row["ms_per_token_static"] > 0
+
+
 GQA_CONCAT_CHECK = """
 import torch
 from torch._inductor import config
