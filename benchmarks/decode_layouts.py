@@ -19,6 +19,7 @@ warm-up) per `--decoding` mode, and the KV cache per sample at the end.
 from __future__ import annotations
 
 import argparse
+import json
 
 import torch
 from inference import CPU_MODES, DECODING_ARGS, empty_cache, prepare_decoding, timed, write_report
@@ -93,6 +94,9 @@ def run(args) -> list[dict]:
                 row[f"ms_per_token_{mode}"] = 1000 * seconds / args.new_tokens
                 empty_cache()
             rows.append(row)
+            if args.out:  # a run cut short by a time limit keeps its finished rows
+                with open(f"{args.out}.partial.jsonl", "a") as f:
+                    f.write(json.dumps(row) + "\n")
             print(
                 " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
                 flush=True,
