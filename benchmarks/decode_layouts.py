@@ -106,7 +106,13 @@ def run(args) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--layouts", nargs="+", default=LAYOUTS, choices=LAYOUTS, help="summary layouts to time")
+    p.add_argument(
+        "--layouts",
+        nargs="+",
+        default=LAYOUTS,
+        choices=LAYOUTS,
+        help="summary layouts to time (default: all)",
+    )
     p.add_argument(
         "--kept",
         type=int,
@@ -116,7 +122,9 @@ def main(argv: list[str] | None = None) -> None:
         help="variable layouts: vectors kept per segment, uniform in [LOW, HIGH] per sample and segment (default "
         "2 6: a mean of 4, about what lambda 0.2 kept in the GPU frontier study); variable-equal keeps the mean",
     )
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8], help="sequences generated at once")
+    p.add_argument(
+        "--batch-sizes", type=int, nargs="+", default=[1, 8], help="sequences generated at once (default 1 8)"
+    )
     p.add_argument(
         "--decoding",
         nargs="+",
@@ -126,9 +134,14 @@ def main(argv: list[str] | None = None) -> None:
         "dynamic and static)",
     )
     p.add_argument(
-        "--new-tokens", type=int, default=128, help="tokens generated per call (the quality profile's)"
+        "--new-tokens",
+        type=int,
+        default=128,
+        help="tokens generated per call (default 128, as the quality profile)",
     )
-    p.add_argument("--prompt-len", type=int, default=32, help="prompt tokens after the summaries")
+    p.add_argument(
+        "--prompt-len", type=int, default=32, help="prompt tokens after the summaries (default 32)"
+    )
     p.add_argument("--out", default=None, help="write all rows to this JSON file")
     p.add_argument(
         "--smoke", action="store_true", help="CPU, a tiny model, batch 2, 4 new tokens (dynamic, static)"
