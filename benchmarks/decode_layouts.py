@@ -19,10 +19,17 @@ warm-up) per `--decoding` mode, and the KV cache per sample at the end.
 from __future__ import annotations
 
 import argparse
-import json
 
 import torch
-from inference import CPU_MODES, DECODING_ARGS, empty_cache, prepare_decoding, timed, write_report
+from inference import (
+    DECODING_ARGS,
+    decoding_modes,
+    empty_cache,
+    keep_partial,
+    prepare_decoding,
+    timed,
+    write_report,
+)
 from quality import QualitySettings
 from summary_profile import kv_bytes_per_token
 from transformers import LlamaConfig
@@ -94,9 +101,7 @@ def run(args) -> list[dict]:
                 row[f"ms_per_token_{mode}"] = 1000 * seconds / args.new_tokens
                 empty_cache()
             rows.append(row)
-            if args.out:  # a run cut short by a time limit keeps its finished rows
-                with open(f"{args.out}.partial.jsonl", "a") as f:
-                    f.write(json.dumps(row) + "\n")
+            keep_partial(row, args.out)
             print(
                 " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
                 flush=True,
@@ -149,14 +154,9 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.kept[0] < 0 or args.kept[1] < args.kept[0] or args.kept[1] > 50:
         p.error(f"--kept {args.kept[0]} {args.kept[1]}: expected 0 <= LOW <= HIGH <= 50")
+    args.decoding = decoding_modes(p, args, ["dynamic", "static", "cuda_graph"])
     if args.smoke:
-        args.decoding = args.decoding or list(CPU_MODES)
-        if set(args.decoding) - set(CPU_MODES):
-            p.error(f"--smoke runs on CPU: --decoding must be among {', '.join(CPU_MODES)}")
         args.batch_sizes, args.new_tokens, args.prompt_len = [2], 4, 4
-    elif not torch.cuda.is_available():
-        raise SystemExit("benchmarks/decode_layouts.py needs a CUDA GPU (or --smoke)")
-    args.decoding = args.decoding or ["dynamic", "static", "cuda_graph"]
     settings = prepare_decoding(args.decoding)
     write_report(run(args), args.out, {**settings, "kept": args.kept, "segments": SEGMENTS})
 

@@ -199,10 +199,15 @@ def run(
         row.update(agreement)
         rows.append(row)
         print(json.dumps(row), flush=True)
-        if out_path:  # a run cut short by a time limit keeps its finished rows
-            with open(f"{out_path}.partial.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
+        keep_partial(row, out_path)
     return rows
+
+
+def keep_partial(row: dict, out_path: str | None) -> None:
+    """Append a finished row to `out_path`.partial.jsonl, so a run cut short by a time limit keeps it."""
+    if out_path:
+        with open(f"{out_path}.partial.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
 
 
 def empty_cache() -> None:
@@ -218,6 +223,19 @@ DECODING_ARGS = {
     "frozen": {"decoding": "cuda_graph", "compile_step": True, "freeze_weights": True},
 }
 CPU_MODES = ("dynamic", "static")
+
+
+def decoding_modes(parser: argparse.ArgumentParser, args, default: list[str]) -> list[str]:
+    """The `--decoding` modes to time: those asked for, else `default`; with --smoke only modes that run on
+    CPU (default: all of them). Without --smoke the script needs a CUDA GPU."""
+    if args.smoke:
+        modes = args.decoding or list(CPU_MODES)
+        if set(modes) - set(CPU_MODES):
+            parser.error(f"--smoke runs on CPU: --decoding must be among {', '.join(CPU_MODES)}")
+        return modes
+    if not torch.cuda.is_available():
+        raise SystemExit(f"benchmarks/{parser.prog} needs a CUDA GPU (or --smoke)")
+    return args.decoding or default
 
 
 def prepare_decoding(modes: list[str]) -> dict:
@@ -255,14 +273,9 @@ def main(argv: list[str] | None = None) -> None:
         "modes that run on CPU: dynamic, static)",
     )
     args = p.parse_args(argv)
+    args.decoding = decoding_modes(p, args, ["dynamic", "cuda_graph"])
     if args.smoke:
-        args.decoding = args.decoding or list(CPU_MODES)
-        if set(args.decoding) - set(CPU_MODES):
-            p.error(f"--smoke runs on CPU: --decoding must be among {', '.join(CPU_MODES)}")
         args.contexts, args.batch_sizes, args.new_tokens, args.prompt_len = [64], [2], 4, 4
-    elif not torch.cuda.is_available():
-        raise SystemExit("benchmarks/inference.py needs a CUDA GPU (or --smoke)")
-    args.decoding = args.decoding or ["dynamic", "cuda_graph"]
     settings = prepare_decoding(args.decoding)
     rows = []
     for context in args.contexts:

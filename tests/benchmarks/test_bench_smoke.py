@@ -106,19 +106,24 @@ def test_train_throughput_on_two_ranks_doubles_the_global_batch(tmp_path):
     assert row["tokens_per_step"] == 4 * 512 and row["tokens_per_s"] > 0
 
 
-def test_inference_benchmark_smoke(tmp_path):
-    """benchmarks/inference.py --smoke: the GPU benchmark's code path (compress, generate from the summary vectors
-    and after the full context in each mode, the report) on CPU with a tiny model; --help documents the flags."""
-    out = tmp_path / "inference.json"
+def smoke_report(script: str, tmp_path: Path) -> dict:
+    """The JSON report of `benchmarks/<script> --smoke`, which must exit 0."""
+    out = tmp_path / f"{Path(script).stem}.json"
     proc = subprocess.run(
-        [sys.executable, "benchmarks/inference.py", "--smoke", "--out", str(out)],
+        [sys.executable, f"benchmarks/{script}", "--smoke", "--out", str(out)],
         cwd=REPO,
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    report = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+def test_inference_benchmark_smoke(tmp_path):
+    """benchmarks/inference.py --smoke: the GPU benchmark's code path (compress, generate from the summary vectors
+    and after the full context in each mode, the report) on CPU with a tiny model; --help documents the flags."""
+    report = smoke_report("inference.py", tmp_path)
     assert report["meta"]["device"] == "cpu"
     (row,) = report["rows"]
     assert (row["context"], row["batch"], row["summary_vectors"]) == (64, 2, 8)  # 2 segments x 4 vectors
@@ -139,16 +144,7 @@ def test_inference_benchmark_smoke(tmp_path):
 def test_decode_layouts_smoke(tmp_path):
     """benchmarks/decode_layouts.py --smoke: every summary layout decoded in each CPU mode; the padded and the
     compact variable layouts hold the same kept vectors, the compact one only those (padded to the longest)."""
-    out = tmp_path / "decode.json"
-    proc = subprocess.run(
-        [sys.executable, "benchmarks/decode_layouts.py", "--smoke", "--out", str(out)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    rows = {r["layout"]: r for r in json.loads(out.read_text())["rows"]}
+    rows = {r["layout"]: r for r in smoke_report("decode_layouts.py", tmp_path)["rows"]}
     slots = [rows[name]["slots"] for name in ("fixed-50", "fixed-5", "variable-padded")]
     assert slots == [150, 15, 150]
     padded, compact = rows["variable-padded"], rows["variable-compact"]
