@@ -481,7 +481,8 @@ def eval_device(settings: QualitySettings):
 def stage_eval(settings: QualitySettings, minutes: float, time_decode: bool = True) -> dict:
     """The protocol on held-out blocks for the AutoCompressor and for its base (an arm that shares the
     headline run's base skips it: those rows are the headline's), then its summary profile (the decode
-    untimed on a shared device: `time_decode_alone`)."""
+    untimed on a shared device: `time_decode_alone`) and where its gap lies (copies from the context or not)."""
+    from copy_split import copy_split
     from summary_profile import profile
 
     from acomp import AutoCompressorModel
@@ -526,6 +527,7 @@ def stage_eval(settings: QualitySettings, minutes: float, time_decode: bool = Tr
         results[name] = result
         if name == "autocompressor":
             profiled = profile(model, blocks, profile_config(settings), device, time_decode=time_decode)
+            split = copy_split(model, blocks, copy_split_config(settings), device)
         del model
     ac = results["autocompressor"]
     report.plot(ac, settings.arm_root / "ppl_vs_context.png", title="AutoCompressor (quality benchmark)")
@@ -533,6 +535,7 @@ def stage_eval(settings: QualitySettings, minutes: float, time_decode: bool = Tr
     return {
         "results": results,
         "profile": profiled,
+        "copy_split": split,
         "seconds": time.monotonic() - started,
         "device": _device_name(device),
     }
@@ -573,6 +576,20 @@ def profile_config(settings: QualitySettings):
     return ProfileConfig(
         segment=settings.segment_length,
         segments=PAPER_SEGMENTS,
+        max_blocks=min(64, settings.eval_blocks),
+        batch=settings.eval_batch,
+    )
+
+
+def copy_split_config(settings: QualitySettings):
+    """Where the headline's gap lies: the paper's 3 compressed segments and the headline's full attention."""
+    from copy_split import CopySplitConfig
+
+    return CopySplitConfig(
+        segment=settings.segment_length,
+        segments=PAPER_SEGMENTS,
+        eval_segment=settings.eval_segment,
+        fa_context=min(settings.window, settings.block_size) - settings.eval_segment,
         max_blocks=min(64, settings.eval_blocks),
         batch=settings.eval_batch,
     )
@@ -635,7 +652,9 @@ def headline(ac, base, summary_length: int) -> dict:
     }
 
 
-def markdown_snippet(settings: QualitySettings, info: dict, head: dict, ac, base, prof: dict) -> str:
+def markdown_snippet(
+    settings: QualitySettings, info: dict, head: dict, ac, base, prof: dict, split: dict
+) -> str:
     from acomp.eval import report
 
     nc = ac.overall["no_context"]
@@ -689,6 +708,8 @@ def markdown_snippet(settings: QualitySettings, info: dict, head: dict, ac, base
         "",
         profile_line(prof),
         "",
+        copy_split_line(split),
+        "",
         report.markdown(ac, title="All conditions, per domain"),
     ]
     return "\n".join(lines)
@@ -707,6 +728,19 @@ def profile_line(prof: dict) -> str:
         f"{'not timed (a shared device)' if ms is None else f'{ms:.2f} ms/token'}, KV cache {prof['kv_bytes_per_sample'] / 2**20:.2f} MiB per sample "
         f"({prof['cache_summary_slots']} summary slots + {prof['prompt_tokens']} prompt + {prof['new_tokens']} new tokens)."
         + presence_sentence(prof)
+    )
+
+
+def copy_split_line(split: dict) -> str:
+    copy, rest = split["copy"], split["rest"]
+    return (
+        f"Where the gap lies ({split['blocks']} blocks; benchmarks/copy_split.py): "
+        f"{split['copy_share_of_targets']:.1%} of the targets continue a {split['ngram']}-gram of full attention's "
+        f"{split['fa_context']:,}-token context (copies) and hold {split['copy_share_of_fa_gain']:.1%} of its gain "
+        f"over no context; it gains {copy['loss_no_context'] - copy['loss_full_attention']:.3f} nats per copy and "
+        f"{rest['loss_no_context'] - rest['loss_full_attention']:.3f} per other target. "
+        f"The summaries of {split['segments']} segments close {copy['gap_closed']:.1%} of the gap "
+        f"on copies and {rest['gap_closed']:.1%} on the rest."
     )
 
 
@@ -758,6 +792,7 @@ def summarize(settings: QualitySettings, evaluated: dict, command: str) -> dict:
         "autocompressor": report.to_dict(ac),
         "base": None if base is None else report.to_dict(base),
         "summary_profile": evaluated["profile"],
+        "copy_split": evaluated["copy_split"],
         "eval_seconds": evaluated["seconds"],
     }
     for stage in ("pretrain", "finetune"):
@@ -765,7 +800,7 @@ def summarize(settings: QualitySettings, evaluated: dict, command: str) -> dict:
             info[stage].pop("config", None)
     out = settings.arm_root
     (out / "results.json").write_text(json.dumps(report.finite_json(data), indent=2) + "\n")
-    snippet = markdown_snippet(settings, info, head, ac, base, evaluated["profile"])
+    snippet = markdown_snippet(settings, info, head, ac, base, evaluated["profile"], evaluated["copy_split"])
     (out / "results.md").write_text(snippet)
     print(snippet, flush=True)
     print(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'ppl_vs_context.png'}")
@@ -813,6 +848,7 @@ def arm_row(settings: QualitySettings) -> dict:
     first, paper, last = ends.pop(None)
     fine = data["info"]["finetune"]
     prof = data.get("summary_profile") or {}  # absent from results.json written before the profile existed
+    split = data.get("copy_split") or {}  # absent from results.json written before the split existed
     return {
         "arm": settings.arm or "default",
         "changes": settings.changes,
@@ -832,6 +868,8 @@ def arm_row(settings: QualitySettings) -> dict:
             length_settled_step(settings.stage_dir("finetune") / "metrics.jsonl") if variable else None
         ),
         **{key: prof.get(key) for key in PROFILE_COLUMNS},
+        "gap_copies": split.get("copy", {}).get("gap_closed"),
+        "gap_rest": split.get("rest", {}).get("gap_closed"),
         "threshold_points": [
             {
                 "stop_threshold": t,
@@ -883,9 +921,9 @@ def write_ablation(runs: list[QualitySettings]) -> None:
         f"| arm | changes | fine-tune steps (tokens) | vectors / segment | length settled at step | "
         f"ppl: no context | ppl: 1 segment | "
         f"ppl: {k} segments | ppl: full attention | gap closed: 1 segment | gap closed: {PAPER_SEGMENTS} segments | "
-        f"gap closed: {k} segments | corr(kept, loss) | nats lost at inference (slots soft presence keeps) | KV MiB / sample | "
+        f"gap closed: {k} segments | gap closed, {PAPER_SEGMENTS} segments: copies / rest | corr(kept, loss) | nats lost at inference (slots soft presence keeps) | KV MiB / sample | "
         "decode ms / token |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in table:
         changes = ", ".join(f"{key}={value}" for key, value in r["changes"].items()) or "(defaults)"
@@ -895,6 +933,7 @@ def write_ablation(runs: list[QualitySettings]) -> None:
             *(_num(r[key], ".3f") for key in ("ppl_no_context", "ppl_one_segment", "ppl_all_segments")),
             _num(r["ppl_full_attention"], ".3f"),
             *(_num(r[key], ".1%") for key in ("gap_one_segment", "gap_paper_segments", "gap_all_segments")),
+            f"{_num(r['gap_copies'], '.1%')} / {_num(r['gap_rest'], '.1%')}",
             _num(r["length_loss_spearman"], ".2f"),
             presence_cell(r),
             _num(None if kv is None else kv / 2**20, ".2f"),

@@ -246,10 +246,16 @@ def stop_threshold(model, value: float | None):
 
 
 @torch.no_grad()
-def score(
-    model, ids: torch.Tensor, cond: Condition, eval_segment: int, threshold: float | None = None
-) -> Scores:
-    """Score the last `eval_segment` tokens of blocks `ids` [B, L] under one condition."""
+def condition_output(
+    model,
+    ids: torch.Tensor,
+    cond: Condition,
+    eval_segment: int,
+    threshold: float | None = None,
+    return_logits: bool = False,
+):
+    """The model's output on blocks `ids` [B, L] whose last `eval_segment` tokens are read under `cond` (the
+    targets labelled: only those inside the final segment), and the summary vectors each block used [B]."""
     E = eval_segment
     target = ids[:, -E:]
     vectors = [0.0] * ids.shape[0]
@@ -257,24 +263,32 @@ def score(
         span = ids[:, ids.shape[1] - cond.context_tokens - E :]
         labels = span.clone()
         labels[:, : cond.context_tokens + 1] = IGNORE_INDEX  # only targets inside the final segment count
-        out = model(span, labels=labels, return_logits=False)
-    elif cond.kind == NO_CONTEXT or not cond.context_segments:
-        out = model(target, labels=target, return_logits=False)
+        return model(span, labels=labels, return_logits=return_logits), vectors
+    if cond.kind == NO_CONTEXT or not cond.context_segments:
+        return model(target, labels=target, return_logits=return_logits), vectors
+    context = ids[:, ids.shape[1] - cond.context_tokens - E : ids.shape[1] - E]
+    # A variable-mode model spends every slot in the fixed condition (threshold 1 never fires).
+    if cond.kind == SUMMARY and is_variable(model):
+        forced = 1.0
     else:
-        context = ids[:, ids.shape[1] - cond.context_tokens - E : ids.shape[1] - E]
-        # A variable-mode model spends every slot in the fixed condition (threshold 1 never fires).
-        if cond.kind == SUMMARY and is_variable(model):
-            forced = 1.0
-        else:
-            forced = threshold if cond.stop_threshold is None else cond.stop_threshold
-        with stop_threshold(model, forced):
-            memory = model.compress_context(context, segment_lengths=list(cond.context_segments))
-        # Only the vectors the model kept (the same NLL as the masked full width, less work).
-        out = model(target, labels=target, softprompt=memory.summary.compact(), return_logits=False)
-        if memory.summary_lengths is not None:
-            vectors = memory.summary_lengths.sum(dim=1).double().tolist()
-        else:
-            vectors = [float(memory.softprompt.shape[1])] * ids.shape[0]
+        forced = threshold if cond.stop_threshold is None else cond.stop_threshold
+    with stop_threshold(model, forced):
+        memory = model.compress_context(context, segment_lengths=list(cond.context_segments))
+    # Only the vectors the model kept (the same NLL as the masked full width, less work).
+    out = model(target, labels=target, softprompt=memory.summary.compact(), return_logits=return_logits)
+    if memory.summary_lengths is not None:
+        vectors = memory.summary_lengths.sum(dim=1).double().tolist()
+    else:
+        vectors = [float(memory.softprompt.shape[1])] * ids.shape[0]
+    return out, vectors
+
+
+def score(
+    model, ids: torch.Tensor, cond: Condition, eval_segment: int, threshold: float | None = None
+) -> Scores:
+    """Score the last `eval_segment` tokens of blocks `ids` [B, L] under one condition."""
+    E = eval_segment
+    out, vectors = condition_output(model, ids, cond, E, threshold)
     nll = out.segment_nll[:, -1].double().tolist()
     tokens = out.segment_tokens[:, -1].tolist()
     if any(t != E - 1 for t in tokens):

@@ -5,6 +5,7 @@ variable-length one: the frontier's) shares the corpus and base and lands in the
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -58,6 +59,16 @@ def test_quality_smoke_runs_every_stage(tmp_path):
         12,
     )
     assert profile["length_loss_spearman"] is None and len(profile["pairs"]) == 3 * profile["blocks"]
+    split = data["copy_split"]  # the headline's full attention and the summaries of its 3 segments
+    assert (split["fa_context"], split["segments"], split["eval_segment"]) == (192, 3, 64)
+    assert split["copy"]["targets"] + split["rest"]["targets"] == 63 * split["blocks"]
+    if rows["no_context"]["tokens"] == 63 * split["blocks"]:  # the protocol scored the same blocks
+        for name, key in (("no_context", "loss_no_context"), ("full_attention_192", "loss_full_attention")):
+            mixed = sum(split[p]["targets"] * split[p][key] for p in ("copy", "rest")) / (
+                63 * split["blocks"]
+            )
+            assert math.exp(mixed) == pytest.approx(rows[name]["ppl"], rel=1e-4)
+    assert "Where the gap lies (" in (out / "results.md").read_text()
 
     # The arm: its own fine-tuning from the shared base (no second corpus or pretraining), its own report.
     assert sorted(p.name for p in (out / "arms" / "var").iterdir()) == [
@@ -84,6 +95,10 @@ def test_quality_smoke_runs_every_stage(tmp_path):
     steps = json.loads((out / "arms" / "var" / "finetune" / "stage.json").read_text())["steps"]
     assert table[0]["length_settled_step"] is None and 1 <= table[1]["length_settled_step"] <= steps
     assert table[0]["threshold_points"] == []
+    assert (table[0]["gap_copies"], table[0]["gap_rest"]) == (
+        split["copy"]["gap_closed"],
+        split["rest"]["gap_closed"],
+    )
     assert [(p["stop_threshold"], p["vectors_per_segment"]) for p in table[1]["threshold_points"]] == [
         (0.0, 1.0), (1.0, 4.0)
     ]  # fmt: skip
