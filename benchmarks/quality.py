@@ -47,6 +47,7 @@ import math
 import os
 import platform
 import shutil
+import signal
 import statistics
 import sys
 import time
@@ -402,6 +403,8 @@ def stage_train(settings: QualitySettings, stage: str, minutes: float, force: bo
     """pretrain or finetune within `minutes` (pretrain: corpus build included); skipped when done."""
     from wallclock import run_within
 
+    from acomp.train import Preempted
+
     out = settings.stage_dir(stage)
     done = out / "stage.json"
     base = settings.stage_dir("pretrain")
@@ -431,13 +434,18 @@ def stage_train(settings: QualitySettings, stage: str, minutes: float, force: bo
     if stage == "pretrain" or not (settings.stage_dir("corpus") / "manifest.json").is_file():
         stage_data(settings)  # a fine-tuning from scratch reads the headline run's corpus as it is
     cfg = pretrain_config(settings) if stage == "pretrain" else finetune_config(settings)
-    result = run_within(
-        cfg,
-        deadline=deadline,
-        probe_steps=settings.probe_steps,
-        steps=getattr(settings, f"{stage}_steps"),
-        log=lambda m: print(f"{stage}: {m}", flush=True),
-    )
+    try:
+        result = run_within(
+            cfg,
+            deadline=deadline,
+            probe_steps=settings.probe_steps,
+            steps=getattr(settings, f"{stage}_steps"),
+            log=lambda m: print(f"{stage}: {m}", flush=True),
+        )
+    except Preempted as e:  # not the deadline: the stage stays undone, and the next call starts it again
+        print(f"{stage}: {e}; the stage is not done: the next call starts it again", file=sys.stderr)
+        received = getattr(signal, e.signal_name, None)  # "SIGTERM", or a signal seen by another rank
+        raise SystemExit(128 + received if received else 1) from None  # as if the signal had ended it
     tokens, median_rate = _throughput(out / "metrics.jsonl")
     info = {
         "stage": stage,

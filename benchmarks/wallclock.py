@@ -12,7 +12,8 @@ So the run is sized from the trainer's own step time:
 3. resume with max_steps = what fits in the rest of the budget after one more set-up and the export.
 
 Safety net: a timer sends this process SIGUSR1 at the deadline; the trainer then checkpoints after its
-current step and stops (`Preempted`), and a last resume at that step only exports the weights.
+current step and stops (`Preempted`), and a last resume at that step only exports the weights. A stop the
+timer did not ask for (SIGTERM, Ctrl-C) is raised as it is: the run is cut short, not finished.
 """
 
 from __future__ import annotations
@@ -88,7 +89,8 @@ def run_within(
     else:
         planned, setup_s = steps, 0.0
         log(f"budget: max_steps={planned} as given, {deadline - time.monotonic():.0f} s to the deadline")
-    timer = threading.Timer(max(0.0, deadline - time.monotonic() - setup_s / 2), _interrupt)
+    fired = threading.Event()
+    timer = threading.Timer(max(0.0, deadline - time.monotonic() - setup_s / 2), _interrupt, (fired,))
     previous = signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # a late timer must not kill us outside run()
     stopped = False
     try:
@@ -98,6 +100,8 @@ def run_within(
             done = planned
         except Preempted as e:
             timer.cancel()
+            if not fired.is_set():
+                raise  # stopped from outside: its checkpoint is saved, but the budget's schedule did not end
             stopped = True
             done = checkpoint_step(e.checkpoint)
             log(f"budget: deadline reached at step {done} of {planned}; exporting that checkpoint")
@@ -168,7 +172,8 @@ def _with_train(cfg: RunConfig, **changes) -> RunConfig:
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **changes))
 
 
-def _interrupt() -> None:
+def _interrupt(fired: threading.Event) -> None:
+    fired.set()
     os.kill(os.getpid(), signal.SIGUSR1)
 
 

@@ -78,3 +78,53 @@ def test_fixed_steps_skip_the_probe_and_report_the_runs_own_step_time(tmp_path, 
     )
     with pytest.raises(ValueError, match="steps must be >= 1, got 0"):
         run_within(cfg, 600, probe_steps=3, steps=0)
+
+
+@pytest.mark.parametrize("by_deadline", [True, False])
+def test_only_the_deadline_timer_counts_as_a_finished_run(tmp_path, monkeypatch, by_deadline):
+    import wallclock
+
+    import acomp.train
+
+    timers = []
+
+    class Timer:  # the budget's timer, fired by hand below
+        def __init__(self, interval, function, args=()):
+            self.fired = args[0]
+            timers.append(self)
+
+        def start(self):
+            pass
+
+        def cancel(self):
+            pass
+
+    calls = []
+
+    def fake_run(cfg):  # the trainer: a long run stops after step 4 with its checkpoint saved
+        calls.append(cfg.train.max_steps)
+        if cfg.train.max_steps > 4:
+            if by_deadline:
+                timers[-1].fired.set()  # what the timer does before it signals the trainer
+            name = "SIGUSR1" if by_deadline else "SIGTERM"
+            raise acomp.train.Preempted(tmp_path / "checkpoints" / "step_00000004", name)
+        with open(tmp_path / "metrics.jsonl", "a") as f:
+            f.writelines(json.dumps({"step": s, "step_time_s": 0.25}) + "\n" for s in range(1, 5))
+
+    monkeypatch.setattr(acomp.train, "run", fake_run)
+    monkeypatch.setattr(wallclock.threading, "Timer", Timer)
+    cfg = config_from_dict(
+        {
+            "model": {"arch": {"hidden_size": 32}},
+            "optim": {"warmup_steps": 3},
+            "train": {"output_dir": str(tmp_path)},
+        }
+    )
+    if by_deadline:
+        done = run_within(cfg, 600, probe_steps=3, steps=10, log=lambda m: None)
+        assert calls == [10, 4]  # stopped at step 4, then that checkpoint exported
+        assert (done.steps, done.planned_steps, done.stopped_at_deadline) == (4, 10, True)
+    else:
+        with pytest.raises(acomp.train.Preempted, match="SIGTERM"):
+            run_within(cfg, 600, probe_steps=3, steps=10, log=lambda m: None)
+        assert calls == [10]  # not exported: a run stopped from outside is cut short, not finished
