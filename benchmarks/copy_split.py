@@ -24,10 +24,12 @@ from acomp.eval.protocol import (
     FULL_ATTENTION,
     NO_CONTEXT,
     SUMMARY,
+    SUMMARY_VARIABLE,
     Condition,
     _item,
     condition_output,
     eval_mode,
+    is_variable,
     select_blocks,
 )
 
@@ -73,12 +75,14 @@ def _token_nll(model, ids: torch.Tensor, cond: Condition, E: int) -> torch.Tenso
 @torch.no_grad()
 def copy_split(model, blocks, cfg: CopySplitConfig, device: torch.device | str | None = None) -> dict:
     """The split on `blocks` (CorpusBlocks or a sequence of token tensors / {"input_ids": ...} dicts): per part,
-    its targets, each condition's mean loss, and the share of the gap the summaries close there."""
+    its targets, each condition's mean loss, and the share of the gap the summaries close there. A
+    variable-length model keeps the vectors its own stopping rule keeps (the protocol's summary_variable rows)."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
     E, S, k = cfg.eval_segment, cfg.segment, cfg.segments
+    summary = SUMMARY_VARIABLE if is_variable(model) else SUMMARY
     conditions = {
         NO_CONTEXT: Condition(NO_CONTEXT),
-        SUMMARY: Condition(SUMMARY, k * S, (S,) * k),
+        SUMMARY: Condition(summary, k * S, (S,) * k),
         FULL_ATTENTION: Condition(FULL_ATTENTION, cfg.fa_context),
     }
     span = max(k * S, cfg.fa_context) + E

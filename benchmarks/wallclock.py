@@ -100,7 +100,7 @@ def run_within(
             done = planned
         except Preempted as e:
             timer.cancel()
-            if not fired.is_set():
+            if not (fired.is_set() and e.signal_name == signal.SIGUSR1.name):
                 raise  # stopped from outside: its checkpoint is saved, but the budget's schedule did not end
             stopped = True
             done = checkpoint_step(e.checkpoint)

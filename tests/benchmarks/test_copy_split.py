@@ -10,7 +10,14 @@ import pytest
 import torch
 from tiny_models import random_ids, tiny_model
 
-from acomp.eval.protocol import FULL_ATTENTION, NO_CONTEXT, SUMMARY, Condition, score
+from acomp.eval.protocol import (
+    FULL_ATTENTION,
+    NO_CONTEXT,
+    SUMMARY,
+    SUMMARY_VARIABLE,
+    Condition,
+    score,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 from copy_split import CopySplitConfig, copy_split, copy_targets  # noqa: E402
@@ -69,6 +76,26 @@ def test_parts_add_up_to_the_protocols_scores():
     }
     assert got["copy_share_of_fa_gain"] == pytest.approx(gains["copy"] / sum(gains.values()))
     assert got["blocks"] == 6
+
+
+def test_a_variable_model_is_split_behind_the_vectors_its_own_stopping_keeps():
+    # the protocol's summary_variable condition, as the variable rows of quality.py's ablation line
+    # threshold 0: it stops at once, so its kept vectors differ from every slot (the fixed condition's reading)
+    model = tiny_model(
+        "llama", compression_mode="variable", compression_max_len=3, compress_stop_threshold=0.0
+    ).eval()
+    blocks = [random_ids(1, 30, seed=s)[0] for s in range(4)]
+    for b in blocks[:2]:
+        b[-8:] = b[-14:-6].clone()
+    got = copy_split(model, blocks, CFG)
+    ids = torch.stack([b[-24:] for b in blocks])
+    s = score(model, ids, Condition(SUMMARY_VARIABLE, 16, (8, 8)), 8)
+    expected = math.fsum(s.nll) / sum(s.tokens)
+    copies, rest = got["copy"]["targets"], got["rest"]["targets"]
+    mixed = (copies * got["copy"]["loss_summary"] + rest * got["rest"]["loss_summary"]) / (copies + rest)
+    assert mixed == pytest.approx(expected, rel=1e-5)
+    every_slot = score(model, ids, Condition(SUMMARY, 16, (8, 8)), 8)
+    assert math.fsum(every_slot.nll) / sum(every_slot.tokens) != pytest.approx(expected, rel=1e-5)
 
 
 def test_short_blocks_are_refused():

@@ -80,8 +80,12 @@ def test_fixed_steps_skip_the_probe_and_report_the_runs_own_step_time(tmp_path, 
         run_within(cfg, 600, probe_steps=3, steps=0)
 
 
-@pytest.mark.parametrize("by_deadline", [True, False])
-def test_only_the_deadline_timer_counts_as_a_finished_run(tmp_path, monkeypatch, by_deadline):
+@pytest.mark.parametrize(
+    "timer_fired, signal_name",
+    [(True, "SIGUSR1"), (False, "SIGTERM"), (True, "SIGTERM"), (False, "SIGUSR1")],
+    ids=["deadline", "sigterm", "sigterm-first-then-the-timer", "someone-elses-sigusr1"],
+)
+def test_only_the_deadline_timer_counts_as_a_finished_run(tmp_path, monkeypatch, timer_fired, signal_name):
     import wallclock
 
     import acomp.train
@@ -104,10 +108,10 @@ def test_only_the_deadline_timer_counts_as_a_finished_run(tmp_path, monkeypatch,
     def fake_run(cfg):  # the trainer: a long run stops after step 4 with its checkpoint saved
         calls.append(cfg.train.max_steps)
         if cfg.train.max_steps > 4:
-            if by_deadline:
+            if timer_fired:
                 timers[-1].fired.set()  # what the timer does before it signals the trainer
-            name = "SIGUSR1" if by_deadline else "SIGTERM"
-            raise acomp.train.Preempted(tmp_path / "checkpoints" / "step_00000004", name)
+            # the trainer names the first signal it received
+            raise acomp.train.Preempted(tmp_path / "checkpoints" / "step_00000004", signal_name)
         with open(tmp_path / "metrics.jsonl", "a") as f:
             f.writelines(json.dumps({"step": s, "step_time_s": 0.25}) + "\n" for s in range(1, 5))
 
@@ -120,11 +124,11 @@ def test_only_the_deadline_timer_counts_as_a_finished_run(tmp_path, monkeypatch,
             "train": {"output_dir": str(tmp_path)},
         }
     )
-    if by_deadline:
+    if timer_fired and signal_name == "SIGUSR1":
         done = run_within(cfg, 600, probe_steps=3, steps=10, log=lambda m: None)
         assert calls == [10, 4]  # stopped at step 4, then that checkpoint exported
         assert (done.steps, done.planned_steps, done.stopped_at_deadline) == (4, 10, True)
     else:
-        with pytest.raises(acomp.train.Preempted, match="SIGTERM"):
+        with pytest.raises(acomp.train.Preempted, match=signal_name):
             run_within(cfg, 600, probe_steps=3, steps=10, log=lambda m: None)
         assert calls == [10]  # not exported: a run stopped from outside is cut short, not finished
