@@ -217,6 +217,32 @@ class QualitySettings:
             return self.root / stage
         return self.arm_root / stage
 
+    def check(self) -> None:
+        """What the budgets and the eval stage need, before any stage runs (ValueError names the value)."""
+        for stage in ("pretrain", "finetune", "eval"):
+            if not getattr(self, f"{stage}_minutes") > 0:
+                raise ValueError(f"{stage}_minutes must be > 0, got {getattr(self, f'{stage}_minutes')}")
+        for name in ("eval_blocks", "eval_batch"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        protocol_config(self).check()
+        E, S, k = self.eval_segment, self.segment_length, self.max_context_segments
+        if k < 1:
+            raise ValueError(f"max_context_segments must be >= 1 (summary conditions), got {k}")
+        if k * S + E > self.block_size:
+            raise ValueError(
+                f"max_context_segments={k} x segment_length={S} + eval_segment={E} = {k * S + E} tokens, but "
+                f"block_size is {self.block_size}"
+            )
+        if self.window <= E:
+            raise ValueError(f"window={self.window} leaves full attention no context before eval_segment={E}")
+        prompt = profile_config(self).prompt_tokens
+        if paper_segments(self) * S + prompt > self.block_size:
+            raise ValueError(
+                f"the summary profile reads {paper_segments(self)} x segment_length={S} + a {prompt}-token "
+                f"prompt per block, more than block_size={self.block_size}"
+            )
+
     def changed(self, changes: dict[str, str], arm: str = "") -> QualitySettings:
         """A copy with KEY=VALUE changes (YAML values; `arch.NAME` and `compression.NAME` set one entry);
         with `arm`, the copy is that ablation arm. ValueError names a bad key, value or arm."""
@@ -261,12 +287,17 @@ class QualitySettings:
                     "blocks (use --set to change them for all)"
                 )
             new.own_base = any(getattr(new, f) != getattr(self, f) for f in PRETRAIN_FIELDS)
+        who = f"arm {arm!r}" if arm else "settings"
+        try:
+            new.check()
+        except ValueError as e:
+            raise ValueError(f"{who}: {e}") from None
         # The trainer's own checks, now: a bad value would otherwise stop a run only after the base pretrained.
         try:
             base = pretrain_config(new).model  # the family and positions the fine-tuning's base will have
             position_budget(finetune_config(new), CONFIG_MAPPING[base.family](**base.arch))
         except ConfigError as e:
-            raise ValueError(f"{f'arm {arm!r}' if arm else 'settings'}: {e}") from None
+            raise ValueError(f"{who}: {e}") from None
         return new
 
 
@@ -495,7 +526,7 @@ def stage_eval(settings: QualitySettings, minutes: float, time_decode: bool = Tr
     from summary_profile import profile
 
     from acomp import AutoCompressorModel
-    from acomp.eval import CorpusBlocks, ProtocolConfig, evaluate, report
+    from acomp.eval import CorpusBlocks, evaluate, report
 
     models = [("autocompressor", settings.stage_dir("finetune"))]
     if pretrains(settings):
@@ -505,14 +536,7 @@ def stage_eval(settings: QualitySettings, minutes: float, time_decode: bool = Tr
             raise SystemExit(f"eval needs {path / 'final'}: run --stage {path.name} first")
     started = time.monotonic()
     device, dtype = eval_device(settings)
-    cfg = ProtocolConfig(
-        eval_segment=settings.eval_segment,
-        segment_length=settings.segment_length,
-        max_context_segments=settings.max_context_segments,
-        fa_window=settings.window,
-        batch_size=settings.eval_batch,
-        max_blocks=settings.eval_blocks,
-    )
+    cfg = protocol_config(settings)
     blocks = CorpusBlocks(str(settings.stage_dir("corpus")), "val")
     results = {}
     variable = settings.compression.get("compression_mode") == "variable"
@@ -581,13 +605,32 @@ def time_decode_alone(settings: QualitySettings) -> None:
     print(f"{settings.name}: decode timed alone: {prof['decode_ms_per_token']:.2f} ms/token", flush=True)
 
 
+def protocol_config(settings: QualitySettings):
+    """The paper's protocol as the eval stage runs it (full attention inside the base's window)."""
+    from acomp.eval import ProtocolConfig
+
+    return ProtocolConfig(
+        eval_segment=settings.eval_segment,
+        segment_length=settings.segment_length,
+        max_context_segments=settings.max_context_segments,
+        fa_window=settings.window,
+        batch_size=settings.eval_batch,
+        max_blocks=settings.eval_blocks,
+    )
+
+
+def paper_segments(settings: QualitySettings) -> int:
+    """The compressed segments the profile and the copy split read: the paper's 3, or all the eval has."""
+    return min(PAPER_SEGMENTS, settings.max_context_segments)
+
+
 def profile_config(settings: QualitySettings):
     """The summary profile of the eval stage: the paper's 3 compressed segments before the scored one."""
     from summary_profile import ProfileConfig
 
     return ProfileConfig(
         segment=settings.segment_length,
-        segments=PAPER_SEGMENTS,
+        segments=paper_segments(settings),
         max_blocks=min(64, settings.eval_blocks),
         batch=settings.eval_batch,
     )
@@ -599,7 +642,7 @@ def copy_split_config(settings: QualitySettings):
 
     return CopySplitConfig(
         segment=settings.segment_length,
-        segments=PAPER_SEGMENTS,
+        segments=paper_segments(settings),
         eval_segment=settings.eval_segment,
         fa_context=min(settings.window, settings.block_size) - settings.eval_segment,
         max_blocks=min(64, settings.eval_blocks),
@@ -1219,7 +1262,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(str(e))
     if args.out:
         settings.out = args.out
-    if args.eval_blocks:
+    if args.eval_blocks is not None:
         settings.eval_blocks = args.eval_blocks
     for stage in ("pretrain", "finetune", "eval"):
         value = getattr(args, f"{stage}_minutes")
@@ -1231,6 +1274,10 @@ def main(argv: list[str] | None = None) -> int:
                 "--minutes sets the budget of one training or eval stage; with --stage all use --pretrain-minutes etc."
             )
         setattr(settings, f"{args.stage}_minutes", args.minutes)
+    try:
+        settings.check()
+    except ValueError as e:
+        p.error(str(e))
     runs = [settings]
     for spec in args.arm:
         name, _, items = spec.partition(":")

@@ -239,6 +239,41 @@ def test_settings_changes_and_arms_are_checked():
         )
 
 
+def test_budgets_and_eval_shapes_are_refused_before_any_stage(tmp_path, capsys):
+    # Each of these would otherwise fail only in the eval stage, after both trainings (or not at all).
+    from quality import QualitySettings, main
+
+    tiny = QualitySettings.tiny()  # 512-token blocks, 64-token segments, E = 64
+    for changes, message in (
+        ({"eval_segment": "-5"}, "settings: eval_segment must be a positive integer, got -5"),
+        ({"eval_blocks": "0"}, "settings: eval_blocks must be >= 1, got 0"),
+        ({"eval_minutes": "0"}, "settings: eval_minutes must be > 0, got 0.0"),
+        ({"max_context_segments": "0"}, "settings: max_context_segments must be >= 1"),
+        ({"max_context_segments": "9"}, "= 640 tokens, but block_size is 512"),
+        ({"window": "64"}, "window=64 leaves full attention no context before eval_segment=64"),
+        (
+            {"segment_length": "165", "eval_segment": "16"},
+            "the summary profile reads 3 x segment_length=165 \\+ a 32-token prompt per block",
+        ),
+    ):
+        with pytest.raises(ValueError, match=message):
+            tiny.changed(changes)
+    with pytest.raises(ValueError, match="arm 'x': eval_segment must be >= 2"):
+        tiny.changed({"eval_segment": "1"}, arm="x")
+    # fewer context segments than the paper's 3: the profile and the copy split read what the eval has
+    from quality import copy_split_config, profile_config
+
+    two = tiny.changed({"max_context_segments": "2"})
+    assert profile_config(two).segments == copy_split_config(two).segments == 2
+    # the command line's budgets too, with exit 2 and nothing written
+    for argv in (["--eval-minutes", "-1"], ["--minutes", "0", "--stage", "finetune"], ["--eval-blocks", "0"]):
+        with pytest.raises(SystemExit) as e:
+            main(["--smoke", "--out", str(tmp_path / "q"), *argv])
+        assert e.value.code == 2
+    assert "eval_blocks must be >= 1, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "q").exists()
+
+
 def test_parallel_arms_train_and_evaluate_side_by_side(tmp_path):
     """--parallel: one process per run for each stage (the corpus built once, before them; the bases of the
     headline and of the arm that changes a pretraining setting side by side, the arm that changes none on the
