@@ -540,13 +540,14 @@ def stage_eval(settings: QualitySettings, minutes: float, time_decode: bool = Tr
     blocks = CorpusBlocks(str(settings.stage_dir("corpus")), "val")
     results = {}
     variable = settings.compression.get("compression_mode") == "variable"
-    # The AutoCompressor gets 3/4 of the budget when its base (two conditions) is evaluated too; the base at
-    # least the last quarter, after the untimed profile and split.
-    for (name, path), share in zip(models, (0.75 if len(models) == 2 else 1.0, 0.25)):
+    # The AutoCompressor gets 3/4 of the budget when its base (two conditions) is evaluated too.
+    ac_share = 0.75 if len(models) == 2 else 1.0
+    for name, path in models:
         model = AutoCompressorModel.from_pretrained(str(path / "final"), dtype=dtype).to(device)
-        deadline = started + share * minutes * 60
-        if name == "base":
-            deadline = max(started + minutes * 60, time.monotonic() + share * minutes * 60)
+        if name == "autocompressor":
+            deadline = started + ac_share * minutes * 60
+        else:  # at least the last quarter, however long the untimed profile and split took
+            deadline = max(started + minutes * 60, time.monotonic() + (1 - ac_share) * minutes * 60)
         thresholds = settings.eval_stop_thresholds if name == "autocompressor" and variable else ()
         result = evaluate(
             model,
