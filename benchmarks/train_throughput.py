@@ -22,6 +22,9 @@ every GPU does the work it does alone and tokens/s / (GPUs x one GPU's tokens/s)
 
     torchrun --nproc_per_node 2 benchmarks/train_throughput.py --rows llama-1b-z1 llama-1b-z3 --boundaries random
 
+There a row that fails on any rank ends the call (exit 1; the report keeps the rows before it): the other ranks
+would wait in its collectives. On one process a failing row is recorded and the next one runs.
+
 `--cold-compile` runs each row in its own process with empty compile caches: then every row's first-steps
 figure includes its whole compilation, as a user's first run would (otherwise a row reuses the graphs and
 kernels earlier rows of the call compiled, and only the first row's first steps are a cold start).
@@ -523,6 +526,22 @@ def run_row_cold(index: int, row: dict, argv: list[str], out: Path) -> dict:
         return {**row, "status": f"error: the row's process exited with {proc.returncode} and no result"}
 
 
+def end_call_on_row_failure(row, result, dist, report, info, results) -> None:
+    """Under torchrun a row that fails on one rank leaves the others waiting in the row's collectives (until the
+    process group's timeout), and going on would pair this rank's next collectives with theirs: end the call
+    instead, so that torchrun stops every rank. Rank 0 has written the rows before this one after each."""
+    print(
+        f"train_throughput: row {row['name']!r} failed on rank {dist.rank} of {dist.world_size} "
+        f"({result['status']}); ending the call, the rows before it are in {report}",
+        file=sys.stderr,
+        flush=True,
+    )
+    if dist.is_main:
+        report.parent.mkdir(parents=True, exist_ok=True)
+        report.write_text(json.dumps({"meta": info, "results": [*results, result]}, indent=2, default=str))
+    os._exit(1)  # no clean shutdown: the process group's teardown would wait on the other ranks
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
@@ -566,6 +585,8 @@ def main(argv=None) -> int:
             except Exception as e:  # one failing row must not stop the others
                 oom = "out of memory" in str(e).lower()
                 result["status"] = "OOM" if oom else f"error: {type(e).__name__}: {str(e)[:400]}"
+                if dist.world_size > 1:
+                    end_call_on_row_failure(row, result, dist, report, info, results)
             free_memory()
         result["wall_s"] = time.perf_counter() - t0
         table = result.pop("profile", None)

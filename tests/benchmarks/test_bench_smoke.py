@@ -106,6 +106,54 @@ def test_train_throughput_on_two_ranks_doubles_the_global_batch(tmp_path):
     assert row["tokens_per_step"] == 4 * 512 and row["tokens_per_s"] > 0
 
 
+# Runs train_throughput.py with its second row failing on rank 1 only, as an OOM on one GPU would.
+FAIL_ON_RANK_1 = """
+import sys
+sys.path.insert(0, "benchmarks")
+import train_throughput
+
+calls, run_row = [], train_throughput.run_row
+
+
+def failing_run_row(cfg, args, dist):
+    calls.append(1)
+    if len(calls) == 2 and dist.rank == 1:
+        raise RuntimeError("CUDA out of memory (raised by the test on rank 1)")
+    return run_row(cfg, args, dist)
+
+
+train_throughput.run_row = failing_run_row
+raise SystemExit(train_throughput.main())
+"""
+
+
+def test_train_throughput_row_failing_on_one_rank_ends_the_call(tmp_path):
+    """Under torchrun a row that fails on one rank only must end the call (torchrun then stops the other rank,
+    which waits in the row's collectives) instead of hanging until the process group's timeout; rank 0's
+    report keeps the rows before it."""
+    from runs import free_port, train_env
+
+    script, out = tmp_path / "fail_on_rank_1.py", tmp_path / "fail.json"
+    script.write_text(FAIL_ON_RANK_1)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"]
+    command += [f"--master_port={free_port()}", str(script), "--smoke", "--rows", "tiny:random"]
+    command += ["tiny:fixed", "--out", str(out), "--corpus-dir", str(tmp_path / "corpora")]
+    proc = subprocess.run(
+        command,
+        cwd=REPO,
+        env={**train_env(), "PYTHONUNBUFFERED": "1"},
+        capture_output=True,
+        text=True,
+        timeout=900,  # a hang lasts the process group's timeout (30 minutes)
+    )
+    assert proc.returncode != 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "row 'tiny fixed' failed on rank 1 of 2 (OOM); ending the call" in proc.stderr
+    first, *second = json.loads(out.read_text())["results"]
+    assert first["name"] == "tiny random" and first["status"] == "ok"
+    # rank 0 either waited until torchrun stopped it (NCCL) or saw its peer go (gloo) and ended the call too
+    assert all(row["status"] != "ok" for row in second)
+
+
 def smoke_report(script: str, tmp_path: Path) -> dict:
     """The JSON report of `benchmarks/<script> --smoke`, which must exit 0."""
     out = tmp_path / f"{Path(script).stem}.json"
