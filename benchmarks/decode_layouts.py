@@ -26,6 +26,7 @@ from inference import (
     decoding_modes,
     empty_cache,
     keep_partial,
+    positive_int,
     prepare_decoding,
     timed,
     write_report,
@@ -128,7 +129,11 @@ def main(argv: list[str] | None = None) -> None:
         "2 6: a mean of 4, about what lambda 0.2 kept in the GPU frontier study); variable-equal keeps the mean",
     )
     p.add_argument(
-        "--batch-sizes", type=int, nargs="+", default=[1, 8], help="sequences generated at once (default 1 8)"
+        "--batch-sizes",
+        type=positive_int,
+        nargs="+",
+        default=[1, 8],
+        help="sequences generated at once (default 1 8)",
     )
     p.add_argument(
         "--decoding",
@@ -140,12 +145,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument(
         "--new-tokens",
-        type=int,
+        type=positive_int,
         default=128,
         help="tokens generated per call (default 128, as the quality profile)",
     )
     p.add_argument(
-        "--prompt-len", type=int, default=32, help="prompt tokens after the summaries (default 32)"
+        "--prompt-len", type=positive_int, default=32, help="prompt tokens after the summaries (default 32)"
     )
     p.add_argument("--out", default=None, help="write all rows to this JSON file")
     p.add_argument(

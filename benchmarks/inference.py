@@ -225,6 +225,18 @@ DECODING_ARGS = {
 CPU_MODES = ("dynamic", "static")
 
 
+def positive_int(text: str) -> int:
+    """argparse type of a count (tokens, sequences): an integer >= 1, refused at parse time (exit 2) rather
+    than after the model is built."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not >= 1")
+    return value
+
+
 def decoding_modes(parser: argparse.ArgumentParser, args, default: list[str]) -> list[str]:
     """The `--decoding` modes to time: those asked for, else `default`; with --smoke only modes that run on
     CPU (default: all of them). Without --smoke the script needs a CUDA GPU."""
@@ -250,9 +262,11 @@ def prepare_decoding(modes: list[str]) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--contexts", type=int, nargs="+", default=[6144, 30720], help="context lengths in tokens")
     p.add_argument(
-        "--batch-sizes", type=int, nargs="+", default=[1, 8, 32], help="sequences generated at once"
+        "--contexts", type=positive_int, nargs="+", default=[6144, 30720], help="context lengths in tokens"
+    )
+    p.add_argument(
+        "--batch-sizes", type=positive_int, nargs="+", default=[1, 8, 32], help="sequences generated at once"
     )
     p.add_argument(
         "--decoding",
@@ -263,8 +277,8 @@ def main(argv: list[str] | None = None) -> None:
         "compiled with freeze_weights); default dynamic and cuda_graph (smoke: dynamic and static); the first "
         "row also reports how many leading tokens each mode shares with the eager static mode",
     )
-    p.add_argument("--new-tokens", type=int, default=256, help="tokens to generate")
-    p.add_argument("--prompt-len", type=int, default=32, help="prompt tokens after the context")
+    p.add_argument("--new-tokens", type=positive_int, default=256, help="tokens to generate")
+    p.add_argument("--prompt-len", type=positive_int, default=32, help="prompt tokens after the context")
     p.add_argument("--out", default=None, help="write all rows to this JSON file")
     p.add_argument(
         "--smoke",

@@ -169,11 +169,30 @@ def parse_args(argv=None) -> argparse.Namespace:
         recipe = spec.partition(":")[0].partition("@")[2]
         if recipe and recipe not in ROWS:
             p.error(f"--variant {spec!r}: unknown recipe {recipe!r}; expected one of {sorted(ROWS)}")
+    for flag, value, least in [
+        ("--steps", args.steps, 1),
+        ("--first-steps", args.first_steps, 1),
+        ("--profile-steps", args.profile_steps, 0),
+        ("--budget-s", args.budget_s, 0),
+    ]:
+        if value < least:
+            p.error(f"{flag} {value}: expected >= {least}")
     if args.smoke:
         args.rows = [r for r in args.rows if r.startswith("tiny")] or ["tiny", "tiny-lora-z3"]
         args.steps, args.first_steps = 3, 1
         args.set = ["compression.segment_multiple=1", *args.set]
     return args
+
+
+def refuse_bad_overrides(args) -> None:
+    """Exit 2 naming the first row whose `--set` / `--variant` overrides its config refuses, before any corpus
+    or model is built (after `--env` is applied: reading a config imports torch, which reads some of it)."""
+    for row in plan_rows(args):
+        try:
+            recipe_config(row["row"], [*args.set, *row["extra"]])
+        except ValueError as e:  # acomp.config.ConfigError names the bad key or value
+            print(f"train_throughput.py: error: row {row['name']!r}: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
 
 
 # --------------------------------------------------------------------------------------------- corpora
@@ -210,16 +229,13 @@ def random_corpus(root: Path, vocab_size: int, block_size: int, blocks: int) -> 
 
 
 # ------------------------------------------------------------------------------------------------ rows
-def row_config(name: str, args, boundaries: str, extra: list[str], corpora: Path, dist):
-    """The run config of one row: the recipe's config, the model swapped for a random-init one of its shape,
-    random-token data of its block size, and (fixed rows) equal segments instead of random ones. On several
-    GPUs the global batch is the row's times the GPU count (the same work per GPU: weak scaling, so tokens/s
-    over GPUs x one GPU's tokens/s is the scaling efficiency)."""
+def recipe_config(name: str, overrides: list[str]):
+    """The recipe's config with `overrides` (a ConfigError names a bad one), its model swapped for a random-init
+    one of its shape; and the recipe's block size and vocabulary size. Builds nothing."""
     from acomp.config import load_config
-    from acomp.train.distributed import barrier
 
     row = ROWS[name]
-    overrides = [*row.overrides, *args.set, *extra]
+    overrides = [*row.overrides, *overrides]
     if row.config.startswith("quality:"):
         sys.path.insert(0, str(REPO / "benchmarks"))
         import quality
@@ -241,6 +257,17 @@ def row_config(name: str, args, boundaries: str, extra: list[str], corpora: Path
         cfg.model.name_or_path = None
         cfg.model.family, cfg.model.arch = row.family, dict(row.arch)
         block, vocab = row.block_size, row.arch["vocab_size"]
+    return cfg, block, vocab
+
+
+def row_config(name: str, args, boundaries: str, extra: list[str], corpora: Path, dist):
+    """The run config of one row: the recipe's config (`recipe_config`), random-token data of its block size,
+    and (fixed rows) equal segments instead of random ones. On several GPUs the global batch is the row's times
+    the GPU count (the same work per GPU: weak scaling, so tokens/s over GPUs x one GPU's tokens/s is the
+    scaling efficiency)."""
+    from acomp.train.distributed import barrier
+
+    cfg, block, vocab = recipe_config(name, [*args.set, *extra])
     c, t = cfg.compression, cfg.train
     if boundaries == "fixed" and c.randomize_segments:
         per_substep = block // c.training_substeps
@@ -550,6 +577,7 @@ def main(argv=None) -> int:
         os.environ[key] = value
     if args.smoke:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    refuse_bad_overrides(args)
     from acomp.train.distributed import broadcast_object, init_distributed
 
     started = time.perf_counter()

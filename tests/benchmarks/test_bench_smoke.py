@@ -258,6 +258,36 @@ def test_train_throughput_variant_rows_name_their_recipe(capsys, monkeypatch):
     assert exit_info.value.code == 2 and "unknown recipe 'llama-9b'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("command", "error"),
+    [
+        (["train_throughput.py", "--smoke", "--set", "foo=1"], "row 'tiny random': unknown config key 'foo'"),
+        (
+            ["train_throughput.py", "--variant", "v:optim.lr=abc"],
+            "row 'llama-1b-z1 random [v]': config key 'optim.lr' must be a number",
+        ),
+        (["train_throughput.py", "--steps", "0"], "--steps 0: expected >= 1"),
+        (["inference.py", "--new-tokens", "0"], "argument --new-tokens: 0 is not >= 1"),
+        (["decode_layouts.py", "--batch-sizes", "8", "x"], "argument --batch-sizes: 'x' is not an integer"),
+    ],
+)
+def test_benchmark_flags_are_refused_before_anything_is_built(command, error):
+    """A bad count or config override exits 2 with one line naming it, before any corpus, model or GPU check
+    (on the GPU host a bad --set failed every row after its corpus and model were built, and the call exited 0)."""
+    script, *flags = command
+    proc = subprocess.run(
+        [sys.executable, f"benchmarks/{script}", *flags],
+        cwd=REPO,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "DS_ACCELERATOR": "cpu"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert error in proc.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in proc.stderr and not proc.stdout
+
+
 def test_train_throughput_graphs_column_shows_the_last_step_that_compiled(monkeypatch):
     monkeypatch.setitem(sys.modules, "train_throughput", None)
     bench = load_script("benchmarks/train_throughput.py")
