@@ -400,6 +400,8 @@ def validate(cfg: RunConfig) -> None:
         ("compression.training_substeps", c.training_substeps),
         ("compression.segments_per_substep", c.segments_per_substep),
         ("compression.segment_multiple", c.segment_multiple),
+        ("compression.compression_max_len", c.compression_max_len),
+        ("compression.compression_alpha", c.compression_alpha),
         ("train.max_steps", t.max_steps),
         ("train.global_batch_size", t.global_batch_size),
         ("train.micro_batch_size", t.micro_batch_size),
@@ -411,6 +413,7 @@ def validate(cfg: RunConfig) -> None:
     )
     _non_negative(
         ("compression.summary_length", c.summary_length),
+        ("compression.compression_lambda", c.compression_lambda),
         ("compression.lambda_warmup_steps", c.lambda_warmup_steps),
         ("optim.warmup_steps", cfg.optim.warmup_steps),
         ("optim.grad_clip", cfg.optim.grad_clip),

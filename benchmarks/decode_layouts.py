@@ -21,12 +21,12 @@ from __future__ import annotations
 import argparse
 
 import torch
+from arguments import positive_int
 from inference import (
     DECODING_ARGS,
     decoding_modes,
     empty_cache,
     keep_partial,
-    positive_int,
     prepare_decoding,
     timed,
     write_report,

@@ -25,6 +25,7 @@ import sys
 import time
 
 import torch
+from arguments import positive_int
 from summary_profile import kv_bytes_per_token
 from transformers import LlamaConfig
 
@@ -223,18 +224,6 @@ DECODING_ARGS = {
     "frozen": {"decoding": "cuda_graph", "compile_step": True, "freeze_weights": True},
 }
 CPU_MODES = ("dynamic", "static")
-
-
-def positive_int(text: str) -> int:
-    """argparse type of a count (tokens, sequences): an integer >= 1, refused at parse time (exit 2) rather
-    than after the model is built."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not >= 1")
-    return value
 
 
 def decoding_modes(parser: argparse.ArgumentParser, args, default: list[str]) -> list[str]:

@@ -36,6 +36,8 @@ try:
 except ImportError:  # a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from arguments import positive_int  # noqa: E402
+
 from acomp.data import Document, SourceSpec, build_corpus, iter_documents  # noqa: E402
 from acomp.data.encode import serial_tokenizers  # noqa: E402
 from acomp.data.tokenizer import (  # noqa: E402
@@ -122,16 +124,24 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--source", default="stdlib", help="a source name of build_corpus (default: stdlib)")
     p.add_argument("--tokenizer", help="tokenizer name/path (default: train a BPE of --vocab on the text)")
-    p.add_argument("--vocab", type=int, default=32000, help="size of the trained BPE (default: 32000)")
-    p.add_argument("--limit-docs", type=int, default=None, help="documents to use (default: all)")
-    p.add_argument("--block-size", type=int, default=2048, help="tokens per block (default: 2048)")
     p.add_argument(
-        "--workers", type=int, nargs="+", default=[1, os.cpu_count() or 1], help="worker counts, one row each"
+        "--vocab", type=positive_int, default=32000, help="size of the trained BPE (default: 32000)"
     )
-    p.add_argument("--repeats", type=int, default=2, help="runs of each configuration (best is shown)")
+    p.add_argument("--limit-docs", type=positive_int, default=None, help="documents to use (default: all)")
+    p.add_argument("--block-size", type=positive_int, default=2048, help="tokens per block (default: 2048)")
+    p.add_argument(
+        "--workers",
+        type=positive_int,
+        nargs="+",
+        default=[1, os.cpu_count() or 1],
+        help="worker counts, one row each",
+    )
+    p.add_argument(
+        "--repeats", type=positive_int, default=2, help="runs of each configuration (best is shown)"
+    )
     p.add_argument(
         "--copies",
-        type=int,
+        type=positive_int,
         default=1,
         help="use the documents this many times (as distinct documents) for longer runs",
     )

@@ -28,6 +28,7 @@ except ImportError:  # a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+from arguments import non_negative_int, positive_int  # noqa: E402
 
 from acomp.data import CorpusDataset, Document, SourceSpec, build_corpus, build_dataloader  # noqa: E402
 from acomp.data.sources import iter_documents  # noqa: E402
@@ -114,17 +115,24 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--corpus", type=Path, help="a built corpus (default: build .bench/stdlib-<block>)")
     p.add_argument(
-        "--block-size", type=int, default=6144, help="block size of the built corpus (default: 6144)"
+        "--block-size", type=positive_int, default=6144, help="block size of the built corpus (default: 6144)"
     )
     p.add_argument(
-        "--min-blocks", type=int, default=3000, help="size of the corpus built when --corpus is not given"
+        "--min-blocks",
+        type=positive_int,
+        default=3000,
+        help="size of the corpus built when --corpus is not given",
     )
-    p.add_argument("--batch-size", type=int, default=8, help="blocks per batch (default: 8)")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="blocks per batch (default: 8)")
     p.add_argument(
-        "--workers", type=int, nargs="+", default=[0, 2], help="loader worker counts, one row each"
+        "--workers",
+        type=non_negative_int,
+        nargs="+",
+        default=[0, 2],
+        help="loader worker counts, one row each",
     )
     p.add_argument(
-        "--min-tokens", type=int, default=200_000_000, help="read at least this many tokens per run"
+        "--min-tokens", type=positive_int, default=200_000_000, help="read at least this many tokens per run"
     )
     args = p.parse_args()
 

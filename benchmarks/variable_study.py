@@ -33,6 +33,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from arguments import non_negative_float, positive_int  # noqa: E402
+
 PRESETS = {
     # name: model arch, steps, batch, eval blocks
     "smoke": {"arch": (64, 2, 4), "base_steps": 4, "steps": 4, "batch": 4, "eval_blocks": 4},
@@ -202,13 +204,23 @@ def main(argv=None) -> int:
         "--threshold", type=float, default=0.5, help="inference stop threshold (variable arms; default 0.5)"
     )
     parser.add_argument(
-        "--lambdas", type=float, nargs="+", default=LAMBDAS, help="length-penalty sweep (default: 0 0.3 1)"
+        "--lambdas",
+        type=non_negative_float,
+        nargs="+",
+        default=LAMBDAS,
+        help="length-penalty sweep (default: 0 0.3 1)",
     )
     parser.add_argument(
-        "--fixed", type=int, nargs="+", default=FIXED, help="fixed summary lengths (default: 1 2 4 16)"
+        "--fixed",
+        type=positive_int,
+        nargs="+",
+        default=FIXED,
+        help="fixed summary lengths (default: 1 2 4 16)",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
+    if not 0.0 <= args.threshold <= 1.0:
+        parser.error(f"--threshold {args.threshold}: expected a stop probability in [0, 1]")
     if args.smoke:
         args.preset = "smoke"
     os.environ.setdefault("DS_ACCELERATOR", "cpu")

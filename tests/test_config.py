@@ -64,6 +64,10 @@ def test_overrides_parse_and_apply(tmp_path):
         ),
         ("train.max_steps=0", r"'train.max_steps' must be > 0"),
         ("compression.lambda_warmup_steps=-1", r"'compression.lambda_warmup_steps' must be >= 0, got -1"),
+        # the variable mode's fields: refused here, before the model is built (they failed there, or trained)
+        ("compression.compression_max_len=0", r"'compression.compression_max_len' must be > 0, got 0"),
+        ("compression.compression_lambda=-1", r"'compression.compression_lambda' must be >= 0, got -1"),
+        ("compression.compression_alpha=0", r"'compression.compression_alpha' must be > 0, got 0"),
         ("compression.compress_stop_threshold=-0.1", r"'compression.compress_stop_threshold' must be in"),
         ("optim.lr=0", r"'optim.lr' must be > 0"),
         (

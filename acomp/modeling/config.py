@@ -108,6 +108,10 @@ def validate_compression_fields(config) -> None:
     m = config.compression_max_len
     if not isinstance(m, int) or m < 1:
         raise ValueError(f"compression_max_len must be an integer >= 1, got {m!r}")
+    if not float(config.compression_lambda) >= 0.0:
+        raise ValueError(f"compression_lambda must be >= 0, got {config.compression_lambda!r}")
+    if not float(config.compression_alpha) > 0.0:
+        raise ValueError(f"compression_alpha must be > 0, got {config.compression_alpha!r}")
     t = config.compress_stop_threshold
     if t is not None and not 0.0 <= float(t) <= 1.0:
         raise ValueError(f"compress_stop_threshold must be None or in [0, 1], got {t!r}")

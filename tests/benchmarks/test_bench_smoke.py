@@ -269,11 +269,15 @@ def test_train_throughput_variant_rows_name_their_recipe(capsys, monkeypatch):
         (["train_throughput.py", "--steps", "0"], "--steps 0: expected >= 1"),
         (["inference.py", "--new-tokens", "0"], "argument --new-tokens: 0 is not >= 1"),
         (["decode_layouts.py", "--batch-sizes", "8", "x"], "argument --batch-sizes: 'x' is not an integer"),
+        (["preprocess_throughput.py", "--repeats", "0"], "argument --repeats: 0 is not >= 1"),
+        (["streaming_throughput.py", "--workers", "2", "-1"], "argument --workers: -1 is not >= 0"),
+        (["variable_study.py", "--smoke", "--lambdas", "-0.3"], "argument --lambdas: -0.3 is not >= 0.0"),
     ],
 )
 def test_benchmark_flags_are_refused_before_anything_is_built(command, error):
     """A bad count or config override exits 2 with one line naming it, before any corpus, model or GPU check
-    (on the GPU host a bad --set failed every row after its corpus and model were built, and the call exited 0)."""
+    (train_throughput's bad --set failed every row after its corpus and model were built and exited 0; a zero
+    --repeats divided by zero after the whole run)."""
     script, *flags = command
     proc = subprocess.run(
         [sys.executable, f"benchmarks/{script}", *flags],

@@ -442,6 +442,10 @@ def test_clear_errors_on_bad_input():
         model(ids, softprompt=torch.zeros(1, 3, 16))
     with pytest.raises(ValueError, match="summary_length must be an integer >= 0, got -1"):
         MODEL_CLASS["llama"](tiny_config("llama", summary_length=-1))
+    with pytest.raises(ValueError, match="compression_lambda must be >= 0, got -0.5"):
+        MODEL_CLASS["llama"](tiny_config("llama", compression_lambda=-0.5))
+    with pytest.raises(ValueError, match="compression_alpha must be > 0, got 0"):
+        MODEL_CLASS["llama"](tiny_config("llama", compression_alpha=0))
     with pytest.raises(ValueError, match="summary_init must be one of \\('eos', 'normal'\\), got 'zeros'"):
         MODEL_CLASS["llama"](tiny_config("llama", summary_init="zeros"))
     with pytest.raises(ValueError, match="no AutoCompressor for model_type 'gpt2'"):
