@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 
 import torch
-from arguments import positive_int
 from inference import (
     DECODING_ARGS,
     decoding_modes,
@@ -36,6 +35,7 @@ from summary_profile import kv_bytes_per_token
 from transformers import LlamaConfig
 
 from acomp import LlamaAutoCompressorModel
+from acomp.cli import positive_int
 from acomp.modeling.softprompt import Softprompt
 from acomp.modeling.variable import absent_bias
 

@@ -25,11 +25,11 @@ import sys
 import time
 
 import torch
-from arguments import positive_int
 from summary_profile import kv_bytes_per_token
 from transformers import LlamaConfig
 
 from acomp import LlamaAutoCompressorModel
+from acomp.cli import positive_int
 
 
 def llama_1b(max_positions: int) -> LlamaConfig:

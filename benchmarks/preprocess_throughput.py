@@ -36,8 +36,7 @@ try:
 except ImportError:  # a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from arguments import positive_int  # noqa: E402
-
+from acomp.cli import positive_int  # noqa: E402
 from acomp.data import Document, SourceSpec, build_corpus, iter_documents  # noqa: E402
 from acomp.data.encode import serial_tokenizers  # noqa: E402
 from acomp.data.tokenizer import (  # noqa: E402

@@ -28,8 +28,8 @@ except ImportError:  # a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
-from arguments import non_negative_int, positive_int  # noqa: E402
 
+from acomp.cli import non_negative_int, positive_int  # noqa: E402
 from acomp.data import CorpusDataset, Document, SourceSpec, build_corpus, build_dataloader  # noqa: E402
 from acomp.data.sources import iter_documents  # noqa: E402
 

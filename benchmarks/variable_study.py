@@ -33,7 +33,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from arguments import non_negative_float, positive_int  # noqa: E402
+from acomp.cli import non_negative_float, positive_int  # noqa: E402
 
 PRESETS = {
     # name: model arch, steps, batch, eval blocks

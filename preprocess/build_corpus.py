@@ -29,6 +29,7 @@ try:
 except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from acomp.cli import positive_int  # noqa: E402
 from acomp.data import RemoteError, SourceFormatError, build_corpus, upload_corpus  # noqa: E402
 from acomp.data.remote import stage_dir  # noqa: E402
 
@@ -52,13 +53,6 @@ def _domain_source(value: str) -> tuple[str, str]:
     if not sep or not name or not path:
         raise argparse.ArgumentTypeError(f"--domain-source expects NAME=PATH, got {value!r}")
     return name, path
-
-
-def _positive(value: str) -> int:
-    number = int(value)
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
-    return number
 
 
 def parser() -> argparse.ArgumentParser:
@@ -100,20 +94,22 @@ def parser() -> argparse.ArgumentParser:
     tok.add_argument("--tokenizer", metavar="TOK", help="AutoTokenizer name or local path")
     tok.add_argument(
         "--train-tokenizer",
-        type=_positive,
+        type=positive_int,
         metavar="VOCAB",
         help="train a byte-level BPE with VOCAB tokens on the training split and save it",
     )
     tok.add_argument(
         "--tokenizer-train-chars",
-        type=_positive,
+        type=positive_int,
         default=500_000_000,
         help="with --train-tokenizer: train on at most this many characters (default: 500M)",
     )
     shape = p.add_argument_group("corpus shape")
-    shape.add_argument("--block-size", type=_positive, help="tokens per block (default: recipe's, else 6144)")
     shape.add_argument(
-        "--limit-docs", type=_positive, metavar="N", help="read at most N documents per source"
+        "--block-size", type=positive_int, help="tokens per block (default: recipe's, else 6144)"
+    )
+    shape.add_argument(
+        "--limit-docs", type=positive_int, metavar="N", help="read at most N documents per source"
     )
     shape.add_argument("--max-tokens", metavar="N", help="cap training tokens per domain (e.g. 5M, 0.5B)")
     shape.add_argument(
@@ -147,7 +143,7 @@ def parser() -> argparse.ArgumentParser:
     run = p.add_argument_group("run")
     run.add_argument(
         "--num-workers",
-        type=_positive,
+        type=positive_int,
         default=os.cpu_count() or 1,
         help="tokenizer processes, 1 = in this process (default: all cores); the output is the same for any value",
     )
