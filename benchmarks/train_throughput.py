@@ -169,6 +169,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         recipe = spec.partition(":")[0].partition("@")[2]
         if recipe and recipe not in ROWS:
             p.error(f"--variant {spec!r}: unknown recipe {recipe!r}; expected one of {sorted(ROWS)}")
+    # checked here, not by acomp.cli's argparse types: importing acomp imports torch before --env is applied
     for flag, value, least in [
         ("--steps", args.steps, 1),
         ("--first-steps", args.first_steps, 1),
@@ -553,6 +554,12 @@ def run_row_cold(index: int, row: dict, argv: list[str], out: Path) -> dict:
         return {**row, "status": f"error: the row's process exited with {proc.returncode} and no result"}
 
 
+def save_report(report: Path, info: dict, results: list[dict]) -> None:
+    """The call's JSON (rank 0), rewritten after every row so that a crash keeps the rows done."""
+    report.parent.mkdir(parents=True, exist_ok=True)
+    report.write_text(json.dumps({"meta": info, "results": results}, indent=2, default=str))
+
+
 def end_call_on_row_failure(row, result, dist, report, info, results) -> None:
     """Under torchrun a row that fails on one rank leaves the others waiting in the row's collectives (until the
     process group's timeout), and going on would pair this rank's next collectives with theirs: end the call
@@ -564,8 +571,7 @@ def end_call_on_row_failure(row, result, dist, report, info, results) -> None:
         flush=True,
     )
     if dist.is_main:
-        report.parent.mkdir(parents=True, exist_ok=True)
-        report.write_text(json.dumps({"meta": info, "results": [*results, result]}, indent=2, default=str))
+        save_report(report, info, [*results, result])
     os._exit(1)  # no clean shutdown: the process group's teardown would wait on the other ranks
 
 
@@ -630,11 +636,10 @@ def main(argv=None) -> int:
                   f"first {fmt(result.get('first_tokens_per_s'), ',.0f')} tok/s, steady "
                   f"{fmt(result.get('tokens_per_s'), ',.0f')} tok/s, MFU {fmt(result.get('mfu'), '.3f')}, "
                   f"{fmt(result.get('peak_mem_gib'), '.1f')} GiB", flush=True)  # fmt: skip
-            report.parent.mkdir(parents=True, exist_ok=True)
-            report.write_text(json.dumps({"meta": info, "results": results}, indent=2, default=str))
+            save_report(report, info, results)
     if dist.is_main:
         info["total_s"] = time.perf_counter() - started
-        report.write_text(json.dumps({"meta": info, "results": results}, indent=2, default=str))
+        save_report(report, info, results)
         if args.row_index is None:  # a --cold-compile child leaves the table to its parent
             print_table(results)
     return 0
