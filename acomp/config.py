@@ -45,8 +45,6 @@ class ModelConfig(KernelFields):
     # How compiled layers see a random boundary's length: "dynamic" (a symbolic size; inductor still specialises
     # on its 8-alignment) or "unbacked" (one graph for every length; runs slower: docs/TRAINING.md).
     compile_length: str = "dynamic"
-    # Liger-kernel's fused RMSNorm / RoPE / SwiGLU for Llama-family models (needs the liger-kernel package).
-    liger_kernel: bool = False
 
 
 @dataclass
@@ -174,6 +172,15 @@ RENAMED_KEYS = {
     "model.init_summary_from_eos": "model.init_summary",
 }
 
+# Removed keys: configs saved before the removal still load when the key holds its old default (it is dropped);
+# any other value is refused, saying why the setting went.
+REMOVED_KEYS = {
+    "model.liger_kernel": (
+        False,
+        "Liger-kernel's fused layers ran 2.2x slower than the compiled layers they replaced (benchmarks/RESULTS.md)",
+    ),
+}
+
 
 def choices() -> dict[str, tuple[str, ...]]:
     """The allowed values of every key that takes one of a few names, read from where each list lives."""
@@ -280,7 +287,7 @@ def set_dotted(raw: dict, key: str, value: Any) -> None:
 
 
 def config_from_dict(raw: dict) -> RunConfig:
-    raw = _renamed(raw)
+    raw = _without_removed(_renamed(raw))
     cfg = _build(RunConfig, raw, prefix="")
     validate(cfg)
     return cfg
@@ -300,6 +307,19 @@ def _renamed(raw: dict) -> dict:
         part[new_name] = part.pop(old_name)
         raw = {**raw, section: part}
         print(f"config: {old!r} is now called {new!r}; please rename it", file=sys.stderr)
+    return raw
+
+
+def _without_removed(raw: dict) -> dict:
+    """`raw` without removed keys that hold their old default; ConfigError for one set to anything else."""
+    for key, (default, why) in REMOVED_KEYS.items():
+        section, name = key.split(".")
+        part = raw.get(section)
+        if not isinstance(part, dict) or name not in part:
+            continue
+        if part[name] != default:
+            raise ConfigError(f"config key {key!r} was removed: {why}; delete it")
+        raw = {**raw, section: {k: v for k, v in part.items() if k != name}}
     return raw
 
 

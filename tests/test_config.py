@@ -190,6 +190,16 @@ def test_a_renamed_key_is_read_under_its_new_name_with_a_message(capsys):
         config_from_dict(raw)
 
 
+def test_a_removed_key_loads_at_its_old_default_and_is_refused_otherwise():
+    """Saved runs' configs (every one says `liger_kernel: false`) still load; setting it names why it went."""
+    raw = {"model": {"name_or_path": "x", "liger_kernel": False}, "compression": {"segment_lengths": [8, 8]}}
+    cfg = config_from_dict(raw)
+    assert not hasattr(cfg.model, "liger_kernel") and cfg.model.name_or_path == "x"
+    raw["model"]["liger_kernel"] = True
+    with pytest.raises(ConfigError, match=r"config key 'model.liger_kernel' was removed: .*2.2x slower"):
+        config_from_dict(raw)
+
+
 def test_model_and_run_config_share_one_set_of_compression_defaults():
     """The trainer's model gets the library's defaults: the run config extends the model's fields."""
     from acomp.modeling import COMPRESSION_DEFAULTS

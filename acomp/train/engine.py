@@ -248,8 +248,6 @@ def build_model(
     if policy == "always" or (policy == "auto" and missing_summary):
         model.init_summary_embeddings()  # gathers ZeRO-3 partitions itself
     new_tokens = resize_for_corpus(model, corpus_vocab)
-    if cfg.model.liger_kernel:
-        apply_liger_kernel(model)
     if cfg.lora.enabled:
         model = add_lora(model, cfg, new_tokens)
     # peft creates its weights in fp32; ZeRO-3 needs one dtype across parameters (partitioned ones already are).
@@ -275,24 +273,6 @@ def compiles_layers(cfg: RunConfig, device: torch.device | None) -> bool:
     if cfg.model.compile_layers is None:
         return device is not None and device.type == "cuda"
     return cfg.model.compile_layers
-
-
-def apply_liger_kernel(model: torch.nn.Module) -> None:
-    """Liger-kernel's fused RMSNorm, RoPE and SwiGLU on a Llama-family model, in place (not its fused
-    cross-entropy: our loss is acomp.modeling.compressor.chunked_nll). Needs `pip install liger-kernel`."""
-    try:
-        from liger_kernel.transformers import _apply_liger_kernel_to_instance
-    except ImportError:
-        raise ConfigError(
-            "model.liger_kernel=true needs the liger-kernel package (pip install liger-kernel)"
-        ) from None
-    model_type = unwrap(model).config.model_type
-    if model_type not in ("llama", "mistral", "qwen2", "qwen3"):
-        raise ConfigError(f"model.liger_kernel=true supports Llama-family models, not {model_type!r}")
-    _apply_liger_kernel_to_instance(
-        model=unwrap(model), rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
-        fused_linear_cross_entropy=False,
-    )  # fmt: skip
 
 
 def compile_length_plan(cfg: RunConfig, model: torch.nn.Module) -> tuple[str, str]:
