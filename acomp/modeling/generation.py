@@ -144,6 +144,13 @@ def generate(
     softprompt = as_softprompt(softprompt, softprompt_bias, batch, embed.weight)
     if softprompt is None:
         softprompt = Softprompt(embed.weight.new_zeros(batch, 0, embed.embedding_dim))
+    if not softprompt.length:
+        empty = ~attention_mask.bool().any(dim=1)
+        if bool(empty.any()):
+            raise ValueError(
+                f"sample {int(empty.nonzero()[0])} has no prompt tokens and there are no summary vectors: nothing "
+                "to continue from"
+            )
     _check_positions(model, softprompt, attention_mask, max_new_tokens)
     cache, logits = _prefill(model, input_ids, attention_mask, softprompt)
     if max_new_tokens == 0:
@@ -179,7 +186,7 @@ def _check_positions(
         return
     taken = softprompt.span if rule.softprompt_consumes_positions else 0
     prompt = int(attention_mask.sum(dim=1).max()) if attention_mask.numel() else 0
-    needed = taken + prompt + max_new_tokens
+    needed = taken + prompt + max(max_new_tokens - 1, 0)  # the last new token is never fed back
     if needed <= limit:
         return
     message = (
@@ -247,15 +254,15 @@ def _prefill(model, input_ids, attention_mask, softprompt: Softprompt):
             past_key_values=cache,
             use_cache=True,
         ).last_hidden_state
-    # The next token is predicted at the last real prompt token (the last column under left padding), or with
-    # an empty prompt at the last present summary vector.
-    if prompt_len == 0:
+    # The next token is predicted at each sample's last real prompt token (the last column under left padding),
+    # or, for a sample whose prompt is empty (all padding), at its last present summary vector.
+    last = softprompt.length + _last_true_index(attention_mask) if prompt_len else None
+    if softprompt.length:  # generate() refused a sample with neither prompt tokens nor summary vectors
         present = torch.ones(batch, softprompt.length, dtype=torch.bool, device=input_ids.device)
         if softprompt.bias is not None:
             present = ~is_absent(softprompt.bias)
-        last = _last_true_index(present)
-    else:
-        last = softprompt.length + _last_true_index(attention_mask)
+        on_summary = _last_true_index(present)
+        last = on_summary if last is None else torch.where(attention_mask.bool().any(dim=1), last, on_summary)
     return cache, model.lm_head(hidden[torch.arange(batch, device=input_ids.device), last])
 
 

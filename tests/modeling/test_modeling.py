@@ -203,6 +203,22 @@ def test_generate_left_padded_batch_matches_single():
     assert torch.equal(batched[1, 6:], single[0, 4:])
 
 
+@pytest.mark.parametrize("decoding", ["dynamic", "static"])
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_generate_batch_with_an_empty_prompt_matches_single(family, decoding):
+    """A sample whose prompt is all padding continues from its last summary vector, as it does alone."""
+    model = tiny_model(family)
+    sp = model.compress(random_ids(2, 12, seed=5), segment_lengths=[6, 6])
+    prompt = random_ids(2, 4, seed=6)
+    mask = torch.tensor([[1, 1, 1, 1], [0, 0, 0, 0]])
+    kwargs = dict(max_new_tokens=5, eos_token_id=[], decoding=decoding)
+    batched = model.generate(prompt, attention_mask=mask, softprompt=sp, **kwargs)
+    assert torch.equal(batched[0], model.generate(prompt[:1], softprompt=sp[:1], **kwargs)[0])
+    assert torch.equal(batched[1, 4:], model.generate(prompt[1:, :0], softprompt=sp[1:], **kwargs)[0])
+    with pytest.raises(ValueError, match="sample 1 has no prompt tokens and there are no summary vectors"):
+        model.generate(prompt, attention_mask=mask, max_new_tokens=2)
+
+
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
@@ -350,22 +366,27 @@ def test_generate_rejects_bad_options_with_the_reason():
 
 def test_generate_past_the_position_table_is_an_error_for_opt_and_a_warning_for_rope():
     """OPT's learned positions end at max_position_embeddings (128 here): one token more is refused before any
-    work (pads take no positions); a RoPE model (256 positions, summary vectors counted) generates, warned."""
+    work (pads take no positions; the last new token is never fed back, so it takes none); a RoPE model (256
+    positions, summary vectors counted) generates, warned."""
     opt = tiny_model("opt")
     prompt = torch.cat([torch.zeros(1, 5, dtype=torch.long), random_ids(1, 100)], dim=1)
     mask = (torch.arange(105) >= 5).long()[None]
-    assert opt.generate(prompt, attention_mask=mask, max_new_tokens=28, eos_token_id=[]).shape == (1, 133)
+    fits = opt.generate(prompt, attention_mask=mask, max_new_tokens=29, eos_token_id=[])
+    ids = prompt[:, 5:]
+    for _ in range(29):  # the argmax loop over the whole table: positions 0-127
+        ids = torch.cat([ids, opt(ids).logits[:, -1:].argmax(-1)], dim=1)
+    assert torch.equal(fits[:, 5:], ids)
     with pytest.raises(
-        ValueError, match=r"longest prompt \(100 tokens\) plus max_new_tokens=29 needs 129 positions; "
+        ValueError, match=r"longest prompt \(100 tokens\) plus max_new_tokens=30 needs 129 positions; "
     ):
-        opt.generate(prompt, attention_mask=mask, max_new_tokens=29)
+        opt.generate(prompt, attention_mask=mask, max_new_tokens=30)
     llama = tiny_model("llama")
     summary = llama.compress_context(random_ids(1, 20), segment_lengths=[10, 10]).summary
     with pytest.warns(
-        UserWarning, match=r"\(240 tokens\) behind 6 summary positions plus max_new_tokens=11 needs 257"
+        UserWarning, match=r"\(240 tokens\) behind 6 summary positions plus max_new_tokens=12 needs 257"
     ):
-        out = llama.generate(random_ids(1, 240), softprompt=summary, max_new_tokens=11, eos_token_id=[])
-    assert out.shape == (1, 251)
+        out = llama.generate(random_ids(1, 240), softprompt=summary, max_new_tokens=12, eos_token_id=[])
+    assert out.shape == (1, 252)
 
 
 def test_generate_stops_at_eos_and_pads():
