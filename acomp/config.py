@@ -280,7 +280,9 @@ def set_dotted(raw: dict, key: str, value: Any) -> None:
     parts = key.split(".")
     node = raw
     for part in parts[:-1]:
-        node = node.setdefault(part, {})
+        if node.get(part) is None:  # absent, or a section left empty in the YAML file
+            node[part] = {}
+        node = node[part]
         if not isinstance(node, dict):
             raise ConfigError(f"override {key!r}: {part!r} is not a section")
     node[parts[-1]] = value
@@ -474,6 +476,16 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"config key 'optim.lr' must be > 0, got {cfg.optim.lr}")
     if len(cfg.optim.betas) != 2:
         raise ConfigError(f"config key 'optim.betas' must have 2 values, got {cfg.optim.betas}")
+    if not all(0.0 <= b < 1.0 for b in cfg.optim.betas):
+        raise ConfigError(f"config key 'optim.betas' must be in [0, 1), got {cfg.optim.betas}")
+    if not cfg.optim.eps >= 0.0:
+        raise ConfigError(f"config key 'optim.eps' must be >= 0, got {cfg.optim.eps}")
+    if not 0 <= t.seed < 2**63:
+        raise ConfigError(f"config key 'train.seed' must be in [0, 2**63), got {t.seed}")
+    if t.peak_tflops is not None and not t.peak_tflops > 0:
+        raise ConfigError(
+            f"config key 'train.peak_tflops' must be > 0 (or null: detect), got {t.peak_tflops}"
+        )
     if not 0.0 <= cfg.optim.min_lr_ratio <= 1.0:
         raise ConfigError(f"config key 'optim.min_lr_ratio' must be in [0, 1], got {cfg.optim.min_lr_ratio}")
     if not c.randomize_segments:
@@ -498,6 +510,8 @@ def validate(cfg: RunConfig) -> None:
         check_arch_keys(cfg.model.family, cfg.model.arch)
     if cfg.lora.enabled and cfg.lora.r <= 0:
         raise ConfigError(f"config key 'lora.r' must be > 0, got {cfg.lora.r}")
+    if cfg.lora.enabled and not 0.0 <= cfg.lora.dropout < 1.0:
+        raise ConfigError(f"config key 'lora.dropout' must be in [0, 1), got {cfg.lora.dropout}")
     if t.micro_batch_size > t.global_batch_size:
         raise ConfigError(
             f"train.micro_batch_size ({t.micro_batch_size}) > train.global_batch_size ({t.global_batch_size})"

@@ -70,6 +70,11 @@ def test_overrides_parse_and_apply(tmp_path):
         ("compression.compression_alpha=0", r"'compression.compression_alpha' must be > 0, got 0"),
         ("compression.compress_stop_threshold=-0.1", r"'compression.compress_stop_threshold' must be in"),
         ("optim.lr=0", r"'optim.lr' must be > 0"),
+        # values torch or peft refused only once the model was built, or that failed at the first step
+        ("optim.betas=[1.5,0.999]", r"'optim.betas' must be in \[0, 1\), got \[1.5, 0.999\]"),
+        ("optim.eps=-1", r"'optim.eps' must be >= 0, got -1"),
+        ("train.seed=-1", r"'train.seed' must be in \[0, 2\*\*63\), got -1"),
+        ("train.peak_tflops=0", r"'train.peak_tflops' must be > 0 \(or null: detect\), got 0"),
         (
             "compression.segment_lengths=[128]",
             r"segment_lengths has 1 entries but .*segments_per_substep is 2",
@@ -81,6 +86,20 @@ def test_overrides_parse_and_apply(tmp_path):
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(REPO / "configs" / "tiny.yaml", [override])
+
+
+def test_an_override_fills_a_section_left_empty_in_the_file(tmp_path):
+    path = tmp_path / "run.yaml"
+    text = (REPO / "configs" / "tiny.yaml").read_text()
+    path.write_text(text[: text.index("logging:")] + "logging:\nlora:\n")
+    cfg = load_config(path, ["logging.log_every=3", "lora.r=4"])
+    assert cfg.logging.log_every == 3 and cfg.lora.r == 4
+
+
+def test_lora_dropout_is_checked_when_lora_is_on():
+    with pytest.raises(ConfigError, match=r"'lora.dropout' must be in \[0, 1\), got 1.5"):
+        load_config(REPO / "configs" / "tiny.yaml", ["lora.enabled=true", "lora.dropout=1.5"])
+    assert load_config(REPO / "configs" / "tiny.yaml", ["lora.dropout=1.5"]).lora.enabled is False
 
 
 def test_folded_presence_attention_needs_sdpa():

@@ -69,7 +69,7 @@ def ensure_corpus(cfg: RunConfig, is_main: bool) -> None:
         print(f"building the corpus at {path} ({cfg.data.build_if_missing})", flush=True)
         try:
             build_corpus(out=path, **cfg.data.build_if_missing)
-        except TypeError as e:
+        except (TypeError, ValueError, FileNotFoundError) as e:  # an unknown or bad option, a missing source
             raise ConfigError(f"data.build_if_missing: {e}") from None
     barrier()
 

@@ -185,7 +185,7 @@ def base_model_config(cfg: RunConfig, tokenizer):
             arch.setdefault(name, token_id)
     try:
         return CONFIG_MAPPING[m.family](**arch)
-    except TypeError as e:
+    except (TypeError, ValueError, KeyError) as e:  # a key it refuses, or a value its own checks refuse
         raise ConfigError(f"model.arch does not fit a {m.family} config: {e}") from None
 
 

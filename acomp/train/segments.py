@@ -187,5 +187,6 @@ def segment_generator(seed: int, step: int, micro: int, rank: int) -> torch.Gene
     """A generator for one micro-batch's random boundaries: a pure function of (seed, step, micro, rank), so a
     resumed run draws exactly the boundaries the uninterrupted run would have drawn."""
     g = torch.Generator()
-    g.manual_seed((seed * 1_000_003 + step) * 1_000_003 + micro * 65_537 + rank)
+    # mod 2**64: torch refuses larger seeds; smaller ones are unchanged
+    g.manual_seed(((seed * 1_000_003 + step) * 1_000_003 + micro * 65_537 + rank) % 2**64)
     return g

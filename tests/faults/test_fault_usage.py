@@ -37,6 +37,39 @@ def test_a_misspelt_model_arch_key_is_refused_with_the_close_key():
     assert config_from_dict({"model": opt}).model.arch["ffn_dim"] == 64  # keys of the family's config class
 
 
+def test_model_arch_values_its_config_class_refuses_are_a_config_error():
+    """transformers' own checks (here Qwen2's layer_types against num_hidden_layers) become one line naming
+    model.arch, not the model-source error of a pretrained name."""
+    from acomp.train.engine import base_model_config
+
+    class Tokenizer:
+        bos_token_id = eos_token_id = pad_token_id = None
+
+        def __len__(self):
+            return 100
+
+    arch = {"hidden_size": 32, "num_hidden_layers": 1, "layer_types": ["full_attention", "full_attention"]}
+    cfg = config_from_dict({"model": {"family": "qwen2", "arch": arch}})
+    with pytest.raises(ConfigError, match=r"^model.arch does not fit a qwen2 config: .*num_hidden_layers"):
+        base_model_config(cfg, Tokenizer())
+
+
+def test_bad_build_if_missing_options_are_a_config_error(tmp_path):
+    from acomp.train.data import ensure_corpus
+
+    for options, message in [
+        ({"source": "stdlib", "block_size": 1}, r"block_size must be an integer >= 2, got 1"),
+        (
+            {"source": str(tmp_path / "none"), "block_size": 128, "train_tokenizer_vocab": 512},
+            r"does not exist",
+        ),
+    ]:
+        cfg = load_config(TINY, [f"data.path={tmp_path / 'corpus'}"])
+        cfg.data.build_if_missing = options
+        with pytest.raises(ConfigError, match=r"^data.build_if_missing: .*" + message):
+            ensure_corpus(cfg, True)
+
+
 def test_a_section_given_twice_in_a_yaml_file_is_refused(tmp_path):
     text = TINY.read_text() + "\ntrain:\n  max_steps: 5\n"
     (tmp_path / "twice.yaml").write_text(text)

@@ -95,6 +95,17 @@ def test_random_substeps_are_equal_slices_and_reproducible():
     assert [s.segment_lengths for s in a] != [s.segment_lengths for s in c]
 
 
+def test_any_seed_draws_boundaries():
+    """Seeds whose mixed value passes 2**64 (date-like ones) wrap instead of failing at the first step; smaller
+    ones draw what they drew before."""
+    cfg = CompressionConfig(training_substeps=2, segments_per_substep=2, randomize_segments=True)
+    ids = torch.arange(301).unsqueeze(0)
+    assert split_substeps(ids, cfg, 1000, segment_generator(20240101, step=3, micro=1, rank=0))
+    g = segment_generator(7, step=3, micro=1, rank=2)
+    expected = torch.Generator().manual_seed((7 * 1_000_003 + 3) * 1_000_003 + 65_537 + 2)
+    assert torch.equal(torch.rand(4, generator=g), torch.rand(4, generator=expected))
+
+
 def test_position_budget():
     cfg = CompressionConfig(summary_length=50, training_substeps=2, segments_per_substep=2)
     llama = LlamaConfig(max_position_embeddings=4096)
