@@ -12,7 +12,7 @@ def _at_least(text: str, kind: type, least: float):
         value = kind(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected {what} >= {least}, got {text!r}") from None
-    if value < least:
+    if not value >= least:  # NaN too
         raise argparse.ArgumentTypeError(f"expected {what} >= {least}, got {text}")
     return value
 

@@ -29,6 +29,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from acomp.cli import non_negative_int, positive_int  # noqa: E402  (after the repository is on the path)
+
 FORMAT = 2  # 2 adds the positions of compacted vectors; files of format 1 still load
 
 
@@ -204,10 +206,11 @@ def check_positions(model, model_path: str, summary, prompt_tokens: int, new_tok
     positions: beyond them a RoPE model runs on positions it never saw and an OPT model has no embedding."""
     taken = summary.span if model.position_rule.softprompt_consumes_positions else 0
     limit = model.config.max_position_embeddings
-    if taken + prompt_tokens + new_tokens > limit:
+    needed = taken + prompt_tokens + new_tokens - 1  # the last new token is never fed back
+    if needed > limit:
         raise UsageError(
             f"the prompt has {prompt_tokens} tokens: with {taken} summary positions and --max-new-tokens "
-            f"{new_tokens} that is {taken + prompt_tokens + new_tokens} positions, more than the {limit} of "
+            f"{new_tokens} that is {needed} positions, more than the {limit} of "
             f"{model_path}; shorten the prompt (compress a long text with `compress` instead)"
         )
 
@@ -227,19 +230,19 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", required=True, help="where to save the summary vectors (.pt)")
     c.add_argument(
         "--segment-length",
-        type=int,
+        type=positive_int,
         default=None,
         help="tokens per compressed segment (default: max_position_embeddings / 4, at most 2048)",
     )
     c.add_argument(
         "--segments",
-        type=int,
+        type=positive_int,
         default=3,
         help="segments to compress from the start of the document (default 3)",
     )
     c.add_argument(
         "--prompt-tokens",
-        type=int,
+        type=non_negative_int,
         default=24,
         help="tokens after the compressed part kept as the default prompt (default 24)",
     )
@@ -255,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument(
         "--prompt", default=None, help="prompt text (default: the text that follows the compressed part)"
     )
-    a.add_argument("--max-new-tokens", type=int, default=40, help="tokens to generate (default 40)")
+    a.add_argument("--max-new-tokens", type=positive_int, default=40, help="tokens to generate (default 40)")
     a.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     a.add_argument(
         "--temperature", type=float, default=1.0, help="sampling temperature (with --sample; default 1.0)"

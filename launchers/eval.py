@@ -117,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     import torch
 
+    from acomp.data.remote import RemoteError
     from acomp.eval import CorpusBlocks, ProtocolConfig, evaluate, report
 
     cfg = ProtocolConfig(
@@ -144,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
             model, blocks, cfg, device=device, progress=not args.no_progress, keep_records=args.records
         )
         result.plan.warnings[:0] = warnings  # into results.json and results.md with the planner's
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, RemoteError) as e:  # RemoteError: no corpus at a remote --data
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:

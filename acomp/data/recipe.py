@@ -49,7 +49,7 @@ def parse_count(value: Any, what: str) -> int | None:
             scale, text = _SUFFIXES[text[-1]], text[:-1]
         try:
             count = round(float(text) * scale)
-        except ValueError:
+        except (ValueError, OverflowError):  # not a number, or inf
             raise ValueError(
                 f"{what}: cannot read {value!r} as a token count (e.g. 5000, '2M', '0.5B')"
             ) from None

@@ -160,15 +160,16 @@ def plan_conditions(model, cfg: ProtocolConfig, block_size: int) -> ConditionPla
         )
     warnings: list[str] = []
     conditions = [Condition(NO_CONTEXT)]
+    k_summary = k_max  # summary conditions; full attention keeps every k x S that fits (below)
     if slots == 0 and k_max:
         warnings.append("the model has summary_length 0 (no compression): summary conditions skipped")
-        k_max = 0
-    for k in range(1, k_max + 1):
+        k_summary = 0
+    for k in range(1, k_summary + 1):
         conditions.append(Condition(SUMMARY, k * S, (S,) * k))
     if variable:
         for threshold in (None, *dict.fromkeys(float(t) for t in cfg.stop_thresholds)):
             conditions += [
-                Condition(SUMMARY_VARIABLE, k * S, (S,) * k, threshold) for k in range(1, k_max + 1)
+                Condition(SUMMARY_VARIABLE, k * S, (S,) * k, threshold) for k in range(1, k_summary + 1)
             ]
     elif cfg.stop_thresholds:
         warnings.append(
@@ -176,6 +177,7 @@ def plan_conditions(model, cfg: ProtocolConfig, block_size: int) -> ConditionPla
         )
     max_pos = int(getattr(config, "max_position_embeddings", 0) or 0)
     window = max_pos if cfg.fa_window is None else cfg.fa_window
+    _check_lengths(model, E, S, window, max_pos, warnings)
     fa_contexts = sorted(
         {k * S for k in range(1, k_max + 1) if k * S + E <= window}
         | ({min(window, block_size) - E} if min(window, block_size) > E else set())
@@ -188,6 +190,23 @@ def plan_conditions(model, cfg: ProtocolConfig, block_size: int) -> ConditionPla
     conditions += [Condition(FULL_ATTENTION, c) for c in fa_contexts]
     _check_positions(model, conditions, E, S, slots, max_pos, warnings)
     return ConditionPlan(conditions, E, slots, window, warnings)
+
+
+def _check_lengths(model, E, S, window, max_pos, warnings) -> None:
+    """The evaluation segment, a compressed segment's text and the full-attention window against the model's
+    positions: past them a learned position table (OPT) has no embedding (a ValueError naming the value,
+    before any scoring), a RoPE model runs on positions it may never have trained on (a warning)."""
+    rule = getattr(model, "position_rule", None)
+    if not max_pos or rule is None:
+        return
+    for name, value in (("eval_segment", E), ("segment_length", S), ("fa_window", window)):
+        if value <= max_pos:
+            continue
+        message = f"{name}={value} is longer than the model's max_position_embeddings={max_pos}"
+        if rule.learned_table:
+            raise ValueError(message + " (a learned position table)")
+        if name != "segment_length":  # the summary conditions' own check covers compressed segments
+            warnings.append(message + ": positions it may never have trained on")
 
 
 def _check_positions(model, conditions, E, S, slots, max_pos, warnings) -> None:

@@ -111,6 +111,32 @@ def test_planner_errors_and_warnings():
     assert select_blocks(10, 4) == [0, 2, 5, 7] and select_blocks(3, None) == [0, 1, 2]
 
 
+def test_the_planner_checks_lengths_against_the_positions():
+    """Past max_position_embeddings a learned table (OPT) has no embedding: refused before any scoring; a RoPE
+    model's full attention is warned about, as its summary conditions are."""
+    opt, llama = tiny_model("opt"), tiny_model("llama")
+    limit = opt.config.max_position_embeddings
+    cfg = ProtocolConfig(eval_segment=E, segment_length=S, fa_window=limit + 16)
+    with pytest.raises(ValueError, match=f"^fa_window={limit + 16} is longer than the model's max_pos"):
+        plan_conditions(opt, cfg, 2 * limit)
+    with pytest.raises(ValueError, match=f"^eval_segment={limit + 16} is longer than"):
+        plan_conditions(
+            opt, ProtocolConfig(eval_segment=limit + 16, fa_window=0, max_context_segments=0), 4 * limit
+        )
+    window = llama.config.max_position_embeddings + 16
+    plan = plan_conditions(llama, replace(cfg, fa_window=window), 2 * window)
+    assert any(w.startswith(f"fa_window={window} is longer than") for w in plan.warnings)
+
+
+def test_a_model_that_does_not_compress_keeps_every_full_attention_context():
+    """summary_length 0 (the quality benchmark's base): no summary conditions, every k x S full attention."""
+    model = tiny_model("llama", summary_length=0)
+    plan = plan_conditions(model, ProtocolConfig(eval_segment=E, segment_length=S), 64)
+    assert [c.name for c in plan.conditions] == [
+        "no_context", "full_attention_16", "full_attention_32", "full_attention_48"
+    ]  # fmt: skip
+
+
 def test_variable_length_conditions_count_their_vectors():
     model = tiny_model("llama", compression_mode="variable", compression_max_len=4)
     cfg = ProtocolConfig(eval_segment=E, segment_length=S, fa_window=0, stop_threshold=0.0)

@@ -141,3 +141,31 @@ def test_answer_refuses_vectors_of_another_model(tmp_path, tokenizer, capsys):
     )
     line = refusal(example, ["answer", "--summary", str(summary), "--model", str(tmp_path / "wide")], capsys)
     assert re.fullmatch(r"the summary vectors are 32 wide but .* has hidden_size 64: they belong to .*", line)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ["compress", "--out", "s.pt", "--segment-length", "0"],
+            "argument --segment-length: expected an integer >= 1, got 0",
+        ),
+        (
+            ["compress", "--out", "s.pt", "--segments", "0"],
+            "argument --segments: expected an integer >= 1, got 0",
+        ),
+        (
+            ["compress", "--out", "s.pt", "--prompt-tokens", "-1"],
+            "argument --prompt-tokens: expected an integer >= 0, got -1",
+        ),
+        (
+            ["answer", "--summary", "s.pt", "--max-new-tokens", "-3"],
+            "argument --max-new-tokens: expected an integer >= 1, got -3",
+        ),
+    ],
+)
+def test_bad_counts_are_refused_before_any_model_is_loaded(args, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        _example().main(args)
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(message)

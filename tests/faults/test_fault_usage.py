@@ -167,6 +167,20 @@ def test_eval_names_a_missing_model_or_corpus_and_exits_2(corpus, tmp_path, caps
     )
 
 
+def test_eval_names_a_missing_remote_corpus_and_exits_2(s3, tmp_path, capsys, monkeypatch):
+    """A remote --data is read after the model loads: no corpus there is still one line, exit 2."""
+    from s3_server import BUCKET
+    from tiny_models import tiny_model
+
+    s3.apply(monkeypatch)
+    tiny_model("llama").save_pretrained(tmp_path / "model")
+    main = load_script("launchers/eval.py").main
+    uri = f"s3://{BUCKET}/missing"
+    args = ["--model", str(tmp_path / "model"), "--data", uri, "--eval-segment", "32", "--no-progress"]
+    line = refusal(main, [*args, "--out", str(tmp_path / "eval")], capsys)
+    assert line.startswith(f"no corpus at {uri}"), line
+
+
 def test_eval_refuses_a_zero_segment_length(corpus, tmp_path, capsys):
     main = load_script("launchers/eval.py").main
     args = ["--model", str(tmp_path), "--data", str(corpus), "--out", str(tmp_path / "eval")]
