@@ -658,9 +658,11 @@ def headline(ac, base, summary_length: int) -> dict:
     no-context -> FA gap each condition closes. `base` (the pretrained model) may be None."""
     from acomp.eval import FULL_ATTENTION, NO_CONTEXT, SUMMARY, SUMMARY_VARIABLE, gap_share, report
 
-    fa = max(
-        (c for c in ac.conditions if c.kind == FULL_ATTENTION), key=lambda c: c.context_tokens, default=None
-    )
+    def longest_full_attention(result):
+        conditions = [c for c in result.conditions if c.kind == FULL_ATTENTION]
+        return max(conditions, key=lambda c: c.context_tokens, default=None)
+
+    fa = longest_full_attention(ac)
     rows = [{"condition": "no context", "context_tokens": 0, "summary_vectors": 0, "name": NO_CONTEXT}]
     for c in ac.conditions:
         if c.kind in (SUMMARY, SUMMARY_VARIABLE):
@@ -699,6 +701,7 @@ def headline(ac, base, summary_length: int) -> dict:
             "loss": base.overall[c.name].loss,
         }
         for c in (base.conditions if base is not None else ())
+        if c.kind == NO_CONTEXT or c is longest_full_attention(base)
     ]
     return {
         "rows": rows,
