@@ -377,10 +377,12 @@ class AutoCompressorMixin:
         elif softprompt.bias is None:
             ones = text_mask.new_ones
             mask = torch.cat([ones(batch, soft_len), text_mask, ones(batch, num_tail)], dim=1)
-        elif folds_presence(self.config):  # the same bias on the keys, through the causal kernels
+        elif folds_presence(self.config) and unwindowed:  # the same bias on the keys, causal kernels
             mask, extra = None, {"key_bias": key_bias(softprompt.bias, text_mask, num_tail, torch.float32)}
         else:
-            mask = attention_bias(softprompt.bias, text_mask, num_tail, embeds.dtype)
+            mask = attention_bias(
+                softprompt.bias, text_mask, num_tail, embeds.dtype, None if unwindowed else window
+            )
         attention = causal_attention_block(self.config) if mask is None else contextlib.nullcontext()
         with sdpa_context(self.config.sdpa_backend, embeds.device), attention:
             hidden = self.get_decoder()(

@@ -152,6 +152,7 @@ def generate(
                 "to continue from"
             )
     _check_positions(model, softprompt, attention_mask, max_new_tokens)
+    _check_window(model, softprompt, attention_mask, max_new_tokens, options.decoding)
     cache, logits = _prefill(model, input_ids, attention_mask, softprompt)
     if max_new_tokens == 0:
         return input_ids
@@ -196,6 +197,23 @@ def _check_positions(
     if rule.learned_table:
         raise ValueError(message + " (max_position_embeddings): shorten the prompt or compress it")
     warnings.warn(message + ": positions beyond were never trained on", stacklevel=3)
+
+
+def _check_window(model, softprompt: Softprompt, attention_mask, max_new_tokens: int, decoding: str) -> None:
+    """The fixed-shape step's cache keeps a sliding window (Mistral's `sliding_window`) in rolled order, which
+    its key mask, indexed by absolute column, cannot follow: refused where a window binds and the mask matters
+    (padding, a presence bias). Unpadded, with no bias, the mask is all zeros and the step is exact."""
+    window = getattr(model.config, "sliding_window", None)
+    if decoding == "dynamic" or window is None:
+        return
+    last_query = softprompt.length + attention_mask.shape[1] + max_new_tokens - 2
+    masked = softprompt.bias is not None or not bool(attention_mask.bool().all())
+    if last_query >= window and masked:
+        raise ValueError(
+            f"decoding={decoding!r}: the model's sliding window ({window} tokens) binds within "
+            f"{last_query + 1} positions and the prompt is padded or the summary has absent vectors; use "
+            "decoding='dynamic'"
+        )
 
 
 def _removed_arguments(removed: dict) -> str:
@@ -243,7 +261,8 @@ def _prefill(model, input_ids, attention_mask, softprompt: Softprompt):
     if softprompt.bias is None:
         mask = torch.cat([attention_mask.new_ones(batch, softprompt.length), attention_mask], dim=1)
     else:
-        mask = attention_bias(softprompt.bias, attention_mask, 0, embeds.dtype)
+        window = getattr(model.config, "sliding_window", None)
+        mask = attention_bias(softprompt.bias, attention_mask, 0, embeds.dtype, window)
     positions = model.position_rule.segment(softprompt.span, attention_mask, 0, softprompt.positions)
     cache = DynamicCache()
     with sdpa_context(model.config.sdpa_backend, input_ids.device):
@@ -275,6 +294,7 @@ class _DynamicDecoder:
         batch = token.shape[0]
         self.mask = torch.cat([attention_mask.new_ones(batch, softprompt.length), attention_mask], dim=1)
         self.bias = None
+        self.window = getattr(model.config, "sliding_window", None)  # the bias path applies it itself
         if softprompt.bias is not None:
             dtype = model.get_input_embeddings().weight.dtype
             self.bias = key_bias(softprompt.bias, attention_mask, 0, dtype)[:, None, None, :]
@@ -287,6 +307,9 @@ class _DynamicDecoder:
             mask = self.mask
         else:
             self.bias = torch.cat([self.bias, self.bias.new_zeros(batch, 1, 1, 1)], dim=-1)
+            query = self.bias.shape[-1] - 1
+            if self.window is not None and query >= self.window:  # keys `window` or more columns back
+                self.bias[..., : query - self.window + 1] = absent_bias(self.bias.dtype)
             mask = self.bias
         logits = _next_logits(
             self.model, _decode_forward, self.token, mask, self.position[:, None], self.cache

@@ -153,12 +153,18 @@ def key_bias(softprompt_bias, text_mask, num_tail: int, dtype) -> torch.Tensor:
     ).to(dtype)
 
 
-def attention_bias(softprompt_bias, text_mask, num_tail: int, dtype) -> torch.Tensor:
+def attention_bias(
+    softprompt_bias, text_mask, num_tail: int, dtype, window: int | None = None
+) -> torch.Tensor:
     """4D additive mask [B, 1, L, L] for [softprompt ; text ; tail]: causal, and `key_bias` on the keys, for
     every query, a key's own included (so `presence_attention: folded`, which can only bias keys, computes
-    the same). A query whose keys are all absent keeps a finite row (the absent bias is finite)."""
+    the same). A query whose keys are all absent keeps a finite row (the absent bias is finite). `window`: a
+    sliding window (Mistral's `sliding_window`): a query sees only the keys less than `window` columns back,
+    as transformers' own mask would (a 4D mask is used as given)."""
     absent = absent_bias(dtype)
     keys = key_bias(softprompt_bias, text_mask, num_tail, dtype)
     length = keys.shape[1]
     causal = torch.ones(length, length, dtype=torch.bool, device=text_mask.device).tril()
+    if window is not None:
+        causal = causal.triu(-(window - 1))
     return torch.where(causal, keys[:, None, None, :], absent)

@@ -350,3 +350,32 @@ def test_folded_presence_attention_needs_sdpa():
     config._attn_implementation = "eager"
     with pytest.raises(ValueError, match="presence_attention='folded' needs attn_implementation 'sdpa'"):
         MODEL_CLASS["llama"](config)
+
+
+@pytest.mark.parametrize("presence_attention", ["folded", "mask"])
+def test_a_binding_sliding_window_holds_behind_a_presence_bias(presence_attention):
+    """Mistral's window (6 here, over 4 vectors + 12 tokens) applies with a presence bias as without one: an
+    all-zero bias gives the logits and the generated tokens of no bias (transformers' own windowed mask)."""
+    model = tiny_model(
+        "mistral", compression_mode="variable", compression_max_len=3, presence_attention=presence_attention
+    )
+    model.config.sliding_window = 6
+    ids, sp, zero = random_ids(1, 12, seed=2), torch.randn(1, 4, 32), torch.zeros(1, 4)
+    plain = model(ids, softprompt=sp).logits
+    assert torch.allclose(model(ids, softprompt=sp, softprompt_bias=zero).logits, plain, atol=1e-5)
+    kwargs = dict(softprompt=sp, max_new_tokens=8, eos_token_id=[])
+    assert torch.equal(model.generate(ids, softprompt_bias=zero, **kwargs), model.generate(ids, **kwargs))
+
+
+def test_fixed_shape_decoding_is_refused_where_a_window_binds_behind_a_mask():
+    """The static cache keeps the window in rolled order, which its key mask cannot follow: with padding or
+    a presence bias it is refused; unpadded with no bias it stays exact."""
+    model = tiny_model("mistral")
+    model.config.sliding_window = 6
+    ids, sp = random_ids(2, 8, seed=2), torch.randn(2, 3, 32)
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    with pytest.raises(ValueError, match=r"decoding='static': the model's sliding window \(6 tokens\) binds"):
+        model.generate(ids, attention_mask=mask, softprompt=sp, max_new_tokens=4, decoding="static")
+    kwargs = dict(softprompt=sp, max_new_tokens=6, eos_token_id=[])
+    assert torch.equal(model.generate(ids, decoding="static", **kwargs), model.generate(ids, **kwargs))
