@@ -73,12 +73,13 @@ def init_std(config) -> float:
 
 
 def apply_compression_fields(config, **overrides):
-    """Fill in missing compression fields with defaults, apply overrides, and validate. Returns config."""
+    """Fill in missing compression fields with defaults, apply overrides, and validate. Returns config.
+    Every override given is applied, None too (compress_stop_threshold=None: stop at the argmax)."""
     unknown = sorted(k for k in overrides if k not in COMPRESSION_DEFAULTS)
     if unknown:
         raise TypeError(f"unknown compression field(s) {unknown}; known: {sorted(COMPRESSION_DEFAULTS)}")
     for key, default in COMPRESSION_DEFAULTS.items():
-        if key in overrides and overrides[key] is not None:
+        if key in overrides:
             setattr(config, key, overrides[key])
         elif not hasattr(config, key):
             setattr(config, key, default)

@@ -184,6 +184,16 @@ def test_variable_model_save_load_round_trip(tmp_path):
     assert torch.equal(before.summary_lengths, after.summary_lengths)
 
 
+def test_a_stored_stop_threshold_is_overridden_by_none(tmp_path):
+    """None is a threshold of its own (stop at the argmax): passed, it replaces the checkpoint's."""
+    model = variable_model()
+    model.config.compress_stop_threshold = 0.5
+    model.save_pretrained(tmp_path)
+    assert MODEL_CLASS["llama"].from_pretrained(tmp_path).config.compress_stop_threshold == 0.5
+    loaded = MODEL_CLASS["llama"].from_pretrained(tmp_path, compress_stop_threshold=None)
+    assert loaded.config.compress_stop_threshold is None
+
+
 @pytest.mark.parametrize("lam, shortens", [(5.0, True), (0.0, False)])
 def test_large_lambda_shortens_summaries_and_zero_lambda_does_not(lam, shortens):
     torch.manual_seed(0)
