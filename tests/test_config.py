@@ -165,6 +165,10 @@ def test_deepspeed_auto_values_and_conflicts(tmp_path):
     cfg.train.deepspeed = str(tmp_path / "missing.json")
     with pytest.raises(ConfigError, match="no such DeepSpeed config"):
         resolve_ds_config(cfg, BatchPlan(8, 1, 2), 1, torch.device("cpu"), hidden_size=128)
+    (tmp_path / "list.json").write_text("[1, 2]")
+    cfg.train.deepspeed = str(tmp_path / "list.json")
+    with pytest.raises(ConfigError, match="list.json': expected a JSON object, got list$"):
+        resolve_ds_config(cfg, BatchPlan(8, 1, 2), 1, torch.device("cpu"), hidden_size=128)
 
 
 def test_batch_plan_must_divide():

@@ -74,6 +74,8 @@ def resolve_ds_config(
         ds = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ConfigError(f"train.deepspeed={str(path)!r} is not valid JSON: {e}") from None
+    if not isinstance(ds, dict):
+        raise ConfigError(f"train.deepspeed={str(path)!r}: expected a JSON object, got {type(ds).__name__}")
     bf16 = use_bf16(cfg, device)
     wanted = {
         "train_micro_batch_size_per_gpu": plan.micro_batch_size,
