@@ -118,7 +118,9 @@ def _write_all(plan: BuildPlan, encoder: Encoder, sink: BlockWriter, progress: b
     done = 0  # documents handed to the writer since the last update
     try:
         for index, spec in enumerate(plan.sources):
-            if spec.domain and sink.domain_done(spec.domain):
+            # The source's one domain, named or not (None: a record field names each document's)
+            domain = spec.domain or (None if spec.domain_field else spec.default_domain())
+            if domain and sink.domain_done(domain):
                 continue
             stop = [False]
             chunks = encoder.map(_chunks(plan.documents(index), stop))
@@ -132,7 +134,7 @@ def _write_all(plan: BuildPlan, encoder: Encoder, sink: BlockWriter, progress: b
                         if isinstance(item, SourceIssue):
                             sink.issue(index, item)
                             continue
-                        if spec.domain and sink.domain_done(spec.domain):
+                        if domain and sink.domain_done(domain):
                             stop[0] = True
                             break
                         sink.add(index, item, next(ids_iter))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections import defaultdict
@@ -291,6 +292,21 @@ def test_limit_docs_and_max_tokens(tmp_path, tok_dir):
     assert m["splits"]["train"]["dropped_budget_tokens"] >= 0
     with pytest.raises(ValueError, match="max_tokens=10 is smaller than one block"):
         _build(tmp_path, tok_dir, "stdlib", block_size=64, max_tokens=10)
+
+
+def test_reading_stops_once_the_budgets_are_full_whether_the_domain_is_named_or_not(tmp_path, tok_dir):
+    """Naming the source's default domain (`--domain stdlib`) builds the same corpus as leaving it out: with
+    no val cap, val takes its share of the documents read until the train budget is full, then reading stops."""
+    kw = dict(block_size=64, limit_docs=80, max_tokens=640, val_fraction=0.2)
+    manifests = []
+    for domain in (None, "stdlib"):
+        shutil.rmtree(tmp_path / "out", ignore_errors=True)
+        manifests.append(_build(tmp_path, tok_dir, "stdlib", domain=domain, **kw))
+    counts = [
+        (m["input"]["documents"], m["splits"]["train"]["blocks"], m["splits"]["val"]["blocks"])
+        for m in manifests
+    ]
+    assert counts[0] == counts[1] and counts[0][0] < 80 and counts[0][1] == 10
 
 
 # ---------------------------------------------------------------- bad input
