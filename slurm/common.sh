@@ -21,7 +21,8 @@ PYTHON=${PYTHON:-python}
 export LAUNCHER=${LAUNCHER:-srun}
 
 # MASTER_ADDR (first node), MASTER_PORT (from the job id), NNODES, GPUS_PER_NODE, HOSTFILE.
-eval "$("$PYTHON" acomp/train/slurm.py env --hostfile "$LOG_DIR/hostfile-${SLURM_JOB_ID:-0}")" || exit 1
+ENV_LINES=$("$PYTHON" acomp/train/slurm.py env --hostfile "$LOG_DIR/hostfile-${SLURM_JOB_ID:-0}") || exit $?
+eval "$ENV_LINES"
 
 export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
 export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}  # a dead rank fails the others
@@ -35,13 +36,14 @@ TRAIN=("$PYTHON" -u launchers/train.py --config "$CONFIG" train.resume=auto trai
        "${OVERRIDES[@]}")
 
 if [[ $DRY_RUN == 1 ]]; then
-  "$PYTHON" acomp/train/slurm.py dry-run -- "${TRAIN[@]}"
+  "$PYTHON" acomp/train/slurm.py dry-run -- "${TRAIN[@]}" || exit $?
   echo "# hostfile $HOSTFILE:"
   sed 's/^/#   /' "$HOSTFILE"
   exit 0
 fi
 
 mapfile -d '' SRUN < <("$PYTHON" acomp/train/slurm.py srun -- "${TRAIN[@]}")
+(( ${#SRUN[@]} )) || exit 2  # slurm.py said why (a bad LAUNCHER, say): no job that runs nothing and exits 0
 echo "[$(date -Is)] job ${SLURM_JOB_ID} restart ${SLURM_RESTART_COUNT:-0}: ${NNODES} nodes x ${GPUS_PER_NODE} GPUs"
 
 REQUEUE=0

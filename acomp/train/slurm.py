@@ -125,7 +125,7 @@ def srun_command(alloc: Allocation, mode: str, train: list[str]) -> list[str]:
     if mode == "srun":
         return [*common, f"--ntasks-per-node={alloc.gpus_per_node}", "bash", "-c", TASK_ENV, "_", *train]
     if mode == "torchrun":
-        task = 'exec torchrun --node_rank=$SLURM_NODEID "$@"'
+        task = 'python=$1; shift; exec "$python" -m torch.distributed.run --node_rank=$SLURM_NODEID "$@"'
         return [
             *common,
             "--ntasks-per-node=1",
@@ -133,6 +133,7 @@ def srun_command(alloc: Allocation, mode: str, train: list[str]) -> list[str]:
             "-c",
             task,
             "_",
+            _interpreter(train),
             *torchrun_args(alloc),
             *_script_args(train),
         ]
@@ -140,12 +141,20 @@ def srun_command(alloc: Allocation, mode: str, train: list[str]) -> list[str]:
 
 
 def torchrun_args(alloc: Allocation) -> list[str]:
+    """torchrun's arguments; it passes SLURM's USR1 warning on to the workers (by default it would die of it,
+    leaving them to be killed without a checkpoint)."""
     return [
         f"--nnodes={len(alloc.nodes)}",
         f"--nproc_per_node={alloc.gpus_per_node}",
         f"--master_addr={alloc.master_addr}",
         f"--master_port={alloc.master_port}",
+        "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
     ]
+
+
+def _interpreter(train: list[str]) -> str:
+    """The trainer command's Python ($PYTHON), which runs torchrun too (a bare `torchrun` may be another's)."""
+    return train[0] if train and Path(train[0]).name.startswith("python") else "python"
 
 
 def _script_args(train: list[str]) -> list[str]:
@@ -168,7 +177,14 @@ def node_commands(alloc: Allocation, mode: str, train: list[str]) -> list[tuple[
                 for local in range(alloc.gpus_per_node)
             ]
         else:
-            cmd = ["torchrun", f"--node_rank={node_rank}", *torchrun_args(alloc), *_script_args(train)]
+            cmd = [
+                _interpreter(train),
+                "-m",
+                "torch.distributed.run",
+                f"--node_rank={node_rank}",
+                *torchrun_args(alloc),
+                *_script_args(train),
+            ]
             cmds = [f"{common} {shlex.join(cmd)}"]
         plan.append((host, cmds))
     return plan

@@ -83,15 +83,35 @@ def test_srun_dry_run_renders_every_rank(template, config, tmp_path):
 
 
 def test_torchrun_dry_run_renders_one_command_per_node(tmp_path):
+    """torchrun runs under $PYTHON (a bare `torchrun` on PATH may be another environment's) and passes SLURM's
+    USR1 warning on to the workers."""
     out = dry_run("train_llama.sbatch", tmp_path, launcher="torchrun")
-    cmds = re.findall(
-        r"^  MASTER_ADDR=gpu07 MASTER_PORT=24242 torchrun --node_rank=(\d) (.*)$", out, flags=re.M
-    )
+    head = re.escape(f"MASTER_ADDR=gpu07 MASTER_PORT=24242 {sys.executable} -m torch.distributed.run")
+    cmds = re.findall(rf"^  {head} --node_rank=(\d) (.*)$", out, flags=re.M)
     assert [n for n, _ in cmds] == ["0", "1"]
     for _, rest in cmds:
         assert rest.startswith(
-            "--nnodes=2 --nproc_per_node=2 --master_addr=gpu07 --master_port=24242 launchers/train.py"
+            "--nnodes=2 --nproc_per_node=2 --master_addr=gpu07 --master_port=24242 "
+            "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 launchers/train.py"
         )
+
+
+@pytest.mark.parametrize("dry", [True, False])
+def test_a_launch_helper_failure_fails_the_job(tmp_path, dry):
+    """A bad LAUNCHER or an allocation that does not add up stops the script with the helper's message and
+    a non-zero status (it ran nothing and exited 0)."""
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MASTER_", "RANK", "WORLD_SIZE"))
+    }
+    env.update(SLURM_JOB_ID="4242", SLURM_JOB_NODELIST="gpu07", SLURM_GPUS_ON_NODE="2", LOG_DIR=str(tmp_path))
+    env.update(PYTHON=sys.executable, LAUNCHER="torchrn")
+    command = ["bash", str(REPO / "slurm" / "train_llama.sbatch"), *(["--dry-run"] if dry else [])]
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and "LAUNCHER='torchrn': choose srun or torchrun" in proc.stderr
+    env.update(LAUNCHER="srun", SLURM_NNODES="2")
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and "SLURM_NNODES=2 but the node list 'gpu07' has 1 hosts" in proc.stderr
+    assert "srun exited" not in proc.stdout
 
 
 def test_templates_request_requeue_on_signal():
