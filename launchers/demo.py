@@ -59,8 +59,18 @@ def main(argv: list[str] | None = None) -> int:
     if not (out / "final").is_dir():
         print(f"error: no model at {out / 'final'} to evaluate (train.export_final=false?)", file=sys.stderr)
         return 2
-    segment = cfg.compression.segment_lengths[0]
-    lengths = [segment] * (cfg.data.build_if_missing.get("block_size", 512) // segment)
+    from acomp.train.data import open_corpus
+
+    # The corpus' own block size (a --config may read a corpus built beforehand), cut into the config's fixed
+    # segments, or with random boundaries into as many equal ones as a training block has
+    block_size = open_corpus(cfg.data.path, cfg.data.cache_dir).block_size
+    c = cfg.compression
+    segment = (
+        c.segment_lengths[0]
+        if c.segment_lengths
+        else block_size // (c.training_substeps * c.segments_per_substep)
+    )
+    lengths = [segment] * (block_size // segment)
     result = heldout_ppl_of_export(out / "final", cfg.data.path, lengths, max_blocks=args.eval_blocks)
     (out / "demo_eval.json").write_text(json.dumps(result, indent=2))
     print(

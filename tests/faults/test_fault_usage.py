@@ -221,6 +221,29 @@ def test_the_demo_evaluates_only_a_finished_run(monkeypatch, capsys):
     assert main([]) == 3
 
 
+def test_the_demo_scores_segments_of_the_corpus_blocks_it_reads(corpus, tmp_path, monkeypatch, capsys):
+    """--config on a corpus built beforehand (no build_if_missing; 128-token blocks, not the demo's 512): the
+    held-out segments cut the corpus' own blocks (they were cut from 512 and failed after training)."""
+    import acomp.train
+    import launchers.train
+
+    monkeypatch.chdir(REPO)
+    main = load_script("launchers/demo.py").main
+    monkeypatch.setattr(launchers.train, "train", lambda cfg: (0, True))
+    seen = {}
+
+    def scored(model_dir, data_path, lengths, max_blocks):
+        seen["lengths"] = lengths
+        return {"blocks": 1, "tokens": 1, "no_context_ppl": 2.0, "summary_ppl": 1.5}
+
+    monkeypatch.setattr(acomp.train, "heldout_ppl_of_export", scored)
+    (tmp_path / "run" / "final").mkdir(parents=True)
+    args = [f"data.path={corpus}", "data.build_if_missing={}", f"train.output_dir={tmp_path / 'run'}"]
+    assert main([*args, "compression.segment_lengths=[32,32]"]) == 0
+    assert seen["lengths"] == [32, 32, 32, 32]
+    assert "with 3 segments of summary vectors 1.50" in capsys.readouterr().out
+
+
 # ------------------------------------------------------------------------------ examples/compressed_generation.py
 @pytest.fixture(scope="module")
 def models(corpus, tmp_path_factory):
