@@ -64,7 +64,9 @@ while true; do
 done
 
 echo "[$(date -Is)] srun exited with $RC"
-if [[ $REQUEUE == 1 || $RC == 75 ]]; then
+# 75: the trainer checkpointed on the signal; a signal with another failure came before any step (nothing to
+# save); a run that finished (0) while the signal was on its way is not started again.
+if [[ $RC == 75 || ( $REQUEUE == 1 && $RC != 0 ) ]]; then
   echo "[$(date -Is)] requeueing job ${SLURM_JOB_ID}; it resumes from the latest checkpoint"
   scontrol requeue "$SLURM_JOB_ID"
   exit 0
