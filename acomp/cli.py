@@ -27,6 +27,17 @@ def non_negative_int(text: str) -> int:
     return _at_least(text, int, 0)
 
 
+def positive_float(text: str) -> float:
+    """A number > 0 (a sampling temperature)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text}")
+    return value
+
+
 def non_negative_float(text: str) -> float:
     """A number >= 0 (a penalty weight)."""
     return _at_least(text, float, 0)

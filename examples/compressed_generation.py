@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from acomp.cli import non_negative_int, positive_int  # noqa: E402  (after the repository is on the path)
+from acomp.cli import positive_float, positive_int  # noqa: E402  (after the repository is on the path)
 
 FORMAT = 2  # 2 adds the positions of compacted vectors; files of format 1 still load
 
@@ -88,7 +88,14 @@ def compress(args) -> int:
     import torch
 
     if not Path(args.document).is_file():
-        raise UsageError(f"--document {args.document}: no such file")
+        why = "not a regular file" if Path(args.document).exists() else "no such file"
+        raise UsageError(f"--document {args.document}: {why}")
+    if Path(args.out).is_dir():
+        raise UsageError(f"--out {args.out} is a directory: give the summary file's name")
+    try:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--out {args.out}: cannot create its directory ({e.strerror or e})") from None
     model, tok = load(args.model)
     if model.config.summary_length == 0:
         raise UsageError(f"{args.model} has summary_length 0: it cannot compress")
@@ -124,7 +131,6 @@ def compress(args) -> int:
         "compressed_tokens": sum(lengths),
         "continuation": following,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     torch.save(record, args.out)
     print(
         f"compressed {sum(lengths)} of {ids.shape[1]} tokens of {args.document} into "
@@ -242,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument(
         "--prompt-tokens",
-        type=non_negative_int,
+        type=positive_int,
         default=24,
         help="tokens after the compressed part kept as the default prompt (default 24)",
     )
@@ -261,7 +267,10 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--max-new-tokens", type=positive_int, default=40, help="tokens to generate (default 40)")
     a.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     a.add_argument(
-        "--temperature", type=float, default=1.0, help="sampling temperature (with --sample; default 1.0)"
+        "--temperature",
+        type=positive_float,
+        default=1.0,
+        help="sampling temperature (with --sample; default 1.0)",
     )
     a.add_argument("--seed", type=int, default=0, help="sampling seed (with --sample; default 0)")
     a.add_argument("--compare", action="store_true", help="also generate without the summary vectors")

@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         cfg.check()
-        check_inputs(args.model, args.data, args.split)
+        check_inputs(args.model, args.data, args.split, args.out)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -200,13 +200,20 @@ def init_process_group():
     return (dist.get_rank() if dist.is_initialized() else 0), device
 
 
-def check_inputs(model: str, data: str, split: str) -> None:
-    """Before anything is loaded: a local --model exists, a local --data is a corpus with that split
-    (ValueError naming the argument; remote corpora and hub models are checked when they are read)."""
+def check_inputs(model: str, data: str, split: str, out: str) -> None:
+    """Before anything is loaded: --out can be created and written, a local --model exists, a local --data is a
+    corpus with that split (ValueError naming the argument; remote corpora and hub models are checked when
+    they are read)."""
     from acomp.data import read_manifest
     from acomp.data.dataset import is_remote
     from acomp.train.preflight import missing_model_dir
 
+    try:
+        Path(out).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--out {out}: cannot create it ({e.strerror or e})") from None
+    if not os.access(out, os.W_OK):
+        raise ValueError(f"--out {out}: not writable")
     if missing_model_dir(model):
         raise ValueError(f"--model {model}: no such model directory")
     if is_remote(data):

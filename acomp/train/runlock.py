@@ -20,6 +20,7 @@ import socket
 import sys
 from pathlib import Path
 
+from acomp.config import ConfigError
 from acomp.train.distributed import Dist, broadcast_object
 
 LOCK_NAME = ".lock"
@@ -32,16 +33,23 @@ class OutputDirBusyError(RuntimeError):
 @contextlib.contextmanager
 def output_dir_lock(output_dir: str | Path, dist: Dist):
     """Hold the output directory's lock for the duration of the block (rank 0; the others only learn
-    whether it was taken). Raises OutputDirBusyError on every rank when another run holds it."""
+    whether it was taken). Raises OutputDirBusyError on every rank when another run holds it, ConfigError
+    when the directory cannot be created or written."""
     handle, problem = None, None
     if dist.is_main:
         try:
             handle = acquire(Path(output_dir))
         except OutputDirBusyError as e:
-            problem = str(e)
+            problem = ("busy", str(e))
+        except OSError as e:  # a file of that name, a path that cannot be created, no permission
+            problem = (
+                "config",
+                f"train.output_dir={str(output_dir)!r}: cannot write there ({e.strerror or e})",
+            )
     problem = broadcast_object(problem)
     if problem is not None:
-        raise OutputDirBusyError(problem)
+        kind, message = problem
+        raise (OutputDirBusyError if kind == "busy" else ConfigError)(message)
     try:
         yield
     finally:

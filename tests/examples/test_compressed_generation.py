@@ -155,8 +155,8 @@ def test_answer_refuses_vectors_of_another_model(tmp_path, tokenizer, capsys):
             "argument --segments: expected an integer >= 1, got 0",
         ),
         (
-            ["compress", "--out", "s.pt", "--prompt-tokens", "-1"],
-            "argument --prompt-tokens: expected an integer >= 0, got -1",
+            ["compress", "--out", "s.pt", "--prompt-tokens", "0"],
+            "argument --prompt-tokens: expected an integer >= 1, got 0",
         ),
         (
             ["answer", "--summary", "s.pt", "--max-new-tokens", "-3"],
@@ -169,3 +169,14 @@ def test_bad_counts_are_refused_before_any_model_is_loaded(args, message, capsys
         _example().main(args)
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1].endswith(message)
+
+
+def test_a_bad_temperature_or_out_is_refused_before_any_model_is_loaded(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        _example().main(["answer", "--summary", "s.pt", "--sample", "--temperature", "0"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().endswith("argument --temperature: expected a number > 0, got 0")
+    line = refusal(
+        _example(), ["compress", "--model", str(tmp_path / "none"), "--out", str(tmp_path)], capsys
+    )
+    assert line == f"--out {tmp_path} is a directory: give the summary file's name"

@@ -70,6 +70,21 @@ def test_bad_build_if_missing_options_are_a_config_error(tmp_path):
             ensure_corpus(cfg, True)
 
 
+def test_an_output_dir_that_cannot_be_written_is_a_config_error(tmp_path):
+    """A file of that name (or a path under /proc): one config line, exit 2, before the model is built."""
+    import torch
+
+    from acomp.train.distributed import Dist
+    from acomp.train.runlock import output_dir_lock
+
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(
+        ConfigError, match=r"^train.output_dir='.*/file': cannot write there \(File exists\)$"
+    ):
+        with output_dir_lock(tmp_path / "file", Dist(0, 1, 0, torch.device("cpu"))):
+            pass
+
+
 def test_a_section_given_twice_in_a_yaml_file_is_refused(tmp_path):
     text = TINY.read_text() + "\ntrain:\n  max_steps: 5\n"
     (tmp_path / "twice.yaml").write_text(text)
@@ -161,6 +176,10 @@ def test_eval_names_a_missing_model_or_corpus_and_exits_2(corpus, tmp_path, caps
         main, ["--model", str(tmp_path / "model"), "--data", str(corpus), "--split", "test", *args], capsys
     )
     assert line == f"--split test: the corpus at {corpus} has the splits train, val"
+    (tmp_path / "afile").write_text("x")
+    bad_out = ["--out", str(tmp_path / "afile"), "--eval-segment", "32"]
+    line = refusal(main, ["--model", str(tmp_path / "model"), "--data", str(corpus), *bad_out], capsys)
+    assert line == f"--out {tmp_path / 'afile'}: cannot create it (File exists)"
     line = refusal(main, ["--model", str(tmp_path / "model"), "--data", str(corpus), *args], capsys)
     assert (
         line == f"--model {tmp_path / 'model'}: cannot load it (Unrecognized model in {tmp_path / 'model'})"
