@@ -195,6 +195,8 @@ def _run(cfg: RunConfig, dist: Dist, out: Path) -> Path:
         changes = changed_settings(cfg, resume_from, RESUME_APPLIED_KEYS)
         if changes:
             log.write(f"changed since that checkpoint, applied from step {step + 1} on: {', '.join(changes)}")
+        if step >= cfg.train.max_steps:
+            log.write(f"the run is finished (train.max_steps={cfg.train.max_steps}): nothing to train")
     preemption = PreemptionHandler(dist.device)
     guard = BadStepGuard(cfg.train.max_bad_steps, engine, checkpoints.latest)
     checkpoint_due = False  # a periodic checkpoint falling on a skipped step waits for the next good one

@@ -83,6 +83,11 @@ def test_a_damaged_checkpoint_another_shape_and_new_settings_on_resume(corpus, r
         assert r["lr"] == pytest.approx(5e-4 * lr_factor(r["step"] - 1, now, 14), rel=1e-12), r
     assert "lr: 0.0005" in (out / "config.yaml").read_text()
 
+    # The finished run again: it says so, trains nothing and logs no step twice.
+    proc = launch(config, changes)
+    assert "the run is finished (train.max_steps=14): nothing to train" in proc.stdout, proc.stdout[-3000:]
+    assert [r["step"] for r in records(out)] == list(range(1, 15))
+
 
 def fake_checkpoint(root, step: int, files: dict[str, int]):
     path = root / f"step_{step:08d}"
