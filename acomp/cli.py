@@ -6,14 +6,15 @@ from __future__ import annotations
 import argparse
 
 
-def _at_least(text: str, kind: type, least: float):
+def _at_least(text: str, kind: type, least: float, strict: bool = False):
     what = "an integer" if kind is int else "a number"
+    bound = f"{'>' if strict else '>='} {least}"
     try:
         value = kind(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected {what} >= {least}, got {text!r}") from None
-    if not value >= least:  # NaN too
-        raise argparse.ArgumentTypeError(f"expected {what} >= {least}, got {text}")
+        raise argparse.ArgumentTypeError(f"expected {what} {bound}, got {text!r}") from None
+    if not (value > least if strict else value >= least):  # NaN too
+        raise argparse.ArgumentTypeError(f"expected {what} {bound}, got {text}")
     return value
 
 
@@ -29,13 +30,7 @@ def non_negative_int(text: str) -> int:
 
 def positive_float(text: str) -> float:
     """A number > 0 (a sampling temperature)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text}")
-    return value
+    return _at_least(text, float, 0, strict=True)
 
 
 def non_negative_float(text: str) -> float:

@@ -59,18 +59,17 @@ def main(argv: list[str] | None = None) -> int:
     if not (out / "final").is_dir():
         print(f"error: no model at {out / 'final'} to evaluate (train.export_final=false?)", file=sys.stderr)
         return 2
-    from acomp.train.data import open_corpus
+    from transformers import AutoConfig
 
-    # The corpus' own block size (a --config may read a corpus built beforehand), cut into the config's fixed
-    # segments, or with random boundaries into as many equal ones as a training block has
+    from acomp.train.data import open_corpus
+    from acomp.train.loop import eval_segment_lengths
+    from acomp.train.preflight import position_budget
+
+    # The segments the trainer's held-out loss uses, on the corpus' own blocks (a --config may read a corpus
+    # built beforehand)
     block_size = open_corpus(cfg.data.path, cfg.data.cache_dir).block_size
-    c = cfg.compression
-    segment = (
-        c.segment_lengths[0]
-        if c.segment_lengths
-        else block_size // (c.training_substeps * c.segments_per_substep)
-    )
-    lengths = [segment] * (block_size // segment)
+    max_segment = position_budget(cfg, AutoConfig.from_pretrained(out / "final"))
+    lengths = eval_segment_lengths(cfg, block_size, max_segment)
     result = heldout_ppl_of_export(out / "final", cfg.data.path, lengths, max_blocks=args.eval_blocks)
     (out / "demo_eval.json").write_text(json.dumps(result, indent=2))
     print(

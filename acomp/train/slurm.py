@@ -125,6 +125,7 @@ def srun_command(alloc: Allocation, mode: str, train: list[str]) -> list[str]:
     if mode == "srun":
         return [*common, f"--ntasks-per-node={alloc.gpus_per_node}", "bash", "-c", TASK_ENV, "_", *train]
     if mode == "torchrun":
+        python, script = _split_python(train)
         task = 'python=$1; shift; exec "$python" -m torch.distributed.run --node_rank=$SLURM_NODEID "$@"'
         return [
             *common,
@@ -133,9 +134,9 @@ def srun_command(alloc: Allocation, mode: str, train: list[str]) -> list[str]:
             "-c",
             task,
             "_",
-            _interpreter(train),
+            python,
             *torchrun_args(alloc),
-            *_script_args(train),
+            *script,
         ]
     raise SystemExit(f"LAUNCHER={mode!r}: choose srun or torchrun")
 
@@ -152,17 +153,15 @@ def torchrun_args(alloc: Allocation) -> list[str]:
     ]
 
 
-def _interpreter(train: list[str]) -> str:
-    """The trainer command's Python ($PYTHON), which runs torchrun too (a bare `torchrun` may be another's)."""
-    return train[0] if train and Path(train[0]).name.startswith("python") else "python"
-
-
-def _script_args(train: list[str]) -> list[str]:
-    """`python -u launchers/train.py ...` -> `launchers/train.py ...` (torchrun runs the script itself)."""
+def _split_python(train: list[str]) -> tuple[str, list[str]]:
+    """`python -u launchers/train.py ...` -> ("python", ["launchers/train.py", ...]): the trainer command's
+    Python ($PYTHON) runs torchrun too (a bare `torchrun` may be another environment's), which runs the
+    script itself."""
+    python = train[0] if train and Path(train[0]).name.startswith("python") else "python"
     args = list(train)
     while args and (Path(args[0]).name.startswith("python") or args[0] == "-u"):
         args.pop(0)
-    return args
+    return python, args
 
 
 def node_commands(alloc: Allocation, mode: str, train: list[str]) -> list[tuple[str, list[str]]]:
@@ -177,13 +176,14 @@ def node_commands(alloc: Allocation, mode: str, train: list[str]) -> list[tuple[
                 for local in range(alloc.gpus_per_node)
             ]
         else:
+            python, script = _split_python(train)
             cmd = [
-                _interpreter(train),
+                python,
                 "-m",
                 "torch.distributed.run",
                 f"--node_rank={node_rank}",
                 *torchrun_args(alloc),
-                *_script_args(train),
+                *script,
             ]
             cmds = [f"{common} {shlex.join(cmd)}"]
         plan.append((host, cmds))

@@ -256,7 +256,9 @@ def test_the_demo_scores_segments_of_the_corpus_blocks_it_reads(corpus, tmp_path
         return {"blocks": 1, "tokens": 1, "no_context_ppl": 2.0, "summary_ppl": 1.5}
 
     monkeypatch.setattr(acomp.train, "heldout_ppl_of_export", scored)
-    (tmp_path / "run" / "final").mkdir(parents=True)
+    from transformers import LlamaConfig
+
+    LlamaConfig(max_position_embeddings=512).save_pretrained(tmp_path / "run" / "final")
     args = [f"data.path={corpus}", "data.build_if_missing={}", f"train.output_dir={tmp_path / 'run'}"]
     assert main([*args, "compression.segment_lengths=[32,32]"]) == 0
     assert seen["lengths"] == [32, 32, 32, 32]
