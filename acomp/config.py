@@ -52,6 +52,9 @@ class CompressionConfig(CompressionFields):
     """The model's compression fields (CompressionFields: summary_length, ...) plus how the trainer cuts
     blocks into BPTT substeps and segments (acomp.train.segments)."""
 
+    # true | false | auto: the first step with checkpointing on, then off where its activations fit
+    # (acomp.train.checkpointing; on CPU auto stays on). The model's config records true or false.
+    segment_gradient_checkpointing: bool | str = True
     training_substeps: int = 2  # BPTT windows per sequence; the softprompt is detached between them
     segments_per_substep: int = 2  # segments inside one window; gradients flow through their summaries
     randomize_segments: bool = True  # draw segment boundaries per substep (paper) instead of segment_lengths
@@ -460,6 +463,11 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(
             "config key 'model.presence_attention' folded needs model.attn_implementation sdpa, got "
             f"{cfg.model.attn_implementation!r}"
+        )
+    if c.segment_gradient_checkpointing not in (True, False, "auto"):
+        raise ConfigError(
+            "config key 'compression.segment_gradient_checkpointing' must be true, false or auto; "
+            f"got {c.segment_gradient_checkpointing!r}"
         )
     threshold = c.compress_stop_threshold
     if threshold is not None and not 0.0 <= threshold <= 1.0:

@@ -69,6 +69,10 @@ def test_overrides_parse_and_apply(tmp_path):
         ("compression.compression_lambda=-1", r"'compression.compression_lambda' must be >= 0, got -1"),
         ("compression.compression_alpha=0", r"'compression.compression_alpha' must be > 0, got 0"),
         ("compression.compress_stop_threshold=-0.1", r"'compression.compress_stop_threshold' must be in"),
+        (
+            "compression.segment_gradient_checkpointing=sometimes",
+            r"'compression.segment_gradient_checkpointing' must be true, false or auto; got 'sometimes'",
+        ),
         ("optim.lr=0", r"'optim.lr' must be > 0"),
         # values torch or peft refused only once the model was built, or that failed at the first step
         ("optim.betas=[1.5,0.999]", r"'optim.betas' must be in \[0, 1\), got \[1.5, 0.999\]"),

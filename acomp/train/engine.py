@@ -209,6 +209,8 @@ def build_model(
 
     fields = {**config_fields(cfg.compression), **config_fields(cfg.model)}
     fields["sdpa_backend"] = training_sdpa_backend(cfg)
+    # "auto" trains its first step with checkpointing on; acomp.train.checkpointing decides after it
+    fields["segment_gradient_checkpointing"] = cfg.compression.segment_gradient_checkpointing is not False
     if cfg.model.name_or_path is None:
         # Built whole on every rank from the same seed, so all ranks (and any world size) start identical;
         # deepspeed.initialize partitions it. On a GPU it is initialised there (a host init of billions of

@@ -13,8 +13,10 @@ coalescing it runs after each backward.
 from __future__ import annotations
 
 import contextlib
+import functools
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +35,7 @@ from acomp.train.checkpoint import (
     rng_state,
     set_rng_state,
 )
+from acomp.train.checkpointing import CheckpointingProbe, positions_per_call
 from acomp.train.data import (
     Batches,
     Corpus,
@@ -109,6 +112,8 @@ class Trainer:
     peak_flops: float | None  # per device, for MFU
     coalesce: bool = False  # one gradient reduction per step (grad_reduction_plan)
     val_data: Any = None  # the held-out split, opened at the first evaluation and kept for the next ones
+    # compression.segment_gradient_checkpointing: auto on a GPU, until the first step has decided it
+    checkpointing_probe: CheckpointingProbe | None = None
 
 
 def build(cfg: RunConfig, dist: Dist) -> Trainer:
@@ -145,7 +150,10 @@ def build(cfg: RunConfig, dist: Dist) -> Trainer:
     engine = build_engine(model, cfg, ds_config, dist)
     batches = Batches(train_loader(cfg, corpus, plan.micro_batch_size))
     peak = peak_flops_per_device(cfg.train.peak_tflops, dist.device)
-    return Trainer(cfg, dist, corpus, plan, engine, batches, max_segment, flops, peak, coalesce)
+    trainer = Trainer(cfg, dist, corpus, plan, engine, batches, max_segment, flops, peak, coalesce)
+    if cfg.compression.segment_gradient_checkpointing == "auto" and dist.device.type == "cuda":
+        trainer.checkpointing_probe = CheckpointingProbe(dist.device)
+    return trainer
 
 
 # Collective timeout during set-up: ranks reach their first collectives after uneven one-off work.
@@ -345,14 +353,21 @@ def train_step(trainer: Trainer, step: int) -> StepOutputs:
         input_ids = next(batches)["input_ids"].to(engine.device, non_blocking=True)
         rng = segment_generator(cfg.train.seed, step, micro, dist.rank)
         micro_batches.append(split_substeps(input_ids, cfg.compression, trainer.max_segment, rng))
-    coalesce = trainer.coalesce
+    coalesce, probe = trainer.coalesce, trainer.checkpointing_probe
     with engine.coalesce_grad_reduction() if coalesce else contextlib.nullcontext():
         for substeps in micro_batches:
             softprompt, micro_losses = None, []
+            calls = (
+                positions_per_call([s.segment_lengths for s in substeps], trainer.flops) if probe else None
+            )
             for i, substep in enumerate(substeps):
                 carry = i < len(substeps) - 1  # the last substep's summaries would go unused
+                forward_done = None
+                if probe is not None:
+                    probe.start()
+                    forward_done = functools.partial(probe.forward_done, calls[i])
                 result = train_substep(
-                    engine, substep, softprompt, carry, penalty_scale, step_engine=not coalesce
+                    engine, substep, softprompt, carry, penalty_scale, not coalesce, forward_done
                 )
                 softprompt = result.softprompt
                 micro_losses.append(result.loss)
@@ -363,6 +378,12 @@ def train_step(trainer: Trainer, step: int) -> StepOutputs:
     if coalesce:  # DeepSpeed's micro-step count, once per backward; the last one updates
         for _ in range(sum(len(losses) for losses in outputs.losses)):
             engine.step()
+    if probe is not None:
+        trainer.checkpointing_probe = None
+        decision = probe.decide()
+        unwrap(engine).config.segment_gradient_checkpointing = not decision.off
+        if trainer.dist.is_main:
+            say(decision.line())
     return outputs
 
 
@@ -396,6 +417,7 @@ def train_substep(
     carry: bool,
     penalty_scale: float = 1.0,
     step_engine: bool = True,
+    forward_done: Callable[[], None] | None = None,
 ) -> SubstepOutput:
     """Forward + backward of one BPTT window; returns its loss and what the next window needs.
 
@@ -403,7 +425,8 @@ def train_substep(
     (summary vectors and, in the variable-length mode, their presence bias) is detached (truncated BPTT), so
     later windows send no gradient back into this one. The variable mode's length penalty counts
     `penalty_scale` times (its warmup). `step_engine=False` leaves DeepSpeed's micro-step to the caller
-    (inside `coalesce_grad_reduction`, where `engine.step()` may not run).
+    (inside `coalesce_grad_reduction`, where `engine.step()` may not run). `forward_done` runs between the
+    forward and the backward (acomp.train.checkpointing measures there).
     """
     input_ids = substep.input_ids.to(engine.device)
     with zero3_module_stack_restored():  # the recompute's early stop leaves a module on it
@@ -418,6 +441,8 @@ def train_substep(
         loss, penalty = out.loss, getattr(out, "length_penalty", None)
         if penalty is not None and penalty_scale != 1.0:
             loss = out.lm_loss + penalty_scale * penalty
+        if forward_done is not None:
+            forward_done()
         engine.backward(loss)  # DeepSpeed divides by its accumulation count (micro-batches x substeps)
     if step_engine:
         engine.step()  # the optimizer update happens only at the accumulation boundary

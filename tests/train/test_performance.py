@@ -604,3 +604,127 @@ def test_zero3_trace_survives_random_boundaries_with_a_chunked_loss(tmp_path_fac
     assert len(result["needed"]) > 1, result  # the case: segments that need different numbers of slices
     assert len(result["calls"]) == 1, result  # yet every segment calls the head equally often
     assert result["invalidated"] == 0 and result["complete"], result
+
+
+AUTO_CHECKPOINTING_PROBE = """
+import json, sys
+import acomp.modeling.compressor as compressor
+from acomp.config import config_from_dict
+from acomp.train.checkpointing import CheckpointingProbe
+from acomp.train.distributed import init_distributed
+from acomp.train.engine import unwrap
+from acomp.train.loop import build, train_step
+from acomp.train.segments import sequence_positions
+
+args = json.loads(sys.argv[1])
+fits = args.pop("fits")
+recomputes = [0]
+checkpoint = compressor.checkpoint
+
+
+def counting(fn, *a, **k):  # segment checkpoints only (the chunked loss checkpoints its chunks too)
+    recomputes[0] += getattr(fn, "__name__", "") == "_segment"
+    return checkpoint(fn, *a, **k)
+
+
+compressor.checkpoint = counting
+
+
+class Readings(CheckpointingProbe):  # a GPU of 100 units; each forward holds 2 units per position
+    held = 0
+
+    def allocated(self):
+        return self.held
+
+    def forward_done(self, positions):
+        self.held = 2 * positions[-1]
+        super().forward_done(positions)
+        self.held = 0
+
+    def peak(self):
+        return 10
+
+    def capacity(self):
+        return 100 if fits is None else 10**9 if fits else 20
+
+
+trainer = build(config_from_dict(args), init_distributed())
+built_with_probe = trainer.checkpointing_probe is not None
+if fits is not None:
+    trainer.checkpointing_probe = probe = Readings(trainer.engine.device)
+model = unwrap(trainer.engine)
+losses, flags, calls = [], [], []
+for step in range(3):
+    before = recomputes[0]
+    out = train_step(trainer, step)
+    losses.append(sum(float(l) for m in out.losses for l in m))
+    flags.append([recomputes[0] - before, model.config.segment_gradient_checkpointing])
+    if step == 0 and fits is not None:
+        f = trainer.flops
+        counted = [sum(sequence_positions(seq, f.summary_length, f.accumulate, f.summary_positions)) for seq in out.segments]
+        calls = [sum(sum(p) for _, p in probe.calls), sum(counted), len(probe.calls)]
+print("RESULT", json.dumps(dict(losses=losses, flags=flags, calls=calls, built_with_probe=built_with_probe)))
+"""
+
+
+@pytest.mark.slow
+def test_auto_segment_checkpointing_turns_off_where_it_fits(tmp_path_factory, tmp_path):
+    """`compression.segment_gradient_checkpointing: auto` trains its first step with segment checkpointing
+    (the recompute runs) and then decides from that step's memory readings (stood in for a GPU here): where the
+    estimate fits, nothing is recomputed from step 2 on, and the losses are those of checkpointing always on
+    and always off; where it does not fit, checkpointing stays on. On CPU it stays on with no readings taken.
+    The probe sees every forward of the step, with the positions the MFU count gives it."""
+    from runs import tiny_config, tiny_corpus
+
+    corpus = tiny_corpus(tmp_path_factory)
+    random = {"randomize_segments": True, "segment_lengths": []}
+    results = {}
+    for name, setting, fits in (
+        ("on", True, None),
+        ("off", False, None),
+        ("auto-fits", "auto", True),
+        ("auto-full", "auto", False),
+        ("auto-cpu", "auto", None),
+    ):
+        cfg = tiny_config(
+            corpus, tmp_path / name, compression={**random, "segment_gradient_checkpointing": setting}
+        )
+        results[name] = run_probe(AUTO_CHECKPOINTING_PROBE, {**cfg, "fits": fits})
+    # recomputed segments per step: 2 substeps x 1 (one micro-batch; two segments a call, the last not recomputed)
+    segments = 2
+    assert results["on"]["flags"] == [[segments, True]] * 3
+    assert results["off"]["flags"] == [[0, False]] * 3
+    decided_after_step_1 = [[segments, False], [0, False], [0, False]]
+    assert results["auto-fits"]["flags"] == decided_after_step_1
+    assert results["auto-full"]["flags"] == [[segments, True]] * 3
+    assert results["auto-cpu"]["flags"] == [[segments, True]] * 3
+    assert not results["auto-cpu"]["built_with_probe"]
+    for name in ("off", "auto-fits", "auto-full"):
+        assert results[name]["losses"] == pytest.approx(results["on"]["losses"], rel=1e-6), (name, results)
+    held, counted, calls = results["auto-fits"]["calls"]
+    assert held == counted and calls == 2  # one call per substep
+
+
+def test_auto_segment_checkpointing_estimate():
+    """The estimate of the peak without checkpointing: the first step's peak plus a whole call's activations
+    at the rate (bytes held per position of the unrecomputed last segment) of the call whose last segment is
+    longest; off only within FRACTION of the reachable memory."""
+    from acomp.train.checkpointing import FRACTION, CheckpointingProbe
+
+    class Readings(CheckpointingProbe):
+        def peak(self):
+            return 1000
+
+        def capacity(self):
+            return self.reachable
+
+    probe = Readings(torch.device("cpu"))
+    # (bytes held after the forward, positions per segment): the rate is the first call's, 300 / 150 = 2; the
+    # longest call has 450 positions
+    probe.calls = [(300, [100, 150]), (500, [400, 50]), (80, [120, 10])]
+    probe.reachable = (1000 + 2 * 450) / FRACTION
+    decision = probe.decide()
+    assert decision.estimate_gib * 2**30 == pytest.approx(1000 + 2 * 450)
+    assert decision.off
+    probe.reachable = (1000 + 2 * 450) / FRACTION - 1
+    assert not probe.decide().off

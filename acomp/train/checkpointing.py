@@ -1,0 +1,91 @@
+"""`compression.segment_gradient_checkpointing: auto`: recompute segments in backward only where memory needs it.
+
+Checkpointing recomputes every segment of a call but the last one in backward. On one GPU the weights and
+optimizer states often set the peak, and keeping those segments' activations instead costs nothing there while
+saving one segment forward per call (benchmarks/RESULTS.md); where ZeRO shards the states over GPUs, or the
+segments are long, the activations set the peak. So `auto` runs its first step with checkpointing on, measures
+it, and turns checkpointing off from the next step on when this estimate of the peak without it fits:
+
+    estimate = the peak so far  +  rate x (positions of the longest call)
+    rate     = bytes a call's forward leaves for its backward / positions of its last, unrecomputed segment
+               (from the call whose last segment is longest: the least skewed by fixed costs)
+    fits     = estimate <= FRACTION x (free device memory + what this process already holds)
+
+It adds a whole call's activations to a peak that already held one segment's, so it errs towards keeping
+checkpointing. A call's positions are the same at every step (its text tokens are a fixed share of the block),
+so the first step's longest call bounds the later ones. Checkpointing off only if it fits on every rank.
+Gradients are the same either way: the decision changes speed and memory, never the numbers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from acomp.train.distributed import any_rank
+from acomp.train.segments import sequence_positions
+
+FRACTION = 0.85  # of the reachable device memory: the allocator's caching and fragmentation need the rest
+
+
+@dataclass
+class Decision:
+    off: bool
+    estimate_gib: float
+    capacity_gib: float
+
+    def line(self) -> str:
+        how = "off from the next step" if self.off else "kept on"
+        return (
+            f"segment checkpointing (auto): {how}; estimated peak without it {self.estimate_gib:.1f} GiB "
+            f"of {self.capacity_gib:.1f} GiB reachable"
+        )
+
+
+@dataclass
+class CheckpointingProbe:
+    """Measures the forwards of one step (train_substep calls `start` and `forward_done` around each) and then
+    decides. The memory readings are methods, so tests can stand in for a GPU."""
+
+    device: torch.device
+    calls: list[tuple[int, list[int]]] = field(default_factory=list)  # (bytes held, positions per segment)
+    _before: int = 0
+
+    def allocated(self) -> int:
+        return torch.cuda.memory_allocated(self.device)
+
+    def peak(self) -> int:
+        return torch.cuda.max_memory_allocated(self.device)
+
+    def capacity(self) -> int:
+        free, _ = torch.cuda.mem_get_info(self.device)
+        return free + torch.cuda.memory_reserved(self.device)
+
+    def start(self) -> None:
+        self._before = self.allocated()
+
+    def forward_done(self, positions: list[int]) -> None:
+        """After a call's forward, before its backward; `positions`: those of each of its segment forwards."""
+        self.calls.append((self.allocated() - self._before, positions))
+
+    def decide(self) -> Decision:
+        held, positions = max(self.calls, key=lambda call: call[1][-1])
+        rate = max(held, 0) / max(positions[-1], 1)
+        estimate = self.peak() + rate * max(sum(p) for _, p in self.calls)
+        capacity = self.capacity()
+        off = not any_rank(estimate > FRACTION * capacity, self.device)
+        return Decision(off, estimate / 2**30, capacity / 2**30)
+
+
+def positions_per_call(segment_lengths: list[list[int]], flops) -> list[list[int]]:
+    """The positions of each segment forward of a sequence's calls (one per substep), as `FlopModel` (`flops`)
+    counts them: [softprompt; text; summary tokens], no summary tokens for the sequence's last segment."""
+    every = sequence_positions(
+        segment_lengths, flops.summary_length, flops.accumulate, flops.summary_positions
+    )
+    calls, start = [], 0
+    for lengths in segment_lengths:
+        calls.append(every[start : start + len(lengths)])
+        start += len(lengths)
+    return calls
