@@ -52,8 +52,8 @@ class CompressionConfig(CompressionFields):
     """The model's compression fields (CompressionFields: summary_length, ...) plus how the trainer cuts
     blocks into BPTT substeps and segments (acomp.train.segments)."""
 
-    # true | false | auto: the first step with checkpointing on, then off where its activations fit
-    # (acomp.train.checkpointing; on CPU auto stays on). The model's config records true or false.
+    # true | false | auto: on for the first two steps, then off where the activations fit, as the second step's
+    # memory says (acomp.train.checkpointing; on CPU auto stays on). The model's config records true or false.
     segment_gradient_checkpointing: bool | str = True
     training_substeps: int = 2  # BPTT windows per sequence; the softprompt is detached between them
     segments_per_substep: int = 2  # segments inside one window; gradients flow through their summaries

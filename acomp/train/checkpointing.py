@@ -1,20 +1,21 @@
 """`compression.segment_gradient_checkpointing: auto`: recompute segments in backward only where memory needs it.
 
 Checkpointing recomputes every segment of a call but the last one in backward. On one GPU the weights and
-optimizer states often set the peak, and keeping those segments' activations instead costs nothing there while
+optimizer states often set the peak, and keeping those segments' activations instead costs little there while
 saving one segment forward per call (benchmarks/RESULTS.md); where ZeRO shards the states over GPUs, or the
-segments are long, the activations set the peak. So `auto` runs its first step with checkpointing on, measures
-it, and turns checkpointing off from the next step on when this estimate of the peak without it fits:
+segments are long, the activations set the peak. So `auto` runs its first two steps with checkpointing on,
+measures the second (the first with the optimizer's states in memory, and none of the set-up's transient
+peaks), and turns checkpointing off from the third step on when this estimate of the peak without it fits:
 
-    estimate = the peak so far  +  rate x (positions of the longest call)
+    estimate = the second step's peak  +  rate x (positions of the longest call)
     rate     = bytes a call's forward leaves for its backward / positions of its last, unrecomputed segment
                (from the call whose last segment is longest: the least skewed by fixed costs)
     fits     = estimate <= FRACTION x (free device memory + what this process already holds)
 
 It adds a whole call's activations to a peak that already held one segment's, so it errs towards keeping
 checkpointing. A call's positions are the same at every step (its text tokens are a fixed share of the block),
-so the first step's longest call bounds the later ones. Checkpointing off only if it fits on every rank.
-Gradients are the same either way: the decision changes speed and memory, never the numbers.
+so the measured step's longest call bounds the later ones. Checkpointing goes off only if it fits on every
+rank. Gradients are the same either way: the decision changes speed and memory, never the numbers.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ class CheckpointingProbe:
     decides. The memory readings are methods, so tests can stand in for a GPU."""
 
     device: torch.device
+    warm_up_steps: int = 1  # steps run as built before the measured one
     calls: list[tuple[int, list[int]]] = field(default_factory=list)  # (bytes held, positions per segment)
     _before: int = 0
 
@@ -61,6 +63,17 @@ class CheckpointingProbe:
     def capacity(self) -> int:
         free, _ = torch.cuda.mem_get_info(self.device)
         return free + torch.cuda.memory_reserved(self.device)
+
+    def reset_peak(self) -> None:
+        torch.cuda.reset_peak_memory_stats(self.device)
+
+    def measures(self) -> bool:
+        """Called once per step: whether this step is the measured one (the warm-up steps are not)."""
+        if self.warm_up_steps > 0:
+            self.warm_up_steps -= 1
+            return False
+        self.reset_peak()
+        return True
 
     def start(self) -> None:
         self._before = self.allocated()

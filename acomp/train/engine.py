@@ -209,7 +209,7 @@ def build_model(
 
     fields = {**config_fields(cfg.compression), **config_fields(cfg.model)}
     fields["sdpa_backend"] = training_sdpa_backend(cfg)
-    # "auto" trains its first step with checkpointing on; acomp.train.checkpointing decides after it
+    # "auto" trains its first two steps with checkpointing on; acomp.train.checkpointing decides after them
     fields["segment_gradient_checkpointing"] = cfg.compression.segment_gradient_checkpointing is not False
     if cfg.model.name_or_path is None:
         # Built whole on every rank from the same seed, so all ranks (and any world size) start identical;

@@ -354,6 +354,8 @@ def train_step(trainer: Trainer, step: int) -> StepOutputs:
         rng = segment_generator(cfg.train.seed, step, micro, dist.rank)
         micro_batches.append(split_substeps(input_ids, cfg.compression, trainer.max_segment, rng))
     coalesce, probe = trainer.coalesce, trainer.checkpointing_probe
+    if probe is not None and not probe.measures():
+        probe = None
     with engine.coalesce_grad_reduction() if coalesce else contextlib.nullcontext():
         for substeps in micro_batches:
             softprompt, micro_losses = None, []
