@@ -112,7 +112,7 @@ class Trainer:
     peak_flops: float | None  # per device, for MFU
     coalesce: bool = False  # one gradient reduction per step (grad_reduction_plan)
     val_data: Any = None  # the held-out split, opened at the first evaluation and kept for the next ones
-    # compression.segment_gradient_checkpointing: auto on a GPU, until the first step has decided it
+    # compression.segment_gradient_checkpointing: auto on a GPU, until its second step has decided it
     checkpointing_probe: CheckpointingProbe | None = None
 
 
