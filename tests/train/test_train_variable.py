@@ -159,7 +159,7 @@ def test_train_step_passes_the_warmup_scale_of_its_step(monkeypatch):
     cfg.compression.lambda_warmup_steps = 4
     seen = []
 
-    def substep(engine, substep, softprompt, carry, penalty_scale=1.0, step_engine=True):
+    def substep(engine, substep, softprompt, carry, penalty_scale=1.0, step_engine=True, forward_done=None):
         seen.append(penalty_scale)
         return SimpleNamespace(loss=torch.tensor(1.0), softprompt=None, summary_lengths=None)
 
@@ -172,6 +172,7 @@ def test_train_step_passes_the_warmup_scale_of_its_step(monkeypatch):
         plan=SimpleNamespace(accumulation=1),
         max_segment=64,
         coalesce=False,  # the stand-in engine reduces nothing
+        checkpointing_probe=None,
     )
     loop.train_step(trainer, 0)  # optimizer step 1 of 4
     loop.train_step(trainer, 5)  # step 6: past the warmup
