@@ -607,7 +607,7 @@ def test_zero3_trace_survives_random_boundaries_with_a_chunked_loss(tmp_path_fac
 
 
 AUTO_CHECKPOINTING_PROBE = """
-import json, sys
+import json, os, sys
 import acomp.modeling.compressor as compressor
 from acomp.config import config_from_dict
 from acomp.train.checkpointing import CheckpointingProbe
@@ -617,7 +617,9 @@ from acomp.train.loop import build, train_step
 from acomp.train.segments import sequence_positions
 
 args = json.loads(sys.argv[1])
-fits = args.pop("fits")
+fits, out_file = args.pop("fits"), args.pop("out_file", None)  # out_file: one file per rank
+if isinstance(fits, list):  # one answer per rank
+    fits = fits[int(os.environ["RANK"])]
 recomputes = [0]
 checkpoint = compressor.checkpoint
 
@@ -666,7 +668,11 @@ for step in range(3):
         f = trainer.flops
         counted = [sum(sequence_positions(seq, f.summary_length, f.accumulate, f.summary_positions)) for seq in out.segments]
         calls = [sum(sum(p) for _, p in probe.calls), sum(counted), len(probe.calls)]
-print("RESULT", json.dumps(dict(losses=losses, flags=flags, calls=calls, built_with_probe=built_with_probe)))
+result = json.dumps(dict(losses=losses, flags=flags, calls=calls, built_with_probe=built_with_probe))
+if out_file:
+    with open(out_file + "." + os.environ["RANK"], "w") as f:
+        f.write(result)
+print("RESULT", result)
 """
 
 
@@ -732,3 +738,37 @@ def test_auto_segment_checkpointing_estimate():
     assert decision.off
     probe.reachable = estimate / FRACTION - 1
     assert not probe.decide().off
+
+
+@pytest.mark.slow
+def test_auto_segment_checkpointing_agrees_over_ranks(tmp_path_factory, tmp_path):
+    """Two ranks whose readings disagree (it fits on rank 0 only) both keep checkpointing: a rank that turned it off
+    alone would call ZeRO-3's gathers in another order than the other rank."""
+    import subprocess
+    import sys
+
+    from runs import REPO, tiny_config, tiny_corpus, train_env
+
+    from acomp.train.distributed import free_port
+
+    cfg = tiny_config(
+        tiny_corpus(tmp_path_factory),
+        tmp_path / "out",
+        compression={
+            "randomize_segments": True,
+            "segment_lengths": [],
+            "segment_gradient_checkpointing": "auto",
+        },
+        train={"micro_batch_size": 1},
+    )
+    script = tmp_path / "probe.py"
+    script.write_text(AUTO_CHECKPOINTING_PROBE)
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+         str(script), json.dumps({**cfg, "fits": [True, False], "out_file": str(tmp_path / "result")})],
+        cwd=REPO, env=train_env(), capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = [json.loads((tmp_path / f"result.{rank}").read_text()) for rank in (0, 1)]
+    for result in results:  # one segment recomputed per call: 2 substeps, one micro-batch per rank
+        assert result["flags"] == [[2, True]] * 3, results
