@@ -7,15 +7,17 @@ segments are long, the activations set the peak. So `auto` runs its first two st
 measures the second (the first with the optimizer's states in memory, and none of the set-up's transient
 peaks), and turns checkpointing off from the third step on when this estimate of the peak without it fits:
 
-    estimate = the second step's peak  +  rate x (positions of the longest call)
+    estimate = the second step's peak  +  rate x (positions of the longest call - of the shortest last segment)
     rate     = bytes a call's forward leaves for its backward / positions of its last, unrecomputed segment
                (from the call whose last segment is longest: the least skewed by fixed costs)
     fits     = estimate <= FRACTION x (free device memory + what this process already holds)
 
-It adds a whole call's activations to a peak that already held one segment's, so it errs towards keeping
-checkpointing. A call's positions are the same at every step (its text tokens are a fixed share of the block),
-so the measured step's longest call bounds the later ones. Checkpointing goes off only if it fits on every
-rank. Gradients are the same either way: the decision changes speed and memory, never the numbers.
+Without checkpointing a call holds the activations of all its segments, rate x its positions however random
+boundaries split them; with it, the measured peak held at least a last segment's. The rate also counts the
+inputs the checkpoints keep, so the estimate errs towards keeping checkpointing. A call's positions are the same
+at every step (its text tokens are a fixed share of the block), so the measured step's longest call bounds the
+later ones. Checkpointing goes off only if it fits on every rank. Gradients are the same either way: the
+decision changes speed and memory, never the numbers.
 """
 
 from __future__ import annotations
@@ -85,7 +87,8 @@ class CheckpointingProbe:
     def decide(self) -> Decision:
         held, positions = max(self.calls, key=lambda call: call[1][-1])
         rate = max(held, 0) / max(positions[-1], 1)
-        estimate = self.peak() + rate * max(sum(p) for _, p in self.calls)
+        recomputed = max(sum(p) for _, p in self.calls) - min(p[-1] for _, p in self.calls)
+        estimate = self.peak() + rate * recomputed
         capacity = self.capacity()
         off = not any_rank(estimate > FRACTION * capacity, self.device)
         return Decision(off, estimate / 2**30, capacity / 2**30)

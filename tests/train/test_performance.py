@@ -715,9 +715,9 @@ def test_auto_segment_checkpointing_turns_off_where_it_fits(tmp_path_factory, tm
 
 
 def test_auto_segment_checkpointing_estimate():
-    """The estimate of the peak without checkpointing: the measured step's peak plus a whole call's activations
-    at the rate (bytes held per position of the unrecomputed last segment) of the call whose last segment is
-    longest; off only within FRACTION of the reachable memory."""
+    """The estimate of the peak without checkpointing: the measured step's peak plus the activations of the
+    longest call but its shortest last segment, at the rate (bytes held per position of the unrecomputed last
+    segment) of the call whose last segment is longest; off only within FRACTION of the reachable memory."""
     from acomp.train.checkpointing import FRACTION, CheckpointingProbe
 
     class Readings(CheckpointingProbe):
@@ -729,9 +729,9 @@ def test_auto_segment_checkpointing_estimate():
 
     probe = Readings(torch.device("cpu"))
     # (bytes held after the forward, positions per segment): the rate is the first call's, 300 / 150 = 2; the
-    # longest call has 450 positions
+    # longest call has 450 positions, the shortest last segment 10
     probe.calls = [(300, [100, 150]), (500, [400, 50]), (80, [120, 10])]
-    estimate = 1000 + 2 * 450
+    estimate = 1000 + 2 * (450 - 10)
     probe.reachable = estimate / FRACTION
     decision = probe.decide()
     assert decision.estimate_gib * 2**30 == pytest.approx(estimate)
