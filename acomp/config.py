@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import sys
 import types
 import typing
@@ -375,6 +376,9 @@ def coerce(value: Any, hint: Any, key: str) -> Any:
                 return coerce(value, arg, key)
             except ConfigError as e:
                 errors.append(str(e))
+        kinds = [m.group(1) for e in errors if (m := re.search(r" must be (.+?), got ", e))]
+        if len(kinds) == len(errors) > 1:  # e.g. bool | str: "must be true or false, or a string"
+            raise ConfigError(f"config key {key!r} must be {', or '.join(kinds)}, got {value!r}")
         raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
     if origin in (list, tuple):  # list[X] or tuple[X, ...]: a YAML list either way
         if not isinstance(value, list | tuple):

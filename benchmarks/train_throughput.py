@@ -317,6 +317,8 @@ def run_row(cfg, args, dist) -> dict:
                 torch.cuda.synchronize(dist.device)
             records.append(step_record(trainer, step + 1, outputs, lr, time.perf_counter() - t0))
             graphs.append(counters["stats"]["unique_graphs"] - compiled)
+            if outputs.notice and dist.is_main:
+                print(outputs.notice, flush=True)
         # each record's memory_gib is its step's peak (step_record resets the counter after reading it)
         peak = max(r["memory_gib"] for r in records) if cuda else None
         profiled = (

@@ -73,6 +73,10 @@ def test_overrides_parse_and_apply(tmp_path):
             "compression.segment_gradient_checkpointing=sometimes",
             r"'compression.segment_gradient_checkpointing' must be true, false or auto; got 'sometimes'",
         ),
+        (
+            "compression.segment_gradient_checkpointing=null",
+            r"'compression.segment_gradient_checkpointing' must be true or false, or a string, got None",
+        ),
         ("optim.lr=0", r"'optim.lr' must be > 0"),
         # values torch or peft refused only once the model was built, or that failed at the first step
         ("optim.betas=[1.5,0.999]", r"'optim.betas' must be in \[0, 1\), got \[1.5, 0.999\]"),

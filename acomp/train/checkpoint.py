@@ -468,6 +468,7 @@ def export_hf(engine, cfg: RunConfig, out_dir: Path, dist: Dist, tokenizer_dir: 
     With LoRA: merged into the weights when train.export_merge_lora (default), else the peft adapter
     (+ the trained summary table) is written, to load with peft on top of the base model.
     """
+    from acomp.train.checkpointing import configured
     from acomp.train.engine import unwrap
 
     module = engine.module
@@ -477,6 +478,7 @@ def export_hf(engine, cfg: RunConfig, out_dir: Path, dist: Dist, tokenizer_dir: 
         shutil.rmtree(tmp, ignore_errors=True)
         base = unwrap(module)
         base.config.sdpa_backend = cfg.model.sdpa_backend  # as configured, not as resolved for training
+        base.config.segment_gradient_checkpointing = configured(cfg)  # not as `auto` decided on this GPU
         is_peft = hasattr(module, "get_base_model")
         if is_peft and cfg.train.export_merge_lora:
             indices = module.peft_config[module.active_adapter].trainable_token_indices

@@ -16,8 +16,11 @@ Without checkpointing a call holds the activations of all its segments, rate x i
 boundaries split them; with it, the measured peak held at least a last segment's. The rate also counts the
 inputs the checkpoints keep, so the estimate errs towards keeping checkpointing. A call's positions are the same
 at every step (its text tokens are a fixed share of the block), so the measured step's longest call bounds the
-later ones. Checkpointing goes off only if it fits on every rank. Gradients are the same either way: the
-decision changes speed and memory, never the numbers.
+later ones. That holds where attention memory grows linearly with a segment's length (flash, cudnn and
+memory-efficient kernels); where it grows with the square (eager attention, SDPA's math kernel, the variable
+mode's 4D presence mask) `auto` keeps checkpointing on. Checkpointing goes off only if it fits on every rank.
+Gradients are the same either way: the decision changes speed and memory, never the numbers. Each start of a
+run (a resume too) decides again.
 """
 
 from __future__ import annotations
@@ -38,8 +41,9 @@ class Decision:
     estimate_gib: float
     capacity_gib: float
 
-    def line(self) -> str:
-        how = "off from the next step" if self.off else "kept on"
+    def line(self, step: int) -> str:
+        """`step`: the measured optimizer step (1-based)."""
+        how = f"off from step {step + 1}" if self.off else "kept on"
         return (
             f"segment checkpointing (auto): {how}; estimated peak without it {self.estimate_gib:.1f} GiB "
             f"of {self.capacity_gib:.1f} GiB reachable"
@@ -105,3 +109,24 @@ def positions_per_call(segment_lengths: list[list[int]], flops) -> list[list[int
         calls.append(every[start : start + len(lengths)])
         start += len(lengths)
     return calls
+
+
+def configured(cfg) -> bool:
+    """The model's setting for a run config's: `auto` starts on, and an exported model records it so."""
+    return cfg.compression.segment_gradient_checkpointing is not False
+
+
+def quadratic_attention(model_config, cfg) -> str | None:
+    """What makes a segment's attention memory grow with the square of its length in training, if anything:
+    there `auto` keeps checkpointing, as its estimate assumes linear growth."""
+    from acomp.modeling.attention import folds_presence
+    from acomp.train.engine import training_sdpa_backend
+
+    implementation = model_config._attn_implementation
+    if implementation == "eager":
+        return "eager attention"
+    if implementation == "sdpa" and training_sdpa_backend(cfg) == "math":
+        return "SDPA's math kernel"
+    if cfg.compression.compression_mode == "variable" and not folds_presence(model_config):
+        return "the variable mode's 4D presence mask"
+    return None

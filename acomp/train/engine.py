@@ -17,6 +17,7 @@ import torch
 
 from acomp.config import ConfigError, RunConfig
 from acomp.modeling.config import config_fields
+from acomp.train.checkpointing import configured
 from acomp.train.distributed import Dist
 from acomp.train.optim import build_optimizer, build_scheduler
 
@@ -210,7 +211,7 @@ def build_model(
     fields = {**config_fields(cfg.compression), **config_fields(cfg.model)}
     fields["sdpa_backend"] = training_sdpa_backend(cfg)
     # "auto" trains its first two steps with checkpointing on; acomp.train.checkpointing decides after them
-    fields["segment_gradient_checkpointing"] = cfg.compression.segment_gradient_checkpointing is not False
+    fields["segment_gradient_checkpointing"] = configured(cfg)
     if cfg.model.name_or_path is None:
         # Built whole on every rank from the same seed, so all ranks (and any world size) start identical;
         # deepspeed.initialize partitions it. On a GPU it is initialised there (a host init of billions of

@@ -35,7 +35,7 @@ from acomp.train.checkpoint import (
     rng_state,
     set_rng_state,
 )
-from acomp.train.checkpointing import CheckpointingProbe, positions_per_call
+from acomp.train.checkpointing import CheckpointingProbe, positions_per_call, quadratic_attention
 from acomp.train.data import (
     Batches,
     Corpus,
@@ -152,7 +152,12 @@ def build(cfg: RunConfig, dist: Dist) -> Trainer:
     peak = peak_flops_per_device(cfg.train.peak_tflops, dist.device)
     trainer = Trainer(cfg, dist, corpus, plan, engine, batches, max_segment, flops, peak, coalesce)
     if cfg.compression.segment_gradient_checkpointing == "auto" and dist.device.type == "cuda":
-        trainer.checkpointing_probe = CheckpointingProbe(dist.device)
+        quadratic = quadratic_attention(unwrap(model).config, cfg)
+        if quadratic is None:
+            trainer.checkpointing_probe = CheckpointingProbe(dist.device)
+        elif dist.is_main:
+            print(f"segment checkpointing (auto): kept on: under {quadratic} attention memory grows with the "
+                  "square of a segment's length", flush=True)  # fmt: skip
     return trainer
 
 
@@ -219,6 +224,8 @@ def _run(cfg: RunConfig, dist: Dist, out: Path) -> Path:
             outputs = train_step(trainer, step)
             step += 1
             seconds = time.perf_counter() - started
+            if outputs.notice:
+                log.write(outputs.notice)
 
             record = step_record(trainer, step, outputs, lr, seconds)
             tokens_seen += record["tokens"]
@@ -384,8 +391,7 @@ def train_step(trainer: Trainer, step: int) -> StepOutputs:
         trainer.checkpointing_probe = None
         decision = probe.decide()
         unwrap(engine).config.segment_gradient_checkpointing = not decision.off
-        if trainer.dist.is_main:
-            say(decision.line())
+        outputs.notice = decision.line(step + 1)
     return outputs
 
 
@@ -397,6 +403,7 @@ class StepOutputs:
     losses: list[list[torch.Tensor]] = field(default_factory=list)
     segments: list[list[list[int]]] = field(default_factory=list)
     summary_lengths: list[torch.Tensor] = field(default_factory=list)
+    notice: str | None = None  # a line for the log (segment checkpointing's `auto` decision)
 
 
 @dataclass

@@ -618,6 +618,7 @@ from acomp.train.segments import sequence_positions
 
 args = json.loads(sys.argv[1])
 fits, out_file = args.pop("fits"), args.pop("out_file", None)  # out_file: one file per rank
+export_dir = args.pop("export_dir", None)
 if isinstance(fits, list):  # one answer per rank
     fits = fits[int(os.environ["RANK"])]
 recomputes = [0]
@@ -658,17 +659,26 @@ built_with_probe = trainer.checkpointing_probe is not None
 if fits is not None:
     trainer.checkpointing_probe = probe = Readings(trainer.engine.device)
 model = unwrap(trainer.engine)
-losses, flags, calls = [], [], []
+losses, flags, calls, notices = [], [], [], []
 for step in range(3):
     before = recomputes[0]
     out = train_step(trainer, step)
     losses.append(sum(float(l) for m in out.losses for l in m))
     flags.append([recomputes[0] - before, model.config.segment_gradient_checkpointing])
+    notices.append(out.notice)
     if step == 1 and fits is not None:
         f = trainer.flops
         counted = [sum(sequence_positions(seq, f.summary_length, f.accumulate, f.summary_positions)) for seq in out.segments]
         calls = [sum(sum(p) for _, p in probe.calls), sum(counted), len(probe.calls)]
-result = json.dumps(dict(losses=losses, flags=flags, calls=calls, built_with_probe=built_with_probe))
+exported = None
+if export_dir:  # the exported config records the setting the run asked for, not what auto decided here
+    from pathlib import Path
+    from acomp.train.checkpoint import export_hf
+
+    export_hf(trainer.engine, trainer.cfg, Path(export_dir), trainer.dist)
+    exported = json.loads((Path(export_dir) / "config.json").read_text())["segment_gradient_checkpointing"]
+result = json.dumps(dict(losses=losses, flags=flags, calls=calls, built_with_probe=built_with_probe,
+                         notices=notices, exported=exported))
 if out_file:
     with open(out_file + "." + os.environ["RANK"], "w") as f:
         f.write(result)
@@ -698,7 +708,8 @@ def test_auto_segment_checkpointing_turns_off_where_it_fits(tmp_path_factory, tm
         cfg = tiny_config(
             corpus, tmp_path / name, compression={**random, "segment_gradient_checkpointing": setting}
         )
-        results[name] = run_probe(AUTO_CHECKPOINTING_PROBE, {**cfg, "fits": fits})
+        export = str(tmp_path / name / "final") if name == "auto-fits" else None
+        results[name] = run_probe(AUTO_CHECKPOINTING_PROBE, {**cfg, "fits": fits, "export_dir": export})
     # recomputed segments per step: 2 substeps x 1 (one micro-batch; two segments a call, the last not recomputed)
     segments = 2
     assert results["on"]["flags"] == [[segments, True]] * 3
@@ -710,6 +721,10 @@ def test_auto_segment_checkpointing_turns_off_where_it_fits(tmp_path_factory, tm
     assert not results["auto-cpu"]["built_with_probe"]
     for name in ("off", "auto-fits", "auto-full"):
         assert results[name]["losses"] == pytest.approx(results["on"]["losses"], rel=1e-6), (name, results)
+    assert results["auto-fits"]["notices"][0] is None and results["auto-fits"]["notices"][2] is None
+    assert results["auto-fits"]["notices"][1].startswith("segment checkpointing (auto): off from step 3;")
+    assert results["auto-full"]["notices"][1].startswith("segment checkpointing (auto): kept on;")
+    assert results["auto-fits"]["exported"] is True  # as configured (auto starts on), not as decided here
     held, counted, calls = results["auto-fits"]["calls"]
     assert held == counted and calls == 2  # one call per substep
 
@@ -772,3 +787,30 @@ def test_auto_segment_checkpointing_agrees_over_ranks(tmp_path_factory, tmp_path
     results = [json.loads((tmp_path / f"result.{rank}").read_text()) for rank in (0, 1)]
     for result in results:  # one segment recomputed per call: 2 substeps, one micro-batch per rank
         assert result["flags"] == [[2, True]] * 3, results
+
+
+def test_auto_segment_checkpointing_stays_on_where_attention_memory_is_quadratic():
+    """`auto`'s estimate grows activations linearly with positions, so it keeps checkpointing where a segment's
+    attention memory grows with the square of its length."""
+    from types import SimpleNamespace
+
+    from acomp.train.checkpointing import quadratic_attention
+
+    def reason(implementation="sdpa", presence="auto", **overrides):
+        cfg = RunConfig()
+        for key, value in overrides.items():
+            section, name = key.split("__")
+            setattr(getattr(cfg, section), name, value)
+        model_config = SimpleNamespace(_attn_implementation=implementation, presence_attention=presence)
+        return quadratic_attention(model_config, cfg)
+
+    assert reason() is None  # SDPA, auto: flash with random boundaries
+    assert reason("flash_attention_2") is None
+    assert reason(model__sdpa_backend="efficient") is None
+    assert reason(compression__compression_mode="variable") is None  # the presence bias folded
+    assert reason("eager") == "eager attention"
+    assert reason(model__sdpa_backend="math") == "SDPA's math kernel"
+    assert (
+        reason(presence="mask", compression__compression_mode="variable")
+        == "the variable mode's 4D presence mask"
+    )
