@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -757,8 +758,9 @@ def test_auto_segment_checkpointing_estimate():
 
 @pytest.mark.slow
 def test_auto_segment_checkpointing_agrees_over_ranks(tmp_path_factory, tmp_path):
-    """Two ranks whose readings disagree (it fits on rank 0 only) both keep checkpointing: a rank that turned it off
-    alone would call ZeRO-3's gathers in another order than the other rank."""
+    """Two ZeRO-3 ranks whose readings disagree (it fits on rank 0 only) both keep checkpointing: a rank that turned
+    it off alone would call ZeRO-3's gathers in another order than the other rank. Where it fits on both, both
+    turn it off after step 2 and train on with the same losses."""
     import subprocess
     import sys
 
@@ -778,15 +780,21 @@ def test_auto_segment_checkpointing_agrees_over_ranks(tmp_path_factory, tmp_path
     )
     script = tmp_path / "probe.py"
     script.write_text(AUTO_CHECKPOINTING_PROBE)
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-         str(script), json.dumps({**cfg, "fits": [True, False], "out_file": str(tmp_path / "result")})],
-        cwd=REPO, env=train_env(), capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    results = [json.loads((tmp_path / f"result.{rank}").read_text()) for rank in (0, 1)]
-    for result in results:  # one segment recomputed per call: 2 substeps, one micro-batch per rank
-        assert result["flags"] == [[2, True]] * 3, results
+    results = {}
+    for name, fits in (("disagree", [True, False]), ("fit", [True, True])):
+        out_file = str(tmp_path / name)
+        proc = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+             str(script), json.dumps({**cfg, "fits": fits, "out_file": out_file})],
+            cwd=REPO, env=train_env(), capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        results[name] = [json.loads(Path(f"{out_file}.{rank}").read_text()) for rank in (0, 1)]
+    for kept, switched in zip(results["disagree"], results["fit"], strict=True):  # rank by rank
+        # one segment recomputed per call: 2 substeps, one micro-batch per rank
+        assert kept["flags"] == [[2, True]] * 3, results
+        assert switched["flags"] == [[2, True], [2, False], [0, False]], results
+        assert switched["losses"] == pytest.approx(kept["losses"], rel=1e-6), results
 
 
 def test_auto_segment_checkpointing_stays_on_where_attention_memory_is_quadratic():
