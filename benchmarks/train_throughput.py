@@ -305,6 +305,7 @@ def run_row(cfg, args, dist) -> dict:
     if cuda:
         torch.cuda.reset_peak_memory_stats(dist.device)
     records, graphs = [], []  # graphs: how many graphs torch.compile made in each step (recompiles included)
+    notices = []  # the trainer's lines (segment checkpointing's `auto` decision)
     try:
         for step in range(args.steps):
             lr = trainer.engine.get_lr()[0]
@@ -317,8 +318,10 @@ def run_row(cfg, args, dist) -> dict:
                 torch.cuda.synchronize(dist.device)
             records.append(step_record(trainer, step + 1, outputs, lr, time.perf_counter() - t0))
             graphs.append(counters["stats"]["unique_graphs"] - compiled)
-            if outputs.notice and dist.is_main:
-                print(outputs.notice, flush=True)
+            if outputs.notice:
+                notices.append(outputs.notice)
+                if dist.is_main:
+                    print(outputs.notice, flush=True)
         # each record's memory_gib is its step's peak (step_record resets the counter after reading it)
         peak = max(r["memory_gib"] for r in records) if cuda else None
         profiled = (
@@ -339,6 +342,7 @@ def run_row(cfg, args, dist) -> dict:
         "mem_before_gib": before,
         "step_times_s": [round(r["step_time_s"], 4) for r in records],
         "graphs_by_step": graphs,
+        "notices": notices,
         "loss": records[-1]["loss"],
         "tokens_per_step": records[-1]["tokens"],
         "profile": profiled,
