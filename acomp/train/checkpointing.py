@@ -52,13 +52,14 @@ class Decision:
 
 @dataclass
 class CheckpointingProbe:
-    """Measures the forwards of one step (train_substep calls `start` and `forward_done` around each) and then
-    decides. The memory readings are methods, so tests can stand in for a GPU."""
+    """Measures the forwards of one step (`start` before each call, `forward_done` between its forward and its
+    backward) and then decides. The memory readings are methods, so tests can stand in for a GPU."""
 
     device: torch.device
     warm_up_steps: int = 1  # steps run as built before the measured one
     calls: list[tuple[int, list[int]]] = field(default_factory=list)  # (bytes held, positions per segment)
     _before: int = 0
+    _positions: list[int] = field(default_factory=list)
 
     def allocated(self) -> int:
         return torch.cuda.memory_allocated(self.device)
@@ -81,12 +82,13 @@ class CheckpointingProbe:
         self.reset_peak()
         return True
 
-    def start(self) -> None:
-        self._before = self.allocated()
+    def start(self, positions: list[int]) -> None:
+        """Before a call; `positions`: those of each of its segment forwards."""
+        self._before, self._positions = self.allocated(), positions
 
-    def forward_done(self, positions: list[int]) -> None:
-        """After a call's forward, before its backward; `positions`: those of each of its segment forwards."""
-        self.calls.append((self.allocated() - self._before, positions))
+    def forward_done(self) -> None:
+        """After the call's forward, before its backward."""
+        self.calls.append((self.allocated() - self._before, self._positions))
 
     def decide(self) -> Decision:
         held, positions = max(self.calls, key=lambda call: call[1][-1])
@@ -130,3 +132,17 @@ def quadratic_attention(model_config, cfg) -> str | None:
     if cfg.compression.compression_mode == "variable" and not folds_presence(model_config):
         return "the variable mode's 4D presence mask"
     return None
+
+
+def checkpointing_plan(cfg, model_config, device: torch.device) -> tuple[CheckpointingProbe | None, str]:
+    """The probe that decides `auto` after the run's second step, or none: the setting is not `auto`, there is
+    no GPU memory to measure, or (with a line saying so) attention memory is quadratic there."""
+    if cfg.compression.segment_gradient_checkpointing != "auto" or device.type != "cuda":
+        return None, ""
+    quadratic = quadratic_attention(model_config, cfg)
+    if quadratic is not None:
+        return None, (
+            f"segment checkpointing (auto): kept on: under {quadratic} attention memory grows with the square "
+            "of a segment's length"
+        )
+    return CheckpointingProbe(device), ""

@@ -13,7 +13,6 @@ coalescing it runs after each backward.
 from __future__ import annotations
 
 import contextlib
-import functools
 import random
 import time
 from collections.abc import Callable
@@ -35,7 +34,7 @@ from acomp.train.checkpoint import (
     rng_state,
     set_rng_state,
 )
-from acomp.train.checkpointing import CheckpointingProbe, positions_per_call, quadratic_attention
+from acomp.train.checkpointing import CheckpointingProbe, checkpointing_plan, positions_per_call
 from acomp.train.data import (
     Batches,
     Corpus,
@@ -111,9 +110,9 @@ class Trainer:
     flops: FlopModel
     peak_flops: float | None  # per device, for MFU
     coalesce: bool = False  # one gradient reduction per step (grad_reduction_plan)
-    val_data: Any = None  # the held-out split, opened at the first evaluation and kept for the next ones
     # compression.segment_gradient_checkpointing: auto on a GPU, until its second step has decided it
     checkpointing_probe: CheckpointingProbe | None = None
+    val_data: Any = None  # the held-out split, opened at the first evaluation and kept for the next ones
 
 
 def build(cfg: RunConfig, dist: Dist) -> Trainer:
@@ -150,15 +149,10 @@ def build(cfg: RunConfig, dist: Dist) -> Trainer:
     engine = build_engine(model, cfg, ds_config, dist)
     batches = Batches(train_loader(cfg, corpus, plan.micro_batch_size))
     peak = peak_flops_per_device(cfg.train.peak_tflops, dist.device)
-    trainer = Trainer(cfg, dist, corpus, plan, engine, batches, max_segment, flops, peak, coalesce)
-    if cfg.compression.segment_gradient_checkpointing == "auto" and dist.device.type == "cuda":
-        quadratic = quadratic_attention(unwrap(model).config, cfg)
-        if quadratic is None:
-            trainer.checkpointing_probe = CheckpointingProbe(dist.device)
-        elif dist.is_main:
-            print(f"segment checkpointing (auto): kept on: under {quadratic} attention memory grows with the "
-                  "square of a segment's length", flush=True)  # fmt: skip
-    return trainer
+    probe, notice = checkpointing_plan(cfg, unwrap(model).config, dist.device)
+    if notice and dist.is_main:
+        print(notice, flush=True)
+    return Trainer(cfg, dist, corpus, plan, engine, batches, max_segment, flops, peak, coalesce, probe)
 
 
 # Collective timeout during set-up: ranks reach their first collectives after uneven one-off work.
@@ -371,12 +365,16 @@ def train_step(trainer: Trainer, step: int) -> StepOutputs:
             )
             for i, substep in enumerate(substeps):
                 carry = i < len(substeps) - 1  # the last substep's summaries would go unused
-                forward_done = None
                 if probe is not None:
-                    probe.start()
-                    forward_done = functools.partial(probe.forward_done, calls[i])
+                    probe.start(calls[i])
                 result = train_substep(
-                    engine, substep, softprompt, carry, penalty_scale, not coalesce, forward_done
+                    engine,
+                    substep,
+                    softprompt,
+                    carry,
+                    penalty_scale,
+                    not coalesce,
+                    probe and probe.forward_done,
                 )
                 softprompt = result.softprompt
                 micro_losses.append(result.loss)

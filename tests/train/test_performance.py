@@ -640,9 +640,9 @@ class Readings(CheckpointingProbe):  # a GPU of 100 units; each forward holds 2 
     def allocated(self):
         return self.held
 
-    def forward_done(self, positions):
-        self.held = 2 * positions[-1]
-        super().forward_done(positions)
+    def forward_done(self):
+        self.held = 2 * self._positions[-1]
+        super().forward_done()
         self.held = 0
 
     def peak(self):
