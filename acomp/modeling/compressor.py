@@ -171,6 +171,20 @@ class AutoCompressorMixin:
             with torch.no_grad(), _gathered([weight]):
                 weight[[sum_id, eoc_id]] = weight[eos].clone()
 
+    def init_stop_row(self) -> None:
+        """Zero the LM head's `<eoc>` row: the variable mode's stop logit starts as that of an untrained row.
+
+        A base pretrained with `<eoc>` in its vocabulary has learned never to predict it (a stop probability
+        about 30x below a fresh row's in benchmarks/RESULTS.md), and the length penalty's gradient on a stop
+        logit scales with p, so lengths would not answer the penalty for hundreds of steps. Called wherever a
+        new summary table is initialised in variable mode; under tied embeddings this is also the `<eoc>`
+        input row, which no input ever uses. A no-op while the row does not exist yet (the trainer resizes the
+        table to its corpus after loading, then calls this again). ZeRO-3 safe."""
+        head = self.get_output_embeddings().weight
+        with torch.no_grad(), _gathered([head]):
+            if self.config.eoc_token_id < head.shape[0]:
+                head[self.config.eoc_token_id] = 0.0
+
     def save_pretrained(self, save_directory, *args, state_dict=None, **kwargs):
         """As transformers saves, minus an empty summary table (summary_length 0, a plain LM), so the
         checkpoint loads as a base model with any summary_length."""
@@ -227,10 +241,13 @@ class AutoCompressorMixin:
         model, info = super().from_pretrained(
             pretrained_model_name_or_path, *model_args, config=config, output_loading_info=True, **kwargs
         )
-        if "embed_summary.weight" in info["missing_keys"]:
+        new_summary = "embed_summary.weight" in info["missing_keys"]
+        if new_summary:
             model.init_summary_embeddings()
         if model.variable_length:
             model.add_control_tokens()
+            if new_summary:
+                model.init_stop_row()
         return (model, info) if want_info else model
 
     # ---------------------------------------------------------------------------------- forward

@@ -250,9 +250,12 @@ def build_model(
         )
         missing_summary = "embed_summary.weight" in info["missing_keys"]
     policy = cfg.model.init_summary
-    if policy == "always" or (policy == "auto" and missing_summary):
+    new_summary = policy == "always" or (policy == "auto" and missing_summary)
+    if new_summary:
         model.init_summary_embeddings()  # gathers ZeRO-3 partitions itself
     new_tokens = resize_for_corpus(model, corpus_vocab)
+    if new_summary and model.variable_length:
+        model.init_stop_row()  # after the resize, which gives new rows the mean row
     if cfg.lora.enabled:
         model = add_lora(model, cfg, new_tokens)
     # peft creates its weights in fp32; ZeRO-3 needs one dtype across parameters (partitioned ones already are).

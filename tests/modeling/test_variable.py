@@ -44,6 +44,42 @@ def test_control_tokens_are_appended_and_recorded(family):
     assert model.embed_summary.weight.shape[0] == MAX_LEN
 
 
+@pytest.mark.parametrize("family", ["llama", "opt"])  # OPT ties the LM head to the input embeddings
+def test_a_variable_model_made_from_a_base_starts_its_stop_logit_from_a_zero_row(family, tmp_path):
+    """A base that learned never to predict <eoc> (its row pushed far down) would leave the stop probability
+    near zero, where the length penalty's gradient vanishes; a new summary table comes with a zero row."""
+    base = tiny_model(family, summary_length=0)
+    base.config.sum_token_id, base.config.eoc_token_id = 5, 6  # a tokenizer's ids, inside the table
+    with torch.no_grad():
+        base.get_output_embeddings().weight[6] = -3.0 * base.get_output_embeddings().weight[6].abs()
+    base.save_pretrained(tmp_path / "base")
+    model = MODEL_CLASS[family].from_pretrained(tmp_path / "base", **variable_fields())
+    head = model.get_output_embeddings().weight
+    assert torch.equal(head[6], torch.zeros_like(head[6]))
+    others = head.clone()
+    others[6] = base.get_output_embeddings().weight[6]
+    torch.testing.assert_close(others, base.get_output_embeddings().weight)  # only that row
+
+    out = model(random_ids(2, 8), segment_lengths=[8], hard_stop=False, output_softprompt=True)
+    logits = model.lm_head(out.softprompt)  # the summary vectors are the slots' outputs
+    assert torch.all(logits[..., 6] == 0)
+    _, expected = soft_presence(torch.softmax(logits, dim=-1)[..., 6])  # logit 0 against the others'
+    torch.testing.assert_close(out.summary_lengths[:, 0], expected)
+
+    # A variable-mode AutoCompressor keeps its trained row; a fixed-mode model from a base keeps the base's.
+    with torch.no_grad():
+        model.get_output_embeddings().weight[6] = 1.5
+    model.save_pretrained(tmp_path / "trained")
+    again = MODEL_CLASS[family].from_pretrained(tmp_path / "trained")
+    assert torch.all(again.get_output_embeddings().weight[6] == 1.5)
+    fixed = MODEL_CLASS[family].from_pretrained(tmp_path / "base", summary_length=3)
+    torch.testing.assert_close(fixed.get_output_embeddings().weight, base.get_output_embeddings().weight)
+
+
+def variable_fields() -> dict:
+    return {"compression_mode": "variable", "compression_max_len": MAX_LEN, "summary_length": 0}
+
+
 def test_opt_table_larger_than_tokenizer_is_never_shrunk():
     # A tokenizer with 90 tokens registers <sum>=90, <eoc>=91: rows inside OPT's 97-row table are reused.
     model = MODEL_CLASS["opt"](tiny_config("opt", summary_length=3))

@@ -107,6 +107,36 @@ def test_trainer_logs_lengths_and_a_large_lambda_shortens_them(corpus, tmp_path)
     assert config["compression_mode"] == "variable"
 
 
+@pytest.mark.parametrize("new_rows", [False, True], ids=["base-has-the-tokens", "corpus-adds-them"])
+def test_variable_training_from_a_base_starts_with_a_zero_stop_row(tmp_path, new_rows):
+    """The trainer's model: the <eoc> output row is zero whether the base has the control tokens (and learned
+    never to predict them) or the corpus adds them (the resize gives new rows the mean row)."""
+    from types import SimpleNamespace
+
+    from tiny_models import VOCAB
+
+    from acomp.config import RunConfig
+    from acomp.train.engine import build_model
+
+    base = tiny_model("llama", summary_length=0)
+    with torch.no_grad():
+        base.lm_head.weight.sub_(1.0)  # every row, the control tokens' included, away from zero
+    base.save_pretrained(tmp_path / "base")
+    sum_id, eoc_id = (VOCAB, VOCAB + 1) if new_rows else (5, 6)
+    tokenizer = SimpleNamespace(get_vocab=lambda: {"<sum>": sum_id, "<eoc>": eoc_id})
+    cfg = RunConfig()
+    cfg.model.name_or_path = str(tmp_path / "base")
+    cfg.compression.compression_mode, cfg.compression.compression_max_len = "variable", MAX_LEN
+    model = build_model(cfg, tokenizer, {}, torch.float32, VOCAB + 2 if new_rows else None)
+    head = model.get_output_embeddings().weight
+    assert (model.config.sum_token_id, model.config.eoc_token_id) == (sum_id, eoc_id)
+    assert torch.all(head[eoc_id] == 0) and torch.all(head[sum_id] != 0)
+    torch.testing.assert_close(
+        head[:VOCAB][torch.arange(VOCAB) != eoc_id],
+        base.lm_head.weight[:VOCAB][torch.arange(VOCAB) != eoc_id],
+    )
+
+
 def test_wandb_offline_gets_the_length_histogram(tmp_path, monkeypatch):
     from acomp.config import RunConfig
     from acomp.train.metrics import MetricsLog
