@@ -41,7 +41,7 @@ PRESETS = {
     "cpu": {"arch": (128, 2, 4), "base_steps": 300, "steps": 300, "batch": 8, "eval_blocks": 256},
 }
 FIXED = [1, 2, 4, 16]
-LAMBDAS = [0.0, 0.3, 1.0]  # none, and two that settle at about one vector (RESULTS.md)
+LAMBDAS = [0.0, 0.03, 0.1, 0.3]  # none, and weights that settle at different lengths (RESULTS.md)
 SEGMENT, N_SEGMENTS, MAX_LEN = 128, 4, 16
 
 
@@ -208,7 +208,7 @@ def main(argv=None) -> int:
         type=non_negative_float,
         nargs="+",
         default=LAMBDAS,
-        help="length-penalty sweep (default: 0 0.3 1)",
+        help="length-penalty sweep (default: 0 0.03 0.1 0.3)",
     )
     parser.add_argument(
         "--fixed",
