@@ -206,21 +206,23 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--lambdas",
         type=non_negative_float,
-        nargs="+",
+        nargs="*",
         default=LAMBDAS,
-        help="length-penalty sweep (default: 0 0.03 0.1 0.3)",
+        help="length-penalty sweep (default: 0 0.03 0.1 0.3; given without values: no such arms)",
     )
     parser.add_argument(
         "--fixed",
         type=positive_int,
-        nargs="+",
+        nargs="*",
         default=FIXED,
-        help="fixed summary lengths (default: 1 2 4 16)",
+        help="fixed summary lengths (default: 1 2 4 16; given without values: no such arms)",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     if not 0.0 <= args.threshold <= 1.0:
         parser.error(f"--threshold {args.threshold}: expected a stop probability in [0, 1]")
+    if not args.fixed and not args.lambdas:
+        parser.error("no arms: give --fixed or --lambdas at least one value")
     if args.smoke:
         args.preset = "smoke"
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
