@@ -10,7 +10,8 @@ whole 512-token blocks), then every arm is fine-tuned from it for the same steps
 Each arm is then scored with the paper's protocol (acomp.eval, as launchers/eval.py) on held-out blocks
 spread over the split: perplexity of the last 128-token segment behind the summary vectors of the three
 segments before it (variable arms stop at inference as configured: first stop probability above
---threshold), and the mean number of summary vectors a compressing segment kept.
+--threshold), the mean number of summary vectors a compressing segment kept, and (variable arms) the rank
+correlation of each segment's kept vectors with its text's no-context loss: whether lengths follow content.
 Also: the no-context perplexity of the base (same targets). Writes results.json, a markdown table and a
 PNG plot (perplexity vs mean summary vectors per segment, one line per mode) to --out.
 
@@ -135,7 +136,25 @@ def evaluate(model_dir: Path, args, **fields) -> dict:
         "mean_vectors_per_segment": behind.summary_vectors / (N_SEGMENTS - 1),
         "tokens": behind.tokens,
         "blocks": result.blocks,
+        "length_loss_spearman": length_follows_content(model, args) if model.variable_length else None,
     }
+
+
+def length_follows_content(model, args) -> float | None:
+    """Rank correlation of the vectors each compressed segment kept with its text's no-context loss, over the
+    same held-out blocks (benchmarks/summary_profile.py); None when every segment kept the same number."""
+    from summary_profile import ProfileConfig, profile
+
+    from acomp.eval import CorpusBlocks
+
+    cfg = ProfileConfig(
+        segment=SEGMENT,
+        segments=N_SEGMENTS - 1,
+        max_blocks=PRESETS[args.preset]["eval_blocks"],
+        prompt_tokens=SEGMENT // 4,
+        new_tokens=1,
+    )
+    return profile(model, CorpusBlocks(str(args.data), "val"), cfg, time_decode=False)["length_loss_spearman"]
 
 
 def plot(results: list[dict], path: Path) -> None:
@@ -169,13 +188,15 @@ def plot(results: list[dict], path: Path) -> None:
 
 def markdown(results: list[dict]) -> str:
     rows = [
-        "| arm | mode | mean vectors / segment | ppl with summaries | no-context ppl (same model) |",
-        "| --- | --- | ---: | ---: | ---: |",
+        "| arm | mode | mean vectors / segment | ppl with summaries | no-context ppl (same model) | "
+        "corr(kept, no-context loss) |",
+        "| --- | --- | ---: | ---: | ---: | ---: |",
     ]
     for r in results:
+        corr = r["length_loss_spearman"]
         rows.append(
             f"| {r['label']} | {r['mode']} | {r['mean_vectors_per_segment']:.2f} | {r['summary_ppl']:.3f} "
-            f"| {r['no_context_ppl']:.3f} |"
+            f"| {r['no_context_ppl']:.3f} | {'-' if corr is None else f'{corr:.2f}'} |"
         )
     return "\n".join(rows)
 

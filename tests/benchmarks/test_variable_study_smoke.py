@@ -26,6 +26,10 @@ def test_variable_study_smoke_trains_scores_and_plots_each_arm(tmp_path):
     ]
     for arm in results["arms"]:
         assert arm["summary_ppl"] > 0 and 1 <= arm["mean_vectors_per_segment"] <= 16
+    fixed, variable = results["arms"]
+    assert fixed["length_loss_spearman"] is None  # the same number of vectors everywhere
+    corr = variable["length_loss_spearman"]  # None too if the variable arm kept one length everywhere
+    assert corr is None or -1.0 <= corr <= 1.0
     config = json.loads((out / "lambda_0.3" / "final" / "config.json").read_text())
     assert config["compression_mode"] == "variable" and config["compression_lambda"] == 0.3
     assert "| lambda=0.3 | variable |" in (out / "results.md").read_text()
