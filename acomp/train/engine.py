@@ -257,7 +257,7 @@ def build_model(
     if new_summary and model.variable_length:
         model.init_stop_row()  # after the resize, which gives new rows the mean row
     if cfg.lora.enabled:
-        model = add_lora(model, cfg, new_tokens)
+        model = add_lora(model, cfg, lora_token_rows(model, new_tokens))
     # peft creates its weights in fp32; ZeRO-3 needs one dtype across parameters (partitioned ones already are).
     for p in model.parameters():
         if p.is_floating_point() and p.dtype != dtype and not hasattr(p, "ds_id"):
@@ -434,24 +434,35 @@ def resize_for_corpus(model: torch.nn.Module, corpus_vocab: int | None) -> list[
     return list(range(old, corpus_vocab))
 
 
-def add_lora(model: torch.nn.Module, cfg: RunConfig, new_tokens: list[int] = ()) -> torch.nn.Module:
-    """peft LoRA on the attention projections; `modules_to_save` (the summary table) and the rows of tokens
-    new to the base model stay fully trainable."""
+def lora_token_rows(model: torch.nn.Module, new_tokens: list[int]) -> list[int]:
+    """The token rows that stay fully trainable under LoRA: those of tokens new to the base model and, in
+    variable mode, `<sum>` and `<eoc>`, whose rows are the mode's own parameters (the stop probability is read
+    from the `<eoc>` row, which a new summary table starts at zero)."""
+    rows = set(new_tokens)
+    if getattr(model, "variable_length", False):
+        rows |= {model.config.sum_token_id, model.config.eoc_token_id}
+    return sorted(rows)
+
+
+def add_lora(model: torch.nn.Module, cfg: RunConfig, token_rows: list[int] = ()) -> torch.nn.Module:
+    """peft LoRA on the attention projections; `modules_to_save` (the summary table) and `token_rows`
+    (lora_token_rows) stay fully trainable."""
     from peft import LoraConfig, get_peft_model
 
     lcfg = cfg.lora
     trainable_tokens = None
-    if new_tokens:
+    if token_rows:
         params = model.get_input_embeddings().parameters()
         if any(hasattr(p, "ds_id") for p in params) and not torch.cuda.is_available():
             raise ConfigError(
-                f"the corpus adds {len(new_tokens)} tokens to the model; keeping their rows trainable under LoRA "
-                "with ZeRO-3 needs CUDA (peft gathers them on the GPU): use ZeRO-1/2 on CPU"
+                f"keeping {len(token_rows)} token rows trainable under LoRA (tokens the corpus adds to the model, "
+                "the variable mode's <sum>/<eoc>) with ZeRO-3 needs CUDA (peft gathers them on the GPU): use "
+                "ZeRO-1/2 on CPU"
             )
-        trainable_tokens = {"embed_tokens": list(new_tokens)}
+        trainable_tokens = {"embed_tokens": list(token_rows)}
         head = model.get_output_embeddings()
         if head is not None and head.weight is not model.get_input_embeddings().weight:
-            trainable_tokens["lm_head"] = list(new_tokens)
+            trainable_tokens["lm_head"] = list(token_rows)
     config = LoraConfig(
         r=lcfg.r,
         lora_alpha=lcfg.alpha,

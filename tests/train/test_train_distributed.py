@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from runs import REPO, launch, losses, read_metrics, tiny_config, tiny_corpus, write_config
@@ -101,7 +103,7 @@ def save_base_llama(path, vocab_size: int) -> None:
     LlamaForCausalLM(config).save_pretrained(path)
 
 
-def lora_train(corpus, tmp_path, vocab_size: int, deepspeed: str, nproc: int, **train):
+def lora_train(corpus, tmp_path, vocab_size: int, deepspeed: str, nproc: int, compression=None, **train):
     """Train a LoRA AutoCompressor from a plain Llama checkpoint (no summary table) for 3 steps and export it;
     return the base's directory, the run's, and the launcher's process."""
     base_dir = tmp_path / "base"
@@ -119,17 +121,18 @@ def lora_train(corpus, tmp_path, vocab_size: int, deepspeed: str, nproc: int, **
         out,
         model={"name_or_path": str(base_dir)},
         lora={"enabled": True, "r": 4, "alpha": 8, "dropout": 0.0},
+        compression=compression or {},
         train=train,
         optim={"lr": 1e-2, "warmup_steps": 0},
     )
     return base_dir, out, launch(write_config(tmp_path / "lora.yaml", cfg), nproc=nproc)
 
 
-def lora_run(corpus, tmp_path, vocab_size: int, deepspeed: str, nproc: int):
+def lora_run(corpus, tmp_path, vocab_size: int, deepspeed: str, nproc: int, compression=None):
     """lora_train's weights before and after (merged export)."""
     from safetensors.torch import load_file
 
-    base_dir, out, proc = lora_train(corpus, tmp_path, vocab_size, deepspeed, nproc)
+    base_dir, out, proc = lora_train(corpus, tmp_path, vocab_size, deepspeed, nproc, compression)
     assert f"exported HF weights to {out / 'final'}" in proc.stdout + proc.stderr
     return load_file(base_dir / "model.safetensors"), load_file(out / "final" / "model.safetensors"), out
 
@@ -184,3 +187,21 @@ def test_lora_keeps_new_token_rows_trainable(corpus, tmp_path):
         assert torch.equal(after[name][:510], before[name]), f"{name}: old rows changed"
         after[name] = after[name][:510]
     check_only_lora_and_summary_changed(before, after)
+
+
+def test_lora_in_variable_mode_trains_and_exports_the_stop_row(corpus, tmp_path):
+    """A variable-mode LoRA run from a base that has the corpus' <sum>/<eoc> already: the <eoc> row of the LM
+    head, which the new summary table starts at zero, is trained and merged into the export; no other row of
+    the token tables changes but <sum>'s."""
+    zero1 = str(REPO / "ds_configs" / "zero1.json")
+    variable = {"compression_mode": "variable", "compression_max_len": 4, "compression_lambda": 1.0}
+    before, after, _ = lora_run(corpus, tmp_path, 512, zero1, nproc=1, compression=variable)
+    vocab = json.loads((corpus / "tokenizer" / "tokenizer.json").read_text())["added_tokens"]
+    ids = {t["content"]: t["id"] for t in vocab}
+    stop, start = ids["<eoc>"], ids["<sum>"]
+    head = after["lm_head.weight"]
+    assert head[stop].abs().sum() > 0 and not torch.allclose(head[stop], before["lm_head.weight"][stop])
+    assert torch.allclose(head[stop], torch.zeros_like(head[stop]), atol=0.2)  # moved from zero by training
+    untouched = [i for i in range(512) if i not in (stop, start)]
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        assert torch.equal(after[name][untouched], before[name][untouched]), name

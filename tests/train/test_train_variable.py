@@ -137,6 +137,32 @@ def test_variable_training_from_a_base_starts_with_a_zero_stop_row(tmp_path, new
     )
 
 
+def test_lora_keeps_the_control_token_rows_trainable_in_variable_mode(tmp_path):
+    """Under LoRA the base's own <sum>/<eoc> rows would be frozen, and with them a zero stop row: the stop
+    logit would stay 0. They are trained as peft trainable tokens, as the rows of new tokens are."""
+    from types import SimpleNamespace
+
+    from acomp.config import RunConfig
+    from acomp.train.engine import build_model
+
+    tiny_model("llama", summary_length=0).save_pretrained(tmp_path / "base")
+    cfg = RunConfig()
+    cfg.model.name_or_path = str(tmp_path / "base")
+    cfg.compression.compression_mode, cfg.compression.compression_max_len = "variable", MAX_LEN
+    cfg.lora.enabled, cfg.lora.target_modules = True, ["q_proj", "v_proj"]
+    tokenizer = SimpleNamespace(get_vocab=lambda: {"<sum>": 5, "<eoc>": 6})
+    model = build_model(cfg, tokenizer, {}, torch.float32).train()
+    head = model.get_output_embeddings()
+    assert torch.all(head(torch.randn(3, 32))[:, 6] == 0)  # the stop logit starts at 0
+
+    ids = random_ids(2, 12)
+    model(ids, labels=ids, segment_lengths=[6, 6]).loss.backward()
+    rows = dict(model.named_parameters())
+    delta = rows["base_model.model.lm_head.token_adapter.trainable_tokens_delta.default"]
+    assert delta.shape[0] == 2 and delta.grad[1].abs().sum() > 0  # rows [5, 6]: <eoc> learns
+    assert "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta.default" in rows
+
+
 def test_wandb_offline_gets_the_length_histogram(tmp_path, monkeypatch):
     from acomp.config import RunConfig
     from acomp.train.metrics import MetricsLog
