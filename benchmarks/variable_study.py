@@ -157,6 +157,35 @@ def length_follows_content(model, args) -> float | None:
     return profile(model, CorpusBlocks(str(args.data), "val"), cfg, time_decode=False)["length_loss_spearman"]
 
 
+def start_stop_probability(base: Path, args) -> dict:
+    """The mean stop probability p(<eoc>) over the summary slots of held-out segments, for a variable model just
+    made from the base (its <eoc> LM-head row zeroed, as the trainer makes it) and with the base's own row: how
+    far from zero the length penalty's gradient starts (docs/VARIABLE_LENGTH.md, "How lengths move")."""
+    import torch
+    from transformers import AutoConfig
+
+    from acomp import AutoCompressorModel
+    from acomp.eval import CorpusBlocks
+    from acomp.train.data import open_corpus
+    from acomp.train.engine import control_token_ids
+
+    config = AutoConfig.from_pretrained(base)
+    config.update(control_token_ids(open_corpus(str(args.data), None).tokenizer))
+    fields = {"compression_mode": "variable", "compression_max_len": MAX_LEN}
+    model = AutoCompressorModel.from_pretrained(base, config=config, **fields).eval()
+    blocks = CorpusBlocks(str(args.data), "val")
+    ids = torch.stack([torch.as_tensor(blocks[i]["input_ids"][:SEGMENT]) for i in range(8)]).long()
+    head, eoc = model.get_output_embeddings().weight, model.config.eoc_token_id
+    own = AutoCompressorModel.from_pretrained(base).get_output_embeddings().weight[eoc].detach()  # as saved
+    probabilities = {}
+    with torch.no_grad():
+        for name, row in (("zero_row", torch.zeros_like(own)), ("base_row", own)):
+            head[eoc] = row
+            vectors = model(ids, segment_lengths=[SEGMENT], output_softprompt=True).softprompt
+            probabilities[name] = model.lm_head(vectors).softmax(dim=-1)[..., eoc].mean().item()
+    return probabilities
+
+
 def plot(results: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -270,6 +299,7 @@ def main(argv=None) -> int:
         for lam in args.lambdas
     ]
     base_eval = evaluate(base, args, summary_length=1)  # its no-context ppl; the summary is untrained
+    stop_start = start_stop_probability(base, args)
     results = []
     for label, mode, fields in arms:
         name = label.replace("=", "_")
@@ -285,6 +315,7 @@ def main(argv=None) -> int:
         "segment_length": SEGMENT,
         "segments": N_SEGMENTS,
         "base_no_context_ppl": base_eval["no_context_ppl"],
+        "start_stop_probability": stop_start,
         "seconds": time.time() - started,
         "arms": results,
     }
@@ -292,6 +323,10 @@ def main(argv=None) -> int:
     (args.out / "results.md").write_text(markdown(results) + "\n")
     plot(results, args.out / "frontier.png")
     print(markdown(results))
+    print(
+        f"stop probability when variable training starts: {stop_start['zero_row']:.2e} (the base's own <eoc> "
+        f"row: {stop_start['base_row']:.2e})"
+    )
     print(
         f"base no-context ppl {base_eval['no_context_ppl']:.3f}; wrote {args.out}/results.json, frontier.png"
     )

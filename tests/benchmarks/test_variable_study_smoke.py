@@ -26,6 +26,8 @@ def test_variable_study_smoke_trains_scores_and_plots_each_arm(tmp_path):
     ]
     for arm in results["arms"]:
         assert arm["summary_ppl"] > 0 and 1 <= arm["mean_vectors_per_segment"] <= 16
+    start = results["start_stop_probability"]  # the zero stop row's and the base's own, at the summary slots
+    assert start.keys() == {"zero_row", "base_row"} and all(0 < p < 1 for p in start.values())
     fixed, variable = results["arms"]
     assert fixed["length_loss_spearman"] is None  # the same number of vectors everywhere
     corr = variable["length_loss_spearman"]  # None too if the variable arm kept one length everywhere
