@@ -1149,40 +1149,64 @@ def evaluated_already(settings: QualitySettings) -> bool:
     return list(swept) == list(settings.eval_stop_thresholds)
 
 
-def run_parallel(runs: list[QualitySettings], stage: str, argv: list[str]) -> None:
-    """`stage` for every run at once, one process each (`--only NAME`) sharing the device, so arms get the same
-    wall-clock budget side by side; each process writes <run dir>/<stage>.log."""
+def without_parallel(argv: list[str]) -> list[str]:
+    """argv less its `--parallel [N]` (the children of run_parallel each run one run)."""
+    kept, skip_count = [], False
+    for a in argv:
+        if skip_count:
+            skip_count = False
+            if a.isdigit():
+                continue
+        if a == "--parallel":
+            skip_count = True
+        elif not a.startswith("--parallel="):
+            kept.append(a)
+    return kept
+
+
+def run_parallel(runs: list[QualitySettings], stage: str, argv: list[str], at_most: int = 0) -> None:
+    """`stage` for every run, one process each (`--only NAME`) sharing the device, so arms get the same
+    wall-clock budget side by side; at most `at_most` at once (0: all), the next starting as one ends. Each
+    process writes <run dir>/<stage>.log."""
     import subprocess
 
     from acomp.train.distributed import RANK_VARIABLES
 
-    command = [sys.executable, str(Path(__file__).resolve()), *(a for a in argv if a != "--parallel")]
+    command = [sys.executable, str(Path(__file__).resolve()), *without_parallel(argv)]
     if stage == "eval":
         command.append("--shared-device")  # the parent times each decode alone afterwards
     # This process's own one-rank group (from pretraining) set them; each child makes its own, on a free port.
     env = {key: value for key, value in os.environ.items() if key not in RANK_VARIABLES}
-    procs = []
-    for run in runs:
-        name = run.name
-        run.arm_root.mkdir(parents=True, exist_ok=True)
-        log = run.arm_root / f"{stage}.log"
-        with open(log, "w") as f:
-            child = subprocess.Popen(
-                [*command, "--stage", stage, "--only", name], env=env, stdout=f, stderr=subprocess.STDOUT
-            )
-        procs.append((name, log, child))
-    print(
-        f"{stage}: {len(procs)} runs at once; logs: {', '.join(str(log) for _, log, _ in procs)}", flush=True
-    )
-    failed = []
-    for name, log, child in procs:
-        if child.wait() != 0:
-            failed.append(f"{name} (exit {child.returncode}, see {log})")
-            continue
-        lines = [
-            line for line in log.read_text().splitlines() if line.startswith(f"{stage}:") or "wrote" in line
-        ]
-        print(f"{name}: {lines[-1] if lines else 'done'}", flush=True)
+    at_most = min(at_most or len(runs), len(runs))
+    logs = ", ".join(str(run.arm_root / f"{stage}.log") for run in runs)
+    limit = "at once" if at_most == len(runs) else f"{at_most} at a time"
+    print(f"{stage}: {len(runs)} runs {limit}; logs: {logs}", flush=True)
+    waiting, running, failed = list(runs), [], []
+    while waiting or running:
+        while waiting and len(running) < at_most:
+            run = waiting.pop(0)
+            run.arm_root.mkdir(parents=True, exist_ok=True)
+            log = run.arm_root / f"{stage}.log"
+            with open(log, "w") as f:
+                child = subprocess.Popen(
+                    [*command, "--stage", stage, "--only", run.name],
+                    env=env,
+                    stdout=f,
+                    stderr=subprocess.STDOUT,
+                )
+            running.append((run.name, log, child))
+        time.sleep(0.5)
+        for name, log, child in [r for r in running if r[2].poll() is not None]:
+            running.remove((name, log, child))
+            if child.returncode != 0:
+                failed.append(f"{name} (exit {child.returncode}, see {log})")
+                continue
+            lines = [
+                line
+                for line in log.read_text().splitlines()
+                if line.startswith(f"{stage}:") or "wrote" in line
+            ]
+            print(f"{name}: {lines[-1] if lines else 'done'}", flush=True)
     if failed:
         raise SystemExit(f"{stage} failed for {', '.join(failed)}")
 
@@ -1242,10 +1266,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument(
         "--parallel",
-        action="store_true",
-        help="fine-tune and evaluate the headline run and its arms at the same time, one process each on the "
+        nargs="?",
+        const=0,
+        default=None,
+        type=int,
+        metavar="N",
+        help="fine-tune and evaluate the headline run and its arms side by side, one process each on the "
         "same GPU (logs: <run dir>/<stage>.log), and pretrain the bases of arms that change a pretraining "
-        "setting beside the headline's (an H200 holds about four new 115M runs at once; done runs are skipped)",
+        "setting beside the headline's; N: at most N processes at a time, the next starting as one ends "
+        "(default: all at once; an H200 holds about four 115M runs, an 80 GB H100 two or three; done runs "
+        "are skipped)",
     )
     p.add_argument("--force", action="store_true", help="redo the chosen stages even when they are done")
     p.add_argument(
@@ -1291,7 +1321,9 @@ def main(argv: list[str] | None = None) -> int:
             p.error(str(e))
     if len({run.arm for run in runs}) < len(runs):
         p.error("two --arm options have the same name")
-    if args.parallel and args.only is not None:
+    if args.parallel is not None and args.parallel < 0:
+        p.error(f"--parallel {args.parallel}: give N >= 1 processes at a time, or no N for all at once")
+    if args.parallel is not None and args.only is not None:
         p.error("--parallel runs every run, one process each; --only picks one: give one of them")
     selected = runs
     if args.only is not None:
@@ -1312,11 +1344,11 @@ def main(argv: list[str] | None = None) -> int:
                 stage_data(settings)
             continue
         todo = [run for run in selected if pretrains(run)] if stage == "pretrain" else selected
-        parallel = args.parallel and len(todo) > 1
+        parallel = args.parallel is not None and args.parallel != 1 and len(todo) > 1
         if parallel:
             if not (settings.stage_dir("corpus") / "manifest.json").is_file():
                 stage_data(settings)  # once, before the processes that read it
-            run_parallel(todo, stage, argv if argv is not None else sys.argv[1:])
+            run_parallel(todo, stage, argv if argv is not None else sys.argv[1:], args.parallel)
         for run in () if parallel else todo:
             if stage in ("pretrain", "finetune"):
                 stage_train(run, stage, getattr(run, f"{stage}_minutes"), args.force)

@@ -274,11 +274,51 @@ def test_budgets_and_eval_shapes_are_refused_before_any_stage(tmp_path, capsys):
     assert not (tmp_path / "q").exists()
 
 
+def test_parallel_at_most_n_processes_at_a_time(tmp_path, monkeypatch):
+    """--parallel N starts the next run's process as one ends, never more than N at once, and each child gets
+    the command less `--parallel N` plus its own `--stage` and `--only`."""
+    import subprocess as sp
+    from types import SimpleNamespace
+
+    from quality import run_parallel, without_parallel
+
+    assert without_parallel(["--smoke", "--parallel", "2", "--arm", "a:x=1"]) == ["--smoke", "--arm", "a:x=1"]
+    assert without_parallel(["--parallel", "--arm", "a:x=1", "--parallel=3"]) == ["--arm", "a:x=1"]
+    started, live, most = [], set(), [0]
+
+    class Child:
+        def __init__(self, command, **kwargs):
+            self.name, self.polls, self.returncode = command[-1], 0, None
+            started.append(command)
+            live.add(self.name)
+            most[0] = max(most[0], len(live))
+
+        def poll(self):
+            self.polls += 1
+            if self.polls >= 3:
+                self.returncode = 0
+                live.discard(self.name)
+            return self.returncode
+
+    monkeypatch.setattr(sp, "Popen", Child)
+    monkeypatch.setattr("time.sleep", lambda s: None)
+    runs = [SimpleNamespace(name=n, arm_root=tmp_path / n) for n in ("headline", "a", "b", "c", "d")]
+    run_parallel(runs, "finetune", ["--smoke", "--parallel", "2"], at_most=2)
+    assert most[0] == 2 and [c[-1] for c in started] == ["headline", "a", "b", "c", "d"]
+    assert all(c[2:] == ["--smoke", "--stage", "finetune", "--only", c[-1]] for c in started)
+    started.clear()
+    live.clear()
+    most[0] = 0
+    run_parallel(runs, "eval", ["--parallel"])  # no N: all at once
+    assert most[0] == 5
+
+
 def test_parallel_arms_train_and_evaluate_side_by_side(tmp_path):
     """--parallel: one process per run for each stage (the corpus built once, before them; the bases of the
     headline and of the arm that changes a pretraining setting side by side, the arm that changes none on the
     headline's); each run's log is kept, and the ablation table covers every run. With pretrain_steps and
-    finetune_steps every run trains those steps, however the processes share the CPU."""
+    finetune_steps every run trains those steps, however the processes share the CPU. `--parallel 2` runs
+    the three fine-tunings and evaluations two at a time."""
     out = tmp_path / "quality"
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(REPO)}
     cmd = [
@@ -288,13 +328,14 @@ def test_parallel_arms_train_and_evaluate_side_by_side(tmp_path):
         "--out",
         str(out),
         "--parallel",
+        "2",
     ]
     cmd += ["--arm", "k2:summary_length=2", "--arm", "b2:pretrain_seed=2", "--set", "pretrain_steps=3"]
     cmd += ["--set", "finetune_steps=4", "--pretrain-minutes", "4", "--finetune-minutes", "4"]
     proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
     assert "pretrain: 2 runs at once" in proc.stdout
-    assert "finetune: 3 runs at once" in proc.stdout and "eval: 3 runs at once" in proc.stdout
+    assert "finetune: 3 runs 2 at a time" in proc.stdout and "eval: 3 runs 2 at a time" in proc.stdout
     for root in (out, out / "arms" / "b2"):
         assert json.loads((root / "pretrain" / "stage.json").read_text())["steps"] == 3
         assert "exported HF weights" in (root / "pretrain.log").read_text()
