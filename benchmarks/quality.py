@@ -36,7 +36,8 @@ the arms vary the summary length or the mode. Done stages are skipped, so arms c
     VAR="compression.compression_mode=variable,compression.compression_max_len=50"
     python benchmarks/quality.py --stage all --arm "var-0.1:$VAR,compression.compression_lambda=0.1"
 
-`--parallel` trains and evaluates the runs side by side, one process each on the same GPU.
+`--parallel` trains and evaluates the runs side by side, one process each on the same GPU (`--parallel N`: at
+most N at a time).
 """
 
 from __future__ import annotations
