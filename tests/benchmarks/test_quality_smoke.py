@@ -105,6 +105,9 @@ def test_quality_smoke_runs_every_stage(tmp_path):
     assert table[1]["threshold_points"][1]["ppl_all_segments"] == arm_rows["summary_variable_3_t1.0"]["ppl"]
     ablation = (out / "ablation.md").read_text()
     assert "| var | compression.compression_mode=variable" in ablation and "| var | 0.0 | 1.00 |" in ablation
+    header, rule, *body = ablation.split("\n\n")[0].split("\n")
+    assert header.count("gap closed: 3 segments") == 1  # the smoke protocol's 3 segments: one column, not two
+    assert {line.count("|") for line in (header, rule, *body[:2])} == {header.count("|")}
     assert (out / "frontier.png").read_bytes()[:4] == b"\x89PNG"
 
 
