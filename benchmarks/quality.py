@@ -142,6 +142,9 @@ class QualitySettings:
     eval_batch: int = 8
     # A variable-length run is also scored at each of these inference stop thresholds (its frontier points)
     eval_stop_thresholds: tuple[float, ...] = ()
+    # A variable-length run is scored with this inference stop rule (compress_stop_rule: step | cumulative;
+    # None: the one it was trained with), e.g. `--stage eval --set eval_stop_rule=cumulative` on trained runs
+    eval_stop_rule: str | None = None
     # Wall-clock budgets (minutes; pretrain includes building the corpus when it is missing): the headline's,
     # about 20 minutes in all, so that `--stage all` on one GPU reproduces RESULTS.md inside 25 with set-up.
     pretrain_minutes: float = 8.3
@@ -252,6 +255,7 @@ class QualitySettings:
         from transformers import CONFIG_MAPPING
 
         from acomp.config import ConfigError, coerce, parse_override
+        from acomp.modeling.config import STOP_RULES
         from acomp.train.preflight import position_budget
 
         if arm and not arm.replace("-", "").replace("_", "").replace(".", "").isalnum():
@@ -278,6 +282,10 @@ class QualitySettings:
         for value in new.eval_stop_thresholds:
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"eval_stop_thresholds must be in [0, 1], got {value}")
+        if new.eval_stop_rule not in (None, *STOP_RULES):
+            raise ValueError(
+                f"eval_stop_rule must be one of {STOP_RULES} (or null), got {new.eval_stop_rule!r}"
+            )
         if new.finetune_from not in ("base", "scratch"):
             raise ValueError(f"finetune_from must be base or scratch, got {new.finetune_from!r}")
         if arm:
@@ -544,7 +552,8 @@ def stage_eval(settings: QualitySettings, minutes: float, time_decode: bool = Tr
     # The AutoCompressor gets 3/4 of the budget when its base (two conditions) is evaluated too.
     ac_share = 0.75 if len(models) == 2 else 1.0
     for name, path in models:
-        model = AutoCompressorModel.from_pretrained(str(path / "final"), dtype=dtype).to(device)
+        fields = inference_fields(settings) if name == "autocompressor" else {}
+        model = AutoCompressorModel.from_pretrained(str(path / "final"), dtype=dtype, **fields).to(device)
         if name == "autocompressor":
             deadline = started + ac_share * minutes * 60
         else:  # at least the last quarter, however long the untimed profile and split took
@@ -594,7 +603,9 @@ def time_decode_alone(settings: QualitySettings) -> None:
         return
     device, dtype = eval_device(settings)
     path = settings.stage_dir("finetune") / "final"
-    model = AutoCompressorModel.from_pretrained(str(path), dtype=dtype).to(device)
+    model = AutoCompressorModel.from_pretrained(str(path), dtype=dtype, **inference_fields(settings)).to(
+        device
+    )
     blocks = CorpusBlocks(str(settings.stage_dir("corpus")), "val")
     prof["decode_ms_per_token"] = decode_ms_per_token(model, blocks, profile_config(settings), device)
     results.write_text(json.dumps(data, indent=2) + "\n")
@@ -605,6 +616,11 @@ def time_decode_alone(settings: QualitySettings) -> None:
     ]
     snippet.write_text("\n".join(lines))
     print(f"{settings.name}: decode timed alone: {prof['decode_ms_per_token']:.2f} ms/token", flush=True)
+
+
+def inference_fields(settings: QualitySettings) -> dict:
+    """Model-config overrides the fine-tuned model is evaluated with (the stop rule, when one is set)."""
+    return {} if settings.eval_stop_rule is None else {"compress_stop_rule": settings.eval_stop_rule}
 
 
 def protocol_config(settings: QualitySettings):
@@ -1041,7 +1057,7 @@ def _num(value, spec: str) -> str:
 
 
 # with compression.*: what a frontier arm may change
-LENGTH_SETTINGS = ("summary_length", "finetune_seed", "eval_stop_thresholds")
+LENGTH_SETTINGS = ("summary_length", "finetune_seed", "eval_stop_thresholds", "eval_stop_rule")
 
 
 def frontier_points(table: list[dict]) -> list[dict]:
@@ -1144,13 +1160,15 @@ def pretrains(settings: QualitySettings) -> bool:
 
 
 def evaluated_already(settings: QualitySettings) -> bool:
-    """An evaluation newer than the fine-tuning, at the same stop thresholds (new ones: evaluate again)."""
+    """An evaluation newer than the fine-tuning, at the same stop thresholds and rule (else evaluate again)."""
     results = settings.arm_root / "results.json"
     trained = settings.stage_dir("finetune") / "stage.json"
     if not (results.is_file() and trained.is_file() and results.stat().st_mtime > trained.stat().st_mtime):
         return False
-    swept = json.loads(results.read_text())["settings"].get("eval_stop_thresholds", [])
-    return list(swept) == list(settings.eval_stop_thresholds)
+    done = json.loads(results.read_text())["settings"]
+    return list(done.get("eval_stop_thresholds", [])) == list(settings.eval_stop_thresholds) and done.get(
+        "eval_stop_rule"
+    ) == (settings.eval_stop_rule)
 
 
 def without_parallel(argv: list[str]) -> list[str]:

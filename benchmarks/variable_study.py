@@ -10,7 +10,8 @@ whole 512-token blocks), then every arm is fine-tuned from it for the same steps
 Each arm is then scored with the paper's protocol (acomp.eval, as launchers/eval.py) on held-out blocks
 spread over the split: perplexity of the last 128-token segment behind the summary vectors of the three
 segments before it (variable arms stop at inference as configured: first stop probability above
---threshold), the mean number of summary vectors a compressing segment kept, and (variable arms) the rank
+--threshold, or with `--stop-rule cumulative` first slot by which compression has stopped with a probability
+above it), the mean number of summary vectors a compressing segment kept, and (variable arms) the rank
 correlation of each segment's kept vectors with its text's no-context loss: whether lengths follow content.
 Also: the no-context perplexity of the base (same targets). Writes results.json, a markdown table and a
 PNG plot (perplexity vs mean summary vectors per segment, one line per mode) to --out.
@@ -254,6 +255,13 @@ def main(argv=None) -> int:
         "--threshold", type=float, default=0.5, help="inference stop threshold (variable arms; default 0.5)"
     )
     parser.add_argument(
+        "--stop-rule",
+        choices=("step", "cumulative"),
+        default="step",
+        help="what the threshold reads (compress_stop_rule): step = each slot's stop probability (default), "
+        "cumulative = the probability that compression has stopped by that slot",
+    )
+    parser.add_argument(
         "--lambdas",
         type=non_negative_float,
         nargs="*",
@@ -304,7 +312,11 @@ def main(argv=None) -> int:
     for label, mode, fields in arms:
         name = label.replace("=", "_")
         model_dir = train_arm(args, base, name, fields)
-        inference = {"compress_stop_threshold": args.threshold} if mode == "variable" else {}
+        inference = (
+            {"compress_stop_threshold": args.threshold, "compress_stop_rule": args.stop_rule}
+            if mode == "variable"
+            else {}
+        )
         result = evaluate(model_dir, args, **inference)
         result.update(label=label, mode=mode, base_no_context_ppl=base_eval["no_context_ppl"], **fields)
         results.append(result)
@@ -312,6 +324,7 @@ def main(argv=None) -> int:
     summary = {
         "preset": args.preset,
         "threshold": args.threshold,
+        "stop_rule": args.stop_rule,
         "segment_length": SEGMENT,
         "segments": N_SEGMENTS,
         "base_no_context_ppl": base_eval["no_context_ppl"],

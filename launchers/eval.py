@@ -89,6 +89,14 @@ def build_parser() -> argparse.ArgumentParser:
         "compress_stop_threshold; null there = stop when <eoc> is the argmax)",
     )
     p.add_argument(
+        "--stop-rule",
+        choices=("step", "cumulative"),
+        default=None,
+        help="variable mode: what the stop threshold reads: step = each slot's own stop probability, "
+        "cumulative = the probability that compression has stopped by that slot (no threshold: 0.5, the "
+        "median length); default: the model config's compress_stop_rule",
+    )
+    p.add_argument(
         "--stop-thresholds",
         type=float,
         nargs="+",
@@ -127,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         fa_window=args.fa_window,
         variable=args.variable,
         stop_threshold=args.stop_threshold,
+        stop_rule=args.stop_rule,
         stop_thresholds=tuple(args.stop_thresholds),
         batch_size=args.batch_size,
         max_blocks=args.max_blocks,

@@ -9,7 +9,7 @@ The segment's first token is not a target, because under "no context" nothing pr
 - ``summary`` with k segments: the k segments of S tokens before it are compressed (one `compress_context`
   call, accumulating summaries), and the final segment is scored behind those summary vectors; in the
   variable-length mode ``summary`` spends every slot of each segment and ``summary_variable`` stops
-  where the model says (its stop threshold), so the vector count is measured, not fixed; with
+  where the model says (its stop rule and threshold), so the vector count is measured, not fixed; with
   `stop_thresholds` the ``summary_variable`` conditions again at each of those thresholds (named
   ``summary_variable_k_t0.3``, the threshold as Python prints it): one model's perplexity at several mean
   lengths;
@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from acomp.modeling.compressor import IGNORE_INDEX
+from acomp.modeling.config import STOP_RULES
 from acomp.progress import Progress
 
 NO_CONTEXT, SUMMARY, SUMMARY_VARIABLE, FULL_ATTENTION = (
@@ -83,6 +84,9 @@ class ProtocolConfig:
     fa_window: int | None = None
     variable: bool | None = None  # variable-length conditions: None = when the model is in variable mode
     stop_threshold: float | None = None  # variable mode: overrides the model's compress_stop_threshold
+    stop_rule: str | None = (
+        None  # variable mode: overrides the model's compress_stop_rule (step | cumulative)
+    )
     # Variable mode: the summary_variable conditions again at each of these stop thresholds.
     stop_thresholds: tuple[float, ...] = ()
     batch_size: int = 1  # blocks per forward
@@ -108,6 +112,8 @@ class ProtocolConfig:
         for value in self.stop_thresholds:
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"stop_thresholds must be in [0, 1], got {value}")
+        if self.stop_rule is not None and self.stop_rule not in STOP_RULES:
+            raise ValueError(f"stop_rule must be one of {STOP_RULES}, got {self.stop_rule!r}")
 
 
 @dataclass
@@ -251,17 +257,17 @@ def eval_mode(model):
 
 
 @contextmanager
-def stop_threshold(model, value: float | None):
-    """Temporarily set the variable mode's inference stop threshold (None leaves the model's own)."""
+def config_value(model, key: str, value):
+    """Temporarily set one of the model config's inference fields (None leaves the model's own)."""
     if value is None:
         yield
         return
-    old = model.config.compress_stop_threshold
-    model.config.compress_stop_threshold = value
+    old = getattr(model.config, key)
+    setattr(model.config, key, value)
     try:
         yield
     finally:
-        model.config.compress_stop_threshold = old
+        setattr(model.config, key, old)
 
 
 @torch.no_grad()
@@ -291,7 +297,7 @@ def condition_output(
         forced = 1.0
     else:
         forced = threshold if cond.stop_threshold is None else cond.stop_threshold
-    with stop_threshold(model, forced):
+    with config_value(model, "compress_stop_threshold", forced):
         memory = model.compress_context(context, segment_lengths=list(cond.context_segments))
     # Only the vectors the model kept (the same NLL as the masked full width, less work).
     out = model(target, labels=target, softprompt=memory.summary.compact(), return_logits=return_logits)
@@ -409,7 +415,7 @@ def evaluate(
     records: list[dict] = []
     desc = "eval blocks" if world == 1 else f"eval blocks (rank 0 of {world})"
     bar = Progress(len(mine), desc, "block", enabled=progress and rank == 0)
-    with eval_mode(model), closing(bar):
+    with eval_mode(model), config_value(model, "compress_stop_rule", cfg.stop_rule), closing(bar):
         for start in range(0, len(mine), cfg.batch_size):
             if deadline is not None and time.monotonic() > deadline:
                 break

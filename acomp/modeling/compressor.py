@@ -427,8 +427,9 @@ class AutoCompressorMixin:
     def _presence(self, stop_prob, stop_logits, hard: bool):
         """(bias [B, T], length [B]) of a segment's new vectors: soft (training) or hard (inference)."""
         if hard:
+            c = self.config
             length = hard_lengths(
-                stop_prob, stop_logits, self.config.eoc_token_id, self.config.compress_stop_threshold
+                stop_prob, stop_logits, c.eoc_token_id, c.compress_stop_threshold, c.compress_stop_rule
             )
             return hard_presence_bias(length, stop_prob.shape[1], torch.float32), length.float()
         return soft_presence(stop_prob)

@@ -16,6 +16,7 @@ from .attention import PRESENCE_ATTENTION, SDPA_BACKENDS
 
 COMPRESSION_MODES = ("fixed", "variable")
 SUMMARY_INITS = ("eos", "normal")
+STOP_RULES = ("step", "cumulative")
 
 
 @dataclass
@@ -34,6 +35,9 @@ class CompressionFields:
     compression_lambda: float = 0.0  # weight of the length penalty
     compression_alpha: float = 1.0  # the penalty is lambda * E[L] / (alpha * n text tokens)
     compress_stop_threshold: float | None = None  # inference: stop when P(<eoc>) exceeds it (None: argmax)
+    # What the threshold reads at inference: step = slot t's own stop probability p_t | cumulative = the
+    # probability 1 - S_(t+1) that the loop has stopped by slot t (None threshold: 0.5, the median length).
+    compress_stop_rule: str = "step"
 
 
 @dataclass
@@ -116,3 +120,5 @@ def validate_compression_fields(config) -> None:
     t = config.compress_stop_threshold
     if t is not None and not 0.0 <= float(t) <= 1.0:
         raise ValueError(f"compress_stop_threshold must be None or in [0, 1], got {t!r}")
+    if config.compress_stop_rule not in STOP_RULES:
+        raise ValueError(f"compress_stop_rule must be one of {STOP_RULES}, got {config.compress_stop_rule!r}")

@@ -17,8 +17,12 @@ trained with fixed summaries starts from the same summary-token table.
 One meaning of "stop at step t", shared by training and inference: vector t is emitted, *then* the
 loop stops with probability p_t. So vector t is present with probability
 S_t = prod_{i<t} (1 - p_i) (S_1 = 1: a compressing segment always keeps at least one vector), and the
-expected length is E[L] = sum_t S_t. Inference keeps vectors 1..L with L the first t whose p_t exceeds
-`compress_stop_threshold` (or whose argmax token is <eoc> when no threshold is set), else T.
+expected length is E[L] = sum_t S_t. Inference keeps vectors 1..L, L the first t whose stop decision fires,
+else T. `compress_stop_rule` step: p_t exceeds `compress_stop_threshold` (or, with no threshold, <eoc> is
+slot t's argmax token); cumulative: the probability that the loop has stopped by t, 1 - S_(t+1), exceeds it
+(no threshold: 0.5, so L is the median length). The argmax reads a distribution that gets no next-token
+loss at a summary slot, so <eoc> can win it at a small p_t; where stop probabilities are spread over slots
+rather than sharp, only the cumulative rule keeps about the E[L] that training priced.
 
 How the next segment sees uncertain vectors: an additive attention bias log S_t on the key of memory
 slot t, in every layer. It equals hard masking when S is 0 or 1, and unlike scaling the vector it is
@@ -58,11 +62,18 @@ def soft_presence(stop_prob: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def hard_lengths(
-    stop_prob: torch.Tensor, logits: torch.Tensor | None, eoc_token_id: int, threshold: float | None
+    stop_prob: torch.Tensor,
+    logits: torch.Tensor | None,
+    eoc_token_id: int,
+    threshold: float | None,
+    rule: str = "step",
 ) -> torch.Tensor:
     """Inference path: L [B] = first t (1-based) whose stop decision fires, else T."""
     max_len = stop_prob.shape[1]
-    if threshold is None:
+    if rule == "cumulative":
+        stopped_by = 1.0 - torch.cumprod(1.0 - stop_prob.float(), dim=1)  # P(L <= t) = 1 - S_(t+1)
+        fires = stopped_by > (0.5 if threshold is None else threshold)
+    elif threshold is None:
         fires = logits.argmax(dim=-1) == eoc_token_id
     else:
         fires = stop_prob > threshold

@@ -185,6 +185,11 @@ def test_an_evaluation_at_other_stop_thresholds_is_not_done_already(tmp_path):
     results.write_text(json.dumps({"settings": {}}))  # written before the sweep existed
     os.utime(results, (time.time() + 5, time.time() + 5))
     assert evaluated_already(QualitySettings(out=str(tmp_path)))
+    # Another inference stop rule is another evaluation of the same trained run.
+    assert not evaluated_already(QualitySettings(out=str(tmp_path), eval_stop_rule="cumulative"))
+    results.write_text(json.dumps({"settings": {"eval_stop_rule": "cumulative"}}))
+    os.utime(results, (time.time() + 5, time.time() + 5))
+    assert evaluated_already(QualitySettings(out=str(tmp_path), eval_stop_rule="cumulative"))
 
 
 def test_settings_changes_and_arms_are_checked():
@@ -201,6 +206,10 @@ def test_settings_changes_and_arms_are_checked():
     assert (same_base.finetune_steps, default.finetune_steps) == (40, None)
     assert default.changed({"pretrain_steps": "500"}, arm="c").own_base  # a longer base is another base
     assert default.changed({"eval_stop_thresholds": "[0, 0.5]"}).eval_stop_thresholds == (0.0, 0.5)
+    assert default.changed({"eval_stop_rule": "cumulative"}).eval_stop_rule == "cumulative"
+    assert default.changed({"eval_stop_rule": "null"}).eval_stop_rule is None
+    with pytest.raises(ValueError, match="eval_stop_rule must be one of .* got 'median'"):
+        default.changed({"eval_stop_rule": "median"})
     for bad, message in (
         ("0.5", "'eval_stop_thresholds' must be a list, got float: 0.5"),
         ("null", "'eval_stop_thresholds' must be a list, got NoneType: None"),

@@ -152,6 +152,23 @@ def test_variable_length_conditions_count_their_vectors():
     assert model.config.compress_stop_threshold is None  # restored
 
 
+def test_a_stop_rule_override_applies_to_the_variable_conditions_and_is_restored(monkeypatch):
+    import acomp.modeling.compressor as compressor
+
+    flat = torch.full((4,), 0.3)  # every slot stops with p 0.3: S = 1, .7, .49, .34
+    monkeypatch.setattr(compressor, "stop_probabilities", lambda logits, eoc: flat.expand(logits.shape[0], -1))
+    model = tiny_model("llama", compression_mode="variable", compression_max_len=4, compress_stop_threshold=0.5)
+    cfg = ProtocolConfig(eval_segment=E, segment_length=S, fa_window=0, max_context_segments=2)
+    step = evaluate(model, blocks(2), cfg, progress=False)
+    cumulative = evaluate(model, blocks(2), replace(cfg, stop_rule="cumulative"), progress=False)
+    assert step.overall["summary_variable_2"].summary_vectors == 8.0  # p 0.3 never exceeds 0.5
+    assert cumulative.overall["summary_variable_2"].summary_vectors == 4.0  # the median length: 2
+    assert cumulative.overall["summary_2"].summary_vectors == 8.0  # the fixed reading spends every slot
+    assert model.config.compress_stop_rule == "step"  # restored
+    with pytest.raises(ValueError, match="stop_rule must be one of .* got 'median'"):
+        replace(cfg, stop_rule="median").check()
+
+
 def test_stop_threshold_sweep_scores_each_threshold_as_its_own_evaluation(tmp_path):
     """stop_thresholds add the variable conditions again per threshold: each set gives exactly what an
     evaluation at that one threshold gives (NLL and vectors), and the run's own threshold is left alone."""

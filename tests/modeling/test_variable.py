@@ -10,7 +10,7 @@ import acomp.modeling.attention as attention
 import acomp.modeling.compressor as compressor
 from acomp import Softprompt
 from acomp.modeling.attention import folds_presence
-from acomp.modeling.variable import soft_presence
+from acomp.modeling.variable import hard_lengths, soft_presence
 
 MAX_LEN = 4
 PRESENCE = ("mask", "folded")
@@ -129,6 +129,36 @@ def test_survival_and_expected_length():
     log_s, expected = soft_presence(p)
     torch.testing.assert_close(log_s.exp(), torch.tensor([[1.0, 0.5, 0.25, 0.125], [1.0, 1.0, 1.0, 1.0]]))
     torch.testing.assert_close(expected, torch.tensor([1.875, 4.0]))
+
+
+def test_the_cumulative_rule_keeps_the_slots_training_gave_survival_above_one_minus_the_threshold():
+    """cumulative: L = the number of slots with S_t >= 1 - threshold, computed here from soft_presence's
+    survival (the training path), against the step rule that reads each p_t alone."""
+    p = torch.tensor([[0.2] * 8, [0.0, 0.0, 0.9, 0.0, 0.0, 0.0, 0.0, 0.0], [0.05] * 8, [0.0] * 8])
+    survival = soft_presence(p)[0].exp()
+    for threshold in (None, 0.3, 0.5, 0.9):
+        level = 1.0 - (0.5 if threshold is None else threshold)
+        expected = (survival >= level).sum(dim=1)
+        assert hard_lengths(p, None, 0, threshold, "cumulative").tolist() == expected.tolist()
+    # S = 1, .8, .64, .51, .41: the median length is 4; the step rule at 0.5 never fires on p = 0.2
+    assert hard_lengths(p, None, 0, 0.5, "cumulative").tolist() == [4, 3, 8, 8]
+    assert hard_lengths(p, None, 0, 0.5, "step").tolist() == [8, 3, 8, 8]
+    # where the stops are sharp (0 or 1) the two rules agree at every threshold
+    sharp = torch.tensor([[0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0], [1.0, 0.0, 1.0, 0.0]])
+    for threshold in (0.1, 0.5, 0.9):
+        assert hard_lengths(sharp, None, 0, threshold, "cumulative").tolist() == [2, 4, 1]
+        assert hard_lengths(sharp, None, 0, threshold, "step").tolist() == [2, 4, 1]
+
+
+def test_the_stop_rule_reaches_compression_and_a_bad_rule_is_refused(forced_stops):
+    forced_stops([0.3, 0.3, 0.3, 0.3])  # S = 1, .7, .49, .34
+    ids = random_ids(2, 12)
+    for rule, expected in (("step", MAX_LEN), ("cumulative", 2)):
+        model = variable_model(compress_stop_threshold=0.5, compress_stop_rule=rule)
+        out = model.compress_context(ids, segment_lengths=[6, 6])
+        assert out.summary_lengths.tolist() == [[expected, expected]] * 2
+    with pytest.raises(ValueError, match="compress_stop_rule must be one of .* got 'median'"):
+        variable_model(compress_stop_rule="median")
 
 
 def test_gradients_reach_the_stop_decision():
