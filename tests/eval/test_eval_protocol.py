@@ -156,8 +156,12 @@ def test_a_stop_rule_override_applies_to_the_variable_conditions_and_is_restored
     import acomp.modeling.compressor as compressor
 
     flat = torch.full((4,), 0.3)  # every slot stops with p 0.3: S = 1, .7, .49, .34
-    monkeypatch.setattr(compressor, "stop_probabilities", lambda logits, eoc: flat.expand(logits.shape[0], -1))
-    model = tiny_model("llama", compression_mode="variable", compression_max_len=4, compress_stop_threshold=0.5)
+    monkeypatch.setattr(
+        compressor, "stop_probabilities", lambda logits, eoc: flat.expand(logits.shape[0], -1)
+    )
+    model = tiny_model(
+        "llama", compression_mode="variable", compression_max_len=4, compress_stop_threshold=0.5
+    )
     cfg = ProtocolConfig(eval_segment=E, segment_length=S, fa_window=0, max_context_segments=2)
     step = evaluate(model, blocks(2), cfg, progress=False)
     cumulative = evaluate(model, blocks(2), replace(cfg, stop_rule="cumulative"), progress=False)
