@@ -1166,9 +1166,8 @@ def evaluated_already(settings: QualitySettings) -> bool:
     if not (results.is_file() and trained.is_file() and results.stat().st_mtime > trained.stat().st_mtime):
         return False
     done = json.loads(results.read_text())["settings"]
-    return list(done.get("eval_stop_thresholds", [])) == list(settings.eval_stop_thresholds) and done.get(
-        "eval_stop_rule"
-    ) == (settings.eval_stop_rule)
+    same_thresholds = list(done.get("eval_stop_thresholds", [])) == list(settings.eval_stop_thresholds)
+    return same_thresholds and done.get("eval_stop_rule") == settings.eval_stop_rule
 
 
 def without_parallel(argv: list[str]) -> list[str]:

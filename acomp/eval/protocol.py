@@ -84,9 +84,8 @@ class ProtocolConfig:
     fa_window: int | None = None
     variable: bool | None = None  # variable-length conditions: None = when the model is in variable mode
     stop_threshold: float | None = None  # variable mode: overrides the model's compress_stop_threshold
-    stop_rule: str | None = (
-        None  # variable mode: overrides the model's compress_stop_rule (step | cumulative)
-    )
+    # Variable mode: overrides the model's compress_stop_rule (step | cumulative).
+    stop_rule: str | None = None
     # Variable mode: the summary_variable conditions again at each of these stop thresholds.
     stop_thresholds: tuple[float, ...] = ()
     batch_size: int = 1  # blocks per forward
