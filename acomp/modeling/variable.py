@@ -70,10 +70,10 @@ def hard_lengths(
 ) -> torch.Tensor:
     """Inference path: L [B] = first t (1-based) whose stop decision fires, else T."""
     max_len = stop_prob.shape[1]
-    if rule == "cumulative":
-        stopped_by = 1.0 - torch.cumprod(1.0 - stop_prob.float(), dim=1)  # P(L <= t) = 1 - S_(t+1)
-        fires = stopped_by > (0.5 if threshold is None else threshold)
-    elif threshold is None:
+    if rule == "cumulative":  # stopped by t with probability 1 - S_(t+1) > threshold: S_t >= 1 - threshold
+        survival = soft_presence(stop_prob.float())[0].exp()
+        return (survival >= 1.0 - (0.5 if threshold is None else threshold)).sum(dim=1)
+    if threshold is None:
         fires = logits.argmax(dim=-1) == eoc_token_id
     else:
         fires = stop_prob > threshold
