@@ -36,6 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from acomp.cli import non_negative_float, positive_int  # noqa: E402
+from acomp.modeling.config import STOP_RULES  # noqa: E402
 
 PRESETS = {
     # name: model arch, steps, batch, eval blocks
@@ -256,7 +257,7 @@ def main(argv=None) -> int:
     )
     parser.add_argument(
         "--stop-rule",
-        choices=("step", "cumulative"),
+        choices=STOP_RULES,
         default="step",
         help="what the threshold reads (compress_stop_rule): step = each slot's stop probability (default), "
         "cumulative = the probability that compression has stopped by that slot",
