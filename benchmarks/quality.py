@@ -1160,11 +1160,14 @@ def pretrains(settings: QualitySettings) -> bool:
 
 
 def evaluated_already(settings: QualitySettings) -> bool:
-    """An evaluation newer than the fine-tuning, at the same stop thresholds and rule (else evaluate again)."""
+    """An evaluation newer than the fine-tuning, at the same stop thresholds and rule (else evaluate again;
+    a fixed-length run has neither, so changing them leaves it done)."""
     results = settings.arm_root / "results.json"
     trained = settings.stage_dir("finetune") / "stage.json"
     if not (results.is_file() and trained.is_file() and results.stat().st_mtime > trained.stat().st_mtime):
         return False
+    if settings.compression.get("compression_mode") != "variable":
+        return True
     done = json.loads(results.read_text())["settings"]
     same_thresholds = list(done.get("eval_stop_thresholds", [])) == list(settings.eval_stop_thresholds)
     return same_thresholds and done.get("eval_stop_rule") == settings.eval_stop_rule

@@ -173,7 +173,10 @@ def test_frontier_points_average_replicates_and_leave_out_other_levers():
 def test_an_evaluation_at_other_stop_thresholds_is_not_done_already(tmp_path):
     from quality import QualitySettings, evaluated_already
 
-    run = QualitySettings(out=str(tmp_path), eval_stop_thresholds=(0.5,))
+    def variable(**changes):
+        return QualitySettings(out=str(tmp_path), compression={"compression_mode": "variable"}, **changes)
+
+    run = variable(eval_stop_thresholds=(0.5,))
     (run.stage_dir("finetune")).mkdir(parents=True)
     (run.stage_dir("finetune") / "stage.json").write_text("{}")
     assert not evaluated_already(run)
@@ -181,15 +184,18 @@ def test_an_evaluation_at_other_stop_thresholds_is_not_done_already(tmp_path):
     results.write_text(json.dumps({"settings": {"eval_stop_thresholds": [0.5]}}))
     os.utime(results, (time.time() + 5, time.time() + 5))  # newer than the fine-tuning
     assert evaluated_already(run)
-    assert not evaluated_already(QualitySettings(out=str(tmp_path), eval_stop_thresholds=(0.5, 0.7)))
+    assert not evaluated_already(variable(eval_stop_thresholds=(0.5, 0.7)))
     results.write_text(json.dumps({"settings": {}}))  # written before the sweep existed
     os.utime(results, (time.time() + 5, time.time() + 5))
-    assert evaluated_already(QualitySettings(out=str(tmp_path)))
+    assert evaluated_already(variable())
     # Another inference stop rule is another evaluation of the same trained run.
-    assert not evaluated_already(QualitySettings(out=str(tmp_path), eval_stop_rule="cumulative"))
+    assert not evaluated_already(variable(eval_stop_rule="cumulative"))
+    # ... but not of a fixed-length run, which has no stop to decide.
+    assert evaluated_already(QualitySettings(out=str(tmp_path), eval_stop_rule="cumulative"))
+    assert evaluated_already(QualitySettings(out=str(tmp_path), eval_stop_thresholds=(0.5,)))
     results.write_text(json.dumps({"settings": {"eval_stop_rule": "cumulative"}}))
     os.utime(results, (time.time() + 5, time.time() + 5))
-    assert evaluated_already(QualitySettings(out=str(tmp_path), eval_stop_rule="cumulative"))
+    assert evaluated_already(variable(eval_stop_rule="cumulative"))
 
 
 def test_settings_changes_and_arms_are_checked():
