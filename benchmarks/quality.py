@@ -142,8 +142,8 @@ class QualitySettings:
     eval_batch: int = 8
     # A variable-length run is also scored at each of these inference stop thresholds (its frontier points)
     eval_stop_thresholds: tuple[float, ...] = ()
-    # A variable-length run is scored with this inference stop rule (compress_stop_rule: step | cumulative;
-    # None: the one it was trained with), e.g. `--stage eval --set eval_stop_rule=cumulative` on trained runs
+    # A variable-length run is scored with this inference stop rule (compress_stop_rule: cumulative | step;
+    # None: the one its saved config records), e.g. `--stage eval --set eval_stop_rule=step` on trained runs
     eval_stop_rule: str | None = None
     # Wall-clock budgets (minutes; pretrain includes building the corpus when it is missing): the headline's,
     # about 20 minutes in all, so that `--stage all` on one GPU reproduces RESULTS.md inside 25 with set-up.

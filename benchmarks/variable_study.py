@@ -9,9 +9,8 @@ whole 512-token blocks), then every arm is fine-tuned from it for the same steps
 
 Each arm is then scored with the paper's protocol (acomp.eval, as launchers/eval.py) on held-out blocks
 spread over the split: perplexity of the last 128-token segment behind the summary vectors of the three
-segments before it (variable arms stop at inference as configured: first stop probability above
---threshold, or with `--stop-rule cumulative` first slot by which compression has stopped with a probability
-above it), the mean number of summary vectors a compressing segment kept, and (variable arms) the rank
+segments before it (variable arms stop at inference at the first slot by which compression has stopped with
+a probability above --threshold, or with `--stop-rule step` at the first whose own stop probability is above it), the mean number of summary vectors a compressing segment kept, and (variable arms) the rank
 correlation of each segment's kept vectors with its text's no-context loss: whether lengths follow content.
 Also: the no-context perplexity of the base (same targets). Writes results.json, a markdown table and a
 PNG plot (perplexity vs mean summary vectors per segment, one line per mode) to --out.
@@ -36,7 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from acomp.cli import non_negative_float, positive_int  # noqa: E402
-from acomp.modeling.config import STOP_RULES  # noqa: E402
+from acomp.modeling.config import STOP_RULES, CompressionFields  # noqa: E402
 
 PRESETS = {
     # name: model arch, steps, batch, eval blocks
@@ -258,9 +257,9 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--stop-rule",
         choices=STOP_RULES,
-        default="step",
-        help="what the threshold reads (compress_stop_rule): step = each slot's stop probability (default), "
-        "cumulative = the probability that compression has stopped by that slot",
+        default=None,
+        help="what the threshold reads (compress_stop_rule): cumulative = the probability that compression has "
+        "stopped by that slot, step = each slot's own stop probability; default: the model's (cumulative)",
     )
     parser.add_argument(
         "--lambdas",
@@ -314,7 +313,8 @@ def main(argv=None) -> int:
         name = label.replace("=", "_")
         model_dir = train_arm(args, base, name, fields)
         inference = (
-            {"compress_stop_threshold": args.threshold, "compress_stop_rule": args.stop_rule}
+            {"compress_stop_threshold": args.threshold}
+            | ({} if args.stop_rule is None else {"compress_stop_rule": args.stop_rule})
             if mode == "variable"
             else {}
         )
@@ -325,7 +325,7 @@ def main(argv=None) -> int:
     summary = {
         "preset": args.preset,
         "threshold": args.threshold,
-        "stop_rule": args.stop_rule,
+        "stop_rule": args.stop_rule or CompressionFields.compress_stop_rule,
         "segment_length": SEGMENT,
         "segments": N_SEGMENTS,
         "base_no_context_ppl": base_eval["no_context_ppl"],

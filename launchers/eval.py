@@ -86,15 +86,15 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=None,
         help="variable mode: stop probability threshold for compression (default: the model config's "
-        "compress_stop_threshold; null there = stop when <eoc> is the argmax)",
+        "compress_stop_threshold; null there = 0.5 under the cumulative rule, <eoc> as the argmax under step)",
     )
     p.add_argument(
         "--stop-rule",
-        choices=("step", "cumulative"),
+        choices=("cumulative", "step"),
         default=None,
-        help="variable mode: what the stop threshold reads: step = each slot's own stop probability, "
-        "cumulative = the probability that compression has stopped by that slot (no threshold: 0.5, the "
-        "median length); default: the model config's compress_stop_rule",
+        help="variable mode: what the stop threshold reads: cumulative = the probability that compression has "
+        "stopped by that slot (no threshold: 0.5, the median length), step = each slot's own stop probability; "
+        "default: the model config's compress_stop_rule (cumulative unless it records another)",
     )
     p.add_argument(
         "--stop-thresholds",

@@ -34,10 +34,11 @@ class CompressionFields:
     compression_max_len: int = 8  # compression slots per segment (variable mode)
     compression_lambda: float = 0.0  # weight of the length penalty
     compression_alpha: float = 1.0  # the penalty is lambda * E[L] / (alpha * n text tokens)
-    compress_stop_threshold: float | None = None  # inference: stop when P(<eoc>) exceeds it (None: argmax)
-    # What the threshold reads at inference: step = slot t's own stop probability p_t | cumulative = the
-    # probability 1 - S_(t+1) that the loop has stopped by slot t (None threshold: 0.5, the median length).
-    compress_stop_rule: str = "step"
+    compress_stop_threshold: float | None = None  # inference stop threshold (None: see compress_stop_rule)
+    # What the threshold reads at inference: cumulative = the probability 1 - S_(t+1) that the loop has
+    # stopped by slot t (None threshold: 0.5, the median of the length distribution training priced) |
+    # step = slot t's own stop probability p_t (None threshold: <eoc> is the slot's argmax token).
+    compress_stop_rule: str = "cumulative"
 
 
 @dataclass

@@ -18,11 +18,11 @@ One meaning of "stop at step t", shared by training and inference: vector t is e
 loop stops with probability p_t. So vector t is present with probability
 S_t = prod_{i<t} (1 - p_i) (S_1 = 1: a compressing segment always keeps at least one vector), and the
 expected length is E[L] = sum_t S_t. Inference keeps vectors 1..L, L the first t whose stop decision fires,
-else T. `compress_stop_rule` step: p_t exceeds `compress_stop_threshold` (or, with no threshold, <eoc> is
-slot t's argmax token); cumulative: the probability that the loop has stopped by t, 1 - S_(t+1), exceeds it
-(no threshold: 0.5, so L is the median length). The argmax reads a distribution that gets no next-token
-loss at a summary slot, so <eoc> can win it at a small p_t; where stop probabilities are spread over slots
-rather than sharp, only the cumulative rule keeps about the E[L] that training priced.
+else T. `compress_stop_rule` cumulative (the default): the probability that the loop has stopped by t,
+1 - S_(t+1), exceeds `compress_stop_threshold` (no threshold: 0.5, so L is the median length); step: p_t
+exceeds it (or, with no threshold, <eoc> is slot t's argmax token). The argmax reads a distribution that gets
+no next-token loss at a summary slot, so <eoc> can win it at a small p_t; where stop probabilities are spread
+over slots rather than sharp, only the cumulative rule keeps about the E[L] that training priced.
 
 How the next segment sees uncertain vectors: an additive attention bias log S_t on the key of memory
 slot t, in every layer. It equals hard masking when S is 0 or 1, and unlike scaling the vector it is
@@ -66,7 +66,7 @@ def hard_lengths(
     logits: torch.Tensor | None,
     eoc_token_id: int,
     threshold: float | None,
-    rule: str = "step",
+    rule: str,
 ) -> torch.Tensor:
     """Inference path: L [B] = first t (1-based) whose stop decision fires, else T."""
     max_len = stop_prob.shape[1]

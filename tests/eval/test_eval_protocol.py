@@ -163,12 +163,12 @@ def test_a_stop_rule_override_applies_to_the_variable_conditions_and_is_restored
         "llama", compression_mode="variable", compression_max_len=4, compress_stop_threshold=0.5
     )
     cfg = ProtocolConfig(eval_segment=E, segment_length=S, fa_window=0, max_context_segments=2)
-    step = evaluate(model, blocks(2), cfg, progress=False)
-    cumulative = evaluate(model, blocks(2), replace(cfg, stop_rule="cumulative"), progress=False)
+    cumulative = evaluate(model, blocks(2), cfg, progress=False)  # the model's own rule, the default
+    step = evaluate(model, blocks(2), replace(cfg, stop_rule="step"), progress=False)
     assert step.overall["summary_variable_2"].summary_vectors == 8.0  # p 0.3 never exceeds 0.5
     assert cumulative.overall["summary_variable_2"].summary_vectors == 4.0  # the median length: 2
-    assert cumulative.overall["summary_2"].summary_vectors == 8.0  # the fixed reading spends every slot
-    assert model.config.compress_stop_rule == "step"  # restored
+    assert step.overall["summary_2"].summary_vectors == 8.0  # the fixed reading spends every slot
+    assert model.config.compress_stop_rule == "cumulative"  # restored
     with pytest.raises(ValueError, match="stop_rule must be one of .* got 'median'"):
         replace(cfg, stop_rule="median").check()
 

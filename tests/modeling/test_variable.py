@@ -161,6 +161,21 @@ def test_the_stop_rule_reaches_compression_and_a_bad_rule_is_refused(forced_stop
         variable_model(compress_stop_rule="median")
 
 
+def test_the_cumulative_rule_is_the_default_and_a_saved_rule_is_kept(forced_stops, tmp_path):
+    forced_stops([0.3, 0.3, 0.3, 0.3])  # S = 1, .7, .49, .34: the median length is 2, p_t never beats 0.5
+    ids = random_ids(1, 12)
+    model = variable_model(compress_stop_threshold=0.5)
+    assert model.config.compress_stop_rule == "cumulative"
+    assert model.compress_context(ids, segment_lengths=[6, 6]).summary_lengths.tolist() == [[2, 2]]
+    # A model saved with the step rule (the default before) loads with it: its lengths do not change.
+    variable_model(compress_stop_threshold=0.5, compress_stop_rule="step").save_pretrained(tmp_path)
+    loaded = MODEL_CLASS["llama"].from_pretrained(tmp_path)
+    assert loaded.config.compress_stop_rule == "step"
+    assert loaded.compress_context(ids, segment_lengths=[6, 6]).summary_lengths.tolist() == [
+        [MAX_LEN, MAX_LEN]
+    ]
+
+
 def test_gradients_reach_the_stop_decision():
     model = variable_model().train()
     ids = random_ids(2, 12)
