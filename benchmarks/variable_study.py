@@ -10,8 +10,9 @@ whole 512-token blocks), then every arm is fine-tuned from it for the same steps
 Each arm is then scored with the paper's protocol (acomp.eval, as launchers/eval.py) on held-out blocks
 spread over the split: perplexity of the last 128-token segment behind the summary vectors of the three
 segments before it (variable arms stop at inference at the first slot by which compression has stopped with
-a probability above --threshold, or with `--stop-rule step` at the first whose own stop probability is above it), the mean number of summary vectors a compressing segment kept, and (variable arms) the rank
-correlation of each segment's kept vectors with its text's no-context loss: whether lengths follow content.
+a probability above --threshold, or with `--stop-rule step` at the first whose own stop probability is above
+it), the mean number of summary vectors a compressing segment kept, and (variable arms) the rank correlation
+of each segment's kept vectors with its text's no-context loss: whether lengths follow content.
 Also: the no-context perplexity of the base (same targets). Writes results.json, a markdown table and a
 PNG plot (perplexity vs mean summary vectors per segment, one line per mode) to --out.
 
