@@ -566,6 +566,7 @@ def stage_eval(settings: QualitySettings, minutes: float, time_decode: bool = Tr
             device=device,
             progress=not settings.smoke,
             deadline=deadline,
+            keep_records=name == "autocompressor",  # per-block NLL: paired comparisons between runs
         )
         if result.blocks < result.blocks_selected:
             print(

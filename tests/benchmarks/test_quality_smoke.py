@@ -41,6 +41,13 @@ def test_quality_smoke_runs_every_stage(tmp_path):
     base = [(row["condition"], row["context_tokens"]) for row in data["headline"]["base"]]
     assert base == [("base: no context", 0), ("base: full attention", 192)]
     ac = data["autocompressor"]
+    # Every block's NLL per condition is kept (paired comparisons between runs); they sum to the rows.
+    records = ac["records"]
+    assert [r["index"] for r in records] == sorted(r["index"] for r in records)
+    for name, row in rows.items():
+        nll, tokens = sum(r["nll"][name] for r in records), sum(r["tokens"][name] for r in records)
+        assert tokens == row["tokens"] and math.exp(nll / tokens) == pytest.approx(row["ppl"], rel=1e-9)
+    assert "records" not in data["base"]
     assert set(ac["conditions"][0]["domains"]) == {
         "stdlib",
         "site-packages",
