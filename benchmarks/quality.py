@@ -1037,6 +1037,12 @@ def write_ablation(runs: list[QualitySettings]) -> None:
             f"{_num(pt['gap_paper_segments'], '.1%')} |"
             for arm, pt in sweep
         ]
+    import length_headroom
+
+    headroom = length_headroom.markdown(length_headroom.headroom(length_headroom.fixed_runs(root)))
+    if headroom:
+        lines += ["", "Room for learned lengths (benchmarks/length_headroom.py), one compressed segment:", ""]
+        lines += headroom
     (root / "ablation.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines), flush=True)
     lengths = {(r["mode"], round(r["vectors_per_segment"], 1)) for r in table}

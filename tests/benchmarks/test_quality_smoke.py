@@ -378,3 +378,6 @@ def test_parallel_arms_train_and_evaluate_side_by_side(tmp_path):
         ("b2", 4.0, 4),
     ]
     assert all(r["decode_ms_per_token"] > 0 for r in table)
+    # The two fixed lengths on one base (not b2, another base) give the room-for-learned-lengths table.
+    ablation = (out / "ablation.md").read_text()
+    assert "Room for learned lengths" in ablation and "| 2 / 4 |" in ablation
