@@ -19,7 +19,8 @@ segments at each length, chosen blindly). Two choices of the half:
   share ("oracle between replicates": the same choice where the true value is zero).
 
 All figures are in nats per token of the scored segment and in points of the gap (the runs' mean no-context
-minus full-attention loss), with a bootstrap standard error over blocks for the content rule. Run on a quality.py output directory:
+minus full-attention loss), with a bootstrap standard error over blocks for the content rule. Run on a
+quality.py output directory:
 
     python benchmarks/length_headroom.py .bench/quality
 
@@ -34,6 +35,8 @@ import random
 import statistics
 import sys
 from pathlib import Path
+
+from summary_profile import spearman
 
 ONE_SEGMENT = "summary_1"
 NO_CONTEXT = "no_context"
@@ -126,23 +129,6 @@ def replicate_oracle(by_length: dict[int, list[dict]], blocks: list[int]) -> flo
     return statistics.fmean(wins) if wins else None
 
 
-def spearman(x: list[float], y: list[float]) -> float | None:
-    if len(x) < 3:
-        return None
-
-    def ranks(values: list[float]) -> list[float]:
-        order = sorted(range(len(values)), key=values.__getitem__)
-        out = [0.0] * len(values)
-        for rank, i in enumerate(order):
-            out[i] = float(rank)
-        return out
-
-    try:
-        return statistics.correlation(ranks(x), ranks(y))
-    except statistics.StatisticsError:  # a constant input
-        return None
-
-
 def markdown(rows: list[dict]) -> list[str]:
     """The table: nats per token of the scored segment, and in brackets points of the gap."""
     if not rows:
@@ -205,5 +191,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     sys.exit(main())
