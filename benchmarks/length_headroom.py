@@ -58,16 +58,21 @@ def gap_nats(results: dict) -> float:
     return rows[NO_CONTEXT]["loss"] - rows[results["headline"]["fa"]]["loss"]
 
 
-def headroom(runs: list[tuple[int, dict]], seed: int = 0) -> list[dict]:
-    """One row per pair of adjacent lengths among `runs` ((summary_length, results.json) of fixed-length runs
-    scored with records); runs of the same length are averaged block by block."""
-    if len({k for k, _ in runs}) < 2:
-        return []
+def from_results(runs: list[tuple[int, dict]]) -> tuple[list[tuple[int, dict]], float]:
+    """(summary_length, results.json) of quality.py runs -> their block losses and the mean gap."""
     losses = [(k, block_losses(results)) for k, results in runs]
+    return losses, (statistics.fmean(gap_nats(results) for _, results in runs) if runs else 0.0)
+
+
+def headroom(losses: list[tuple[int, dict]], gap: float, seed: int = 0) -> list[dict]:
+    """One row per pair of adjacent lengths among fixed-length runs ((summary_length, block_losses) each, on
+    the same blocks); runs of the same length are averaged block by block. `gap` (nats per token) only scales
+    the table's shares: 0 where a protocol has no full-attention condition."""
+    if len({k for k, _ in losses}) < 2:
+        return []
     blocks = sorted(set.intersection(*(set(by_block) for _, by_block in losses)))
     if len(blocks) < 2:
         return []
-    gap = statistics.fmean(gap_nats(results) for _, results in runs)
     difficulty = {b: statistics.fmean(by_block[b][0] for _, by_block in losses) for b in blocks}
     by_length: dict[int, list[dict]] = {}
     for k, by_block in losses:
@@ -186,7 +191,7 @@ def main(argv=None) -> int:
     runs = fixed_runs(args.out)
     if len({k for k, _ in runs}) < 2:
         p.error(f"{args.out}: fewer than two fixed lengths with per-block records")
-    print("\n".join(markdown(headroom(runs))))
+    print("\n".join(markdown(headroom(*from_results(runs)))))
     return 0
 
 

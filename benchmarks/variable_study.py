@@ -129,7 +129,9 @@ def evaluate(model_dir: Path, args, **fields) -> dict:
     )
     autocast = torch.autocast(device, torch.bfloat16, enabled=device == "cuda")
     with autocast:
-        result = run_protocol(model, CorpusBlocks(str(args.data), "val"), cfg, progress=not args.quiet)
+        result = run_protocol(
+            model, CorpusBlocks(str(args.data), "val"), cfg, progress=not args.quiet, keep_records=True
+        )
     variable = f"summary_variable_{N_SEGMENTS - 1}"
     behind = result.overall.get(variable) or result.overall[f"summary_{N_SEGMENTS - 1}"]
     return {
@@ -139,6 +141,15 @@ def evaluate(model_dir: Path, args, **fields) -> dict:
         "tokens": behind.tokens,
         "blocks": result.blocks,
         "length_loss_spearman": length_follows_content(model, args) if model.variable_length else None,
+        # per block: (no-context loss, loss behind one segment's fixed-length summary), for length_headroom
+        "block_losses": [
+            [
+                r["index"],
+                r["nll"]["no_context"] / r["tokens"]["summary_1"],
+                r["nll"]["summary_1"] / r["tokens"]["summary_1"],
+            ]
+            for r in result.records
+        ],
     }
 
 
@@ -215,6 +226,21 @@ def plot(results: list[dict], path: Path) -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def headroom_table(results: list[dict]) -> str:
+    """The room for learned lengths among the fixed arms (benchmarks/length_headroom.py; nats per token: the
+    protocol has no full-attention condition), or nothing with fewer than two fixed lengths."""
+    from length_headroom import headroom
+    from length_headroom import markdown as headroom_markdown
+
+    fixed = [
+        (r["summary_length"], {b: (nc, s1) for b, nc, s1 in r["block_losses"]})
+        for r in results
+        if r["mode"] == "fixed"
+    ]
+    lines = headroom_markdown(headroom(fixed, gap=0.0))
+    return "\n\nRoom for learned lengths, one compressed segment:\n\n" + "\n".join(lines) if lines else ""
 
 
 def markdown(results: list[dict]) -> str:
@@ -335,9 +361,10 @@ def main(argv=None) -> int:
         "arms": results,
     }
     (args.out / "results.json").write_text(json.dumps(summary, indent=2))
-    (args.out / "results.md").write_text(markdown(results) + "\n")
+    table = markdown(results) + headroom_table(results)
+    (args.out / "results.md").write_text(table + "\n")
     plot(results, args.out / "frontier.png")
-    print(markdown(results))
+    print(table)
     print(
         f"stop probability when variable training starts: {stop_start['zero_row']:.2e} (the base's own <eoc> "
         f"row: {stop_start['base_row']:.2e})"
