@@ -24,7 +24,8 @@ quality.py output directory:
 
     python benchmarks/length_headroom.py .bench/quality
 
-(`benchmarks/quality.py` also appends this table to `ablation.md` when two or more fixed lengths ran.)
+(`benchmarks/quality.py` also appends this table to `ablation.md` when two or more fixed lengths ran, and
+`benchmarks/variable_study.py` to its results.md for its fixed arms.)
 """
 
 from __future__ import annotations
