@@ -1039,8 +1039,8 @@ def write_ablation(runs: list[QualitySettings]) -> None:
         ]
     import length_headroom
 
-    runs = length_headroom.fixed_runs(root)
-    headroom = length_headroom.markdown(length_headroom.headroom(*length_headroom.from_results(runs)))
+    fixed = length_headroom.fixed_runs(root)
+    headroom = length_headroom.markdown(length_headroom.headroom(*length_headroom.from_results(fixed)))
     if headroom:
         lines += ["", "Room for learned lengths (benchmarks/length_headroom.py), one compressed segment:", ""]
         lines += headroom

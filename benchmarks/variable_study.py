@@ -348,7 +348,7 @@ def main(argv=None) -> int:
         result = evaluate(model_dir, args, **inference)
         result.update(label=label, mode=mode, base_no_context_ppl=base_eval["no_context_ppl"], **fields)
         results.append(result)
-        print(json.dumps(result), flush=True)
+        print(json.dumps({k: v for k, v in result.items() if k != "block_losses"}), flush=True)
     summary = {
         "preset": args.preset,
         "threshold": args.threshold,
