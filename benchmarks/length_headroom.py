@@ -44,10 +44,11 @@ NO_CONTEXT = "no_context"
 BOOTSTRAP = 1000
 
 
-def block_losses(results: dict) -> dict[int, tuple[float, float]]:
-    """Block index -> (loss without context, loss behind one compressed segment), per target token."""
+def block_losses(records: list[dict]) -> dict[int, tuple[float, float]]:
+    """Block index -> (loss without context, loss behind one compressed segment), per target token, from the
+    protocol's per-block records (acomp.eval's `keep_records`)."""
     losses = {}
-    for r in results["autocompressor"]["records"]:
+    for r in records:
         tokens = r["tokens"][ONE_SEGMENT]
         losses[r["index"]] = (r["nll"][NO_CONTEXT] / tokens, r["nll"][ONE_SEGMENT] / tokens)
     return losses
@@ -61,7 +62,7 @@ def gap_nats(results: dict) -> float:
 
 def from_results(runs: list[tuple[int, dict]]) -> tuple[list[tuple[int, dict]], float]:
     """(summary_length, results.json) of quality.py runs -> their block losses and the mean gap."""
-    losses = [(k, block_losses(results)) for k, results in runs]
+    losses = [(k, block_losses(results["autocompressor"]["records"])) for k, results in runs]
     return losses, (statistics.fmean(gap_nats(results) for _, results in runs) if runs else 0.0)
 
 

@@ -113,6 +113,7 @@ def evaluate(model_dir: Path, args, **fields) -> dict:
     perplexity behind the three compressed segments before it and with no context, and the mean vectors
     a compressing segment kept (variable arms: stopping as configured)."""
     import torch
+    from length_headroom import block_losses
 
     from acomp import AutoCompressorModel
     from acomp.eval import CorpusBlocks, ProtocolConfig
@@ -142,14 +143,7 @@ def evaluate(model_dir: Path, args, **fields) -> dict:
         "blocks": result.blocks,
         "length_loss_spearman": length_follows_content(model, args) if model.variable_length else None,
         # per block: (no-context loss, loss behind one segment's fixed-length summary), for length_headroom
-        "block_losses": [
-            [
-                r["index"],
-                r["nll"]["no_context"] / r["tokens"]["summary_1"],
-                r["nll"]["summary_1"] / r["tokens"]["summary_1"],
-            ]
-            for r in result.records
-        ],
+        "block_losses": block_losses(result.records),
     }
 
 
@@ -234,11 +228,7 @@ def headroom_table(results: list[dict]) -> str:
     from length_headroom import headroom
     from length_headroom import markdown as headroom_markdown
 
-    fixed = [
-        (r["summary_length"], {b: (nc, s1) for b, nc, s1 in r["block_losses"]})
-        for r in results
-        if r["mode"] == "fixed"
-    ]
+    fixed = [(r["summary_length"], r["block_losses"]) for r in results if r["mode"] == "fixed"]
     lines = headroom_markdown(headroom(fixed, gap=0.0))
     return "\n\nRoom for learned lengths, one compressed segment:\n\n" + "\n".join(lines) if lines else ""
 
