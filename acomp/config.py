@@ -190,7 +190,13 @@ def choices() -> dict[str, tuple[str, ...]]:
     """The allowed values of every key that takes one of a few names, read from where each list lives."""
     from acomp.data.dataset import VERIFY_LEVELS
     from acomp.modeling.attention import ATTN_IMPLEMENTATIONS, PRESENCE_ATTENTION
-    from acomp.modeling.config import COMPRESSION_MODES, SDPA_BACKENDS, STOP_RULES, SUMMARY_INITS
+    from acomp.modeling.config import (
+        COMPRESSION_MODES,
+        SDPA_BACKENDS,
+        STOP_RULES,
+        SUMMARY_INITS,
+        TRAINING_PRESENCE,
+    )
     from acomp.modeling.models import MODEL_CLASSES
     from acomp.train.optim import SCHEDULES
 
@@ -204,6 +210,7 @@ def choices() -> dict[str, tuple[str, ...]]:
         "compression.compression_mode": COMPRESSION_MODES,
         "compression.summary_init": SUMMARY_INITS,
         "compression.compress_stop_rule": STOP_RULES,
+        "compression.training_presence": TRAINING_PRESENCE,
         "optim.schedule": SCHEDULES,
         "train.precision": ("auto", "bf16", "fp32"),
         "data.verify": tuple(VERIFY_LEVELS),

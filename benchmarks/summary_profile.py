@@ -149,16 +149,22 @@ class PresenceTotals:
         self.segments = 0
 
     def add(self, model, context: torch.Tensor, cfg: ProfileConfig) -> None:
-        for hard in (True, False):
-            out = model(
-                context,
-                labels=context,
-                segment_lengths=[cfg.segment] * cfg.segments,
-                hard_stop=hard,
-                output_softprompt=True,
-                return_logits=False,
-            )
-            self.nll[hard] += out.segment_nll[:, 1:].double().sum().item()
+        trained_with = model.config.training_presence
+        # Soft presence measures the faint slots' worth, also for a model trained with sampled lengths.
+        model.config.training_presence = "soft"
+        try:
+            for hard in (True, False):
+                out = model(
+                    context,
+                    labels=context,
+                    segment_lengths=[cfg.segment] * cfg.segments,
+                    hard_stop=hard,
+                    output_softprompt=True,
+                    return_logits=False,
+                )
+                self.nll[hard] += out.segment_nll[:, 1:].double().sum().item()
+        finally:
+            model.config.training_presence = trained_with
         self.tokens += int(out.segment_tokens[:, 1:].sum())
         self.soft_slots += (out.softprompt_bias.float().exp() >= SOFT_PRESENT).sum().item()
         self.segments += out.softprompt_bias.shape[0] * cfg.segments

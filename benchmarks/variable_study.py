@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from acomp.cli import non_negative_float, positive_int  # noqa: E402
-from acomp.modeling.config import STOP_RULES, CompressionFields  # noqa: E402
+from acomp.modeling.config import STOP_RULES, TRAINING_PRESENCE, CompressionFields  # noqa: E402
 
 PRESETS = {
     # name: model arch, steps, batch, eval blocks
@@ -292,6 +292,13 @@ def main(argv=None) -> int:
         default=FIXED,
         help="fixed summary lengths (default: 1 2 4 16; given without values: no such arms)",
     )
+    parser.add_argument(
+        "--training-presence",
+        choices=TRAINING_PRESENCE,
+        default=CompressionFields.training_presence,
+        help="how variable arms train on uncertain vectors (compression.training_presence): sampled = a length "
+        f"drawn per segment, soft = every slot weighted by its survival; default {CompressionFields.training_presence}",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     if not 0.0 <= args.threshold <= 1.0:
@@ -313,12 +320,18 @@ def main(argv=None) -> int:
     arms = [(f"k={k}", "fixed", {"summary_length": k}) for k in args.fixed]
     arms += [
         (
-            f"lambda={lam:g}",
+            f"lambda={lam:g}"
+            + (
+                ""
+                if args.training_presence == CompressionFields.training_presence
+                else f"-{args.training_presence}"
+            ),
             "variable",
             {
                 "compression_mode": "variable",
                 "compression_max_len": MAX_LEN,
                 "compression_lambda": lam,
+                "training_presence": args.training_presence,
             },
         )
         for lam in args.lambdas

@@ -62,6 +62,10 @@ def test_overrides_parse_and_apply(tmp_path):
             "model.presence_attention=fused",
             r"'model.presence_attention' must be one of auto, mask, folded; got 'fused'",
         ),
+        (
+            "compression.training_presence=hard",
+            r"'compression.training_presence' must be one of soft, sampled; got 'hard'",
+        ),
         ("train.max_steps=0", r"'train.max_steps' must be > 0"),
         ("compression.lambda_warmup_steps=-1", r"'compression.lambda_warmup_steps' must be >= 0, got -1"),
         # the variable mode's fields: refused here, before the model is built (they failed there, or trained)

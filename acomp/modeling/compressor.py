@@ -31,6 +31,7 @@ from .variable import (
     hard_lengths,
     hard_presence_bias,
     length_penalty,
+    sampled_presence,
     soft_presence,
     stop_probabilities,
 )
@@ -432,6 +433,8 @@ class AutoCompressorMixin:
                 stop_prob, stop_logits, c.eoc_token_id, c.compress_stop_threshold, c.compress_stop_rule
             )
             return hard_presence_bias(length, stop_prob.shape[1], torch.float32), length.float()
+        if self.config.training_presence == "sampled":
+            return sampled_presence(stop_prob)
         return soft_presence(stop_prob)
 
     def _summary_embeds(self, batch: int, dtype: torch.dtype) -> torch.Tensor | None:

@@ -17,6 +17,7 @@ from .attention import PRESENCE_ATTENTION, SDPA_BACKENDS
 COMPRESSION_MODES = ("fixed", "variable")
 SUMMARY_INITS = ("eos", "normal")
 STOP_RULES = ("step", "cumulative")
+TRAINING_PRESENCE = ("soft", "sampled")
 
 
 @dataclass
@@ -39,6 +40,11 @@ class CompressionFields:
     # stopped by slot t (None threshold: 0.5, the median of the length distribution training priced) |
     # step = slot t's own stop probability p_t (None threshold: <eoc> is the slot's argmax token).
     compress_stop_rule: str = "cumulative"
+    # Training: how the next segments see a segment's uncertain vectors. sampled = a length drawn per segment
+    # from the stop distribution, the slots beyond it absent, gradients straight through log S_t (training
+    # sees a slot as inference does: kept or not) | soft = every slot, its attention weighted by its survival
+    # S_t (attention can still read faint slots that inference drops). docs/VARIABLE_LENGTH.md.
+    training_presence: str = "sampled"
 
 
 @dataclass
@@ -102,6 +108,10 @@ def validate_compression_fields(config) -> None:
         )
     if config.summary_init not in SUMMARY_INITS:
         raise ValueError(f"summary_init must be one of {SUMMARY_INITS}, got {config.summary_init!r}")
+    if config.training_presence not in TRAINING_PRESENCE:
+        raise ValueError(
+            f"training_presence must be one of {TRAINING_PRESENCE}, got {config.training_presence!r}"
+        )
     if config.sdpa_backend not in SDPA_BACKENDS:
         raise ValueError(f"sdpa_backend must be one of {SDPA_BACKENDS}, got {config.sdpa_backend!r}")
     if config.presence_attention not in PRESENCE_ATTENTION:

@@ -24,11 +24,13 @@ exceeds it (or, with no threshold, <eoc> is slot t's argmax token). The argmax r
 no next-token loss at a summary slot, so <eoc> can win it at a small p_t; where stop probabilities are spread
 over slots rather than sharp, only the cumulative rule keeps about the E[L] that training priced.
 
-How the next segment sees uncertain vectors: an additive attention bias log S_t on the key of memory
-slot t, in every layer. It equals hard masking when S is 0 or 1, and unlike scaling the vector it is
-not undone by the first pre-norm layer. Attention can still read a slot whose S_t is small (its score
-can outweigh the bias), a slot inference drops; a warm-up of the length penalty
-(`lambda_warmup_steps`) keeps that leak small (docs/VARIABLE_LENGTH.md).
+How the next segment sees uncertain vectors in training (`training_presence`): sampled (the default)
+draws a length per segment from the stop distribution (slot t present with probability S_t), keeps the
+slots up to it and removes the rest, and passes the gradient of log S_t straight through that hard bias,
+so training sees what inference sees: a kept slot or none. soft: an additive attention bias log S_t on
+the key of memory slot t, in every layer (hard masking when S is 0 or 1, and unlike scaling the vector
+not undone by the first pre-norm layer); attention can still read a slot whose S_t is small (its score
+can outweigh the bias), a slot inference drops, so the penalty undercharges faint slots.
 
 Length penalty (added to the LM loss, averaged over samples and compressing segments):
     compression_lambda * E[L] / (compression_alpha * n_tokens_in_segment)
@@ -59,6 +61,19 @@ def soft_presence(stop_prob: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     exclusive = torch.cumsum(log_keep, dim=1)[:, :-1].clamp(min=absent)  # sum over i < t
     log_survival = torch.cat([torch.zeros_like(log_keep[:, :1]), exclusive], dim=1)
     return log_survival, log_survival.exp().sum(dim=1)
+
+
+def sampled_presence(stop_prob: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training path with sampled lengths. Returns (bias [B, T], E[L] [B]): per sample a length L drawn from
+    the stop distribution (P(L >= t) = S_t, through one uniform u: slot t is present when S_t >= u), the bias 0
+    on slots 1..L and absent beyond in the forward pass, and the gradient of log S_t in the backward pass
+    (straight through), so a present slot's usefulness still reaches the stop probabilities before it. Unlike
+    soft presence, no slot is ever faintly visible: a slot training relies on is one inference keeps as often
+    as its survival says."""
+    log_survival, expected = soft_presence(stop_prob)
+    u = 1.0 - torch.rand(stop_prob.shape[0], 1, device=stop_prob.device, dtype=log_survival.dtype)  # (0, 1]
+    hard = torch.where(log_survival >= u.log(), PRESENT, absent_bias(log_survival.dtype))
+    return log_survival + (hard - log_survival).detach(), expected
 
 
 def hard_lengths(

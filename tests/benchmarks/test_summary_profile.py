@@ -91,6 +91,9 @@ def test_soft_presence_keeps_faint_slots_that_inference_drops(monkeypatch):
     got = profile(model, blocks, CFG)
     assert got["mean_vectors_per_segment"] == 1.0 and got["soft_slots_per_segment"] == 2.0
     assert got["nll_soft"] != pytest.approx(got["nll_hard"], rel=1e-6)
+    model.config.training_presence = "sampled"  # a model trained with sampled lengths: still the soft reading
+    assert profile(model, blocks, CFG)["nll_soft"] == pytest.approx(got["nll_soft"], rel=1e-6)
+    assert model.config.training_presence == "sampled"
     # The hard side is the protocol's own reading: segment 2 behind segment 1's compacted summary.
     with torch.no_grad():
         nll = tokens = 0.0

@@ -10,7 +10,8 @@ import acomp.modeling.attention as attention
 import acomp.modeling.compressor as compressor
 from acomp import Softprompt
 from acomp.modeling.attention import folds_presence
-from acomp.modeling.variable import hard_lengths, soft_presence
+from acomp.modeling.softprompt import is_absent
+from acomp.modeling.variable import hard_lengths, sampled_presence, soft_presence
 
 MAX_LEN = 4
 PRESENCE = ("mask", "folded")
@@ -192,6 +193,75 @@ def test_gradients_reach_the_stop_decision():
     assert out.length_penalty > 0
     out.loss.backward()
     assert model.lm_head.weight.grad[eoc].abs().sum() > 0
+
+
+def test_sampled_presence_draws_lengths_from_the_stop_distribution():
+    p = torch.tensor([[0.5, 0.5, 0.5, 0.5], [0.0, 1.0, 0.0, 0.0]]).repeat(4000, 1)
+    torch.manual_seed(0)
+    bias, expected = sampled_presence(p)
+    present = ~is_absent(bias)
+    # Present slots form a prefix whose frequency per slot is its survival S_t: 1, 1/2, 1/4, 1/8.
+    assert torch.equal(present, present.cummin(dim=1).values)
+    assert set(bias[present].tolist()) == {0.0}
+    torch.testing.assert_close(
+        present[0::2].float().mean(0), torch.tensor([1.0, 0.5, 0.25, 0.125]), atol=0.02, rtol=0
+    )
+    assert present[1::2].sum(dim=1).eq(2).all()  # a certain stop after slot 2: always length 2
+    torch.testing.assert_close(expected, soft_presence(p)[1])  # the penalty's E[L] is the soft one
+
+
+def test_sampled_presence_is_hard_masking_forward_with_gradients_straight_through(monkeypatch):
+    """The next segment's loss equals hard masking at the drawn length; the LM loss's gradient reaches the stop
+    probabilities of the slots before the drawn length, and none from it on (they only move absent slots)."""
+    model = variable_model(training_presence="sampled", compress_stop_threshold=0.5).train()
+    ids = random_ids(2, 12)
+    labels = ids.clone()
+    labels[:, :7] = -100  # segment 2's loss only
+    stop = torch.full((2, MAX_LEN), 0.3, requires_grad=True)
+    monkeypatch.setattr(compressor, "stop_probabilities", lambda logits, eoc: stop)
+    torch.manual_seed(2)
+    out = model(ids, labels=labels, segment_lengths=[6, 6], output_softprompt=True)
+    lengths = (~is_absent(out.softprompt_bias[:, :MAX_LEN])).sum(dim=1).tolist()
+    assert len(set(lengths)) == 2 and max(lengths) > 1  # this seed draws two different lengths
+    out.lm_loss.backward()
+    for b, length in enumerate(lengths):
+        assert stop.grad[b, length - 1 :].abs().sum() == 0
+        assert length == 1 or stop.grad[b, : length - 1].abs().sum() > 0
+
+    stops = torch.tensor([[1.0 if t == n - 1 else 0.0 for t in range(MAX_LEN)] for n in lengths])
+    monkeypatch.setattr(compressor, "stop_probabilities", lambda logits, eoc: stops)
+    expected = model(ids, labels=labels, segment_lengths=[6, 6], hard_stop=True)
+    torch.testing.assert_close(out.lm_loss, expected.lm_loss)
+
+
+def test_sampled_presence_leaves_inference_alone(forced_stops):
+    forced_stops([[0.0, 0.7, 0.0, 0.0]])
+    soft = variable_model(compress_stop_threshold=0.5, training_presence="soft").eval()
+    sampled = variable_model(compress_stop_threshold=0.5, training_presence="sampled").eval()
+    ids = random_ids(1, 12)
+    a, b = (m(ids, segment_lengths=[6, 6], output_softprompt=True) for m in (soft, sampled))
+    torch.testing.assert_close(a.logits, b.logits)
+    assert a.summary_lengths.tolist() == b.summary_lengths.tolist() == [[2.0, 2.0]]
+
+
+def test_training_draws_lengths_by_default_and_soft_presence_stays_available(forced_stops):
+    """By default training sees each slot as inference does, kept or absent; `soft` weights every slot's
+    attention by its survival S_t instead."""
+    forced_stops([[0.3, 0.3, 0.3, 0.3]])  # S = 1, .7, .49, .343
+    ids = random_ids(64, 12)
+    bias = {}
+    for presence in ("sampled", "soft"):
+        fields = {} if presence == "sampled" else {"training_presence": presence}
+        model = variable_model(**fields).train()
+        assert model.config.training_presence == presence
+        torch.manual_seed(0)
+        bias[presence] = model(
+            ids, labels=ids, segment_lengths=[6, 6], output_softprompt=True
+        ).softprompt_bias
+    first = bias["sampled"][:, :MAX_LEN]
+    assert ((first == 0) | is_absent(first)).all() and 1 < (first == 0).sum(dim=1).float().mean() < MAX_LEN
+    survival = torch.tensor([1.0, 0.7, 0.49, 0.343])
+    torch.testing.assert_close(bias["soft"][:, :MAX_LEN].exp(), survival.expand(64, -1))
 
 
 def test_length_penalty_formula():
@@ -381,13 +451,18 @@ def test_a_fixed_mode_summary_is_left_as_it_is():
     assert torch.equal(out.summary.vectors, model.compress(random_ids(2, 12), segment_lengths=[6, 6]))
 
 
-@pytest.mark.parametrize("family", ["llama", "opt", "qwen2"])
-def test_folded_presence_attention_equals_the_mask_with_gradients(family):
+@pytest.mark.parametrize(
+    "family, presence", [("llama", "soft"), ("opt", "soft"), ("qwen2", "soft"), ("llama", "sampled")]
+)
+def test_folded_presence_attention_equals_the_mask_with_gradients(family, presence):
     """`presence_attention: folded` (the presence bias as an extra key dimension, causal kernels) computes what
-    the 4D mask does: logits, lengths, loss with its penalty, and every gradient, under soft stopping and left
-    padding."""
+    the 4D mask does: logits, lengths, loss with its penalty, and every gradient, under soft stopping (or
+    sampled lengths, the same draws in both) and left padding."""
     models = [
-        variable_model(family, presence_attention=kind, compression_lambda=0.5).train() for kind in PRESENCE
+        variable_model(
+            family, presence_attention=kind, compression_lambda=0.5, training_presence=presence
+        ).train()
+        for kind in PRESENCE
     ]
     row = torch.randn(models[0].config.hidden_size, generator=torch.Generator().manual_seed(3))
     for model in models:  # the same <eoc> row in both, one that stops the loop softly after 1-3 vectors
@@ -398,6 +473,7 @@ def test_folded_presence_attention_equals_the_mask_with_gradients(family):
     mask[0, :3] = 0  # the first sample is left-padded
     outs = []
     for m in models:
+        torch.manual_seed(5)  # the same sampled lengths for both
         outs.append(m(ids, attention_mask=mask, labels=ids, segment_lengths=[6, 6, 6]))
     lengths = outs[0].summary_lengths
     assert ((lengths > 1.2) & (lengths < MAX_LEN - 0.2)).any()  # soft presence, not all 1s or all slots

@@ -218,19 +218,21 @@ def constant_lr_config(corpus, out, **train):
     )
 
 
-VARIABLE_LENGTHS = {"compression_mode": "variable", "compression_max_len": 4, "compression_lambda": 30.0}
+SAMPLED_LENGTHS = {
+    "compression_mode": "variable", "compression_max_len": 4, "training_presence": "sampled", "compression_lambda": 30.0
+}  # fmt: skip
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "attention_dropout, compression",
-    [(0.0, {}), (0.1, {}), (0.0, VARIABLE_LENGTHS)],
-    ids=["deterministic", "attention-dropout", "variable-lengths"],
+    [(0.0, {}), (0.1, {}), (0.0, SAMPLED_LENGTHS)],
+    ids=["deterministic", "attention-dropout", "sampled-lengths"],
 )
 def test_resume_is_exact(corpus, tmp_path, attention_dropout, compression):
     """8 steps straight == 4 steps, stop, resume from the step-4 checkpoint, 4 more (fp32: bitwise); with
-    attention dropout too, whose draws come from the checkpointed random state (the data loader must not draw
-    from it when a resumed run starts its iterator), and in variable-length mode."""
+    attention dropout or sampled summary lengths too, whose draws come from the checkpointed random state (the
+    data loader must not draw from it when a resumed run starts its iterator)."""
     straight = tmp_path / "straight"
     run = constant_lr_config(corpus, straight, max_steps=8)
     run["model"]["arch"] = {**run["model"]["arch"], "attention_dropout": attention_dropout}
