@@ -1037,6 +1037,26 @@ def write_ablation(runs: list[QualitySettings]) -> None:
             f"{_num(pt['gap_paper_segments'], '.1%')} |"
             for arm, pt in sweep
         ]
+    comparison = against_fixed(table)
+    if comparison:
+        lines += [
+            "",
+            f"Against the fixed frontier (gap closed behind {PAPER_SEGMENTS} segments): a variable run wins where"
+            " it beats the fewest fixed vectors at or above its own mean:",
+            "",
+            "| variable run | vectors / segment | gap closed | fewest fixed vectors at or above it | their gap"
+            " closed | difference | fixed frontier at its mean (log-linear) | difference |",
+            "|---|---:|---:|---|---:|---:|---:|---:|",
+        ]
+        lines += [
+            f"| {c['label']} | {c['vectors']:.2f} | {c['gap']:.1%} | {c['above_label'] or '-'} | "
+            f"{_num(c['above_gap'], '.1%')} | {_points(c['gap'], c['above_gap'])} | {_num(c['interpolated'], '.1%')} | "
+            f"{_points(c['gap'], c['interpolated'])} |"
+            for c in comparison
+        ]
+        spreads = replicate_spreads(table)
+        if spreads:
+            lines += ["", "Seed replicates of one fixed length: " + "; ".join(spreads) + "."]
     import length_headroom
 
     fixed = length_headroom.fixed_runs(root)
@@ -1050,6 +1070,61 @@ def write_ablation(runs: list[QualitySettings]) -> None:
     if len(lengths) > 1 or sweep:
         plot_frontier(table, root / "frontier.png")
     print(f"wrote {root / 'ablation.md'}, {root / 'ablation.json'}", flush=True)
+
+
+def against_fixed(table: list[dict]) -> list[dict]:
+    """Each variable frontier run (and its other stop thresholds) against the fixed frontier: the fewest fixed
+    vectors at or above its mean (a win is beating them), and the fixed frontier at its mean, linear
+    in log vectors between the fixed points around it (None outside their range)."""
+    points = frontier_points(table)
+    fixed = [p for p in points if p["mode"] == "fixed" and p["gap"] is not None]
+    variable = [
+        {"label": r["arm"], "vectors": r["vectors_per_segment"], "gap": r["gap_paper_segments"]}
+        for r in table
+        if r["mode"] == "variable" and on_frontier(r)
+    ] + [p for p in points if p["mode"] == "variable" and " t" in p["label"]]
+    out = []
+    for v in variable:
+        if v["gap"] is None or not fixed:
+            continue
+        above = next((f for f in fixed if round(f["vectors"], 1) >= round(v["vectors"], 1)), None)
+        interpolated = None
+        for lo, hi in zip(fixed, fixed[1:]):
+            if lo["vectors"] <= v["vectors"] <= hi["vectors"]:
+                t = math.log(v["vectors"] / lo["vectors"]) / math.log(hi["vectors"] / lo["vectors"])
+                interpolated = lo["gap"] + t * (hi["gap"] - lo["gap"])
+                break
+        out.append(
+            {
+                "label": v["label"],
+                "vectors": v["vectors"],
+                "gap": v["gap"],
+                "above_label": above and above["label"],
+                "above_gap": above and above["gap"],
+                "interpolated": interpolated,
+            }
+        )
+    return out
+
+
+def replicate_spreads(table: list[dict]) -> list[str]:
+    """For each fixed length run with more than one seed: the runs and how far apart their gap shares are."""
+    groups: dict[float, list[dict]] = {}
+    for r in table:
+        if r["mode"] == "fixed" and r["gap_paper_segments"] is not None:
+            if all(key in LENGTH_SETTINGS for key in r["changes"]):
+                groups.setdefault(round(r["vectors_per_segment"], 1), []).append(r)
+    return [
+        f"{', '.join(r['arm'] for r in rows)}: {100 * (max(g) - min(g)):.1f} points apart"
+        for rows in groups.values()
+        if len(rows) > 1
+        for g in [[r["gap_paper_segments"] for r in rows]]
+    ]
+
+
+def _points(a: float, b: float | None) -> str:
+    """a - b in points of the gap."""
+    return "-" if b is None else f"{100 * (a - b):+.1f}"
 
 
 def presence_cell(row: dict) -> str:
@@ -1068,6 +1143,11 @@ def _num(value, spec: str) -> str:
 LENGTH_SETTINGS = ("summary_length", "finetune_seed", "eval_stop_thresholds", "eval_stop_rule")
 
 
+def on_frontier(row: dict) -> bool:
+    """A run that changes only the summary length, compression settings or a seed (not e.g. the learning rate)."""
+    return all(key in LENGTH_SETTINGS or key.startswith("compression.") for key in row["changes"])
+
+
 def frontier_points(table: list[dict]) -> list[dict]:
     """The frontier's points: runs that change only the summary length, compression settings or a seed (so not
     e.g. a learning-rate arm), replicates at the same (mode, length) averaged into one point, and a variable
@@ -1075,7 +1155,7 @@ def frontier_points(table: list[dict]) -> list[dict]:
     groups: dict[tuple, list[dict]] = {}
     points = []
     for r in table:
-        if all(key in LENGTH_SETTINGS or key.startswith("compression.") for key in r["changes"]):
+        if on_frontier(r):
             groups.setdefault((r["mode"], round(r["vectors_per_segment"], 1)), []).append(r)
             points += [
                 {

@@ -115,6 +115,8 @@ def test_quality_smoke_runs_every_stage(tmp_path):
     header, rule, *body = ablation.split("\n\n")[0].split("\n")
     assert header.count("gap closed: 3 segments") == 1  # the smoke protocol's 3 segments: one column, not two
     assert {line.count("|") for line in (header, rule, *body[:2])} == {header.count("|")}
+    comparison = ablation.split("Against the fixed frontier")[1]  # the variable runs against k = 4 (default)
+    assert "| var | " in comparison and "| var t0.0 | 1.00 |" in comparison and "| default |" in comparison
     assert (out / "frontier.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -175,6 +177,47 @@ def test_frontier_points_average_replicates_and_leave_out_other_levers():
         (p["label"], p["vectors"], p["gap"]) for p in frontier_points(table) if p["mode"] == "variable"
     ]
     assert variable == [("var t0.3", 1.5, 0.2), ("var", 4.04, None)]
+
+
+def test_variable_runs_are_set_against_the_fixed_frontier():
+    from quality import against_fixed, replicate_spreads
+
+    def row(arm, changes, mode, vectors, gap, points=()):
+        return {
+            "arm": arm, "changes": changes, "mode": mode, "vectors_per_segment": vectors, "ppl_all_segments": 10.0,
+            "gap_paper_segments": gap, "threshold_points": list(points),
+        }  # fmt: skip
+
+    sweep = {
+        "stop_threshold": 0.9,
+        "vectors_per_segment": 40.0,
+        "ppl_all_segments": 9.0,
+        "gap_paper_segments": 0.5,
+    }
+    table = [
+        row("default", {}, "fixed", 50.0, 0.40),
+        row("k2", {"summary_length": "2"}, "fixed", 2.0, 0.20),
+        row("k8", {"summary_length": "8"}, "fixed", 8.0, 0.30),
+        row("k8-s2", {"summary_length": "8", "finetune_seed": "2"}, "fixed", 8.0, 0.32),
+        row("lr", {"finetune_lr": "2e-3"}, "fixed", 4.0, 0.90),  # another lever: not on the frontier
+        row("v1", {"compression.compression_lambda": "0.1"}, "variable", 4.0, 0.33, [sweep]),
+        row("v2", {"compression.compression_lambda": "0.2"}, "variable", 2.04, 0.18),
+        row(
+            "v3", {"compression.compression_lambda": "0.01"}, "variable", 50.0, None
+        ),  # no gap share: left out
+    ]
+    got = {c["label"]: c for c in against_fixed(table)}
+    assert list(got) == ["v1", "v2", "v1 t0.9"]
+    # 4 vectors: the fewest fixed at or above are k8 and its replicate (0.31); halfway in log between 2 and 8: 0.255.
+    assert got["v1"]["above_label"] == "k8, k8-s2" and got["v1"]["above_gap"] == pytest.approx(0.31)
+    assert got["v1"]["interpolated"] == pytest.approx(0.255)
+    assert got["v2"]["above_label"] == "k2"  # 2.04 vectors count as 2.0
+    assert got["v1 t0.9"]["above_label"] == "default" and got["v1 t0.9"]["above_gap"] == pytest.approx(0.40)
+    assert got["v1 t0.9"]["interpolated"] == pytest.approx(0.31 + 0.09 * math.log(5) / math.log(50 / 8))
+    assert (
+        against_fixed([r for r in table if r["mode"] == "variable"]) == []
+    )  # no fixed runs: nothing to compare
+    assert replicate_spreads(table) == ["k8, k8-s2: 2.0 points apart"]
 
 
 def test_an_evaluation_at_other_stop_thresholds_is_not_done_already(tmp_path):
