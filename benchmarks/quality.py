@@ -828,7 +828,7 @@ def presence_sentence(prof: dict) -> str:
         return ""
     return (
         f" Segments after the first: {prof['nll_hard']:.4f} nats/token behind the kept vectors (inference) vs "
-        f"{prof['nll_soft']:.4f} behind soft presence (how training reads them), which keeps {prof['soft_slots_per_segment']:.1f} "
+        f"{prof['nll_soft']:.4f} behind soft presence (every slot weighted by its survival), which keeps {prof['soft_slots_per_segment']:.1f} "
         f"slots per segment at survival >= {SOFT_PRESENT}."
     )
 
@@ -1077,21 +1077,26 @@ def against_fixed(table: list[dict]) -> list[dict]:
     vectors at or above its mean (a win is beating them), and the fixed frontier at its mean, linear
     in log vectors between the fixed points around it (None outside their range)."""
     points = frontier_points(table)
-    fixed = [p for p in points if p["mode"] == "fixed" and p["gap"] is not None]
+    # Lengths compare at the table's precision (2.04 vectors count as 2.0); a run without summaries has no log.
+    fixed = [
+        p for p in points if p["mode"] == "fixed" and p["gap"] is not None and round(p["vectors"], 1) > 0
+    ]
     variable = [
         {"label": r["arm"], "vectors": r["vectors_per_segment"], "gap": r["gap_paper_segments"]}
         for r in table
         if r["mode"] == "variable" and on_frontier(r)
-    ] + [p for p in points if p["mode"] == "variable" and " t" in p["label"]]
+    ] + [p for p in points if p["mode"] == "variable" and "threshold" in p]
     out = []
     for v in variable:
         if v["gap"] is None or not fixed:
             continue
-        above = next((f for f in fixed if round(f["vectors"], 1) >= round(v["vectors"], 1)), None)
+        length = max(round(v["vectors"], 1), 0.1)
+        above = next((f for f in fixed if round(f["vectors"], 1) >= length), None)
         interpolated = None
         for lo, hi in zip(fixed, fixed[1:]):
-            if lo["vectors"] <= v["vectors"] <= hi["vectors"]:
-                t = math.log(v["vectors"] / lo["vectors"]) / math.log(hi["vectors"] / lo["vectors"])
+            a, b = round(lo["vectors"], 1), round(hi["vectors"], 1)
+            if a <= length <= b:
+                t = math.log(length / a) / math.log(b / a) if b > a else 0.0
                 interpolated = lo["gap"] + t * (hi["gap"] - lo["gap"])
                 break
         out.append(
@@ -1108,11 +1113,12 @@ def against_fixed(table: list[dict]) -> list[dict]:
 
 
 def replicate_spreads(table: list[dict]) -> list[str]:
-    """For each fixed length run with more than one seed: the runs and how far apart their gap shares are."""
+    """For each fixed length trained with more than one seed (runs that change nothing else): the runs and how
+    far apart their gap shares are."""
     groups: dict[float, list[dict]] = {}
     for r in table:
         if r["mode"] == "fixed" and r["gap_paper_segments"] is not None:
-            if all(key in LENGTH_SETTINGS for key in r["changes"]):
+            if all(key in ("summary_length", "finetune_seed") for key in r["changes"]):
                 groups.setdefault(round(r["vectors_per_segment"], 1), []).append(r)
     return [
         f"{', '.join(r['arm'] for r in rows)}: {100 * (max(g) - min(g)):.1f} points apart"
@@ -1128,8 +1134,8 @@ def _points(a: float, b: float | None) -> str:
 
 
 def presence_cell(row: dict) -> str:
-    """A variable model's held-out loss behind hard presence (inference) minus soft presence (how training reads
-    the vectors), and the slots per segment soft presence keeps (summary_profile.py)."""
+    """A variable model's held-out loss behind hard presence (inference) minus soft presence (every slot weighted
+    by its survival), and the slots per segment soft presence keeps (summary_profile.py)."""
     if row.get("nll_hard") is None:
         return "-"
     return f"{row['nll_hard'] - row['nll_soft']:+.4f} ({row['soft_slots_per_segment']:.1f})"
@@ -1161,6 +1167,7 @@ def frontier_points(table: list[dict]) -> list[dict]:
                 {
                     "mode": r["mode"],
                     "label": f"{r['arm']} t{pt['stop_threshold']!r}",
+                    "threshold": pt["stop_threshold"],
                     "vectors": pt["vectors_per_segment"],
                     "ppl": pt["ppl_all_segments"],
                     "gap": pt["gap_paper_segments"],

@@ -7,10 +7,10 @@ predicts badly without context (high no-context loss) carries more information, 
 vectors. A fixed-length model keeps the same number everywhere (no correlation to report), which makes it the
 reference for the cost side.
 
-A variable-length model is trained with soft presence (slot t weighted by its survival S_t through an
-attention bias log S_t) but reads hard lengths at inference. Attention can still draw on a slot whose S_t is tiny, so
-training may lean on vectors that inference drops. The profile therefore scores the segments after the first
-both ways: `nll_hard` (inference) against `nll_soft` (soft presence, what training sees), and counts
+A variable-length model reads hard lengths at inference. Soft presence (slot t weighted by its survival S_t through
+an attention bias log S_t; how `training_presence: soft` trains) lets attention draw on a slot whose S_t is tiny, so
+a model may lean on vectors that inference drops. The profile therefore scores the segments after the first
+both ways: `nll_hard` (inference) against `nll_soft` (soft presence), and counts
 the slots soft presence keeps with S_t >= SOFT_PRESENT. benchmarks/quality.py's eval stage runs this on the trained AutoCompressor and
 stores it as `summary_profile` in results.json (and ablation.md's last columns).
 """
@@ -25,7 +25,7 @@ import torch
 
 from acomp.eval.protocol import _item, eval_mode, select_blocks
 
-SOFT_PRESENT = 0.01  # a slot whose survival is at least this counts as kept by training's soft presence
+SOFT_PRESENT = 0.01  # a slot whose survival is at least this counts as kept by soft presence
 
 
 @dataclass
@@ -139,7 +139,7 @@ def profile(
 
 
 class PresenceTotals:
-    """Held-out loss of the segments after the first behind hard (inference) and soft (training) presence, and
+    """Held-out loss of the segments after the first behind hard (inference) and soft presence, and
     the slots per compressing segment that soft presence keeps (S_t >= SOFT_PRESENT)."""
 
     def __init__(self):

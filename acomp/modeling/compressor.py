@@ -426,7 +426,8 @@ class AutoCompressorMixin:
         return SegmentOutput(seg_logits, summary, seg_nll, seg_count, stop_prob, stop_logits)
 
     def _presence(self, stop_prob, stop_logits, hard: bool):
-        """(bias [B, T], length [B]) of a segment's new vectors: soft (training) or hard (inference)."""
+        """(bias [B, T], length [B]) of a segment's new vectors: hard (inference), or in training sampled or soft
+        (`training_presence`)."""
         if hard:
             c = self.config
             length = hard_lengths(

@@ -1,7 +1,7 @@
 """The softprompt a call conditions on: summary vectors, which of them are present, and the masks built from it.
 
 A `Softprompt` holds the summary vectors [B, P, d] and, in the variable-length mode, their additive presence
-bias [B, P] (0 = present; the absent bias removes a vector; training's soft values in between). At inference
+bias [B, P] (0 = present; the absent bias removes a vector; soft presence's values in between). At inference
 a variable-length model keeps L <= compression_max_len vectors per segment, yet the output still holds every
 slot, the absent ones masked. `compact()` drops them, so a saved summary, a KV cache and every decode step
 hold only the kept vectors. RoPE families number the softprompt's positions (positions.py), so a compacted

@@ -202,21 +202,23 @@ def test_variable_runs_are_set_against_the_fixed_frontier():
         row("lr", {"finetune_lr": "2e-3"}, "fixed", 4.0, 0.90),  # another lever: not on the frontier
         row("v1", {"compression.compression_lambda": "0.1"}, "variable", 4.0, 0.33, [sweep]),
         row("v2", {"compression.compression_lambda": "0.2"}, "variable", 2.04, 0.18),
-        row(
-            "v3", {"compression.compression_lambda": "0.01"}, "variable", 50.0, None
-        ),  # no gap share: left out
+        row("v3", {"compression.compression_lambda": "0.01"}, "variable", 50.0, None),  # no gap: left out
+        row("v4", {"compression.compression_lambda": "0.3", "finetune_seed": "2"}, "variable", 1.0, 0.1),
+        row("v5", {"compression.compression_lambda": "0.3", "finetune_seed": "3"}, "variable", 1.0, 0.12),
+        row("k0", {"summary_length": "0"}, "fixed", 0.0, 0.0),  # no summaries: nothing to interpolate from
     ]
     got = {c["label"]: c for c in against_fixed(table)}
-    assert list(got) == ["v1", "v2", "v1 t0.9"]
+    assert list(got) == ["v1", "v2", "v4", "v5", "v1 t0.9"]  # replicates ("v4, v5" on the plot): a row each
     # 4 vectors: the fewest fixed at or above are k8 and its replicate (0.31); halfway in log between 2 and 8: 0.255.
     assert got["v1"]["above_label"] == "k8, k8-s2" and got["v1"]["above_gap"] == pytest.approx(0.31)
     assert got["v1"]["interpolated"] == pytest.approx(0.255)
     assert got["v2"]["above_label"] == "k2"  # 2.04 vectors count as 2.0
+    assert got["v2"]["interpolated"] == pytest.approx(0.20)
+    assert got["v4"]["above_label"] == "k2" and got["v4"]["interpolated"] is None  # below the fixed range
     assert got["v1 t0.9"]["above_label"] == "default" and got["v1 t0.9"]["above_gap"] == pytest.approx(0.40)
     assert got["v1 t0.9"]["interpolated"] == pytest.approx(0.31 + 0.09 * math.log(5) / math.log(50 / 8))
-    assert (
-        against_fixed([r for r in table if r["mode"] == "variable"]) == []
-    )  # no fixed runs: nothing to compare
+    no_fixed = [r for r in table if r["mode"] == "variable"]
+    assert against_fixed(no_fixed) == []  # nothing to compare with
     assert replicate_spreads(table) == ["k8, k8-s2: 2.0 points apart"]
 
 
