@@ -1090,7 +1090,7 @@ def against_fixed(table: list[dict]) -> list[dict]:
     for v in variable:
         if v["gap"] is None or not fixed:
             continue
-        length = max(round(v["vectors"], 1), 0.1)
+        length = round(v["vectors"], 1)
         above = next((f for f in fixed if round(f["vectors"], 1) >= length), None)
         interpolated = None
         for lo, hi in zip(fixed, fixed[1:]):

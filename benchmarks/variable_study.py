@@ -318,14 +318,12 @@ def main(argv=None) -> int:
     started = time.time()
     base = train_base(args)
     arms = [(f"k={k}", "fixed", {"summary_length": k}) for k in args.fixed]
+    presence = (
+        "" if args.training_presence == CompressionFields.training_presence else f"-{args.training_presence}"
+    )
     arms += [
         (
-            f"lambda={lam:g}"
-            + (
-                ""
-                if args.training_presence == CompressionFields.training_presence
-                else f"-{args.training_presence}"
-            ),
+            f"lambda={lam:g}{presence}",
             "variable",
             {
                 "compression_mode": "variable",
