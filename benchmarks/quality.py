@@ -1056,7 +1056,7 @@ def write_ablation(runs: list[QualitySettings]) -> None:
         ]
         spreads = replicate_spreads(table)
         if spreads:
-            lines += ["", "Seed replicates of one fixed length: " + "; ".join(spreads) + "."]
+            lines += ["", "Seed replicates: " + "; ".join(spreads) + "."]
     import length_headroom
 
     fixed = length_headroom.fixed_runs(root)
@@ -1113,13 +1113,17 @@ def against_fixed(table: list[dict]) -> list[dict]:
 
 
 def replicate_spreads(table: list[dict]) -> list[str]:
-    """For each fixed length trained with more than one seed (runs that change nothing else): the runs and how
-    far apart their gap shares are."""
-    groups: dict[float, list[dict]] = {}
+    """For each frontier setting trained with more than one seed (runs that differ in nothing but
+    `finetune_seed`; a fixed length counts by its vectors): the runs and how far apart their gap shares are.
+    Variable runs get their own spread: a learned length adds the noise of where it settles."""
+    groups: dict[tuple, list[dict]] = {}
     for r in table:
-        if r["mode"] == "fixed" and r["gap_paper_segments"] is not None:
-            if all(key in ("summary_length", "finetune_seed") for key in r["changes"]):
-                groups.setdefault(round(r["vectors_per_segment"], 1), []).append(r)
+        if r["gap_paper_segments"] is None or not on_frontier(r):
+            continue
+        fixed_length = round(r["vectors_per_segment"], 1) if r["mode"] == "fixed" else None
+        seed_free = ("finetune_seed", "summary_length") if fixed_length is not None else ("finetune_seed",)
+        rest = tuple(sorted((k, str(v)) for k, v in r["changes"].items() if k not in seed_free))
+        groups.setdefault((r["mode"], fixed_length, rest), []).append(r)
     return [
         f"{', '.join(r['arm'] for r in rows)}: {100 * (max(g) - min(g)):.1f} points apart"
         for rows in groups.values()

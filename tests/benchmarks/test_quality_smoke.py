@@ -219,7 +219,8 @@ def test_variable_runs_are_set_against_the_fixed_frontier():
     assert got["v1 t0.9"]["interpolated"] == pytest.approx(0.31 + 0.09 * math.log(5) / math.log(50 / 8))
     no_fixed = [r for r in table if r["mode"] == "variable"]
     assert against_fixed(no_fixed) == []  # nothing to compare with
-    assert replicate_spreads(table) == ["k8, k8-s2: 2.0 points apart"]
+    # v4 and v5 differ only in their seed; v1 and v2 in lambda, "lr" is another lever (not a replicate of k=4).
+    assert replicate_spreads(table) == ["k8, k8-s2: 2.0 points apart", "v4, v5: 2.0 points apart"]
 
 
 def test_an_evaluation_at_other_stop_thresholds_is_not_done_already(tmp_path):
