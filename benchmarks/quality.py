@@ -64,7 +64,7 @@ PAPER_SEGMENTS = 3  # the paper's headline: 150 vectors = 3 compressed segments 
 # ablation.md's last columns (benchmarks/summary_profile.py)
 PROFILE_COLUMNS = (
     "length_loss_spearman", "nll_hard", "nll_soft", "soft_slots_per_segment", "kv_bytes_per_sample",
-    "decode_ms_per_token",
+    "decode_ms_per_token", "commonest_length", "commonest_length_share",
 )  # fmt: skip
 # Settings that decide the corpus (shared by every arm: the same held-out targets) and the pretrained base
 # (an arm that changes one of these pretrains its own base).
@@ -1021,9 +1021,7 @@ def write_ablation(runs: list[QualitySettings]) -> None:
         ]
         lines.append(
             f"| {r['arm']} | {changes} | {r['finetune_steps']} ({r['finetune_tokens'] / 1e6:.1f}M) | "
-            f"{r['vectors_per_segment']:.1f}{' (variable)' if r['mode'] == 'variable' else ''} | "
-            + " | ".join(cells)
-            + " |"
+            f"{r['vectors_per_segment']:.1f}{length_note(r)} | " + " | ".join(cells) + " |"
         )
     sweep = [(r["arm"], point) for r in table for point in r["threshold_points"]]
     if sweep:
@@ -1135,6 +1133,15 @@ def replicate_spreads(table: list[dict]) -> list[str]:
 def _points(a: float, b: float | None) -> str:
     """a - b in points of the gap."""
     return "-" if b is None else f"{100 * (a - b):+.1f}"
+
+
+def length_note(row: dict) -> str:
+    """After a variable run's mean vectors: the share of profiled segments at its commonest length."""
+    if row["mode"] != "variable":
+        return ""
+    if row.get("commonest_length_share") is None:  # results.json written before the profile reported it
+        return " (variable)"
+    return f" (variable; {row['commonest_length_share']:.0%} at {row['commonest_length']:g})"
 
 
 def presence_cell(row: dict) -> str:

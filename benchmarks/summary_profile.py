@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 
 import torch
@@ -72,6 +73,13 @@ def pearson(xs: list[float], ys: list[float]) -> float | None:
 
 def spearman(xs: list[float], ys: list[float]) -> float | None:
     return pearson(ranks(xs), ranks(ys))
+
+
+def commonest_length(lengths: list[float]) -> dict:
+    """The length most segments kept (ties: the shortest) and their share: a learned length that is one count
+    for nearly every segment acts as a fixed k the model chose, not an allocation by content."""
+    length, count = min(Counter(lengths).items(), key=lambda item: (-item[1], item[0]))
+    return {"commonest_length": length, "commonest_length_share": count / len(lengths)}
 
 
 def _sync(device: torch.device) -> None:
@@ -132,6 +140,7 @@ def profile(
         "mean_vectors_per_segment": sum(lengths) / len(lengths),
         "length_loss_pearson": pearson(lengths, losses),
         "length_loss_spearman": spearman(lengths, losses),
+        **commonest_length(lengths),
         **decode,
         **(PresenceTotals.empty() if presence is None else presence.result()),
         "pairs": [[length, loss] for length, loss in zip(lengths, losses)],  # (vectors kept, no-context loss)

@@ -56,6 +56,8 @@ def test_variable_lengths_pair_with_each_segments_own_no_context_loss(monkeypatc
             expected_pairs.append([float(length), out.loss.item()])
     np.testing.assert_allclose(got["pairs"], expected_pairs, rtol=1e-5)
     assert got["mean_vectors_per_segment"] == pytest.approx(2.5)
+    # every length kept by a quarter of the segments: the tie goes to the shortest
+    assert (got["commonest_length"], got["commonest_length_share"]) == (1.0, 0.25)
     xs, ys = zip(*expected_pairs)
     assert got["length_loss_pearson"] == pytest.approx(pearson(list(xs), list(ys)), rel=1e-5)
     # The cache holds the compacted summaries: the longest sample's kept vectors (4 per segment), not 2 x 4 slots
@@ -110,6 +112,7 @@ def test_fixed_model_keeps_its_length_everywhere():
     model = tiny_model("llama", summary_length=3)
     got = profile(model, [random_ids(1, 19, seed=s)[0] for s in range(4)], CFG)
     assert {length for length, _ in got["pairs"]} == {3.0}
+    assert (got["commonest_length"], got["commonest_length_share"]) == (3.0, 1.0)
     assert got["length_loss_pearson"] is None and got["length_loss_spearman"] is None
     assert got["nll_hard"] is None and got["soft_slots_per_segment"] is None  # nothing soft to compare
     assert got["cache_summary_slots"] == 6
