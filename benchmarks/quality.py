@@ -61,7 +61,8 @@ if str(REPO) not in sys.path:
 
 STAGES = ("data", "pretrain", "finetune", "eval")
 PAPER_SEGMENTS = 3  # the paper's headline: 150 vectors = 3 compressed segments of 50
-# ablation.md's last columns (benchmarks/summary_profile.py)
+# What ablation.md reads from each run's summary profile (benchmarks/summary_profile.py): its last columns, and
+# the commonest kept length that the vectors cell of a variable run names.
 PROFILE_COLUMNS = (
     "length_loss_spearman", "nll_hard", "nll_soft", "soft_slots_per_segment", "kv_bytes_per_sample",
     "decode_ms_per_token", "commonest_length", "commonest_length_share",
